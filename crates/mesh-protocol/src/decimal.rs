@@ -1,0 +1,179 @@
+//! Exact decimal numbers that travel as strings.
+//!
+//! Prices are never floats: on the wire, in the database (`VARCHAR`) and in JSON they are the
+//! plain decimal text (`"0.000016"`, `"3521.07"`). Parsing from the wire is strict and bounded:
+//! an optional `-`, digits, an optional `.` and digits, at most [`Decimal::MAX_LEN`] characters,
+//! so a hostile peer cannot make us build a number with a billion digits.
+
+use std::fmt;
+use std::str::FromStr;
+
+use bigdecimal::{BigDecimal, Signed, Zero};
+use serde::de::{self, Visitor};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// An exact decimal number in plain notation.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Decimal(BigDecimal);
+
+/// Why a text is not a decimal number.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecimalError {
+    /// Longer than [`Decimal::MAX_LEN`].
+    #[error("decimal text is {0} characters long; at most {max} allowed", max = Decimal::MAX_LEN)]
+    TooLong(usize),
+    /// Not of the form `-?digits(.digits)?`.
+    #[error("{0:?} is not a plain decimal number")]
+    Malformed(String),
+    /// The value cannot be written in at most [`Decimal::MAX_LEN`] plain characters.
+    #[error("decimal value is out of the representable range")]
+    OutOfRange,
+}
+
+impl Decimal {
+    /// Longest accepted text: enough for 38 significant digits on either side of the point.
+    pub const MAX_LEN: usize = 80;
+
+    /// Wraps a [`BigDecimal`] whose plain text fits [`Decimal::MAX_LEN`] characters.
+    pub fn new(value: BigDecimal) -> Result<Self, DecimalError> {
+        // Bound the exponent before asking for the plain text, which would otherwise allocate
+        // one character per unit of exponent.
+        let (digits, scale) = value.as_bigint_and_exponent();
+        let digit_count = digits.to_string().trim_start_matches('-').len() as i64;
+        let plain_len = if scale >= 0 { digit_count.max(scale + 1) } else { digit_count - scale };
+        if plain_len + 2 > Self::MAX_LEN as i64 {
+            return Err(DecimalError::OutOfRange);
+        }
+        Ok(Self(value.normalized()))
+    }
+
+    /// Parses a number in any notation BigDecimal accepts (including exponents such as
+    /// `1.6e-05`, as JSON numbers from Birdeye have) and stores it exactly.
+    pub fn parse_any(text: &str) -> Result<Self, DecimalError> {
+        if text.len() > Self::MAX_LEN {
+            return Err(DecimalError::TooLong(text.len()));
+        }
+        let value =
+            BigDecimal::from_str(text).map_err(|_| DecimalError::Malformed(text.to_owned()))?;
+        Self::new(value)
+    }
+
+    /// The exact value.
+    pub fn value(&self) -> &BigDecimal {
+        &self.0
+    }
+
+    /// `true` when strictly greater than zero.
+    pub fn is_positive(&self) -> bool {
+        self.0.is_positive()
+    }
+
+    /// `true` when zero.
+    pub fn is_zero(&self) -> bool {
+        self.0.is_zero()
+    }
+}
+
+impl FromStr for Decimal {
+    type Err = DecimalError;
+
+    /// Strict plain notation, as on the wire: `-?[0-9]+(\.[0-9]+)?`.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text.len() > Self::MAX_LEN {
+            return Err(DecimalError::TooLong(text.len()));
+        }
+        let unsigned = text.strip_prefix('-').unwrap_or(text);
+        let (int, frac) = match unsigned.split_once('.') {
+            Some((int, frac)) => (int, Some(frac)),
+            None => (unsigned, None),
+        };
+        let all_digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+        if !all_digits(int) || !frac.is_none_or(all_digits) {
+            return Err(DecimalError::Malformed(text.to_owned()));
+        }
+        let value =
+            BigDecimal::from_str(text).map_err(|_| DecimalError::Malformed(text.to_owned()))?;
+        Ok(Self(value.normalized()))
+    }
+}
+
+impl fmt::Display for Decimal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.to_plain_string())
+    }
+}
+
+impl fmt::Debug for Decimal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Decimal({self})")
+    }
+}
+
+impl From<u32> for Decimal {
+    fn from(value: u32) -> Self {
+        Self(BigDecimal::from(value))
+    }
+}
+
+impl Serialize for Decimal {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Decimal {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct DecimalVisitor;
+        impl Visitor<'_> for DecimalVisitor {
+            type Value = Decimal;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a plain decimal number as a string")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Decimal, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        deserializer.deserialize_str(DecimalVisitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_text_round_trips_exactly() {
+        for text in ["0.000016", "3521.07", "1", "-1.93", "120.123456789012345678901234567"] {
+            let d: Decimal = text.parse().unwrap();
+            assert_eq!(d.to_string(), text);
+        }
+        // Trailing zeros are not significant.
+        assert_eq!("1.500".parse::<Decimal>().unwrap().to_string(), "1.5");
+    }
+
+    #[test]
+    fn strict_parser_rejects_other_notations() {
+        for bad in ["", "-", ".5", "5.", "1e5", "+1", " 1", "1 ", "0x10", "NaN", "1.2.3", "١"] {
+            assert!(bad.parse::<Decimal>().is_err(), "{bad:?} accepted");
+        }
+        assert_eq!("9".repeat(81).parse::<Decimal>(), Err(DecimalError::TooLong(81)));
+    }
+
+    #[test]
+    fn exponent_notation_is_converted_without_floats() {
+        let d = Decimal::parse_any("1.6e-05").unwrap();
+        assert_eq!(d.to_string(), "0.000016");
+        let d = Decimal::parse_any("0.1").unwrap();
+        assert_eq!(d.to_string(), "0.1");
+        assert_eq!(Decimal::parse_any("1e-999999999"), Err(DecimalError::OutOfRange));
+        assert_eq!(Decimal::parse_any("1e999999999"), Err(DecimalError::OutOfRange));
+    }
+
+    #[test]
+    fn sign_checks() {
+        assert!("0.0001".parse::<Decimal>().unwrap().is_positive());
+        assert!(!"0".parse::<Decimal>().unwrap().is_positive());
+        assert!(!"-3".parse::<Decimal>().unwrap().is_positive());
+        assert!("0.000".parse::<Decimal>().unwrap().is_zero());
+    }
+}

@@ -1,0 +1,288 @@
+//! Node identity: the ed25519 keypair, its libp2p [`PeerId`] and the UUID [`NodeId`].
+//!
+//! The `node_id` the guide shows and the tables store as `source_node_id` is derived from the
+//! public key (ARCHITECTURE section 3): the first 16 bytes of SHA-256(public key) with the UUID
+//! version 8 / RFC 4122 variant bits set. Anyone holding a message can therefore check that its
+//! `origin` belongs to the key that signed it.
+
+use std::fmt;
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use ed25519_dalek::{Signer, SigningKey, VerifyingKey};
+use libp2p_identity::PeerId;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+/// Length of an ed25519 public key in bytes.
+pub const PUBLIC_KEY_LEN: usize = 32;
+/// Length of an ed25519 signature in bytes.
+pub const SIGNATURE_LEN: usize = 64;
+/// Length of the key file: the 32-byte ed25519 secret seed, nothing else.
+const KEY_FILE_LEN: usize = 32;
+
+/// The UUID that names a node: derived from its public key, never chosen.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct NodeId(Uuid);
+
+impl NodeId {
+    /// Derives the node id of an ed25519 public key.
+    pub fn from_public_key(public_key: &[u8; PUBLIC_KEY_LEN]) -> Self {
+        Self(uuid_from_sha256(public_key))
+    }
+
+    /// Wraps a UUID read back from storage or an API. It is not checked against any key.
+    pub const fn from_uuid(uuid: Uuid) -> Self {
+        Self(uuid)
+    }
+
+    /// The UUID form, as stored in `source_node_id`.
+    pub const fn as_uuid(&self) -> &Uuid {
+        &self.0
+    }
+}
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Debug for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NodeId({})", self.0)
+    }
+}
+
+impl FromStr for NodeId {
+    type Err = uuid::Error;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Uuid::from_str(s).map(Self)
+    }
+}
+
+/// First 16 bytes of SHA-256(`bytes`) as a version 8 UUID.
+pub(crate) fn uuid_from_sha256(bytes: &[u8]) -> Uuid {
+    let digest = Sha256::digest(bytes);
+    let mut first = [0u8; 16];
+    first.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_custom_bytes(first).into_uuid()
+}
+
+/// Errors of loading or creating a node key.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    /// The key file could not be read, created or written.
+    #[error("key file {path}: {source}")]
+    Io {
+        /// The key file.
+        path: PathBuf,
+        /// What the operating system said.
+        source: io::Error,
+    },
+    /// The key file exists but does not hold a 32-byte ed25519 seed.
+    #[error("key file {path} holds {len} bytes; a node key file holds exactly 32")]
+    BadLength {
+        /// The key file.
+        path: PathBuf,
+        /// Its length.
+        len: usize,
+    },
+    /// The key file can be read by users other than its owner.
+    #[error(
+        "key file {path} has mode {mode:o}; it must not be readable by group or others (chmod 600)"
+    )]
+    TooOpen {
+        /// The key file.
+        path: PathBuf,
+        /// Its permission bits.
+        mode: u32,
+    },
+}
+
+/// A node's ed25519 keypair with the identifiers derived from it.
+#[derive(Clone)]
+pub struct Identity {
+    signing: SigningKey,
+    public: [u8; PUBLIC_KEY_LEN],
+    node_id: NodeId,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The secret key is deliberately left out.
+        f.debug_struct("Identity").field("node_id", &self.node_id).finish_non_exhaustive()
+    }
+}
+
+impl Identity {
+    /// A fresh random identity (OS randomness).
+    pub fn generate() -> Self {
+        Self::from_seed(rand::random())
+    }
+
+    /// The identity of a 32-byte ed25519 seed (deterministic; tests and key files).
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        let signing = SigningKey::from_bytes(&seed);
+        let public = signing.verifying_key().to_bytes();
+        Self { signing, public, node_id: NodeId::from_public_key(&public) }
+    }
+
+    /// Loads the key at `path`, or creates it (mode 0600, parent directories as needed) when
+    /// the file does not exist yet. A file that others can read is refused, as ssh does.
+    pub fn load_or_create(path: &Path) -> Result<Self, IdentityError> {
+        let io_err = |source| IdentityError::Io { path: path.to_path_buf(), source };
+        match fs::read(path) {
+            Ok(bytes) => {
+                check_private_mode(path)?;
+                let seed: [u8; KEY_FILE_LEN] = bytes.as_slice().try_into().map_err(|_| {
+                    IdentityError::BadLength { path: path.to_path_buf(), len: bytes.len() }
+                })?;
+                Ok(Self::from_seed(seed))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let identity = Self::generate();
+                if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    fs::create_dir_all(parent).map_err(io_err)?;
+                }
+                write_private_file(path, &identity.signing.to_bytes()).map_err(io_err)?;
+                Ok(identity)
+            }
+            Err(e) => Err(io_err(e)),
+        }
+    }
+
+    /// The node id derived from the public key.
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// The raw ed25519 public key, as carried in `Body::origin_key`.
+    pub fn public_key(&self) -> [u8; PUBLIC_KEY_LEN] {
+        self.public
+    }
+
+    /// The libp2p PeerId of the same key.
+    pub fn peer_id(&self) -> PeerId {
+        self.libp2p_keypair().public().to_peer_id()
+    }
+
+    /// The same key as a libp2p keypair, for the swarm's transport security.
+    pub fn libp2p_keypair(&self) -> libp2p_identity::Keypair {
+        let mut seed = self.signing.to_bytes();
+        // `ed25519_from_bytes` only fails for a slice that is not 32 bytes long.
+        #[allow(clippy::expect_used)]
+        libp2p_identity::Keypair::ed25519_from_bytes(&mut seed).expect("32-byte ed25519 seed")
+    }
+
+    /// Signs `message` (the encoded body bytes).
+    pub fn sign(&self, message: &[u8]) -> [u8; SIGNATURE_LEN] {
+        self.signing.sign(message).to_bytes()
+    }
+
+    /// The verifying half of the key.
+    pub fn verifying_key(&self) -> VerifyingKey {
+        self.signing.verifying_key()
+    }
+}
+
+#[cfg(unix)]
+fn check_private_mode(path: &Path) -> Result<(), IdentityError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = fs::metadata(path)
+        .map_err(|source| IdentityError::Io { path: path.to_path_buf(), source })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(IdentityError::TooOpen { path: path.to_path_buf(), mode });
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn check_private_mode(_path: &Path) -> Result<(), IdentityError> {
+    Ok(())
+}
+
+/// Writes `bytes` to a new file readable by its owner only. Fails if the file already exists,
+/// so that two processes starting at once cannot both write a different key.
+pub fn write_private_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+    }
+    let mut file = options.open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_id_is_a_version_8_uuid_derived_from_the_key() {
+        let id = Identity::from_seed([7; 32]);
+        let again = Identity::from_seed([7; 32]);
+        let other = Identity::from_seed([8; 32]);
+        assert_eq!(id.node_id(), again.node_id());
+        assert_ne!(id.node_id(), other.node_id());
+        assert_eq!(id.node_id().as_uuid().get_version_num(), 8);
+        assert_eq!(id.node_id(), NodeId::from_public_key(&id.public_key()));
+        let parsed: NodeId = id.node_id().to_string().parse().unwrap();
+        assert_eq!(parsed, id.node_id());
+    }
+
+    #[test]
+    fn peer_id_comes_from_the_same_key() {
+        let id = Identity::from_seed([1; 32]);
+        let kp = id.libp2p_keypair();
+        let ed = kp.clone().try_into_ed25519().unwrap();
+        assert_eq!(ed.public().to_bytes(), id.public_key());
+        assert_eq!(id.peer_id(), kp.public().to_peer_id());
+    }
+
+    #[test]
+    fn key_file_is_created_private_and_reloaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/node.key");
+        let first = Identity::load_or_create(&path).unwrap();
+        let second = Identity::load_or_create(&path).unwrap();
+        assert_eq!(first.node_id(), second.node_id());
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn readable_key_file_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.key");
+        Identity::load_or_create(&path).unwrap();
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(Identity::load_or_create(&path), Err(IdentityError::TooOpen { .. })));
+    }
+
+    #[test]
+    fn truncated_key_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.key");
+        write_private_file(&path, &[1, 2, 3]).unwrap();
+        assert!(matches!(
+            Identity::load_or_create(&path),
+            Err(IdentityError::BadLength { len: 3, .. })
+        ));
+    }
+}

@@ -1,0 +1,182 @@
+//! The wire types of `/mesh/relay/1.0.0` (ARCHITECTURE section 4).
+//!
+//! An [`Envelope`] carries the encoded [`Body`] as opaque bytes plus the signature over exactly
+//! those bytes. Relays change only `ttl` and `hop_count`, which sit outside the signature, and
+//! forward the body bytes unchanged, so nothing is ever re-encoded on the way.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::decimal::Decimal;
+use crate::identity::{Identity, NodeId, PUBLIC_KEY_LEN, SIGNATURE_LEN, uuid_from_sha256};
+
+/// The only protocol version this crate speaks.
+pub const PROTOCOL_VERSION: u8 = 1;
+/// Highest TTL a receiver accepts.
+pub const MAX_TTL: u8 = 20;
+/// Highest `ttl + hop_count` a receiver accepts: an originator sends `hop_count = 1` with at
+/// most [`MAX_TTL`], and every hop moves one unit from `ttl` to `hop_count`.
+pub const MAX_TTL_PLUS_HOPS: u16 = MAX_TTL as u16 + 1;
+/// Most prices one batch may carry.
+pub const MAX_PRICES_PER_BATCH: usize = 1000;
+
+/// What travels in one frame: the signed body bytes plus the hop fields relays rewrite.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Protocol version ([`PROTOCOL_VERSION`]).
+    pub version: u8,
+    /// Hops this copy may still travel, the receiving one included.
+    pub ttl: u8,
+    /// Links this copy has crossed, the last one included (1 at the originator's neighbours).
+    pub hop_count: u8,
+    /// The encoded [`Body`], exactly as signed.
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+    /// ed25519 signature of `body` by `Body::origin_key`.
+    #[serde(with = "serde_bytes")]
+    pub signature: [u8; SIGNATURE_LEN],
+}
+
+impl Envelope {
+    /// Encodes and signs `body` as a fresh message of `identity` with `ttl`.
+    ///
+    /// The caller builds `body` with `identity`'s node id and key; see [`Body::new`].
+    pub fn seal(identity: &Identity, body: &Body, ttl: u8) -> Result<Self, crate::CodecError> {
+        let bytes = crate::codec::encode_body(body)?;
+        let signature = identity.sign(&bytes);
+        Ok(Self { version: PROTOCOL_VERSION, ttl, hop_count: 1, body: bytes, signature })
+    }
+
+    /// The id of this message: bound to the signed body bytes, not to the hop fields.
+    pub fn message_id(&self) -> MessageId {
+        MessageId::of_body(&self.body)
+    }
+
+    /// The copy a relay forwards: one hop less to live, one more travelled.
+    pub fn forwarded(&self) -> Self {
+        Self {
+            ttl: self.ttl.saturating_sub(1),
+            hop_count: self.hop_count.saturating_add(1),
+            ..self.clone()
+        }
+    }
+}
+
+impl fmt::Debug for Envelope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Envelope")
+            .field("version", &self.version)
+            .field("ttl", &self.ttl)
+            .field("hop_count", &self.hop_count)
+            .field("body_len", &self.body.len())
+            .field("message_id", &self.message_id())
+            .finish()
+    }
+}
+
+/// The signed content of a message.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Body {
+    /// Node id of the originator; must equal `NodeId::from_public_key(origin_key)`.
+    pub origin: NodeId,
+    /// The originator's ed25519 public key.
+    pub origin_key: [u8; PUBLIC_KEY_LEN],
+    /// When the originator created the message (Unix milliseconds).
+    pub created_at_ms: i64,
+    /// What the message says.
+    pub payload: Payload,
+}
+
+impl Body {
+    /// A body originated by `identity` at `created_at_ms`.
+    pub fn new(identity: &Identity, created_at_ms: i64, payload: Payload) -> Self {
+        Self {
+            origin: identity.node_id(),
+            origin_key: identity.public_key(),
+            created_at_ms,
+            payload,
+        }
+    }
+}
+
+/// The message kinds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Payload {
+    /// Prices fetched by a provider in one round.
+    PriceBatch {
+        /// The fetch round: `floor(unix_secs / fetch_interval_secs)`.
+        round: u64,
+        /// The prices, at most [`MAX_PRICES_PER_BATCH`], each asset once.
+        prices: Vec<PriceUpdate>,
+    },
+    /// A provider telling the mesh it exists (coordination without Redis).
+    ProviderAnnounce {
+        /// Its fetch interval.
+        fetch_interval_secs: u32,
+        /// How many assets it fetches.
+        assets: u32,
+        /// The round it is in.
+        round: u64,
+    },
+}
+
+impl Payload {
+    /// A short name for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Payload::PriceBatch { .. } => "price_batch",
+            Payload::ProviderAnnounce { .. } => "provider_announce",
+        }
+    }
+}
+
+/// One asset's price as observed by a provider.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PriceUpdate {
+    /// The asset (its token address on `blockchain`), 1..=255 printable ASCII characters.
+    pub asset: String,
+    /// The chain (`solana`, `ethereum`, ...), 1..=50 printable ASCII characters.
+    pub blockchain: String,
+    /// The price in USD, exact; must be greater than zero.
+    pub price: Decimal,
+    /// When the provider observed the price (Unix milliseconds).
+    pub timestamp_ms: i64,
+    /// Change over 24 hours in percent, when the source gave one.
+    pub change_24h: Option<Decimal>,
+}
+
+/// The id of a message: a version 8 UUID from the SHA-256 of its body bytes.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct MessageId(Uuid);
+
+impl MessageId {
+    /// The id of the message whose encoded body is `body`.
+    pub fn of_body(body: &[u8]) -> Self {
+        Self(uuid_from_sha256(body))
+    }
+
+    /// Wraps a UUID read back from storage.
+    pub const fn from_uuid(uuid: Uuid) -> Self {
+        Self(uuid)
+    }
+
+    /// The UUID, as stored in `mesh_seen_messages.message_id`.
+    pub const fn as_uuid(&self) -> &Uuid {
+        &self.0
+    }
+}
+
+impl fmt::Display for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl fmt::Debug for MessageId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "MessageId({})", self.0)
+    }
+}

@@ -1,0 +1,378 @@
+//! Validation of received messages: one typed [`RejectReason`] per rule of ARCHITECTURE
+//! section 4, checked cheapest first.
+//!
+//! A relay runs the stages separately so it can look the message id up in its seen cache
+//! between them: [`decode_frame`] (frame size, decode, version, TTL bounds), then
+//! [`Validator::verify`] (signature, origin/key, allow-list, clock, payload rules), then
+//! [`HighWaterMarks::admit`] (replays). [`Validator::validate`] runs all three in order.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+
+use ed25519_dalek::{Signature, VerifyingKey};
+
+use crate::codec::{self, CodecError, MAX_FRAME_LEN};
+use crate::identity::NodeId;
+use crate::message::{
+    Body, Envelope, MAX_PRICES_PER_BATCH, MAX_TTL, MAX_TTL_PLUS_HOPS, MessageId,
+    PROTOCOL_VERSION, Payload,
+};
+
+/// Longest asset identifier, in characters.
+pub const MAX_ASSET_LEN: usize = 255;
+/// Longest blockchain name, in characters.
+pub const MAX_BLOCKCHAIN_LEN: usize = 50;
+/// Default tolerance for clocks that run ahead (`MESH_MAX_CLOCK_SKEW_SECS`).
+pub const DEFAULT_MAX_CLOCK_SKEW_SECS: u32 = 5;
+
+/// Why a message was rejected: one variant per validation rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// The frame is longer than [`MAX_FRAME_LEN`].
+    FrameTooLarge,
+    /// The frame or the body is not a valid encoding (trailing bytes included).
+    Malformed,
+    /// The envelope's version is not [`PROTOCOL_VERSION`].
+    UnsupportedVersion,
+    /// `ttl` is 0 or above [`MAX_TTL`], or `ttl + hop_count` is above [`MAX_TTL_PLUS_HOPS`].
+    TtlOutOfBounds,
+    /// The signature does not verify against `origin_key`.
+    BadSignature,
+    /// `origin` is not the node id derived from `origin_key`.
+    OriginKeyMismatch,
+    /// The origin is not on the configured provider allow-list.
+    UntrustedProvider,
+    /// `created_at` or a price timestamp is later than now plus the allowed clock skew.
+    FutureTimestamp,
+    /// A price is zero or negative.
+    NonPositivePrice,
+    /// An asset is empty, longer than 255 characters or not printable ASCII.
+    BadAsset,
+    /// A blockchain is empty, longer than 50 characters or not printable ASCII.
+    BadBlockchain,
+    /// A batch carries more than [`MAX_PRICES_PER_BATCH`] prices.
+    TooManyPrices,
+    /// A batch names the same (blockchain, asset) twice.
+    DuplicateAsset,
+    /// A timestamp is not newer than the last one accepted from the same origin.
+    Replay,
+}
+
+impl RejectReason {
+    /// Every reason, for documentation and for pre-registering metric labels.
+    pub const ALL: [RejectReason; 14] = [
+        Self::FrameTooLarge,
+        Self::Malformed,
+        Self::UnsupportedVersion,
+        Self::TtlOutOfBounds,
+        Self::BadSignature,
+        Self::OriginKeyMismatch,
+        Self::UntrustedProvider,
+        Self::FutureTimestamp,
+        Self::NonPositivePrice,
+        Self::BadAsset,
+        Self::BadBlockchain,
+        Self::TooManyPrices,
+        Self::DuplicateAsset,
+        Self::Replay,
+    ];
+
+    /// The label used in logs and in `mesh_validation_failures_total{reason}`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::FrameTooLarge => "frame_too_large",
+            Self::Malformed => "malformed",
+            Self::UnsupportedVersion => "unsupported_version",
+            Self::TtlOutOfBounds => "ttl_out_of_bounds",
+            Self::BadSignature => "bad_signature",
+            Self::OriginKeyMismatch => "origin_key_mismatch",
+            Self::UntrustedProvider => "untrusted_provider",
+            Self::FutureTimestamp => "future_timestamp",
+            Self::NonPositivePrice => "non_positive_price",
+            Self::BadAsset => "bad_asset",
+            Self::BadBlockchain => "bad_blockchain",
+            Self::TooManyPrices => "too_many_prices",
+            Self::DuplicateAsset => "duplicate_asset",
+            Self::Replay => "replay",
+        }
+    }
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A rejected message: the rule it broke and, once the body could be read, its claimed origin.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The rule.
+    pub reason: RejectReason,
+    /// The `origin` the body claims (`None` when the body was never decoded). Note that for
+    /// [`RejectReason::BadSignature`] and [`RejectReason::OriginKeyMismatch`] it is unproven.
+    pub source_node_id: Option<NodeId>,
+}
+
+impl Rejection {
+    fn new(reason: RejectReason) -> Self {
+        Self { reason, source_node_id: None }
+    }
+
+    fn from(reason: RejectReason, origin: NodeId) -> Self {
+        Self { reason, source_node_id: Some(origin) }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.source_node_id {
+            Some(id) => write!(f, "{} (source_node_id {id})", self.reason),
+            None => write!(f, "{}", self.reason),
+        }
+    }
+}
+
+impl std::error::Error for Rejection {}
+
+impl From<CodecError> for Rejection {
+    fn from(e: CodecError) -> Self {
+        match e {
+            CodecError::FrameTooLarge(_) => Self::new(RejectReason::FrameTooLarge),
+            _ => Self::new(RejectReason::Malformed),
+        }
+    }
+}
+
+/// Stage 1: frame size, decoding, version and TTL bounds. Needs no key and no clock.
+pub fn decode_frame(frame: &[u8]) -> Result<Envelope, Rejection> {
+    if frame.len() > MAX_FRAME_LEN {
+        return Err(Rejection::new(RejectReason::FrameTooLarge));
+    }
+    let envelope = codec::decode_envelope(frame)?;
+    check_envelope_header(&envelope)?;
+    Ok(envelope)
+}
+
+fn check_envelope_header(envelope: &Envelope) -> Result<(), Rejection> {
+    if envelope.version != PROTOCOL_VERSION {
+        return Err(Rejection::new(RejectReason::UnsupportedVersion));
+    }
+    let hops = u16::from(envelope.ttl) + u16::from(envelope.hop_count);
+    if envelope.ttl == 0 || envelope.ttl > MAX_TTL || hops > MAX_TTL_PLUS_HOPS {
+        return Err(Rejection::new(RejectReason::TtlOutOfBounds));
+    }
+    Ok(())
+}
+
+/// A message that passed every stateless rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VerifiedMessage {
+    /// Its id (from the body bytes).
+    pub id: MessageId,
+    /// The envelope as received (hop fields of this copy, original body bytes).
+    pub envelope: Envelope,
+    /// The decoded, verified body.
+    pub body: Body,
+}
+
+/// Validation settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// How far ahead of our clock a timestamp may be (`MESH_MAX_CLOCK_SKEW_SECS`).
+    pub max_clock_skew_secs: u32,
+    /// When set, only these origins are accepted (`MESH_TRUSTED_PROVIDERS`).
+    pub trusted_providers: Option<HashSet<NodeId>>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self { max_clock_skew_secs: DEFAULT_MAX_CLOCK_SKEW_SECS, trusted_providers: None }
+    }
+}
+
+/// Runs the stateless rules.
+#[derive(Debug, Clone, Default)]
+pub struct Validator {
+    config: Config,
+}
+
+impl Validator {
+    /// A validator with these settings.
+    pub fn new(config: Config) -> Self {
+        Self { config }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// All rules in order: [`decode_frame`], [`Validator::verify`], [`HighWaterMarks::admit`].
+    pub fn validate(
+        &self,
+        frame: &[u8],
+        now_ms: i64,
+        marks: &mut HighWaterMarks,
+    ) -> Result<VerifiedMessage, Rejection> {
+        let envelope = decode_frame(frame)?;
+        let verified = self.verify(envelope, now_ms)?;
+        marks.admit(&verified)?;
+        Ok(verified)
+    }
+
+    /// Stage 2: body decoding, signature, origin/key match, allow-list, clock and payload rules.
+    pub fn verify(&self, envelope: Envelope, now_ms: i64) -> Result<VerifiedMessage, Rejection> {
+        check_envelope_header(&envelope)?;
+        let body = codec::decode_body(&envelope.body)?;
+        let origin = body.origin;
+        let reject = |reason| Rejection::from(reason, origin);
+
+        let key = VerifyingKey::from_bytes(&body.origin_key)
+            .map_err(|_| reject(RejectReason::BadSignature))?;
+        let signature = Signature::from_bytes(&envelope.signature);
+        key.verify_strict(&envelope.body, &signature)
+            .map_err(|_| reject(RejectReason::BadSignature))?;
+        if NodeId::from_public_key(&body.origin_key) != origin {
+            return Err(reject(RejectReason::OriginKeyMismatch));
+        }
+        if let Some(trusted) = &self.config.trusted_providers
+            && !trusted.contains(&origin)
+        {
+            return Err(reject(RejectReason::UntrustedProvider));
+        }
+
+        let latest_ms = now_ms.saturating_add(i64::from(self.config.max_clock_skew_secs) * 1000);
+        if body.created_at_ms > latest_ms {
+            return Err(reject(RejectReason::FutureTimestamp));
+        }
+        if let Payload::PriceBatch { prices, .. } = &body.payload {
+            check_prices(prices, latest_ms).map_err(reject)?;
+        }
+        Ok(VerifiedMessage { id: MessageId::of_body(&envelope.body), envelope, body })
+    }
+}
+
+fn check_prices(prices: &[crate::PriceUpdate], latest_ms: i64) -> Result<(), RejectReason> {
+    if prices.len() > MAX_PRICES_PER_BATCH {
+        return Err(RejectReason::TooManyPrices);
+    }
+    for p in prices {
+        if p.timestamp_ms > latest_ms {
+            return Err(RejectReason::FutureTimestamp);
+        }
+        if !p.price.is_positive() {
+            return Err(RejectReason::NonPositivePrice);
+        }
+        if !is_printable(&p.asset, MAX_ASSET_LEN) {
+            return Err(RejectReason::BadAsset);
+        }
+        if !is_printable(&p.blockchain, MAX_BLOCKCHAIN_LEN) {
+            return Err(RejectReason::BadBlockchain);
+        }
+    }
+    let mut names = HashSet::with_capacity(prices.len());
+    if !prices.iter().all(|p| names.insert((p.blockchain.as_str(), p.asset.as_str()))) {
+        return Err(RejectReason::DuplicateAsset);
+    }
+    Ok(())
+}
+
+/// 1..=`max` characters, each printable ASCII (no spaces, no control characters).
+fn is_printable(s: &str, max: usize) -> bool {
+    !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_graphic())
+}
+
+/// Key of a high-water mark: an origin and, for prices, the (blockchain, asset) pair; the
+/// announce marks use empty strings.
+type MarkKey = (NodeId, String, String);
+
+/// Per (origin, blockchain, asset), the newest timestamp accepted so far.
+///
+/// A message whose timestamps are not all newer is a replay. Memory is bounded: past
+/// `capacity` keys the older half is evicted, and every key not present must then be newer
+/// than the newest evicted timestamp, so eviction never re-opens the door to old messages.
+#[derive(Debug, Clone)]
+pub struct HighWaterMarks {
+    marks: HashMap<MarkKey, i64>,
+    capacity: usize,
+    evicted_floor_ms: i64,
+    evicted: u64,
+}
+
+impl Default for HighWaterMarks {
+    fn default() -> Self {
+        Self::with_capacity(Self::DEFAULT_CAPACITY)
+    }
+}
+
+impl HighWaterMarks {
+    /// Default number of keys kept.
+    pub const DEFAULT_CAPACITY: usize = 50_000;
+
+    /// An empty set of marks holding at most `capacity` keys (at least 2).
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self { marks: HashMap::new(), capacity: capacity.max(2), evicted_floor_ms: i64::MIN, evicted: 0 }
+    }
+
+    /// Number of keys held.
+    pub fn len(&self) -> usize {
+        self.marks.len()
+    }
+
+    /// `true` when no mark is held.
+    pub fn is_empty(&self) -> bool {
+        self.marks.is_empty()
+    }
+
+    /// Keys evicted so far to stay within capacity.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    fn last(&self, key: &MarkKey) -> i64 {
+        self.marks.get(key).copied().unwrap_or(self.evicted_floor_ms)
+    }
+
+    /// Stage 3: rejects a replay, otherwise records the message's timestamps.
+    pub fn admit(&mut self, message: &VerifiedMessage) -> Result<(), Rejection> {
+        let origin = message.body.origin;
+        let replay = Rejection::from(RejectReason::Replay, origin);
+        match &message.body.payload {
+            Payload::PriceBatch { prices, .. } => {
+                let keys: Vec<(MarkKey, i64)> = prices
+                    .iter()
+                    .map(|p| ((origin, p.blockchain.clone(), p.asset.clone()), p.timestamp_ms))
+                    .collect();
+                if keys.iter().any(|(key, ts)| *ts <= self.last(key)) {
+                    return Err(replay);
+                }
+                for (key, ts) in keys {
+                    self.marks.insert(key, ts);
+                }
+            }
+            Payload::ProviderAnnounce { .. } => {
+                let key = (origin, String::new(), String::new());
+                if message.body.created_at_ms <= self.last(&key) {
+                    return Err(replay);
+                }
+                self.marks.insert(key, message.body.created_at_ms);
+            }
+        }
+        if self.marks.len() > self.capacity {
+            self.evict_older_half();
+        }
+        Ok(())
+    }
+
+    fn evict_older_half(&mut self) {
+        let mut stamps: Vec<i64> = self.marks.values().copied().collect();
+        let middle = stamps.len() / 2;
+        let (_, cutoff, _) = stamps.select_nth_unstable(middle);
+        let cutoff = *cutoff;
+        let before = self.marks.len();
+        self.marks.retain(|_, ts| *ts > cutoff);
+        self.evicted += (before - self.marks.len()) as u64;
+        self.evicted_floor_ms = self.evicted_floor_ms.max(cutoff);
+    }
+}
