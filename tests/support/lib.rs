@@ -3,7 +3,7 @@
 //! nothing behind.
 //!
 //! The services are the machine's PostgreSQL and Redis (`scripts/test` starts or installs them).
-//! `MESH_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`) must name a
+//! `MESH_TEST_DATABASE_URL` (default `postgres://postgres:postgres@127.0.0.1:5432/postgres`) must name a
 //! role that may create databases; `MESH_TEST_REDIS_URL` defaults to `redis://127.0.0.1:6379`.
 
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
@@ -11,7 +11,7 @@ use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
 /// Admin URL of the test PostgreSQL server.
 pub fn database_admin_url() -> String {
     std::env::var("MESH_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_owned())
+        .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".to_owned())
 }
 
 /// URL of the test Redis server.

@@ -4,17 +4,23 @@
 //! plain decimal text (`"0.000016"`, `"3521.07"`). Parsing from the wire is strict and bounded:
 //! an optional `-`, digits, an optional `.` and digits, at most [`Decimal::MAX_LEN`] characters,
 //! so a hostile peer cannot make us build a number with a billion digits.
+//!
+//! The value is kept as its canonical text (no leading zeros, no trailing fractional zeros,
+//! no negative zero), which is what the wire, the tables and JSON carry; the exact numeric
+//! value ([`BigDecimal`]) is made only when arithmetic needs it. Relays therefore never pay
+//! for big-number conversions on the hot path.
 
+use std::cmp::Ordering;
 use std::fmt;
 use std::str::FromStr;
 
-use bigdecimal::{BigDecimal, Signed, Zero};
+use bigdecimal::BigDecimal;
 use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-/// An exact decimal number in plain notation.
-#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Decimal(BigDecimal);
+/// An exact decimal number in plain notation, kept as canonical text.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Decimal(Box<str>);
 
 /// Why a text is not a decimal number.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,7 +50,7 @@ impl Decimal {
         if plain_len + 2 > Self::MAX_LEN as i64 {
             return Err(DecimalError::OutOfRange);
         }
-        Ok(Self(value.normalized()))
+        Ok(Self(canonical(&value.normalized().to_plain_string())))
     }
 
     /// Parses a number in any notation BigDecimal accepts (including exponents such as
@@ -58,19 +64,66 @@ impl Decimal {
         Self::new(value)
     }
 
-    /// The exact value.
-    pub fn value(&self) -> &BigDecimal {
+    /// The exact value, for arithmetic.
+    pub fn value(&self) -> BigDecimal {
+        // The text was checked to be plain decimal notation when this value was made.
+        BigDecimal::from_str(&self.0).unwrap_or_default()
+    }
+
+    /// The canonical text.
+    pub fn as_str(&self) -> &str {
         &self.0
     }
 
     /// `true` when strictly greater than zero.
     pub fn is_positive(&self) -> bool {
-        self.0.is_positive()
+        !self.0.starts_with('-') && !self.is_zero()
     }
 
     /// `true` when zero.
     pub fn is_zero(&self) -> bool {
-        self.0.is_zero()
+        &*self.0 == "0"
+    }
+}
+
+/// Canonical form of text already known to match `-?[0-9]+(\.[0-9]+)?`.
+fn canonical(text: &str) -> Box<str> {
+    let (negative, unsigned) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (int, frac) = unsigned.split_once('.').unwrap_or((unsigned, ""));
+    let int = int.trim_start_matches('0');
+    let frac = frac.trim_end_matches('0');
+    let int = if int.is_empty() { "0" } else { int };
+    if int == "0" && frac.is_empty() {
+        return "0".into();
+    }
+    let mut out = String::with_capacity(text.len());
+    if negative {
+        out.push('-');
+    }
+    out.push_str(int);
+    if !frac.is_empty() {
+        out.push('.');
+        out.push_str(frac);
+    }
+    out.into_boxed_str()
+}
+
+impl PartialOrd for Decimal {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Decimal {
+    /// Numeric order.
+    fn cmp(&self, other: &Self) -> Ordering {
+        if self.0 == other.0 {
+            return Ordering::Equal;
+        }
+        self.value().cmp(&other.value())
     }
 }
 
@@ -91,15 +144,13 @@ impl FromStr for Decimal {
         if !all_digits(int) || !frac.is_none_or(all_digits) {
             return Err(DecimalError::Malformed(text.to_owned()));
         }
-        let value =
-            BigDecimal::from_str(text).map_err(|_| DecimalError::Malformed(text.to_owned()))?;
-        Ok(Self(value.normalized()))
+        Ok(Self(canonical(text)))
     }
 }
 
 impl fmt::Display for Decimal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0.to_plain_string())
+        f.write_str(&self.0)
     }
 }
 
@@ -111,13 +162,13 @@ impl fmt::Debug for Decimal {
 
 impl From<u32> for Decimal {
     fn from(value: u32) -> Self {
-        Self(BigDecimal::from(value))
+        Self(value.to_string().into_boxed_str())
     }
 }
 
 impl Serialize for Decimal {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_str(&self.to_string())
+        serializer.serialize_str(&self.0)
     }
 }
 
@@ -175,5 +226,24 @@ mod tests {
         assert!(!"0".parse::<Decimal>().unwrap().is_positive());
         assert!(!"-3".parse::<Decimal>().unwrap().is_positive());
         assert!("0.000".parse::<Decimal>().unwrap().is_zero());
+        assert!("-0.0".parse::<Decimal>().unwrap().is_zero());
+    }
+
+    #[test]
+    fn canonical_text_makes_equal_values_equal() {
+        for (a, b) in [("1.50", "1.5"), ("007", "7"), ("-0", "0"), ("0.10", "000.1"), ("5.0", "5")]
+        {
+            assert_eq!(a.parse::<Decimal>().unwrap(), b.parse::<Decimal>().unwrap(), "{a} {b}");
+        }
+        assert_eq!("-0.000".parse::<Decimal>().unwrap().to_string(), "0");
+    }
+
+    #[test]
+    fn order_is_numeric() {
+        let d = |s: &str| s.parse::<Decimal>().unwrap();
+        assert!(d("9") < d("10"));
+        assert!(d("-2") < d("-1.5"));
+        assert!(d("0.000016") < d("0.0001"));
+        assert_eq!(d("2.50").value(), BigDecimal::from_str("2.5").unwrap());
     }
 }

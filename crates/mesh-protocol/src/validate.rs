@@ -14,8 +14,8 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use crate::codec::{self, CodecError, MAX_FRAME_LEN};
 use crate::identity::NodeId;
 use crate::message::{
-    Body, Envelope, MAX_PRICES_PER_BATCH, MAX_TTL, MAX_TTL_PLUS_HOPS, MessageId,
-    PROTOCOL_VERSION, Payload,
+    Body, Envelope, MAX_PRICES_PER_BATCH, MAX_TTL, MAX_TTL_PLUS_HOPS, MessageId, PROTOCOL_VERSION,
+    Payload,
 };
 
 /// Longest asset identifier, in characters.
@@ -192,15 +192,46 @@ impl Default for Config {
 }
 
 /// Runs the stateless rules.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct Validator {
     config: Config,
+    keys: KeyCache,
+}
+
+impl Clone for Validator {
+    fn clone(&self) -> Self {
+        Self::new(self.config.clone())
+    }
+}
+
+/// Decompressed public keys of recent origins: decompressing a key costs about a fifth of a
+/// verification, and a mesh has few origins. Bounded; cleared when full.
+#[derive(Debug, Default)]
+struct KeyCache(std::sync::Mutex<HashMap<[u8; 32], VerifyingKey>>);
+
+impl KeyCache {
+    const CAPACITY: usize = 1024;
+
+    fn get(&self, bytes: &[u8; 32]) -> Option<VerifyingKey> {
+        // A poisoned lock only means another thread panicked mid-insert; the map is still a
+        // valid cache, so keep using it.
+        let mut keys = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(key) = keys.get(bytes) {
+            return Some(*key);
+        }
+        let key = VerifyingKey::from_bytes(bytes).ok()?;
+        if keys.len() >= Self::CAPACITY {
+            keys.clear();
+        }
+        keys.insert(*bytes, key);
+        Some(key)
+    }
 }
 
 impl Validator {
     /// A validator with these settings.
     pub fn new(config: Config) -> Self {
-        Self { config }
+        Self { config, keys: KeyCache::default() }
     }
 
     /// The settings.
@@ -228,8 +259,7 @@ impl Validator {
         let origin = body.origin;
         let reject = |reason| Rejection::from(reason, origin);
 
-        let key = VerifyingKey::from_bytes(&body.origin_key)
-            .map_err(|_| reject(RejectReason::BadSignature))?;
+        let key = self.keys.get(&body.origin_key).ok_or(reject(RejectReason::BadSignature))?;
         let signature = Signature::from_bytes(&envelope.signature);
         key.verify_strict(&envelope.body, &signature)
             .map_err(|_| reject(RejectReason::BadSignature))?;
@@ -283,18 +313,20 @@ fn is_printable(s: &str, max: usize) -> bool {
     !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_graphic())
 }
 
-/// Key of a high-water mark: an origin and, for prices, the (blockchain, asset) pair; the
-/// announce marks use empty strings.
-type MarkKey = (NodeId, String, String);
+/// Marks of one origin: blockchain -> asset -> newest accepted timestamp. Nested maps let the
+/// hot path look keys up by `&str` without copying them.
+type OriginMarks = HashMap<String, HashMap<String, i64>>;
 
 /// Per (origin, blockchain, asset), the newest timestamp accepted so far.
 ///
 /// A message whose timestamps are not all newer is a replay. Memory is bounded: past
 /// `capacity` keys the older half is evicted, and every key not present must then be newer
 /// than the newest evicted timestamp, so eviction never re-opens the door to old messages.
+/// A provider's announces are marked by their `created_at` under the empty blockchain name.
 #[derive(Debug, Clone)]
 pub struct HighWaterMarks {
-    marks: HashMap<MarkKey, i64>,
+    marks: HashMap<NodeId, OriginMarks>,
+    len: usize,
     capacity: usize,
     evicted_floor_ms: i64,
     evicted: u64,
@@ -312,17 +344,23 @@ impl HighWaterMarks {
 
     /// An empty set of marks holding at most `capacity` keys (at least 2).
     pub fn with_capacity(capacity: usize) -> Self {
-        Self { marks: HashMap::new(), capacity: capacity.max(2), evicted_floor_ms: i64::MIN, evicted: 0 }
+        Self {
+            marks: HashMap::new(),
+            len: 0,
+            capacity: capacity.max(2),
+            evicted_floor_ms: i64::MIN,
+            evicted: 0,
+        }
     }
 
     /// Number of keys held.
     pub fn len(&self) -> usize {
-        self.marks.len()
+        self.len
     }
 
     /// `true` when no mark is held.
     pub fn is_empty(&self) -> bool {
-        self.marks.is_empty()
+        self.len == 0
     }
 
     /// Keys evicted so far to stay within capacity.
@@ -330,8 +368,28 @@ impl HighWaterMarks {
         self.evicted
     }
 
-    fn last(&self, key: &MarkKey) -> i64 {
-        self.marks.get(key).copied().unwrap_or(self.evicted_floor_ms)
+    fn last(&self, origin: &NodeId, blockchain: &str, asset: &str) -> i64 {
+        self.marks
+            .get(origin)
+            .and_then(|o| o.get(blockchain))
+            .and_then(|c| c.get(asset))
+            .copied()
+            .unwrap_or(self.evicted_floor_ms)
+    }
+
+    fn set(&mut self, origin: NodeId, blockchain: &str, asset: &str, ts: i64) {
+        let chains = self.marks.entry(origin).or_default();
+        let assets = match chains.get_mut(blockchain) {
+            Some(assets) => assets,
+            None => chains.entry(blockchain.to_owned()).or_default(),
+        };
+        match assets.get_mut(asset) {
+            Some(mark) => *mark = ts,
+            None => {
+                assets.insert(asset.to_owned(), ts);
+                self.len += 1;
+            }
+        }
     }
 
     /// Stage 3: rejects a replay, otherwise records the message's timestamps.
@@ -340,39 +398,50 @@ impl HighWaterMarks {
         let replay = Rejection::from(RejectReason::Replay, origin);
         match &message.body.payload {
             Payload::PriceBatch { prices, .. } => {
-                let keys: Vec<(MarkKey, i64)> = prices
+                if prices
                     .iter()
-                    .map(|p| ((origin, p.blockchain.clone(), p.asset.clone()), p.timestamp_ms))
-                    .collect();
-                if keys.iter().any(|(key, ts)| *ts <= self.last(key)) {
+                    .any(|p| p.timestamp_ms <= self.last(&origin, &p.blockchain, &p.asset))
+                {
                     return Err(replay);
                 }
-                for (key, ts) in keys {
-                    self.marks.insert(key, ts);
+                for p in prices {
+                    self.set(origin, &p.blockchain, &p.asset, p.timestamp_ms);
                 }
             }
             Payload::ProviderAnnounce { .. } => {
-                let key = (origin, String::new(), String::new());
-                if message.body.created_at_ms <= self.last(&key) {
+                if message.body.created_at_ms <= self.last(&origin, "", "") {
                     return Err(replay);
                 }
-                self.marks.insert(key, message.body.created_at_ms);
+                self.set(origin, "", "", message.body.created_at_ms);
             }
         }
-        if self.marks.len() > self.capacity {
+        if self.len > self.capacity {
             self.evict_older_half();
         }
         Ok(())
     }
 
     fn evict_older_half(&mut self) {
-        let mut stamps: Vec<i64> = self.marks.values().copied().collect();
+        let mut stamps: Vec<i64> = self
+            .marks
+            .values()
+            .flat_map(|o| o.values())
+            .flat_map(|c| c.values().copied())
+            .collect();
         let middle = stamps.len() / 2;
         let (_, cutoff, _) = stamps.select_nth_unstable(middle);
         let cutoff = *cutoff;
-        let before = self.marks.len();
-        self.marks.retain(|_, ts| *ts > cutoff);
-        self.evicted += (before - self.marks.len()) as u64;
+        let mut kept = 0;
+        for chains in self.marks.values_mut() {
+            for assets in chains.values_mut() {
+                assets.retain(|_, ts| *ts > cutoff);
+                kept += assets.len();
+            }
+            chains.retain(|_, assets| !assets.is_empty());
+        }
+        self.marks.retain(|_, chains| !chains.is_empty());
+        self.evicted += (self.len - kept) as u64;
+        self.len = kept;
         self.evicted_floor_ms = self.evicted_floor_ms.max(cutoff);
     }
 }

@@ -1,0 +1,34 @@
+//! `mesh-bench`: the workspace's benchmarks. Each subcommand runs one benchmark and prints a
+//! JSON document with the figures, the goal and whether it was met. Build with `--release`.
+
+mod protocol;
+mod report;
+mod seen_cache;
+
+use clap::{Parser, Subcommand};
+
+/// Benchmarks of the mesh price network (run with `cargo run --release -p mesh-bench -- ...`).
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// Encode+sign and decode+verify+validate of 50-price batches on one core.
+    Protocol(protocol::Args),
+    /// Seen-cache lookups and inserts per second.
+    SeenCache(seen_cache::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let doc = match cli.bench {
+        Bench::Protocol(args) => protocol::run(&args)?,
+        Bench::SeenCache(args) => seen_cache::run(&args)?,
+    };
+    println!("{}", serde_json::to_string_pretty(&doc)?);
+    Ok(())
+}

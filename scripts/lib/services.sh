@@ -1,0 +1,92 @@
+# shellcheck shell=bash
+# Helpers shared by scripts/test and scripts/run: find, start or install what the project needs.
+# Sourced, not executed. Every wait is bounded.
+
+log() { printf '[%s] %s\n' "${0##*/}" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"
+  elif command -v sudo >/dev/null 2>&1; then sudo "$@"
+  else return 1
+  fi
+}
+
+have_apt() { command -v apt-get >/dev/null 2>&1; }
+
+APT_UPDATED=""
+apt_install() {
+  have_apt || return 1
+  if [ -z "$APT_UPDATED" ]; then
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq || return 1
+    APT_UPDATED=1
+  fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
+}
+
+# wait_for SECONDS COMMAND...: retries COMMAND every half second until it succeeds.
+wait_for() {
+  local deadline=$((SECONDS + $1)); shift
+  until "$@" >/dev/null 2>&1; do
+    [ "$SECONDS" -lt "$deadline" ] || return 1
+    sleep 0.5
+  done
+}
+
+ensure_rust() {
+  command -v cargo >/dev/null 2>&1 && return 0
+  [ -x "$HOME/.cargo/bin/cargo" ] && { export PATH="$HOME/.cargo/bin:$PATH"; return 0; }
+  die "Rust is not installed. Install it with rustup (https://rustup.rs): curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c rustfmt,clippy"
+}
+
+pg_up() { pg_isready -q -h 127.0.0.1 -p 5432; }
+
+# Starts the machine's PostgreSQL, installing it with apt when missing. Sets
+# MESH_TEST_DATABASE_URL unless the caller did.
+ensure_postgres() {
+  if ! command -v pg_isready >/dev/null 2>&1 && ! command -v pg_ctlcluster >/dev/null 2>&1; then
+    log "PostgreSQL is not installed; installing it with apt-get"
+    apt_install postgresql postgresql-client ||
+      die "cannot install PostgreSQL here: install PostgreSQL 13 or newer, start it on 127.0.0.1:5432 and set MESH_TEST_DATABASE_URL to a role that may create databases"
+    FRESH_POSTGRES=1
+  fi
+  if ! pg_up; then
+    log "starting PostgreSQL"
+    local version
+    for version in $(ls /etc/postgresql 2>/dev/null); do
+      as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    done
+    wait_for 60 pg_up || die "PostgreSQL did not come up on 127.0.0.1:5432"
+  fi
+  if [ -n "${FRESH_POSTGRES:-}" ]; then
+    # A fresh Debian cluster asks for a password over TCP: give the test role one.
+    as_root runuser -u postgres -- psql -q -c "ALTER ROLE postgres PASSWORD 'postgres'" ||
+      die "cannot set a password for the postgres role"
+  fi
+  export MESH_TEST_DATABASE_URL="${MESH_TEST_DATABASE_URL:-postgres://postgres:postgres@127.0.0.1:5432/postgres}"
+}
+
+redis_up() { redis-cli -h 127.0.0.1 -p 6379 ping | grep -q PONG; }
+
+# Starts the machine's Redis, installing it with apt when missing. Sets MESH_TEST_REDIS_URL
+# unless the caller did.
+ensure_redis() {
+  if ! command -v redis-server >/dev/null 2>&1; then
+    log "Redis is not installed; installing it with apt-get"
+    apt_install redis-server ||
+      die "cannot install Redis here: install Redis 6 or newer, start it on 127.0.0.1:6379 and set MESH_TEST_REDIS_URL"
+  fi
+  if ! redis_up; then
+    log "starting Redis"
+    local dir=/var/lib/redis logfile=/var/log/redis/ci.log
+    if ! { [ -w "$dir" ] || as_root test -w "$dir"; } 2>/dev/null; then
+      dir="${TMPDIR:-/tmp}"; logfile="$dir/mesh-redis.log"
+    fi
+    as_root mkdir -p "$(dirname "$logfile")" 2>/dev/null || true
+    redis-server --daemonize yes --bind 127.0.0.1 -::1 --port 6379 --save "" \
+      --appendonly no --dir "$dir" --logfile "$logfile" ||
+      die "redis-server did not start"
+    wait_for 30 redis_up || die "Redis did not come up on 127.0.0.1:6379"
+  fi
+  export MESH_TEST_REDIS_URL="${MESH_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
+}
