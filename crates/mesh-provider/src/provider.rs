@@ -1,0 +1,427 @@
+//! The provider round loop: every round, ask coordination whether this node fetches; if so,
+//! fetch the configured assets, sign one `PriceBatch` carrying the round number and hand it to
+//! the [`Broadcast`]er.
+//!
+//! Failure rules (ARCHITECTURE section 7): 401/403 stop provider mode with a readable reason
+//! (`Invalid API key`); 429/5xx/timeouts are retried by the client within the round; a round
+//! that still fails is counted and nothing is sent for it: old prices are never re-sent under
+//! a new timestamp.
+
+mod status;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mesh_coordination::{
+    Coordination, MemoryCoordination, MeshView, NoMesh, PlannerConfig, RoundDecision, RoundPlanner,
+    SkipReason, Via,
+};
+use mesh_protocol::{Body, Envelope, Identity, NodeId, Payload, PriceUpdate};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+pub use status::{FetchOutcome, ProviderStatus};
+
+use crate::broadcast::Broadcast;
+use crate::client::{self, ApiKey, BirdeyeClient, unix_ms_now};
+use crate::config::Settings;
+use crate::{Error, Result, telemetry};
+
+/// What one round of this node came to (also the status's `last_fetch`).
+#[derive(Debug)]
+enum RoundOutcome {
+    Fetched { assets: usize, missing: usize, peers: usize },
+    Failed(Error),
+    KeyRejected(client::Error),
+}
+
+/// Builds a [`Provider`].
+pub struct ProviderBuilder {
+    identity: Identity,
+    settings: Settings,
+    broadcast: Arc<dyn Broadcast>,
+    coordination: Arc<dyn Coordination>,
+    mesh: Arc<dyn MeshView>,
+    cancel: CancellationToken,
+}
+
+impl ProviderBuilder {
+    /// The registry and leases shared with other providers (default: in memory, this node
+    /// alone).
+    pub fn coordination(mut self, coordination: Arc<dyn Coordination>) -> Self {
+        self.coordination = coordination;
+        self
+    }
+
+    /// What the node learned from the mesh, used while coordination is down (default:
+    /// nothing).
+    pub fn mesh(mut self, mesh: Arc<dyn MeshView>) -> Self {
+        self.mesh = mesh;
+        self
+    }
+
+    /// The parent token: cancelling it stops the loop (the node's root token).
+    pub fn cancel(mut self, parent: CancellationToken) -> Self {
+        self.cancel = parent;
+        self
+    }
+
+    /// The provider, disabled until [`Provider::enable`].
+    pub fn build(self) -> Provider {
+        let node_id = self.identity.node_id();
+        let (status, _) = tokio::sync::watch::channel(ProviderStatus::disabled(node_id));
+        Provider {
+            inner: Arc::new(Inner {
+                identity: self.identity,
+                settings: self.settings,
+                broadcast: self.broadcast,
+                coordination: self.coordination,
+                mesh: self.mesh,
+                cancel: self.cancel,
+                tracker: TaskTracker::new(),
+                status,
+                running: tokio::sync::Mutex::new(None),
+                last_timestamps: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+}
+
+/// A node's provider mode: enable it with a key, disable it, read its status. Cheap to clone.
+#[derive(Clone)]
+pub struct Provider {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Provider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Provider")
+            .field("node_id", &self.inner.identity.node_id())
+            .field("settings", &self.inner.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    identity: Identity,
+    settings: Settings,
+    broadcast: Arc<dyn Broadcast>,
+    coordination: Arc<dyn Coordination>,
+    mesh: Arc<dyn MeshView>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    status: tokio::sync::watch::Sender<ProviderStatus>,
+    running: tokio::sync::Mutex<Option<Running>>,
+    /// Newest timestamp sent per (chain, address): kept across enable/disable so timestamps
+    /// only ever grow.
+    last_timestamps: Mutex<HashMap<(String, String), i64>>,
+}
+
+struct Running {
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Provider {
+    /// Starts building the provider of `identity` that hands its batches to `broadcast`.
+    pub fn builder(
+        identity: Identity,
+        settings: Settings,
+        broadcast: Arc<dyn Broadcast>,
+    ) -> ProviderBuilder {
+        ProviderBuilder {
+            identity,
+            settings,
+            broadcast,
+            coordination: Arc::new(MemoryCoordination::new()),
+            mesh: Arc::new(NoMesh),
+            cancel: CancellationToken::new(),
+        }
+    }
+
+    /// This node.
+    pub fn node_id(&self) -> NodeId {
+        self.inner.identity.node_id()
+    }
+
+    /// A snapshot of the status.
+    pub fn status(&self) -> ProviderStatus {
+        self.inner.status.borrow().clone()
+    }
+
+    /// The status as it changes.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<ProviderStatus> {
+        self.inner.status.subscribe()
+    }
+
+    /// Checks `key` with Birdeye ([`BirdeyeClient::validate_key`]) and starts the round loop
+    /// with it. A refused key leaves provider mode off with the reason in the status
+    /// (`Invalid API key` for 401) and is returned as the error.
+    pub async fn enable(&self, key: ApiKey) -> Result<()> {
+        let client = BirdeyeClient::with_config(key, self.inner.settings.client.clone())?;
+        if let Err(error) = client.validate_key().await {
+            if error.is_key_rejected() {
+                let reason = error.to_string();
+                self.inner.status.send_modify(|s| {
+                    s.reason = Some(reason.clone());
+                    s.last_error = Some(reason.clone());
+                });
+            }
+            return Err(error.into());
+        }
+        self.start(client).await
+    }
+
+    /// Starts the round loop with `key` without checking it first (for example on restart,
+    /// when Birdeye may be briefly unreachable): a refused key stops it at its first fetch.
+    pub async fn resume(&self, key: ApiKey) -> Result<()> {
+        let client = BirdeyeClient::with_config(key, self.inner.settings.client.clone())?;
+        self.start(client).await
+    }
+
+    async fn start(&self, client: BirdeyeClient) -> Result<()> {
+        if self.inner.cancel.is_cancelled() {
+            return Err(Error::ShutDown);
+        }
+        let mut running = self.inner.running.lock().await;
+        if let Some(previous) = running.take() {
+            stop(previous).await;
+        }
+        PlannerConfig::new(self.inner.settings.interval, self.inner.settings.window).validate()?;
+        let cancel = self.inner.cancel.child_token();
+        self.inner.status.send_modify(|s| {
+            s.enabled = true;
+            s.reason = None;
+        });
+        let inner = self.inner.clone();
+        let span = tracing::info_span!("provider_loop", node_id = %self.node_id());
+        let task = self.inner.tracker.spawn(run(inner, client, cancel.clone()).instrument(span));
+        *running = Some(Running { cancel, task });
+        tracing::info!(node_id = %self.node_id(), "provider mode enabled");
+        Ok(())
+    }
+
+    /// Stops the round loop and leaves the provider registry. Idempotent.
+    pub async fn disable(&self) {
+        let previous = self.inner.running.lock().await.take();
+        if let Some(previous) = previous {
+            stop(previous).await;
+            tracing::info!(node_id = %self.node_id(), "provider mode disabled");
+        }
+        self.inner.status.send_modify(|s| {
+            s.enabled = false;
+            s.next_round = None;
+            s.next_round_unix_ms = None;
+        });
+    }
+
+    /// Disables provider mode for good and waits for the loop to finish.
+    pub async fn shutdown(&self) {
+        self.disable().await;
+        self.inner.tracker.close();
+        self.inner.tracker.wait().await;
+    }
+}
+
+async fn stop(running: Running) {
+    running.cancel.cancel();
+    // The loop leaves the registry itself on cancellation; a join error is a panic in it,
+    // which has already been reported by the runtime.
+    if let Err(error) = running.task.await {
+        tracing::error!(%error, "provider loop ended abnormally");
+    }
+}
+
+/// The loop: one decision per round until cancelled or the key is refused.
+async fn run(inner: Arc<Inner>, client: BirdeyeClient, cancel: CancellationToken) {
+    let settings = &inner.settings;
+    let node = inner.identity.node_id();
+    let planner = RoundPlanner::new(
+        PlannerConfig::new(settings.interval, settings.window),
+        node,
+        inner.coordination.clone(),
+        inner.mesh.clone(),
+    );
+    let interval_ms = settings.interval.as_millis().max(1) as i64;
+    let mut next_round = planner.round_at(unix_ms_now().max(0) as u64);
+    loop {
+        inner.status.send_modify(|s| {
+            s.next_round = Some(next_round);
+            s.next_round_unix_ms = Some(next_round as i64 * interval_ms);
+            s.degraded = planner.is_degraded();
+        });
+        let decision = tokio::select! {
+            _ = cancel.cancelled() => break,
+            decision = planner.next() => decision,
+        };
+        next_round = decision.round + 1;
+        if !decision.fetch {
+            let reason = match decision.skip_reason {
+                Some(SkipReason::Fulfilled) => "fulfilled",
+                _ => "lease_held",
+            };
+            metrics::counter!(telemetry::ROUNDS_SKIPPED_TOTAL, "reason" => reason).increment(1);
+            tracing::debug!(round = decision.round, rank = decision.rank, reason, "round skipped");
+            inner.status.send_modify(|s| s.rounds_skipped += 1);
+            continue;
+        }
+        let outcome = tokio::select! {
+            _ = cancel.cancelled() => break,
+            outcome = fetch_round(&inner, &client, &decision) => outcome,
+        };
+        let stop = record(&inner, &decision, outcome);
+        if stop {
+            break;
+        }
+    }
+    planner.leave().await;
+}
+
+/// Fetches, signs and broadcasts one round.
+async fn fetch_round(
+    inner: &Inner,
+    client: &BirdeyeClient,
+    decision: &RoundDecision,
+) -> RoundOutcome {
+    let settings = &inner.settings;
+    tracing::info!(
+        round = decision.round,
+        rank = decision.rank,
+        via = ?decision.via,
+        assets = settings.assets.len(),
+        "Provider node fetching price data"
+    );
+    metrics::counter!(telemetry::FETCH_ATTEMPTS_TOTAL).increment(1);
+    // The batch must belong to its round: stop trying when the round is over.
+    let round_end_ms = decision.round_start_unix_ms as i64 + settings.interval.as_millis() as i64;
+    let budget = Duration::from_millis((round_end_ms - unix_ms_now()).max(100) as u64);
+    let set = match tokio::time::timeout(budget, client.prices(settings.assets.as_slice())).await {
+        Ok(Ok(set)) => set,
+        Ok(Err(error)) if error.is_key_rejected() => return RoundOutcome::KeyRejected(error),
+        Ok(Err(error)) => return RoundOutcome::Failed(error.into()),
+        Err(_) => return RoundOutcome::Failed(Error::RoundOver { round: decision.round }),
+    };
+    if !set.missing.is_empty() {
+        metrics::counter!(telemetry::MISSING_PRICES_TOTAL).increment(set.missing.len() as u64);
+        tracing::warn!(
+            round = decision.round,
+            missing = set.missing.len(),
+            first = %format_args!("{}:{}", set.missing[0].chain, set.missing[0].address),
+            "Birdeye had no price for some assets"
+        );
+    }
+    if set.prices.is_empty() {
+        return RoundOutcome::Failed(Error::NoPrices { round: decision.round });
+    }
+    let prices = inner.stamp(set.prices);
+    let created_at_ms = prices.iter().map(|p| p.timestamp_ms).max().unwrap_or_else(unix_ms_now);
+    let assets = prices.len();
+    let body = Body::new(
+        &inner.identity,
+        created_at_ms,
+        Payload::PriceBatch { round: decision.round, prices },
+    );
+    let envelope = match Envelope::seal(&inner.identity, &body, settings.message_ttl) {
+        Ok(envelope) => envelope,
+        Err(error) => return RoundOutcome::Failed(error.into()),
+    };
+    metrics::counter!(telemetry::FETCH_SUCCESS_TOTAL).increment(1);
+    metrics::counter!(telemetry::BROADCAST_ATTEMPTS_TOTAL).increment(1);
+    match inner.broadcast.broadcast(envelope).await {
+        Ok(peers) => {
+            metrics::counter!(telemetry::BROADCAST_SUCCESS_TOTAL).increment(1);
+            tracing::info!(
+                round = decision.round,
+                assets,
+                peers,
+                "Provider node broadcast complete: {assets} assets to {peers} peers"
+            );
+            RoundOutcome::Fetched { assets, missing: set.missing.len(), peers }
+        }
+        Err(error) => RoundOutcome::Failed(error.into()),
+    }
+}
+
+impl Inner {
+    /// Turns fetched prices into updates stamped with the time they were observed, strictly
+    /// later than anything this provider sent before for the same asset (receivers drop equal
+    /// or older timestamps as replays).
+    fn stamp(&self, prices: Vec<client::TokenPrice>) -> Vec<PriceUpdate> {
+        let mut last = self.last_timestamps.lock().unwrap_or_else(|p| p.into_inner());
+        prices
+            .into_iter()
+            .map(|price| {
+                let slot = last.entry((price.chain.clone(), price.address.clone())).or_insert(0);
+                let timestamp_ms = price.observed_at_ms.max(*slot + 1);
+                *slot = timestamp_ms;
+                PriceUpdate {
+                    asset: price.address,
+                    blockchain: price.chain,
+                    price: price.value,
+                    timestamp_ms,
+                    change_24h: price.change_24h,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Counts a fetched round in the status and metrics; `true` when provider mode must stop.
+fn record(inner: &Inner, decision: &RoundDecision, outcome: RoundOutcome) -> bool {
+    let now = unix_ms_now();
+    match outcome {
+        RoundOutcome::Fetched { assets, missing, peers } => {
+            let via = match decision.via {
+                Via::Lease => "lease",
+                Via::Mesh => "mesh",
+                Via::Single => "single",
+            };
+            metrics::counter!(telemetry::ROUNDS_FETCHED_TOTAL, "via" => via).increment(1);
+            inner.status.send_modify(|s| {
+                s.rounds_fetched += 1;
+                if decision.via != Via::Lease {
+                    s.rounds_fetched_uncoordinated += 1;
+                }
+                s.last_fetch_unix_ms = Some(now);
+                s.last_fetch =
+                    Some(FetchOutcome::Fetched { round: decision.round, assets, missing, peers });
+            });
+            false
+        }
+        RoundOutcome::Failed(error) => {
+            let kind = error.kind();
+            metrics::counter!(telemetry::ROUNDS_FAILED_TOTAL, "reason" => kind).increment(1);
+            tracing::warn!(round = decision.round, error = %error, "provider round failed; nothing sent for it");
+            let message = error.to_string();
+            inner.status.send_modify(|s| {
+                s.rounds_failed += 1;
+                s.last_fetch_unix_ms = Some(now);
+                s.last_fetch =
+                    Some(FetchOutcome::Failed { round: decision.round, error: message.clone() });
+                s.last_error = Some(message);
+            });
+            false
+        }
+        RoundOutcome::KeyRejected(error) => {
+            metrics::counter!(telemetry::ROUNDS_FAILED_TOTAL, "reason" => error.kind())
+                .increment(1);
+            let reason = error.to_string();
+            tracing::warn!(round = decision.round, reason = %reason, "Birdeye refused the API key; provider mode stopped");
+            inner.status.send_modify(|s| {
+                s.enabled = false;
+                s.reason = Some(reason.clone());
+                s.rounds_failed += 1;
+                s.last_fetch_unix_ms = Some(now);
+                s.last_fetch =
+                    Some(FetchOutcome::Failed { round: decision.round, error: reason.clone() });
+                s.last_error = Some(reason);
+                s.next_round = None;
+                s.next_round_unix_ms = None;
+            });
+            true
+        }
+    }
+}

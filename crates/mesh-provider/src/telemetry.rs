@@ -1,0 +1,22 @@
+//! Metric names (the guide's, plus round counters named `mesh_provider_<name>_total`).
+//!
+//! The crate only emits through the `metrics` facade; the binary installs the recorder.
+
+/// Round fetches started (one per round this node fetches).
+pub const FETCH_ATTEMPTS_TOTAL: &str = "mesh_provider_fetch_attempts_total";
+/// Round fetches that produced a batch.
+pub const FETCH_SUCCESS_TOTAL: &str = "mesh_provider_fetch_success_total";
+/// Batches handed to the broadcaster.
+pub const BROADCAST_ATTEMPTS_TOTAL: &str = "mesh_provider_broadcast_attempts_total";
+/// Batches the broadcaster accepted.
+pub const BROADCAST_SUCCESS_TOTAL: &str = "mesh_provider_broadcast_success_total";
+/// Latency of each HTTP request to Birdeye (histogram, seconds; labels `endpoint`, `outcome`).
+pub const API_LATENCY_SECONDS: &str = "mesh_provider_api_latency_seconds";
+/// Rounds this node did not fetch (label `reason`: `not_chosen`, `fulfilled`, `coordination`).
+pub const ROUNDS_SKIPPED_TOTAL: &str = "mesh_provider_rounds_skipped_total";
+/// Rounds this node tried to fetch and failed (label `reason`: the error kind).
+pub const ROUNDS_FAILED_TOTAL: &str = "mesh_provider_rounds_failed_total";
+/// Tokens asked for that Birdeye had no price for.
+pub const MISSING_PRICES_TOTAL: &str = "mesh_provider_missing_prices_total";
+/// Rounds this node fetched and handed over (label `via`: `lease`, `mesh`, `single`).
+pub const ROUNDS_FETCHED_TOTAL: &str = "mesh_provider_rounds_fetched_total";
