@@ -1,0 +1,83 @@
+//! Relay settings.
+
+use std::time::Duration;
+
+use libp2p::Multiaddr;
+use mesh_protocol::MessageId;
+use mesh_seen_cache::SeenRecord;
+
+use crate::core::CoreConfig;
+use crate::peer_manager;
+
+/// Everything a relay needs to start.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Addresses to listen on (`MESH_LISTEN_ADDRS`), e.g. `/ip4/0.0.0.0/tcp/4001` and
+    /// `/ip4/0.0.0.0/udp/4001/quic-v1`; `/memory/<n>` for in-process tests.
+    pub listen_addrs: Vec<Multiaddr>,
+    /// Peer counts, budget and bans.
+    pub peers: peer_manager::Config,
+    /// Seen cache and validation.
+    pub core: CoreConfig,
+    /// Seen ids to load at start (from the store), so a restarted node does not deliver or
+    /// relay them again.
+    pub seen_preload: Vec<SeenRecord<MessageId>>,
+    /// Frames waiting per peer before new ones are dropped (and counted).
+    pub peer_queue_len: usize,
+    /// Deliveries waiting for the local subscriber before new ones are dropped (and counted).
+    pub delivery_queue_len: usize,
+    /// Frames waiting between the stream readers and the relay core.
+    pub inbound_queue_len: usize,
+    /// A connection with no stream open is closed after this long.
+    pub idle_connection_timeout: Duration,
+    /// How often the peer manager runs.
+    pub tick_interval: Duration,
+    /// First and longest wait between attempts to reopen a peer's relay stream.
+    pub stream_backoff: (Duration, Duration),
+    /// Answer and send peer-exchange requests.
+    pub peer_exchange: bool,
+    /// Ask new peers for their peers right after connecting (besides when below the minimum).
+    pub eager_peer_exchange: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen_addrs: vec![
+                "/ip4/0.0.0.0/tcp/4001".parse().expect_static(),
+                "/ip4/0.0.0.0/udp/4001/quic-v1".parse().expect_static(),
+            ],
+            peers: peer_manager::Config::default(),
+            core: CoreConfig::default(),
+            seen_preload: Vec::new(),
+            peer_queue_len: 1024,
+            delivery_queue_len: 4096,
+            inbound_queue_len: 1024,
+            idle_connection_timeout: Duration::from_secs(120),
+            tick_interval: Duration::from_secs(1),
+            stream_backoff: (Duration::from_millis(50), Duration::from_secs(5)),
+            peer_exchange: true,
+            eager_peer_exchange: false,
+        }
+    }
+}
+
+/// Parsing a literal that is known to be valid.
+trait ExpectStatic<T> {
+    fn expect_static(self) -> T;
+}
+
+impl<T, E: std::fmt::Debug> ExpectStatic<T> for Result<T, E> {
+    #[allow(clippy::expect_used)] // only used on string literals checked by the tests below
+    fn expect_static(self) -> T {
+        self.expect("static multiaddr literal")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn default_listen_addresses_parse() {
+        assert_eq!(super::Config::default().listen_addrs.len(), 2);
+    }
+}

@@ -1,0 +1,329 @@
+//! [`RelayCore`]: the relay rules of ARCHITECTURE section 5 with no networking.
+//!
+//! The network layer hands every received frame to [`RelayCore::on_frame`] and carries out the
+//! [`Outcome`]: deliver the message locally, forward a copy to every peer but the listed ones,
+//! or drop it (and charge the sender when it was invalid).
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::Hash;
+
+use mesh_protocol::codec::forward_in_place;
+use mesh_protocol::validate::{self, Validator};
+use mesh_protocol::{HighWaterMarks, MessageId, Rejection, VerifiedMessage, decode_frame};
+use mesh_seen_cache::{Lookup, SeenCache};
+
+/// What to send on: the forwarded copy of a frame and the peers not to send it to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Forward<P> {
+    /// The frame with `ttl - 1` and `hop_count + 1` (body and signature unchanged).
+    pub frame: Vec<u8>,
+    /// Peers that must not get it: the senders of this message so far.
+    pub except: Vec<P>,
+}
+
+/// What the network layer must do with a received frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome<P> {
+    /// A new valid message: hand it to the local subscriber, then forward when `Some`.
+    Deliver {
+        /// The verified message, hop fields as received.
+        message: VerifiedMessage,
+        /// The copy to forward (`None` when its TTL is used up).
+        forward: Option<Forward<P>>,
+    },
+    /// A duplicate that carries more remaining TTL than any copy seen so far: forward it again
+    /// (it is not delivered twice).
+    Reforward(Forward<P>),
+    /// A duplicate: drop it.
+    Duplicate {
+        /// The id.
+        id: MessageId,
+        /// Hop count of this copy (it tells how far the sender is from the origin).
+        hop_count: u8,
+    },
+    /// An invalid message: drop it and charge the sender.
+    Rejected(Rejection),
+}
+
+/// Relay settings that the core needs.
+#[derive(Debug, Clone, Default)]
+pub struct CoreConfig {
+    /// Seen-cache size and lifetime.
+    pub seen: mesh_seen_cache::Config,
+    /// Validation settings (clock skew, trusted providers).
+    pub validation: validate::Config,
+    /// How many recent messages remember who sent them (for re-forward exclusions).
+    pub sender_memory: usize,
+}
+
+/// Who sent each recent message: bounded, oldest forgotten first.
+#[derive(Debug)]
+struct RecentSenders<P> {
+    senders: HashMap<MessageId, Vec<P>>,
+    order: VecDeque<MessageId>,
+    capacity: usize,
+}
+
+impl<P: Clone + PartialEq> RecentSenders<P> {
+    /// Most senders remembered per message: a peer count, bounded by the connection limit.
+    const MAX_PER_MESSAGE: usize = 32;
+
+    fn new(capacity: usize) -> Self {
+        Self { senders: HashMap::new(), order: VecDeque::new(), capacity: capacity.max(1) }
+    }
+
+    fn record(&mut self, id: MessageId, peer: &P) {
+        let list = match self.senders.get_mut(&id) {
+            Some(list) => list,
+            None => {
+                if self.order.len() >= self.capacity
+                    && let Some(old) = self.order.pop_front()
+                {
+                    self.senders.remove(&old);
+                }
+                self.order.push_back(id);
+                self.senders.entry(id).or_default()
+            }
+        };
+        if list.len() < Self::MAX_PER_MESSAGE && !list.contains(peer) {
+            list.push(peer.clone());
+        }
+    }
+
+    fn get(&self, id: &MessageId) -> Vec<P> {
+        self.senders.get(id).cloned().unwrap_or_default()
+    }
+}
+
+/// The relay's rules: seen check, validation, forwarding decisions.
+#[derive(Debug)]
+pub struct RelayCore<P> {
+    seen: SeenCache<MessageId>,
+    validator: Validator,
+    marks: HighWaterMarks,
+    senders: RecentSenders<P>,
+}
+
+impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
+    /// A core with empty caches.
+    pub fn new(config: CoreConfig) -> Self {
+        let sender_memory = if config.sender_memory == 0 { 4096 } else { config.sender_memory };
+        Self {
+            seen: SeenCache::new(config.seen),
+            validator: Validator::new(config.validation),
+            marks: HighWaterMarks::default(),
+            senders: RecentSenders::new(sender_memory),
+        }
+    }
+
+    /// The seen cache (for reloading ids and reporting its size).
+    pub fn seen(&self) -> &SeenCache<MessageId> {
+        &self.seen
+    }
+
+    /// The seen cache, mutably (for reloading ids from a store).
+    pub fn seen_mut(&mut self) -> &mut SeenCache<MessageId> {
+        &mut self.seen
+    }
+
+    /// Decides what to do with `frame`, received from `from`, at `now_ms` (Unix ms).
+    pub fn on_frame(&mut self, from: &P, frame: &[u8], now_ms: i64) -> Outcome<P> {
+        let envelope = match decode_frame(frame) {
+            Ok(envelope) => envelope,
+            Err(rejection) => return Outcome::Rejected(rejection),
+        };
+        let id = envelope.message_id();
+        let ttl = envelope.ttl;
+        match self.seen.lookup(&id) {
+            Lookup::Seen { max_ttl } => {
+                self.senders.record(id, from);
+                if ttl <= max_ttl {
+                    return Outcome::Duplicate { id, hop_count: envelope.hop_count };
+                }
+                // More TTL than any copy so far. The signature is outside the message id, so
+                // check this copy before sending it on under our name.
+                if let Err(rejection) = self.validator.verify(envelope, now_ms) {
+                    return Outcome::Rejected(rejection);
+                }
+                self.seen.raise_ttl(&id, ttl);
+                match forwarded(frame, ttl) {
+                    Some(frame) => {
+                        Outcome::Reforward(Forward { frame, except: self.senders.get(&id) })
+                    }
+                    None => Outcome::Duplicate { id, hop_count: frame[2] },
+                }
+            }
+            Lookup::New => {
+                let message = match self.validator.verify(envelope, now_ms) {
+                    Ok(message) => message,
+                    Err(rejection) => return Outcome::Rejected(rejection),
+                };
+                if let Err(rejection) = self.marks.admit(&message) {
+                    return Outcome::Rejected(rejection);
+                }
+                self.seen.insert(id, ttl);
+                self.senders.record(id, from);
+                let forward = forwarded(frame, ttl)
+                    .map(|frame| Forward { frame, except: vec![from.clone()] });
+                Outcome::Deliver { message, forward }
+            }
+        }
+    }
+
+    /// Checks a message this node originates (it must pass our own rules too) and records it
+    /// as seen. The frame is sent to every peer as it is.
+    pub fn publish(&mut self, frame: &[u8], now_ms: i64) -> Result<VerifiedMessage, Rejection> {
+        let envelope = decode_frame(frame)?;
+        let message = self.validator.verify(envelope, now_ms)?;
+        self.marks.admit(&message)?;
+        self.seen.insert(message.id, message.envelope.ttl);
+        Ok(message)
+    }
+}
+
+/// The forwarded copy of `frame`, or `None` when the TTL is used up here.
+fn forwarded(frame: &[u8], ttl: u8) -> Option<Vec<u8>> {
+    if ttl <= 1 {
+        return None;
+    }
+    let mut copy = frame.to_vec();
+    forward_in_place(&mut copy).then_some(copy)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_protocol::{
+        Body, Envelope, Identity, Payload, PriceUpdate, RejectReason, encode_envelope,
+    };
+
+    const NOW: i64 = 1_750_000_000_000;
+
+    fn frame(ttl: u8, ts: i64) -> Vec<u8> {
+        let id = Identity::from_seed([4; 32]);
+        let body = Body::new(
+            &id,
+            NOW,
+            Payload::PriceBatch {
+                round: 1,
+                prices: vec![PriceUpdate {
+                    asset: "SOL".into(),
+                    blockchain: "solana".into(),
+                    price: "150".parse().unwrap(),
+                    timestamp_ms: ts,
+                    change_24h: None,
+                }],
+            },
+        );
+        encode_envelope(&Envelope::seal(&id, &body, ttl).unwrap()).unwrap()
+    }
+
+    fn with_hops(frame: &[u8], ttl: u8, hops: u8) -> Vec<u8> {
+        let mut f = frame.to_vec();
+        f[1] = ttl;
+        f[2] = hops;
+        f
+    }
+
+    fn core() -> RelayCore<u32> {
+        RelayCore::new(CoreConfig::default())
+    }
+
+    #[tokio::test]
+    async fn new_message_is_delivered_and_forwarded_to_all_but_the_sender() {
+        let mut c = core();
+        let f = frame(5, NOW);
+        match c.on_frame(&7, &f, NOW) {
+            Outcome::Deliver { message, forward: Some(fwd) } => {
+                assert_eq!(message.envelope.ttl, 5);
+                assert_eq!(fwd.except, vec![7]);
+                assert_eq!(&fwd.frame[..3], &[1, 4, 2], "ttl - 1, hop_count + 1");
+                assert_eq!(fwd.frame[3..], f[3..], "body and signature unchanged");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn ttl_one_is_delivered_but_not_forwarded() {
+        let mut c = core();
+        assert!(matches!(
+            c.on_frame(&1, &frame(1, NOW), NOW),
+            Outcome::Deliver { forward: None, .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn duplicates_are_dropped_unless_they_carry_more_ttl() {
+        let mut c = core();
+        let f = frame(10, NOW);
+        let late = with_hops(&f, 3, 8);
+        assert!(matches!(c.on_frame(&1, &late, NOW), Outcome::Deliver { .. }));
+        // Same or less TTL: dropped.
+        assert!(matches!(c.on_frame(&2, &late, NOW), Outcome::Duplicate { .. }));
+        assert!(matches!(c.on_frame(&3, &with_hops(&f, 2, 9), NOW), Outcome::Duplicate { .. }));
+        // More TTL: forwarded again, to everyone but the peers that sent it, not delivered.
+        match c.on_frame(&4, &with_hops(&f, 6, 5), NOW) {
+            Outcome::Reforward(fwd) => {
+                assert_eq!(fwd.except, vec![1, 2, 3, 4]);
+                assert_eq!(&fwd.frame[..3], &[1, 5, 6]);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        // Once raised, the same TTL again is a plain duplicate.
+        assert!(matches!(c.on_frame(&5, &with_hops(&f, 6, 5), NOW), Outcome::Duplicate { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_higher_ttl_duplicate_with_a_forged_signature_is_rejected() {
+        let mut c = core();
+        let f = frame(10, NOW);
+        assert!(matches!(c.on_frame(&1, &with_hops(&f, 3, 8), NOW), Outcome::Deliver { .. }));
+        let mut forged = with_hops(&f, 9, 2);
+        let last = forged.len() - 1;
+        forged[last] ^= 0xff; // the signature is the frame's tail
+        match c.on_frame(&2, &forged, NOW) {
+            Outcome::Rejected(r) => assert_eq!(r.reason, RejectReason::BadSignature),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn invalid_messages_are_rejected_and_not_remembered() {
+        let mut c = core();
+        let mut f = frame(5, NOW);
+        let last = f.len() - 1;
+        f[last] ^= 1;
+        assert!(matches!(c.on_frame(&1, &f, NOW), Outcome::Rejected(_)));
+        assert!(c.seen().is_empty(), "only valid messages enter the seen cache");
+        assert!(
+            matches!(c.on_frame(&1, &with_hops(&frame(5, NOW), 255, 1), NOW), Outcome::Rejected(r) if r.reason == RejectReason::TtlOutOfBounds)
+        );
+    }
+
+    #[tokio::test]
+    async fn replays_after_the_seen_cache_forgot_are_rejected() {
+        let mut c = RelayCore::<u32>::new(CoreConfig {
+            seen: mesh_seen_cache::Config { capacity: 1, ..Default::default() },
+            ..Default::default()
+        });
+        let old = frame(5, NOW - 10);
+        assert!(matches!(c.on_frame(&1, &old, NOW), Outcome::Deliver { .. }));
+        assert!(matches!(c.on_frame(&1, &frame(5, NOW - 5), NOW), Outcome::Deliver { .. }));
+        // `old` was evicted from the seen cache (capacity 1) but is still a replay.
+        assert!(
+            matches!(c.on_frame(&2, &old, NOW), Outcome::Rejected(r) if r.reason == RejectReason::Replay)
+        );
+    }
+
+    #[tokio::test]
+    async fn own_messages_are_checked_and_marked_seen() {
+        let mut c = core();
+        let f = frame(5, NOW);
+        let m = c.publish(&f, NOW).unwrap();
+        assert!(
+            matches!(c.on_frame(&1, &with_hops(&f, 4, 2), NOW), Outcome::Duplicate { id, .. } if id == m.id)
+        );
+        assert!(c.publish(&frame(5, NOW + 60_000), NOW).is_err(), "own future timestamps too");
+    }
+}

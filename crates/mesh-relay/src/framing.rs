@@ -1,0 +1,70 @@
+//! Length-prefixed frames on a libp2p stream: a 4-byte big-endian length, then the frame.
+//! A length above [`MAX_FRAME_LEN`] is refused before anything is allocated.
+
+use std::io;
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use mesh_protocol::MAX_FRAME_LEN;
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// The stream ended or failed.
+    #[error("stream: {0}")]
+    Io(#[from] io::Error),
+    /// The length prefix announces more than a frame may hold.
+    #[error("frame of {0} bytes announced; at most {MAX_FRAME_LEN} allowed")]
+    TooLarge(u32),
+}
+
+/// Reads one frame into `buf` (reused between calls).
+pub async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut Vec<u8>,
+) -> Result<(), ReadError> {
+    let mut len = [0u8; 4];
+    reader.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len);
+    if len as usize > MAX_FRAME_LEN {
+        return Err(ReadError::TooLarge(len));
+    }
+    buf.clear();
+    buf.resize(len as usize, 0);
+    reader.read_exact(buf).await?;
+    Ok(())
+}
+
+/// Writes one frame (not flushed).
+pub async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, frame: &[u8]) -> io::Result<()> {
+    let len =
+        u32::try_from(frame.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    writer.write_all(&len.to_be_bytes()).await?;
+    writer.write_all(frame).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::io::Cursor;
+
+    #[tokio::test]
+    async fn frames_round_trip_and_oversized_lengths_are_refused() {
+        let mut out = Vec::new();
+        write_frame(&mut out, b"hello").await.unwrap();
+        write_frame(&mut out, b"").await.unwrap();
+        let mut r = Cursor::new(out);
+        let mut buf = Vec::new();
+        read_frame(&mut r, &mut buf).await.unwrap();
+        assert_eq!(buf, b"hello");
+        read_frame(&mut r, &mut buf).await.unwrap();
+        assert!(buf.is_empty());
+        assert!(matches!(read_frame(&mut r, &mut buf).await, Err(ReadError::Io(_))));
+
+        let mut forged = Cursor::new(u32::MAX.to_be_bytes().to_vec());
+        assert!(matches!(
+            read_frame(&mut forged, &mut buf).await,
+            Err(ReadError::TooLarge(u32::MAX))
+        ));
+        assert!(buf.capacity() < 1024, "nothing allocated for a refused frame");
+    }
+}

@@ -1,0 +1,41 @@
+//! The mesh relay: a libp2p swarm (TCP + Noise + Yamux, QUIC, and an in-memory transport for
+//! tests) that floods signed price messages with a hop TTL and a seen-message cache, validates
+//! everything it receives, and keeps its peer count between a minimum and a maximum
+//! (ARCHITECTURE sections 4 and 5).
+//!
+//! - [`RelayCore`] holds the relay rules with no networking: seen check, validation, which
+//!   peers get a copy, the re-forward of a duplicate that carries more TTL.
+//! - [`Relay`] runs the network: one long-lived outbound stream per peer on
+//!   `/mesh/relay/1.0.0` (libp2p-stream) fed by a bounded queue, readers for inbound streams,
+//!   the peer manager (dial below the minimum, prune above the maximum, ban peers past their
+//!   misbehaviour budget) and peer exchange (`/mesh/pex/1.0.0`).
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! use mesh_protocol::Identity;
+//! use mesh_relay::{Config, Relay};
+//! use tokio_util::sync::CancellationToken;
+//!
+//! let identity = Identity::generate();
+//! let config = Config { listen_addrs: vec!["/ip4/127.0.0.1/tcp/0".parse()?], ..Config::default() };
+//! let (relay, mut deliveries) = Relay::start(&identity, config, CancellationToken::new()).await?;
+//! relay.dial("/ip4/127.0.0.1/tcp/4001/p2p/12D3KooWJ1Y8wHjnrdkt6t2rBU8VfxychLAFUGGU34D7go2BLCCo".parse()?).await?;
+//! while let Some(delivery) = deliveries.recv().await {
+//!     println!("{} from {:?}", delivery.message.id, delivery.from);
+//! }
+//! # Ok(()) }
+//! ```
+
+pub mod config;
+pub mod core;
+pub mod framing;
+pub mod network;
+pub mod peer_manager;
+pub mod pex;
+pub mod stats;
+
+pub use config::Config;
+pub use core::{CoreConfig, Forward, Outcome, RelayCore};
+pub use libp2p::{Multiaddr, PeerId};
+pub use network::{Delivery, Error, PeerStatus, Relay, Result, Status};
+pub use stats::StatsSnapshot;

@@ -1,0 +1,1052 @@
+//! The network layer: the libp2p swarm and the tasks that move frames.
+//!
+//! Tasks of one relay, all tracked and cancelled together:
+//! - the **swarm task** owns the [`Swarm`] and the [`PeerManager`]; it never awaits anything
+//!   but its inputs, and creates or removes each peer's link when the first connection opens
+//!   or the last one closes;
+//! - the **accept task** takes every inbound relay stream at once (libp2p-stream drops streams
+//!   when its accept loop falls behind) and starts a reader for it; one stream per peer, a
+//!   newer one replaces the older;
+//! - **readers** cut frames out of inbound streams and queue them to the core;
+//! - the **core task** owns the [`RelayCore`]: validation, delivery, forwarding;
+//! - **writers**, one per peer, keep one outbound stream open (reopened with backoff) and
+//!   drain the peer's bounded queue into it; a full queue drops the frame and counts it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::{AsyncWriteExt, StreamExt};
+use libp2p::core::transport::MemoryTransport;
+use libp2p::core::upgrade;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, Transport, allow_block_list,
+    connection_limits, identify, noise, ping, tcp, yamux,
+};
+use libp2p_stream::{Control, IncomingStreams};
+use mesh_protocol::{Envelope, Identity, NodeId, RejectReason, Rejection, VerifiedMessage};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::config::Config;
+use crate::core::{Forward, Outcome, RelayCore};
+use crate::framing::{self, ReadError};
+use crate::peer_manager::{Action, PeerManager};
+use crate::pex;
+use crate::stats::{Stats, StatsSnapshot, bump};
+
+/// The relay protocol.
+pub const RELAY_PROTOCOL: StreamProtocol = StreamProtocol::new("/mesh/relay/1.0.0");
+/// The peer-exchange protocol.
+pub const PEX_PROTOCOL: StreamProtocol = StreamProtocol::new("/mesh/pex/1.0.0");
+/// What identify announces; peers announcing something else are not mesh nodes.
+pub const IDENTIFY_PROTOCOL: &str = "/mesh/1.0.0";
+
+/// Errors of starting or using a relay.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The transport could not be built.
+    #[error("building the libp2p transport: {0}")]
+    Transport(String),
+    /// A listen address was refused.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// A message could not be encoded.
+    #[error(transparent)]
+    Codec(#[from] mesh_protocol::CodecError),
+    /// Our own message broke a validation rule.
+    #[error("own message rejected: {0}")]
+    Rejected(Rejection),
+    /// A dial was refused at once.
+    #[error("cannot dial {addr}: {reason}")]
+    Dial {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// The relay is shutting down.
+    #[error("the relay has stopped")]
+    Stopped,
+}
+
+/// Result alias of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// A new valid message for the local node.
+#[derive(Debug, Clone)]
+pub struct Delivery {
+    /// The message (hop fields of the copy that arrived first).
+    pub message: VerifiedMessage,
+    /// The peer it came from; `None` for a message this node published.
+    pub from: Option<PeerId>,
+    /// When it arrived.
+    pub received_at: Instant,
+}
+
+/// One connected peer, as the status shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerStatus {
+    /// Its id.
+    pub peer_id: PeerId,
+    /// Hops from it to the nearest provider, when known.
+    pub provider_distance: Option<u8>,
+}
+
+/// The relay's view of the network.
+#[derive(Debug, Clone, Default)]
+pub struct Status {
+    /// Addresses we listen on.
+    pub listen_addrs: Vec<Multiaddr>,
+    /// Connected peers.
+    pub peers: Vec<PeerStatus>,
+    /// Peers known with addresses (connected or not).
+    pub known_peers: usize,
+    /// Our hop distance to the nearest provider (0 when we are one).
+    pub own_distance: Option<u8>,
+    /// Bans issued so far.
+    pub bans: u64,
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    limits: connection_limits::Behaviour,
+    blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    stream: libp2p_stream::Behaviour,
+}
+
+enum SwarmCommand {
+    Dial(Multiaddr, oneshot::Sender<Result<()>>),
+    AddAddresses { peer: PeerId, addrs: Vec<Multiaddr>, pinned: bool, distance: Option<u8> },
+    Charge(PeerId),
+    ProviderHops(PeerId, u8),
+    Block(PeerId),
+    Unblock(PeerId),
+    PeerExchangeAnswer(Vec<pex::Entry>),
+    SetProvider(bool),
+}
+
+enum CoreInput {
+    Frame { peer: PeerId, frame: Vec<u8> },
+    Oversized { peer: PeerId },
+    Publish { frame: Vec<u8>, reply: oneshot::Sender<Result<usize>> },
+    SendRaw { peer: PeerId, frame: Vec<u8> },
+}
+
+struct Link {
+    queue: mpsc::Sender<Bytes>,
+    cancel: CancellationToken,
+}
+
+type Links = Arc<RwLock<HashMap<PeerId, Link>>>;
+
+struct Inner {
+    peer_id: PeerId,
+    node_id: NodeId,
+    swarm_tx: mpsc::Sender<SwarmCommand>,
+    core_tx: mpsc::Sender<CoreInput>,
+    status: watch::Receiver<Status>,
+    stats: Arc<Stats>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// Handle to a running relay. Cheap to clone.
+#[derive(Clone)]
+pub struct Relay {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay").field("peer_id", &self.inner.peer_id).finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+fn build_swarm(identity: &Identity, config: &Config) -> Result<Swarm<Behaviour>> {
+    let keypair = identity.libp2p_keypair();
+    let transport_err = |e: &dyn std::fmt::Display| Error::Transport(e.to_string());
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established(Some((config.peers.max_peers + 5) as u32))
+        .with_max_established_per_peer(Some(2))
+        .with_max_pending_incoming(Some(16))
+        .with_max_pending_outgoing(Some(16));
+    let idle = config.idle_connection_timeout;
+    let swarm = SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| transport_err(&e))?
+        .with_quic()
+        .with_other_transport(|key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+            Ok(MemoryTransport::default()
+                .upgrade(upgrade::Version::V1)
+                .authenticate(noise::Config::new(key)?)
+                .multiplex(yamux::Config::default()))
+        })
+        .map_err(|e| transport_err(&e))?
+        .with_behaviour(|key| Behaviour {
+            limits: connection_limits::Behaviour::new(limits),
+            blocked: allow_block_list::Behaviour::default(),
+            identify: identify::Behaviour::new(
+                identify::Config::new(IDENTIFY_PROTOCOL.to_owned(), key.public())
+                    .with_agent_version(format!("mesh/{}", env!("CARGO_PKG_VERSION")))
+                    .with_push_listen_addr_updates(true),
+            ),
+            ping: ping::Behaviour::default(),
+            stream: libp2p_stream::Behaviour::new(),
+        })
+        .map_err(|e| transport_err(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        .build();
+    Ok(swarm)
+}
+
+impl Relay {
+    /// Starts a relay for `identity`: listens, then runs until [`Relay::shutdown`] or until
+    /// `cancel` fires. New valid messages (from peers and our own) arrive on the returned
+    /// receiver, each exactly once.
+    pub async fn start(
+        identity: &Identity,
+        config: Config,
+        cancel: CancellationToken,
+    ) -> Result<(Relay, mpsc::Receiver<Delivery>)> {
+        let mut swarm = build_swarm(identity, &config)?;
+        for addr in &config.listen_addrs {
+            swarm
+                .listen_on(addr.clone())
+                .map_err(|e| Error::Listen { addr: addr.clone(), reason: e.to_string() })?;
+        }
+        let peer_id = *swarm.local_peer_id();
+        let mut control = swarm.behaviour().stream.new_control();
+        let incoming = control
+            .accept(RELAY_PROTOCOL)
+            .map_err(|e| Error::Transport(format!("registering {RELAY_PROTOCOL}: {e}")))?;
+        let pex_incoming = if config.peer_exchange {
+            Some(
+                control
+                    .accept(PEX_PROTOCOL)
+                    .map_err(|e| Error::Transport(format!("registering {PEX_PROTOCOL}: {e}")))?,
+            )
+        } else {
+            None
+        };
+
+        let (swarm_tx, swarm_rx) = mpsc::channel(1024);
+        let (core_tx, core_rx) = mpsc::channel(config.inbound_queue_len.max(1));
+        let (delivery_tx, delivery_rx) = mpsc::channel(config.delivery_queue_len.max(1));
+        let (status_tx, status_rx) = watch::channel(Status::default());
+        let stats = Arc::new(Stats::default());
+        let links: Links = Arc::default();
+        let exchange: Arc<Mutex<Vec<pex::Entry>>> = Arc::default();
+        let tracker = TaskTracker::new();
+
+        let mut core = RelayCore::new(config.core.clone());
+        let loaded = core.seen_mut().load(&config.seen_preload, mesh_protocol::MAX_TTL);
+        if loaded > 0 {
+            info!(loaded, "seen message ids reloaded");
+        }
+
+        let span = info_span!("relay", peer = %peer_id);
+        let ctx = Context {
+            control: control.clone(),
+            core_tx: core_tx.clone(),
+            swarm_tx: swarm_tx.clone(),
+            stats: stats.clone(),
+            links: links.clone(),
+            cancel: cancel.clone(),
+            tracker: tracker.clone(),
+            config: Arc::new(config),
+        };
+        tracker.spawn(
+            SwarmTask {
+                swarm,
+                peers: PeerManager::new(peer_id, ctx.config.peers.clone()),
+                commands: swarm_rx,
+                status: status_tx,
+                exchange: exchange.clone(),
+                is_provider: false,
+                ctx: ctx.clone(),
+            }
+            .run()
+            .instrument(info_span!(parent: &span, "swarm")),
+        );
+        tracker.spawn(
+            accept_relay_streams(incoming, ctx.clone())
+                .instrument(info_span!(parent: &span, "accept")),
+        );
+        if let Some(pex_incoming) = pex_incoming {
+            tracker.spawn(
+                answer_peer_exchange(pex_incoming, exchange, ctx.clone())
+                    .instrument(info_span!(parent: &span, "pex")),
+            );
+        }
+        tracker.spawn(
+            CoreTask { core, inputs: core_rx, deliveries: delivery_tx, ctx: ctx.clone() }
+                .run()
+                .instrument(info_span!(parent: &span, "core")),
+        );
+
+        let relay = Relay {
+            inner: Arc::new(Inner {
+                peer_id,
+                node_id: identity.node_id(),
+                swarm_tx,
+                core_tx,
+                status: status_rx,
+                stats,
+                cancel,
+                tracker,
+            }),
+        };
+        Ok((relay, delivery_rx))
+    }
+
+    /// Our libp2p peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.peer_id
+    }
+
+    /// Our node id.
+    pub fn node_id(&self) -> NodeId {
+        self.inner.node_id
+    }
+
+    /// The current network status (updated as peers come and go).
+    pub fn status(&self) -> Status {
+        self.inner.status.borrow().clone()
+    }
+
+    /// A receiver that sees every status change.
+    pub fn watch_status(&self) -> watch::Receiver<Status> {
+        self.inner.status.clone()
+    }
+
+    /// Number of connected peers.
+    pub fn connected_peers(&self) -> usize {
+        self.inner.status.borrow().peers.len()
+    }
+
+    /// The relay's counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.inner.stats.snapshot()
+    }
+
+    /// Waits until the relay listens on at least one address and returns them.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>> {
+        let mut status = self.inner.status.clone();
+        let status =
+            status.wait_for(|s| !s.listen_addrs.is_empty()).await.map_err(|_| Error::Stopped)?;
+        Ok(status.listen_addrs.clone())
+    }
+
+    /// Publishes a message this node originates. Returns the number of peers it was queued
+    /// to. It is also delivered locally, like a message from a peer.
+    pub async fn publish(&self, envelope: &Envelope) -> Result<usize> {
+        let frame = mesh_protocol::encode_envelope(envelope)?;
+        let (reply, answer) = oneshot::channel();
+        self.inner
+            .core_tx
+            .send(CoreInput::Publish { frame, reply })
+            .await
+            .map_err(|_| Error::Stopped)?;
+        answer.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Dials an address (with `/p2p/<peer id>` when known; such peers are kept and redialed).
+    pub async fn dial(&self, addr: Multiaddr) -> Result<()> {
+        let (reply, answer) = oneshot::channel();
+        self.command(SwarmCommand::Dial(addr, reply)).await?;
+        answer.await.map_err(|_| Error::Stopped)?
+    }
+
+    /// Tells the peer manager about a peer's addresses (from discovery). `distance` is the
+    /// peer's advertised hop distance to a provider.
+    pub async fn add_peer_addresses(
+        &self,
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        distance: Option<u8>,
+    ) -> Result<()> {
+        self.command(SwarmCommand::AddAddresses { peer, addrs, pinned: false, distance }).await
+    }
+
+    /// Adds a bootstrap peer: kept, and redialed whenever the node is below its minimum.
+    pub async fn add_bootstrap(&self, peer: PeerId, addrs: Vec<Multiaddr>) -> Result<()> {
+        self.command(SwarmCommand::AddAddresses { peer, addrs, pinned: true, distance: None }).await
+    }
+
+    /// Whether this node is a provider (its own hop distance is then 0).
+    pub async fn set_provider(&self, provider: bool) -> Result<()> {
+        self.command(SwarmCommand::SetProvider(provider)).await
+    }
+
+    /// Blocks a peer: closes its connections and refuses new ones until [`Relay::unblock`]
+    /// (operators, and the test harness to cut links).
+    pub async fn block(&self, peer: PeerId) -> Result<()> {
+        self.command(SwarmCommand::Block(peer)).await
+    }
+
+    /// Lifts a [`Relay::block`] (or a ban).
+    pub async fn unblock(&self, peer: PeerId) -> Result<()> {
+        self.command(SwarmCommand::Unblock(peer)).await
+    }
+
+    /// Sends raw bytes as one frame to a connected peer, bypassing every check. For
+    /// diagnostics and for tests that play a hostile peer; a peer that receives garbage from
+    /// us will charge and eventually ban us.
+    pub async fn send_raw_frame(&self, peer: PeerId, frame: Vec<u8>) -> Result<()> {
+        self.inner
+            .core_tx
+            .send(CoreInput::SendRaw { peer, frame })
+            .await
+            .map_err(|_| Error::Stopped)
+    }
+
+    async fn command(&self, command: SwarmCommand) -> Result<()> {
+        self.inner.swarm_tx.send(command).await.map_err(|_| Error::Stopped)
+    }
+
+    /// Stops every task of the relay and waits for them (bounded by `grace`).
+    pub async fn shutdown(&self, grace: Duration) {
+        self.inner.cancel.cancel();
+        self.inner.tracker.close();
+        if tokio::time::timeout(grace, self.inner.tracker.wait()).await.is_err() {
+            warn!("relay tasks did not stop within {grace:?}");
+        }
+    }
+}
+
+/// What the tasks of one relay share.
+#[derive(Clone)]
+struct Context {
+    control: Control,
+    core_tx: mpsc::Sender<CoreInput>,
+    swarm_tx: mpsc::Sender<SwarmCommand>,
+    stats: Arc<Stats>,
+    links: Links,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    config: Arc<Config>,
+}
+
+struct SwarmTask {
+    swarm: Swarm<Behaviour>,
+    peers: PeerManager,
+    commands: mpsc::Receiver<SwarmCommand>,
+    status: watch::Sender<Status>,
+    exchange: Arc<Mutex<Vec<pex::Entry>>>,
+    is_provider: bool,
+    ctx: Context,
+}
+
+impl SwarmTask {
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(self.ctx.config.tick_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = self.ctx.cancel.cancelled() => break,
+                event = self.swarm.select_next_some() => self.on_event(event),
+                Some(command) = self.commands.recv() => self.on_command(command),
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+        let links: Vec<Link> = write_links(&self.ctx.links).drain().map(|(_, l)| l).collect();
+        for link in links {
+            link.cancel.cancel();
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let actions = self.peers.tick(Instant::now());
+        for action in actions {
+            self.apply(action);
+        }
+        let list = self.peers.exchange_list(pex::MAX_ENTRIES);
+        *self.exchange.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = list;
+        self.publish_status();
+    }
+
+    fn publish_status(&self) {
+        let peers: Vec<PeerStatus> = self
+            .peers
+            .connected()
+            .map(|p| PeerStatus { peer_id: *p, provider_distance: self.peers.distance(p) })
+            .collect();
+        metrics::gauge!("mesh_network_connected_peers").set(peers.len() as f64);
+        let own_distance = self.peers.own_distance(self.is_provider);
+        let known_peers = self.peers.known_count();
+        let bans = self.peers.bans_total();
+        self.status.send_if_modified(|s| {
+            let changed = s.peers != peers
+                || s.own_distance != own_distance
+                || s.known_peers != known_peers
+                || s.bans != bans;
+            s.peers = peers;
+            s.own_distance = own_distance;
+            s.known_peers = known_peers;
+            s.bans = bans;
+            changed
+        });
+    }
+
+    fn apply(&mut self, action: Action) {
+        match action {
+            Action::Dial(peer, addrs) => {
+                let opts = DialOpts::peer_id(peer)
+                    .addresses(addrs)
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build();
+                if let Err(e) = self.swarm.dial(opts) {
+                    debug!(%peer, error = %e, "dial refused");
+                    self.peers.on_dial_failed(&peer, Instant::now());
+                }
+            }
+            Action::Disconnect(peer) => {
+                debug!(%peer, "pruning peer above the maximum connection count");
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+            Action::Ban(peer) => {
+                warn!(%peer, "peer banned: too many invalid messages");
+                bump(&self.ctx.stats.bans);
+                metrics::counter!("mesh_relay_bans_total").increment(1);
+                self.swarm.behaviour_mut().blocked.block_peer(peer);
+                self.publish_status();
+            }
+            Action::Unban(peer) => {
+                info!(%peer, "peer ban expired");
+                self.swarm.behaviour_mut().blocked.unblock_peer(peer);
+            }
+            Action::AskPeers(peer) => self.ask_peers(peer),
+        }
+    }
+
+    fn ask_peers(&self, peer: PeerId) {
+        if !self.ctx.config.peer_exchange {
+            return;
+        }
+        let mut control = self.ctx.control.clone();
+        let swarm_tx = self.ctx.swarm_tx.clone();
+        let cancel = self.ctx.cancel.clone();
+        self.ctx.tracker.spawn(
+            async move {
+                let ask = async {
+                    let mut stream = control.open_stream(peer, PEX_PROTOCOL).await.ok()?;
+                    let mut buf = Vec::new();
+                    framing::read_frame(&mut stream, &mut buf).await.ok()?;
+                    let _ = stream.close().await;
+                    pex::decode(&buf).ok()
+                };
+                let answer = tokio::select! {
+                    () = cancel.cancelled() => None,
+                    a = tokio::time::timeout(Duration::from_secs(10), ask) => a.ok().flatten(),
+                };
+                if let Some(entries) = answer {
+                    debug!(%peer, entries = entries.len(), "peer exchange answer");
+                    let _ = swarm_tx.try_send(SwarmCommand::PeerExchangeAnswer(entries));
+                }
+            }
+            .instrument(info_span!("pex_ask", %peer)),
+        );
+    }
+
+    fn on_command(&mut self, command: SwarmCommand) {
+        match command {
+            SwarmCommand::Dial(addr, reply) => {
+                let _ = reply.send(self.dial_addr(addr));
+            }
+            SwarmCommand::AddAddresses { peer, addrs, pinned, distance } => {
+                for a in &addrs {
+                    self.swarm.add_peer_address(peer, a.clone());
+                }
+                self.peers.add_addresses(peer, addrs, pinned);
+                if distance.is_some() {
+                    self.peers.set_known_distance(peer, distance);
+                }
+            }
+            SwarmCommand::Charge(peer) => {
+                if let Some(action) = self.peers.charge(peer, Instant::now()) {
+                    self.apply(action);
+                }
+            }
+            SwarmCommand::ProviderHops(peer, hops) => self.peers.on_provider_hops(&peer, hops),
+            SwarmCommand::Block(peer) => {
+                self.swarm.behaviour_mut().blocked.block_peer(peer);
+            }
+            SwarmCommand::Unblock(peer) => {
+                self.swarm.behaviour_mut().blocked.unblock_peer(peer);
+            }
+            SwarmCommand::PeerExchangeAnswer(entries) => {
+                let local = *self.swarm.local_peer_id();
+                for (peer, addrs) in entries {
+                    if peer != local && !addrs.is_empty() {
+                        self.peers.add_addresses(peer, addrs, false);
+                    }
+                }
+            }
+            SwarmCommand::SetProvider(provider) => {
+                self.is_provider = provider;
+                self.publish_status();
+            }
+        }
+    }
+
+    fn dial_addr(&mut self, addr: Multiaddr) -> Result<()> {
+        let peer = addr.iter().find_map(|p| match p {
+            libp2p::multiaddr::Protocol::P2p(peer) => Some(peer),
+            _ => None,
+        });
+        let dial_err =
+            |e: &dyn std::fmt::Display| Error::Dial { addr: addr.clone(), reason: e.to_string() };
+        match peer {
+            Some(peer) => {
+                if !self.peers.may_dial(&peer, Instant::now()) {
+                    return Ok(()); // connected already, or banned
+                }
+                self.peers.add_addresses(peer, vec![addr.clone()], true);
+                self.peers.on_dialing(peer);
+                let opts = DialOpts::peer_id(peer)
+                    .addresses(vec![addr.clone()])
+                    .condition(PeerCondition::DisconnectedAndNotDialing)
+                    .build();
+                self.swarm.dial(opts).map_err(|e| dial_err(&e))
+            }
+            None => self.swarm.dial(addr.clone()).map_err(|e| dial_err(&e)),
+        }
+    }
+
+    fn on_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        let now = Instant::now();
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                info!(%address, "listening");
+                self.status.send_modify(|s| s.listen_addrs.push(address));
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.status.send_modify(|s| s.listen_addrs.retain(|a| *a != address));
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+                if endpoint.is_dialer() {
+                    self.peers.add_addresses(
+                        peer_id,
+                        vec![endpoint.get_remote_address().clone()],
+                        false,
+                    );
+                }
+                if num_established.get() == 1 {
+                    debug!(peer = %peer_id, "peer connected");
+                    self.peers.on_connected(peer_id, now);
+                    self.open_link(peer_id);
+                    if self.ctx.config.eager_peer_exchange {
+                        self.ask_peers(peer_id);
+                    }
+                    self.publish_status();
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                debug!(peer = %peer_id, "peer disconnected");
+                self.peers.on_disconnected(&peer_id, now);
+                if let Some(link) = write_links(&self.ctx.links).remove(&peer_id) {
+                    link.cancel.cancel();
+                }
+                self.publish_status();
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
+                debug!(%peer, %error, "dial failed");
+                self.peers.on_dial_failed(&peer, now);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
+                if info.protocol_version != IDENTIFY_PROTOCOL {
+                    debug!(peer = %peer_id, version = %info.protocol_version, "not a mesh node");
+                    let _ = self.swarm.disconnect_peer_id(peer_id);
+                    return;
+                }
+                let addrs: Vec<Multiaddr> = info.listen_addrs.into_iter().take(8).collect();
+                for a in &addrs {
+                    self.swarm.add_peer_address(peer_id, a.clone());
+                }
+                self.peers.add_addresses(peer_id, addrs, false);
+            }
+            _ => {}
+        }
+    }
+
+    /// Creates the peer's queue and starts its writer.
+    fn open_link(&mut self, peer: PeerId) {
+        let (queue, frames) = mpsc::channel(self.ctx.config.peer_queue_len.max(1));
+        let cancel = self.ctx.cancel.child_token();
+        let previous =
+            write_links(&self.ctx.links).insert(peer, Link { queue, cancel: cancel.clone() });
+        if let Some(old) = previous {
+            old.cancel.cancel();
+        }
+        let writer = Writer { peer, frames, cancel, ctx: self.ctx.clone() };
+        self.ctx.tracker.spawn(writer.run().instrument(info_span!("writer", %peer)));
+    }
+}
+
+fn write_links(links: &Links) -> std::sync::RwLockWriteGuard<'_, HashMap<PeerId, Link>> {
+    links.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn read_links(links: &Links) -> std::sync::RwLockReadGuard<'_, HashMap<PeerId, Link>> {
+    links.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+struct Writer {
+    peer: PeerId,
+    frames: mpsc::Receiver<Bytes>,
+    cancel: CancellationToken,
+    ctx: Context,
+}
+
+impl Writer {
+    /// Most frames written before a flush.
+    const BATCH: usize = 64;
+
+    async fn run(mut self) {
+        let (min_backoff, max_backoff) = self.ctx.config.stream_backoff;
+        let mut backoff = min_backoff;
+        loop {
+            let opened = tokio::select! {
+                () = self.cancel.cancelled() => return,
+                r = tokio::time::timeout(Duration::from_secs(10), self.ctx.control.open_stream(self.peer, RELAY_PROTOCOL)) => r,
+            };
+            let mut stream = match opened {
+                Ok(Ok(stream)) => {
+                    bump(&self.ctx.stats.streams_opened);
+                    backoff = min_backoff;
+                    stream
+                }
+                Ok(Err(e)) => {
+                    debug!(error = %e, "cannot open relay stream");
+                    bump(&self.ctx.stats.stream_open_failures);
+                    if !self.pause(&mut backoff, max_backoff).await {
+                        return;
+                    }
+                    continue;
+                }
+                Err(_) => {
+                    bump(&self.ctx.stats.stream_open_failures);
+                    if !self.pause(&mut backoff, max_backoff).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            // Write until the stream breaks, then reopen.
+            loop {
+                let frame = tokio::select! {
+                    () = self.cancel.cancelled() => {
+                        let _ = stream.close().await;
+                        return;
+                    }
+                    f = self.frames.recv() => match f {
+                        Some(f) => f,
+                        None => return,
+                    },
+                };
+                if let Err(e) = self.write_batch(&mut stream, frame).await {
+                    debug!(error = %e, "relay stream broke; reopening");
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Writes `first` and whatever else is queued (up to a batch), then flushes once.
+    async fn write_batch(
+        &mut self,
+        stream: &mut libp2p::Stream,
+        first: Bytes,
+    ) -> std::io::Result<()> {
+        let mut pending = vec![first];
+        while pending.len() < Self::BATCH {
+            match self.frames.try_recv() {
+                Ok(f) => pending.push(f),
+                Err(_) => break,
+            }
+        }
+        let count = pending.len() as u64;
+        let result = async {
+            let mut bytes = 0u64;
+            for f in &pending {
+                framing::write_frame(stream, f).await?;
+                bytes += 4 + f.len() as u64;
+            }
+            stream.flush().await?;
+            Ok::<u64, std::io::Error>(bytes)
+        }
+        .await;
+        match result {
+            Ok(bytes) => {
+                let stats = &self.ctx.stats;
+                stats.frames_sent.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+                stats.bytes_sent.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+                metrics::counter!("mesh_relay_frames_sent_total").increment(count);
+                metrics::counter!("mesh_relay_bytes_sent_total").increment(bytes);
+                Ok(())
+            }
+            Err(e) => {
+                self.ctx
+                    .stats
+                    .dropped_stream_lost
+                    .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+                metrics::counter!("mesh_relay_dropped_total", "reason" => "stream_lost")
+                    .increment(count);
+                Err(e)
+            }
+        }
+    }
+
+    /// Waits out the backoff (with jitter); `false` when cancelled meanwhile.
+    async fn pause(&self, backoff: &mut Duration, max: Duration) -> bool {
+        let jitter = rand::random::<f64>() * 0.5 + 0.75;
+        let wait = backoff.mul_f64(jitter);
+        *backoff = (*backoff * 2).min(max);
+        tokio::select! {
+            () = self.cancel.cancelled() => false,
+            () = tokio::time::sleep(wait) => true,
+        }
+    }
+}
+
+/// Takes inbound relay streams as fast as they come and starts a reader for each.
+async fn accept_relay_streams(mut incoming: IncomingStreams, ctx: Context) {
+    let readers: Arc<Mutex<HashMap<PeerId, (u64, CancellationToken)>>> = Arc::default();
+    let mut generation = 0u64;
+    loop {
+        let next = tokio::select! {
+            () = ctx.cancel.cancelled() => return,
+            n = incoming.next() => n,
+        };
+        let Some((peer, stream)) = next else { return };
+        generation += 1;
+        let token = ctx.cancel.child_token();
+        let replaced = readers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(peer, (generation, token.clone()));
+        if let Some((_, old)) = replaced {
+            old.cancel();
+            bump(&ctx.stats.inbound_streams_replaced);
+        }
+        let reader = Reader { peer, generation, token, readers: readers.clone(), ctx: ctx.clone() };
+        ctx.tracker.spawn(reader.run(stream).instrument(info_span!("reader", %peer)));
+    }
+}
+
+struct Reader {
+    peer: PeerId,
+    generation: u64,
+    token: CancellationToken,
+    readers: Arc<Mutex<HashMap<PeerId, (u64, CancellationToken)>>>,
+    ctx: Context,
+}
+
+impl Reader {
+    async fn run(self, mut stream: libp2p::Stream) {
+        let mut buf = Vec::new();
+        loop {
+            let read = tokio::select! {
+                () = self.token.cancelled() => break,
+                r = framing::read_frame(&mut stream, &mut buf) => r,
+            };
+            let input = match read {
+                Ok(()) => CoreInput::Frame { peer: self.peer, frame: std::mem::take(&mut buf) },
+                Err(ReadError::TooLarge(_)) => CoreInput::Oversized { peer: self.peer },
+                Err(ReadError::Io(_)) => break,
+            };
+            let oversized = matches!(input, CoreInput::Oversized { .. });
+            let sent = tokio::select! {
+                () = self.token.cancelled() => break,
+                s = self.ctx.core_tx.send(input) => s,
+            };
+            if sent.is_err() || oversized {
+                // After an oversized prefix the stream is out of step: drop it.
+                break;
+            }
+        }
+        let _ = stream.close().await;
+        let mut readers = self.readers.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if readers.get(&self.peer).is_some_and(|(g, _)| *g == self.generation) {
+            readers.remove(&self.peer);
+        }
+    }
+}
+
+/// Answers peer-exchange requests with the current list of peers and their addresses.
+async fn answer_peer_exchange(
+    mut incoming: IncomingStreams,
+    exchange: Arc<Mutex<Vec<pex::Entry>>>,
+    ctx: Context,
+) {
+    // At most a few answers at once; requests beyond that are dropped.
+    let permits = Arc::new(tokio::sync::Semaphore::new(8));
+    loop {
+        let next = tokio::select! {
+            () = ctx.cancel.cancelled() => return,
+            n = incoming.next() => n,
+        };
+        let Some((peer, mut stream)) = next else { return };
+        let Ok(permit) = permits.clone().try_acquire_owned() else { continue };
+        let answer = {
+            let list = exchange.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let entries: Vec<pex::Entry> =
+                list.iter().filter(|(p, _)| *p != peer).cloned().collect();
+            pex::encode(&entries)
+        };
+        ctx.tracker.spawn(async move {
+            let write = async {
+                framing::write_frame(&mut stream, &answer).await?;
+                stream.close().await
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(10), write).await;
+            drop(permit);
+        });
+    }
+}
+
+struct CoreTask {
+    core: RelayCore<PeerId>,
+    inputs: mpsc::Receiver<CoreInput>,
+    deliveries: mpsc::Sender<Delivery>,
+    ctx: Context,
+}
+
+impl CoreTask {
+    async fn run(mut self) {
+        loop {
+            let input = tokio::select! {
+                () = self.ctx.cancel.cancelled() => return,
+                i = self.inputs.recv() => match i {
+                    Some(i) => i,
+                    None => return,
+                },
+            };
+            match input {
+                CoreInput::Frame { peer, frame } => self.on_frame(peer, &frame),
+                CoreInput::Oversized { peer } => self.reject(
+                    peer,
+                    &Rejection { reason: RejectReason::FrameTooLarge, source_node_id: None },
+                ),
+                CoreInput::Publish { frame, reply } => {
+                    let _ = reply.send(self.publish(frame));
+                }
+                CoreInput::SendRaw { peer, frame } => {
+                    if let Some(link) = read_links(&self.ctx.links).get(&peer) {
+                        let _ = link.queue.try_send(Bytes::from(frame));
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_frame(&mut self, peer: PeerId, frame: &[u8]) {
+        let now = now_ms();
+        match self.core.on_frame(&peer, frame, now) {
+            Outcome::Deliver { message, forward } => {
+                let hop_count = message.envelope.hop_count;
+                let _ = self.ctx.swarm_tx.try_send(SwarmCommand::ProviderHops(peer, hop_count));
+                let latency_ms = (now - message.body.created_at_ms).max(0);
+                metrics::histogram!("mesh_message_propagation_latency_seconds")
+                    .record(latency_ms as f64 / 1000.0);
+                metrics::counter!("mesh_relay_messages_total", "outcome" => "delivered")
+                    .increment(1);
+                metrics::gauge!("mesh_seen_messages_cache_size").set(self.core.seen().len() as f64);
+                bump(&self.ctx.stats.delivered);
+                self.deliver(Delivery { message, from: Some(peer), received_at: Instant::now() });
+                if let Some(forward) = forward {
+                    self.forward(forward);
+                }
+            }
+            Outcome::Reforward(forward) => {
+                bump(&self.ctx.stats.reforwarded);
+                metrics::counter!("mesh_relay_messages_total", "outcome" => "reforwarded")
+                    .increment(1);
+                self.forward(forward);
+            }
+            Outcome::Duplicate { hop_count, .. } => {
+                bump(&self.ctx.stats.duplicates);
+                metrics::counter!("mesh_relay_messages_total", "outcome" => "duplicate")
+                    .increment(1);
+                let _ = self.ctx.swarm_tx.try_send(SwarmCommand::ProviderHops(peer, hop_count));
+            }
+            Outcome::Rejected(rejection) => self.reject(peer, &rejection),
+        }
+    }
+
+    fn reject(&self, peer: PeerId, rejection: &Rejection) {
+        let reason = rejection.reason.as_str();
+        match rejection.source_node_id {
+            Some(source) => warn!(%peer, reason, source_node_id = %source, "validation failed"),
+            None => warn!(%peer, reason, source_node_id = "unknown", "validation failed"),
+        }
+        self.ctx.stats.reject(rejection.reason);
+        metrics::counter!("mesh_validation_failures_total", "reason" => reason).increment(1);
+        metrics::counter!("mesh_relay_messages_total", "outcome" => "rejected").increment(1);
+        let _ = self.ctx.swarm_tx.try_send(SwarmCommand::Charge(peer));
+    }
+
+    fn deliver(&self, delivery: Delivery) {
+        if self.deliveries.try_send(delivery).is_err() {
+            bump(&self.ctx.stats.dropped_subscriber);
+            metrics::counter!("mesh_relay_dropped_total", "reason" => "subscriber_full")
+                .increment(1);
+        }
+    }
+
+    /// Queues `frame` to every peer but the excluded; returns how many took it.
+    fn send_to_peers(&self, frame: Bytes, except: &[PeerId]) -> usize {
+        let links = read_links(&self.ctx.links);
+        let mut queued = 0;
+        for (peer, link) in links.iter() {
+            if except.contains(peer) {
+                continue;
+            }
+            match link.queue.try_send(frame.clone()) {
+                Ok(()) => queued += 1,
+                Err(_) => {
+                    bump(&self.ctx.stats.dropped_queue_full);
+                    metrics::counter!("mesh_relay_dropped_total", "reason" => "queue_full")
+                        .increment(1);
+                }
+            }
+        }
+        self.ctx.stats.frames_queued.fetch_add(queued as u64, std::sync::atomic::Ordering::Relaxed);
+        queued
+    }
+
+    fn forward(&self, forward: Forward<PeerId>) {
+        self.send_to_peers(Bytes::from(forward.frame), &forward.except);
+    }
+
+    fn publish(&mut self, frame: Vec<u8>) -> Result<usize> {
+        let message = self.core.publish(&frame, now_ms()).map_err(Error::Rejected)?;
+        bump(&self.ctx.stats.published);
+        let queued = self.send_to_peers(Bytes::from(frame), &[]);
+        self.deliver(Delivery { message, from: None, received_at: Instant::now() });
+        Ok(queued)
+    }
+}

@@ -1,0 +1,489 @@
+//! The peer manager: which peers to dial, which to drop, who is banned. Pure bookkeeping; the
+//! swarm task carries out the [`Action`]s it returns.
+//!
+//! Below `MESH_MIN_PEER_CONNECTIONS` it dials known addresses, preferring peers closer to a
+//! provider (hop distance learned from provider messages received through them, or announced
+//! in discovery records). Above `MESH_MAX_PEER_CONNECTIONS` it drops peers with the highest
+//! distance, with some randomness so that the mesh does not converge on one shape. A peer that
+//! sends more invalid messages than its budget allows within a window is banned for a while.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::Duration;
+
+use libp2p::{Multiaddr, PeerId};
+use rand::seq::SliceRandom;
+use tokio::time::Instant;
+
+/// Peer manager settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Dial known peers while fewer are connected (`MESH_MIN_PEER_CONNECTIONS`).
+    pub min_peers: usize,
+    /// Drop peers while more are connected (`MESH_MAX_PEER_CONNECTIONS`).
+    pub max_peers: usize,
+    /// Invalid messages a peer may send within `budget_window` before it is banned.
+    pub misbehaviour_budget: u32,
+    /// The window of the budget.
+    pub budget_window: Duration,
+    /// How long a ban lasts.
+    pub ban_duration: Duration,
+    /// A new connection is not pruned during this grace period.
+    pub prune_grace: Duration,
+    /// First wait before dialing a peer again after a failed dial (doubles per failure).
+    pub redial_backoff: Duration,
+    /// Most known (not connected) peers remembered.
+    pub max_known_peers: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            min_peers: 3,
+            max_peers: 10,
+            misbehaviour_budget: 20,
+            budget_window: Duration::from_secs(60),
+            ban_duration: Duration::from_secs(600),
+            prune_grace: Duration::from_secs(10),
+            redial_backoff: Duration::from_secs(1),
+            max_known_peers: 1000,
+        }
+    }
+}
+
+/// What the swarm task must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Dial this peer at these addresses.
+    Dial(PeerId, Vec<Multiaddr>),
+    /// Close every connection to this peer (pruning).
+    Disconnect(PeerId),
+    /// Ban: block and disconnect the peer.
+    Ban(PeerId),
+    /// The ban of this peer expired: unblock it.
+    Unban(PeerId),
+    /// Ask this connected peer for the peers it knows (peer exchange).
+    AskPeers(PeerId),
+}
+
+#[derive(Debug, Clone)]
+struct Connected {
+    since: Instant,
+    /// Hops from this peer's side to the nearest provider (1 = it is a provider's neighbour
+    /// ... as seen in `hop_count` of provider messages it sent us).
+    distance: Option<u8>,
+    asked_peers: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Known {
+    addrs: Vec<Multiaddr>,
+    distance: Option<u8>,
+    failures: u32,
+    retry_at: Option<Instant>,
+    /// Always worth dialing again (bootstrap peers).
+    pinned: bool,
+}
+
+/// Peer bookkeeping.
+#[derive(Debug)]
+pub struct PeerManager {
+    config: Config,
+    local: PeerId,
+    connected: HashMap<PeerId, Connected>,
+    known: HashMap<PeerId, Known>,
+    dialing: HashSet<PeerId>,
+    bans: HashMap<PeerId, Instant>,
+    charges: HashMap<PeerId, VecDeque<Instant>>,
+    bans_total: u64,
+}
+
+/// Most addresses remembered per peer.
+const MAX_ADDRS_PER_PEER: usize = 8;
+
+impl PeerManager {
+    /// A manager for the node `local`.
+    pub fn new(local: PeerId, config: Config) -> Self {
+        Self {
+            config,
+            local,
+            connected: HashMap::new(),
+            known: HashMap::new(),
+            dialing: HashSet::new(),
+            bans: HashMap::new(),
+            charges: HashMap::new(),
+            bans_total: 0,
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// Connected peers.
+    pub fn connected(&self) -> impl Iterator<Item = &PeerId> {
+        self.connected.keys()
+    }
+
+    /// Number of connected peers.
+    pub fn connected_count(&self) -> usize {
+        self.connected.len()
+    }
+
+    /// Number of known peers (connected or not).
+    pub fn known_count(&self) -> usize {
+        self.known.len()
+    }
+
+    /// Bans issued so far.
+    pub fn bans_total(&self) -> u64 {
+        self.bans_total
+    }
+
+    /// `true` while `peer` is banned.
+    pub fn is_banned(&self, peer: &PeerId, now: Instant) -> bool {
+        self.bans.get(peer).is_some_and(|until| *until > now)
+    }
+
+    /// Hop distance to a provider through `peer`, when known.
+    pub fn distance(&self, peer: &PeerId) -> Option<u8> {
+        self.connected.get(peer).and_then(|c| c.distance)
+    }
+
+    /// Addresses to hand out in peer exchange: connected and known peers with addresses.
+    pub fn exchange_list(&self, limit: usize) -> Vec<(PeerId, Vec<Multiaddr>)> {
+        let mut list: Vec<(PeerId, Vec<Multiaddr>)> = self
+            .known
+            .iter()
+            .filter(|(peer, k)| !k.addrs.is_empty() && self.connected.contains_key(peer))
+            .map(|(peer, k)| (*peer, k.addrs.clone()))
+            .collect();
+        list.shuffle(&mut rand::thread_rng());
+        list.truncate(limit);
+        list
+    }
+
+    /// Remembers addresses of `peer` (from discovery, bootstrap, identify or peer exchange).
+    /// `pinned` peers (bootstrap) are kept and retried forever.
+    pub fn add_addresses(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, pinned: bool) {
+        if peer == self.local {
+            return;
+        }
+        if !self.known.contains_key(&peer) && self.known.len() >= self.config.max_known_peers {
+            // Forget an unpinned, unconnected peer to make room.
+            let victim = self
+                .known
+                .iter()
+                .find(|(p, k)| !k.pinned && !self.connected.contains_key(p))
+                .map(|(p, _)| *p);
+            match victim {
+                Some(v) => {
+                    self.known.remove(&v);
+                }
+                None => return,
+            }
+        }
+        let known = self.known.entry(peer).or_default();
+        known.pinned |= pinned;
+        for addr in addrs {
+            if !known.addrs.contains(&addr) {
+                if known.addrs.len() >= MAX_ADDRS_PER_PEER {
+                    known.addrs.remove(0);
+                }
+                known.addrs.push(addr);
+            }
+        }
+    }
+
+    /// Records the hop distance to a provider advertised for a known peer (discovery TXT).
+    pub fn set_known_distance(&mut self, peer: PeerId, distance: Option<u8>) {
+        if let Some(k) = self.known.get_mut(&peer) {
+            k.distance = distance;
+        }
+    }
+
+    /// A connection to `peer` was established (the first one).
+    pub fn on_connected(&mut self, peer: PeerId, now: Instant) {
+        self.dialing.remove(&peer);
+        if let Some(k) = self.known.get_mut(&peer) {
+            k.failures = 0;
+            k.retry_at = None;
+        }
+        self.connected.entry(peer).or_insert(Connected {
+            since: now,
+            distance: self.known.get(&peer).and_then(|k| k.distance),
+            asked_peers: false,
+        });
+    }
+
+    /// The last connection to `peer` closed.
+    pub fn on_disconnected(&mut self, peer: &PeerId, now: Instant) {
+        self.dialing.remove(peer);
+        if let Some(c) = self.connected.remove(peer)
+            && let Some(k) = self.known.get_mut(peer)
+        {
+            k.distance = c.distance;
+            // Do not hammer a peer that just went away.
+            k.retry_at = Some(now + self.config.redial_backoff);
+        }
+    }
+
+    /// A dial of `peer` failed.
+    pub fn on_dial_failed(&mut self, peer: &PeerId, now: Instant) {
+        self.dialing.remove(peer);
+        if let Some(k) = self.known.get_mut(peer) {
+            k.failures = k.failures.saturating_add(1);
+            let factor = 1u32 << k.failures.min(6);
+            k.retry_at = Some(now + self.config.redial_backoff * factor);
+        }
+    }
+
+    /// A provider message arrived through `peer` with `hop_count`: the peer is
+    /// `hop_count - 1` hops from that provider. Keeps the smallest distance seen.
+    pub fn on_provider_hops(&mut self, peer: &PeerId, hop_count: u8) {
+        if let Some(c) = self.connected.get_mut(peer) {
+            let d = hop_count.saturating_sub(1);
+            c.distance = Some(c.distance.map_or(d, |old| old.min(d)));
+        }
+    }
+
+    /// Our own hop distance to the nearest provider: one more than the nearest peer's, or 0
+    /// when `self_is_provider`.
+    pub fn own_distance(&self, self_is_provider: bool) -> Option<u8> {
+        if self_is_provider {
+            return Some(0);
+        }
+        self.connected.values().filter_map(|c| c.distance).min().map(|d| d.saturating_add(1))
+    }
+
+    /// Charges `peer` for one invalid message; returns [`Action::Ban`] when it is past its
+    /// budget.
+    pub fn charge(&mut self, peer: PeerId, now: Instant) -> Option<Action> {
+        if self.is_banned(&peer, now) {
+            return None;
+        }
+        let window = self.config.budget_window;
+        let charges = self.charges.entry(peer).or_default();
+        while charges.front().is_some_and(|t| now.duration_since(*t) >= window) {
+            charges.pop_front();
+        }
+        charges.push_back(now);
+        if charges.len() as u64 > u64::from(self.config.misbehaviour_budget) {
+            self.charges.remove(&peer);
+            self.bans.insert(peer, now + self.config.ban_duration);
+            self.bans_total += 1;
+            self.connected.remove(&peer);
+            self.dialing.remove(&peer);
+            return Some(Action::Ban(peer));
+        }
+        None
+    }
+
+    /// Periodic planning: unbans, dials below the minimum, prunes above the maximum, and asks
+    /// peers for more peers while below the minimum.
+    pub fn tick(&mut self, now: Instant) -> Vec<Action> {
+        let mut actions = Vec::new();
+        let expired: Vec<PeerId> =
+            self.bans.iter().filter(|(_, until)| **until <= now).map(|(p, _)| *p).collect();
+        for peer in expired {
+            self.bans.remove(&peer);
+            actions.push(Action::Unban(peer));
+        }
+        self.charges.retain(|_, c| {
+            c.back().is_some_and(|t| now.duration_since(*t) < self.config.budget_window)
+        });
+
+        let have = self.connected.len() + self.dialing.len();
+        if have < self.config.min_peers {
+            let mut candidates: Vec<(&PeerId, &Known)> = self
+                .known
+                .iter()
+                .filter(|(p, k)| {
+                    !k.addrs.is_empty()
+                        && !self.connected.contains_key(p)
+                        && !self.dialing.contains(p)
+                        && !self.bans.contains_key(p)
+                        && k.retry_at.is_none_or(|t| t <= now)
+                })
+                .collect();
+            // Prefer lower distance to a provider; unknown distance last; random among equals.
+            candidates.shuffle(&mut rand::thread_rng());
+            candidates.sort_by_key(|(_, k)| k.distance.unwrap_or(u8::MAX));
+            let dials: Vec<(PeerId, Vec<Multiaddr>)> = candidates
+                .into_iter()
+                .take(self.config.min_peers - have)
+                .map(|(p, k)| (*p, k.addrs.clone()))
+                .collect();
+            for (peer, addrs) in dials {
+                self.dialing.insert(peer);
+                actions.push(Action::Dial(peer, addrs));
+            }
+            // Still short of candidates: ask connected peers we have not asked yet.
+            for (peer, c) in self.connected.iter_mut() {
+                if !c.asked_peers {
+                    c.asked_peers = true;
+                    actions.push(Action::AskPeers(*peer));
+                }
+            }
+        }
+
+        if self.connected.len() > self.config.max_peers {
+            let excess = self.connected.len() - self.config.max_peers;
+            let mut prunable: Vec<(PeerId, u8)> = self
+                .connected
+                .iter()
+                .filter(|(_, c)| now.duration_since(c.since) >= self.config.prune_grace)
+                .filter(|(p, _)| !self.known.get(p).is_some_and(|k| k.pinned))
+                .map(|(p, c)| (*p, c.distance.unwrap_or(u8::MAX)))
+                .collect();
+            // The farthest twice-the-excess, then a random choice among them, so a few far
+            // peers survive and the mesh keeps some long links.
+            prunable.shuffle(&mut rand::thread_rng());
+            prunable.sort_by_key(|(_, d)| std::cmp::Reverse(*d));
+            prunable.truncate(excess * 2);
+            prunable.shuffle(&mut rand::thread_rng());
+            for (peer, _) in prunable.into_iter().take(excess) {
+                self.connected.remove(&peer);
+                actions.push(Action::Disconnect(peer));
+            }
+        }
+        actions
+    }
+
+    /// A dial attempt is allowed for `peer` now (not banned, not already connected).
+    pub fn may_dial(&self, peer: &PeerId, now: Instant) -> bool {
+        !self.is_banned(peer, now) && !self.connected.contains_key(peer)
+    }
+
+    /// Marks `peer` as being dialed (dials requested from outside the manager).
+    pub fn on_dialing(&mut self, peer: PeerId) {
+        self.dialing.insert(peer);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> PeerId {
+        PeerId::random()
+    }
+
+    fn addr(n: u16) -> Multiaddr {
+        format!("/ip4/127.0.0.1/tcp/{n}").parse().unwrap()
+    }
+
+    fn manager(min: usize, max: usize) -> PeerManager {
+        PeerManager::new(
+            peer(),
+            Config {
+                min_peers: min,
+                max_peers: max,
+                prune_grace: Duration::ZERO,
+                ..Config::default()
+            },
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dials_below_the_minimum_preferring_closer_peers() {
+        let mut m = manager(2, 5);
+        let (near, far, unknown) = (peer(), peer(), peer());
+        m.add_addresses(far, vec![addr(1)], false);
+        m.add_addresses(near, vec![addr(2)], false);
+        m.add_addresses(unknown, vec![addr(3)], false);
+        m.set_known_distance(far, Some(5));
+        m.set_known_distance(near, Some(1));
+        let actions = m.tick(Instant::now());
+        assert_eq!(
+            actions,
+            vec![Action::Dial(near, vec![addr(2)]), Action::Dial(far, vec![addr(1)])]
+        );
+        // Dials in flight count towards the minimum.
+        assert!(m.tick(Instant::now()).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failed_dials_back_off() {
+        let mut m = manager(1, 5);
+        let p = peer();
+        m.add_addresses(p, vec![addr(1)], false);
+        assert_eq!(m.tick(Instant::now()).len(), 1);
+        m.on_dial_failed(&p, Instant::now());
+        assert!(m.tick(Instant::now()).is_empty(), "backing off");
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(m.tick(Instant::now()), vec![Action::Dial(p, vec![addr(1)])]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn prunes_above_the_maximum_among_the_farthest() {
+        let mut m = manager(0, 5);
+        let peers: Vec<PeerId> = (0..6).map(|_| peer()).collect();
+        for (i, p) in peers.iter().enumerate() {
+            m.on_connected(*p, Instant::now());
+            m.on_provider_hops(p, i as u8 + 1);
+        }
+        // One too many: the victim is one of the two farthest (distances 4 and 5).
+        match m.tick(Instant::now()).as_slice() {
+            [Action::Disconnect(p)] => assert!(*p == peers[4] || *p == peers[5]),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(m.connected_count(), 5);
+        assert!(m.tick(Instant::now()).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn budget_then_ban_then_unban() {
+        let mut m = PeerManager::new(
+            peer(),
+            Config {
+                misbehaviour_budget: 3,
+                budget_window: Duration::from_secs(60),
+                ban_duration: Duration::from_secs(30),
+                ..Config::default()
+            },
+        );
+        let bad = peer();
+        m.on_connected(bad, Instant::now());
+        for _ in 0..3 {
+            assert_eq!(m.charge(bad, Instant::now()), None);
+        }
+        assert_eq!(m.charge(bad, Instant::now()), Some(Action::Ban(bad)));
+        assert!(m.is_banned(&bad, Instant::now()));
+        assert!(!m.may_dial(&bad, Instant::now()));
+        assert_eq!(m.bans_total(), 1);
+        tokio::time::advance(Duration::from_secs(31)).await;
+        assert_eq!(m.tick(Instant::now()), vec![Action::Unban(bad)]);
+        assert!(!m.is_banned(&bad, Instant::now()));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn charges_outside_the_window_are_forgiven() {
+        let mut m = PeerManager::new(
+            peer(),
+            Config {
+                misbehaviour_budget: 2,
+                budget_window: Duration::from_secs(10),
+                ..Config::default()
+            },
+        );
+        let p = peer();
+        for _ in 0..10 {
+            assert_eq!(m.charge(p, Instant::now()), None);
+            tokio::time::advance(Duration::from_secs(6)).await;
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn own_distance_follows_the_nearest_peer() {
+        let mut m = manager(0, 5);
+        let (a, b) = (peer(), peer());
+        m.on_connected(a, Instant::now());
+        m.on_connected(b, Instant::now());
+        assert_eq!(m.own_distance(false), None);
+        m.on_provider_hops(&a, 3);
+        m.on_provider_hops(&b, 1);
+        assert_eq!(m.own_distance(false), Some(1));
+        assert_eq!(m.own_distance(true), Some(0));
+    }
+}

@@ -1,0 +1,112 @@
+//! Counters of one relay, readable by its owner (tests, status pages). They mirror the
+//! process-wide metrics, which cannot tell nodes apart when many run in one process.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use mesh_protocol::RejectReason;
+
+/// Live counters, updated with relaxed atomics.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub(crate) delivered: AtomicU64,
+    pub(crate) published: AtomicU64,
+    pub(crate) duplicates: AtomicU64,
+    pub(crate) reforwarded: AtomicU64,
+    pub(crate) rejected: [AtomicU64; RejectReason::ALL.len()],
+    pub(crate) frames_queued: AtomicU64,
+    pub(crate) frames_sent: AtomicU64,
+    pub(crate) bytes_sent: AtomicU64,
+    pub(crate) dropped_queue_full: AtomicU64,
+    pub(crate) dropped_subscriber: AtomicU64,
+    pub(crate) dropped_stream_lost: AtomicU64,
+    pub(crate) streams_opened: AtomicU64,
+    pub(crate) stream_open_failures: AtomicU64,
+    pub(crate) inbound_streams_replaced: AtomicU64,
+    pub(crate) bans: AtomicU64,
+}
+
+/// A copy of the counters at one moment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// New valid messages from peers handed to the local subscriber.
+    pub delivered: u64,
+    /// Messages this node originated.
+    pub published: u64,
+    /// Duplicates dropped.
+    pub duplicates: u64,
+    /// Duplicates forwarded again because they carried more TTL.
+    pub reforwarded: u64,
+    /// Rejections per reason (label, count), reasons with a zero count left out.
+    pub rejected: Vec<(&'static str, u64)>,
+    /// Frames put on peer queues.
+    pub frames_queued: u64,
+    /// Frames written to streams.
+    pub frames_sent: u64,
+    /// Bytes written to streams, length prefixes included.
+    pub bytes_sent: u64,
+    /// Frames dropped because a peer's queue was full.
+    pub dropped_queue_full: u64,
+    /// Deliveries dropped because the local subscriber was not keeping up.
+    pub dropped_subscriber: u64,
+    /// Frames lost when a stream broke.
+    pub dropped_stream_lost: u64,
+    /// Outbound relay streams opened.
+    pub streams_opened: u64,
+    /// Failed attempts to open an outbound relay stream.
+    pub stream_open_failures: u64,
+    /// Inbound streams that replaced an older one from the same peer.
+    pub inbound_streams_replaced: u64,
+    /// Peers banned.
+    pub bans: u64,
+}
+
+impl StatsSnapshot {
+    /// Rejections for one reason.
+    pub fn rejected(&self, reason: RejectReason) -> u64 {
+        self.rejected.iter().find(|(r, _)| *r == reason.as_str()).map_or(0, |(_, n)| *n)
+    }
+
+    /// Rejections for every reason.
+    pub fn rejected_total(&self) -> u64 {
+        self.rejected.iter().map(|(_, n)| n).sum()
+    }
+}
+
+pub(crate) fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+impl Stats {
+    pub(crate) fn reject(&self, reason: RejectReason) {
+        if let Some(i) = RejectReason::ALL.iter().position(|r| *r == reason) {
+            bump(&self.rejected[i]);
+        }
+    }
+
+    /// Reads every counter.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        StatsSnapshot {
+            delivered: get(&self.delivered),
+            published: get(&self.published),
+            duplicates: get(&self.duplicates),
+            reforwarded: get(&self.reforwarded),
+            rejected: RejectReason::ALL
+                .iter()
+                .zip(&self.rejected)
+                .map(|(r, c)| (r.as_str(), get(c)))
+                .filter(|(_, n)| *n > 0)
+                .collect(),
+            frames_queued: get(&self.frames_queued),
+            frames_sent: get(&self.frames_sent),
+            bytes_sent: get(&self.bytes_sent),
+            dropped_queue_full: get(&self.dropped_queue_full),
+            dropped_subscriber: get(&self.dropped_subscriber),
+            dropped_stream_lost: get(&self.dropped_stream_lost),
+            streams_opened: get(&self.streams_opened),
+            stream_open_failures: get(&self.stream_open_failures),
+            inbound_streams_replaced: get(&self.inbound_streams_replaced),
+            bans: get(&self.bans),
+        }
+    }
+}
