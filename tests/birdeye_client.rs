@@ -1,5 +1,6 @@
 //! The Birdeye client against birdeye-sim over real HTTP on loopback: every answer shape, every
 //! error status, retries with `Retry-After`, chunking, headers, and the key kept secret.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // helpers of tests
 
 use std::time::{Duration, Instant};
 

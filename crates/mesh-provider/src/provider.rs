@@ -63,7 +63,7 @@ impl ProviderBuilder {
         self
     }
 
-    /// The parent token: cancelling it stops the loop (the node's root token).
+    /// The parent token: cancelling it stops the loop for good (the node's root token).
     pub fn cancel(mut self, parent: CancellationToken) -> Self {
         self.cancel = parent;
         self
@@ -80,7 +80,8 @@ impl ProviderBuilder {
                 broadcast: self.broadcast,
                 coordination: self.coordination,
                 mesh: self.mesh,
-                cancel: self.cancel,
+                // A child, so that shutting the provider down leaves the parent alone.
+                cancel: self.cancel.child_token(),
                 tracker: TaskTracker::new(),
                 status,
                 running: tokio::sync::Mutex::new(None),
@@ -218,8 +219,10 @@ impl Provider {
         });
     }
 
-    /// Disables provider mode for good and waits for the loop to finish.
+    /// Disables provider mode for good and waits for the loop to finish; later
+    /// [`Provider::enable`] calls fail with [`Error::ShutDown`].
     pub async fn shutdown(&self) {
+        self.inner.cancel.cancel();
         self.disable().await;
         self.inner.tracker.close();
         self.inner.tracker.wait().await;
@@ -276,6 +279,13 @@ async fn run(inner: Arc<Inner>, client: BirdeyeClient, cancel: CancellationToken
         if stop {
             break;
         }
+    }
+    if cancel.is_cancelled() {
+        inner.status.send_modify(|s| {
+            s.enabled = false;
+            s.next_round = None;
+            s.next_round_unix_ms = None;
+        });
     }
     planner.leave().await;
 }
