@@ -2,6 +2,7 @@
 //! JSON document with the figures, the goal and whether it was met. Build with `--release`.
 
 mod protocol;
+mod provider;
 mod report;
 mod seen_cache;
 
@@ -21,6 +22,8 @@ enum Bench {
     Protocol(protocol::Args),
     /// Seen-cache lookups and inserts per second.
     SeenCache(seen_cache::Args),
+    /// Birdeye client batches/s against birdeye-sim, provider round start to hand-over.
+    Provider(provider::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -28,6 +31,7 @@ fn main() -> anyhow::Result<()> {
     let doc = match cli.bench {
         Bench::Protocol(args) => protocol::run(&args)?,
         Bench::SeenCache(args) => seen_cache::run(&args)?,
+        Bench::Provider(args) => provider::run(&args)?,
     };
     println!("{}", serde_json::to_string_pretty(&doc)?);
     Ok(())
