@@ -1,0 +1,126 @@
+//! Who fetches prices in which round (ARCHITECTURE section 7).
+//!
+//! Time is cut into rounds of the fetch interval: round `r = floor(unix_secs / interval)`.
+//! Providers register with an expiring heartbeat; for each round they are ranked by
+//! SHA-256(round, node_id), so the work rotates, and the provider of rank `k` waits
+//! `k x window` after the round starts and then tries to take the round's lease
+//! (`SET {prefix}coord:round:{r} <node_id> NX PX <interval>`). Only the winner fetches: rank 0
+//! normally, rank 1 one window later when rank 0 is dead. Exactly one fetch per round.
+//!
+//! [`Coordination`] is the registry and lease store: [`RedisCoordination`] shares it between
+//! processes, [`MemoryCoordination`] within one process (single node, tests). While the store
+//! fails (Redis down), [`RoundPlanner`] ranks the providers a [`MeshView`] learned from the
+//! mesh and skips a round only when a fresh batch for it already arrived: duplicates are
+//! possible then, a missed round is not.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use mesh_coordination::{MemoryCoordination, NoMesh, PlannerConfig, RoundPlanner, Via};
+//! use mesh_protocol::Identity;
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! // Three providers of one process share an in-memory registry (Redis across processes).
+//! let shared = Arc::new(MemoryCoordination::new());
+//! let config = PlannerConfig::new(Duration::from_secs(30), Duration::from_secs(5));
+//! let planner = || {
+//!     let node = Identity::generate().node_id();
+//!     RoundPlanner::new(config, node, shared.clone(), Arc::new(NoMesh))
+//! };
+//! let (a, b, c) = (planner(), planner(), planner());
+//! a.register().await; // normally done by `next`; here all three must know each other at once
+//! b.register().await;
+//! c.register().await;
+//!
+//! // Each waits until its slot in the round, then decides: one of them fetches.
+//! let (a, b, c) = tokio::join!(a.next(), b.next(), c.next());
+//! assert_eq!(a.round, b.round);
+//! let winners: Vec<_> = [&a, &b, &c].into_iter().filter(|d| d.fetch).collect();
+//! assert_eq!(winners.len(), 1);
+//! assert_eq!((winners[0].rank, winners[0].via), (0, Via::Lease));
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+mod memory;
+mod planner;
+pub mod redis;
+
+use std::time::Duration;
+
+use mesh_protocol::NodeId;
+
+pub use memory::MemoryCoordination;
+pub use planner::{
+    Clock, PlannerConfig, RoundDecision, RoundPlanner, SkipReason, SystemClock, TokioClock, Via,
+};
+pub use redis::RedisCoordination;
+
+/// Why a coordination call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Redis answered with an error or not at all.
+    #[error("redis: {0}")]
+    Redis(#[from] deadpool_redis::redis::RedisError),
+    /// No Redis connection could be had.
+    #[error("redis pool: {0}")]
+    Pool(#[from] deadpool_redis::PoolError),
+    /// Redis is down and the next reconnect attempt is not due yet.
+    #[error("redis is unavailable (reconnecting with backoff)")]
+    Unavailable,
+    /// A setting is out of range.
+    #[error("{name}={value} is invalid: {reason}")]
+    Config {
+        /// The setting.
+        name: &'static str,
+        /// The value given.
+        value: String,
+        /// What is allowed.
+        reason: String,
+    },
+}
+
+/// Result of this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// The provider registry and the per-round leases, shared by the providers that coordinate.
+#[async_trait::async_trait]
+pub trait Coordination: Send + Sync + 'static {
+    /// Registers `node` as an active provider for `ttl` from now (call again before it ends).
+    async fn heartbeat(&self, node: NodeId, ttl: Duration) -> Result<()>;
+    /// Removes `node` from the registry at once (provider mode disabled, clean shutdown).
+    async fn deregister(&self, node: NodeId) -> Result<()>;
+    /// The providers whose heartbeat has not expired, in no particular order.
+    async fn active_providers(&self) -> Result<Vec<NodeId>>;
+    /// Tries to take `round` for `node`; `true` when `node` holds it (now or already).
+    /// At most one node holds a round; the lease lasts `lease`.
+    async fn try_acquire_round(&self, round: u64, node: NodeId, lease: Duration) -> Result<bool>;
+    /// `true` while the store is unreachable and callers should expect errors.
+    fn is_degraded(&self) -> bool {
+        false
+    }
+}
+
+/// What the node learned from the mesh (plugged in by mesh-service; [`NoMesh`] by default).
+pub trait MeshView: Send + Sync + 'static {
+    /// Providers announced through the mesh (`ProviderAnnounce`), still fresh.
+    fn providers(&self) -> Vec<NodeId>;
+    /// `true` when a fresh batch for `round` from another provider already arrived.
+    fn round_fulfilled(&self, round: u64) -> bool;
+}
+
+/// A mesh view that knows nothing: without a store the node then fetches every round alone.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoMesh;
+
+impl MeshView for NoMesh {
+    fn providers(&self) -> Vec<NodeId> {
+        Vec::new()
+    }
+
+    fn round_fulfilled(&self, _round: u64) -> bool {
+        false
+    }
+}

@@ -1,0 +1,651 @@
+//! The round loop's decision: which round is next, this node's rank in it, and whether it
+//! fetches.
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mesh_protocol::NodeId;
+use sha2::{Digest, Sha256};
+
+use crate::{Coordination, Error, MeshView, Result};
+
+/// Wall-clock time in Unix milliseconds: rounds are numbered by the wall clock, which every
+/// provider shares, while the planner sleeps with `tokio::time`.
+pub trait Clock: Send + Sync + 'static {
+    /// Milliseconds since the Unix epoch.
+    fn unix_ms(&self) -> u64;
+}
+
+/// The system's wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn unix_ms(&self) -> u64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    }
+}
+
+/// A wall clock that moves with `tokio::time` (from a given start), so that tests with paused
+/// time run many rounds in no time.
+#[derive(Debug, Clone, Copy)]
+pub struct TokioClock {
+    start_unix_ms: u64,
+    start: tokio::time::Instant,
+}
+
+impl TokioClock {
+    /// A clock reading `start_unix_ms` now.
+    pub fn starting_at(start_unix_ms: u64) -> Self {
+        Self { start_unix_ms, start: tokio::time::Instant::now() }
+    }
+}
+
+impl Clock for TokioClock {
+    fn unix_ms(&self) -> u64 {
+        self.start_unix_ms + self.start.elapsed().as_millis() as u64
+    }
+}
+
+/// Round timing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlannerConfig {
+    /// Length of a round (`MESH_PROVIDER_FETCH_INTERVAL_SECS`, 10-300 s in production).
+    pub interval: Duration,
+    /// Delay between consecutive ranks (`MESH_COORDINATION_WINDOW_SECS`, 2-30 s).
+    pub window: Duration,
+    /// How long a heartbeat keeps a provider registered; renewed every round.
+    pub heartbeat_ttl: Duration,
+}
+
+impl PlannerConfig {
+    /// Rounds of `interval`, ranks `window` apart, heartbeats valid for three rounds.
+    pub fn new(interval: Duration, window: Duration) -> Self {
+        Self { interval, window, heartbeat_ttl: interval * 3 }
+    }
+
+    /// Checks that the timing can work: a window of at least 1 ms, shorter than the interval,
+    /// and a heartbeat that outlives a round.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |name, value: Duration, reason: &str| Error::Config {
+            name,
+            value: format!("{value:?}"),
+            reason: reason.to_owned(),
+        };
+        if self.window < Duration::from_millis(1) {
+            return Err(bad("window", self.window, "must be at least 1 ms"));
+        }
+        if self.window >= self.interval {
+            return Err(bad("window", self.window, "must be shorter than the fetch interval"));
+        }
+        if self.heartbeat_ttl <= self.interval {
+            return Err(bad("heartbeat_ttl", self.heartbeat_ttl, "must exceed the fetch interval"));
+        }
+        Ok(())
+    }
+
+    fn interval_ms(&self) -> u64 {
+        (self.interval.as_millis() as u64).max(1)
+    }
+
+    fn window_ms(&self) -> u64 {
+        (self.window.as_millis() as u64).max(1)
+    }
+
+    /// Delay of `rank` after the round start: `rank x window`, but never past the last window
+    /// of the round (ranks beyond it all try there, and the lease picks one).
+    fn slot_offset_ms(&self, rank: usize) -> u64 {
+        let last = (self.interval_ms() - 1) / self.window_ms() * self.window_ms();
+        (rank as u64).saturating_mul(self.window_ms()).min(last)
+    }
+}
+
+/// How a decision was reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// Through the round lease of the coordination store.
+    Lease,
+    /// Store unavailable: ranked over the providers known from the mesh.
+    Mesh,
+    /// Store unavailable and no other provider known: this node alone.
+    Single,
+}
+
+/// Why a round is not fetched by this node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// Another provider holds the round's lease.
+    LeaseHeld,
+    /// A fresh batch for the round already arrived through the mesh.
+    Fulfilled,
+}
+
+/// What [`RoundPlanner::next`] decided for one round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoundDecision {
+    /// The round.
+    pub round: u64,
+    /// This node's rank in it (0 fetches first).
+    pub rank: usize,
+    /// The providers ranked, this node included, rank 0 first.
+    pub providers: Vec<NodeId>,
+    /// `true` when this node fetches the round.
+    pub fetch: bool,
+    /// How the decision was reached.
+    pub via: Via,
+    /// Why not, when `fetch` is `false`.
+    pub skip_reason: Option<SkipReason>,
+    /// When the round started (Unix ms).
+    pub round_start_unix_ms: u64,
+    /// When the decision was taken (Unix ms), at this node's slot.
+    pub decided_at_unix_ms: u64,
+}
+
+/// Decides, round after round, whether this node fetches.
+pub struct RoundPlanner {
+    config: PlannerConfig,
+    node: NodeId,
+    coordination: Arc<dyn Coordination>,
+    mesh: Arc<dyn MeshView>,
+    clock: Arc<dyn Clock>,
+    last_round: Mutex<Option<u64>>,
+    falling_back: AtomicBool,
+}
+
+impl std::fmt::Debug for RoundPlanner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RoundPlanner")
+            .field("config", &self.config)
+            .field("node", &self.node)
+            .field("last_round", &self.last_round)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RoundPlanner {
+    /// A planner for `node` using `coordination` and, while it fails, `mesh`.
+    pub fn new(
+        config: PlannerConfig,
+        node: NodeId,
+        coordination: Arc<dyn Coordination>,
+        mesh: Arc<dyn MeshView>,
+    ) -> Self {
+        Self {
+            config,
+            node,
+            coordination,
+            mesh,
+            clock: Arc::new(SystemClock),
+            last_round: Mutex::new(None),
+            falling_back: AtomicBool::new(false),
+        }
+    }
+
+    /// The same planner reading the wall clock from `clock`.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// This node.
+    pub fn node_id(&self) -> NodeId {
+        self.node
+    }
+
+    /// The timing.
+    pub fn config(&self) -> PlannerConfig {
+        self.config
+    }
+
+    /// `true` while the coordination store is unavailable (decisions then come from the mesh).
+    pub fn is_degraded(&self) -> bool {
+        self.coordination.is_degraded()
+    }
+
+    /// The round of a Unix time: `floor(unix_secs / interval_secs)`.
+    pub fn round_of(unix_secs: u64, interval_secs: u64) -> u64 {
+        unix_secs / interval_secs.max(1)
+    }
+
+    /// The round of a Unix time in milliseconds with this planner's interval (the same number
+    /// as [`RoundPlanner::round_of`] for whole-second intervals; sub-second ones serve tests).
+    pub fn round_at(&self, unix_ms: u64) -> u64 {
+        unix_ms / self.config.interval_ms()
+    }
+
+    /// `providers` (duplicates removed) in rank order for `round`: by SHA-256 of the round
+    /// (8 bytes, big-endian) followed by the node id's 16 bytes, lowest first.
+    pub fn ranking(round: u64, providers: &[NodeId]) -> Vec<NodeId> {
+        let mut keyed: Vec<([u8; 32], NodeId)> = providers
+            .iter()
+            .map(|node| {
+                let mut hash = Sha256::new();
+                hash.update(round.to_be_bytes());
+                hash.update(node.as_uuid().as_bytes());
+                (hash.finalize().into(), *node)
+            })
+            .collect();
+        keyed.sort_unstable();
+        keyed.dedup_by(|a, b| a.1 == b.1);
+        keyed.into_iter().map(|(_, node)| node).collect()
+    }
+
+    /// The rank of `node` in `round` among `providers` (`node` counted even when absent).
+    pub fn rank(round: u64, node: NodeId, providers: &[NodeId]) -> usize {
+        let mut all = providers.to_vec();
+        all.push(node);
+        Self::ranking(round, &all).iter().position(|n| *n == node).unwrap_or(0)
+    }
+
+    /// Renews this node's heartbeat now; `false` when the store is unavailable. [`Self::next`]
+    /// does it every round; call it once at start so that others rank this node at once.
+    pub async fn register(&self) -> bool {
+        self.coordination.heartbeat(self.node, self.config.heartbeat_ttl).await.is_ok()
+    }
+
+    /// Removes this node from the registry (provider mode disabled). Errors are ignored: the
+    /// heartbeat expires anyway.
+    pub async fn leave(&self) {
+        if let Err(error) = self.coordination.deregister(self.node).await {
+            tracing::debug!(%error, "deregistering failed; the heartbeat will expire");
+        }
+    }
+
+    /// Waits (with `tokio::time`) until this node's slot in the next round it has not decided
+    /// yet, and decides whether it fetches that round. Never fails: when the coordination
+    /// store does, the decision comes from the mesh view.
+    pub async fn next(&self) -> RoundDecision {
+        let (providers, coordinated) = self.providers().await;
+        let now = self.clock.unix_ms();
+        let interval_ms = self.config.interval_ms();
+        let mut round = self.round_at(now);
+        if let Some(last) = *self.lock_last() {
+            round = round.max(last + 1);
+        }
+        let mut ranking = Self::ranking(round, &providers);
+        let mut rank = position(&ranking, self.node);
+        // Our slot in the current round is over (we came late): take the next round.
+        if now >= round * interval_ms + self.config.slot_offset_ms(rank) + self.config.window_ms() {
+            round += 1;
+            ranking = Self::ranking(round, &providers);
+            rank = position(&ranking, self.node);
+        }
+        *self.lock_last() = Some(round);
+
+        let round_start = round * interval_ms;
+        let slot = round_start + self.config.slot_offset_ms(rank);
+        if slot > now {
+            tokio::time::sleep(Duration::from_millis(slot - now)).await;
+        }
+
+        let leased = if coordinated {
+            match self.coordination.try_acquire_round(round, self.node, self.config.interval).await
+            {
+                Ok(won) => Some(won),
+                Err(error) => {
+                    tracing::debug!(round, %error, "round lease unavailable; deciding from the mesh");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let (fetch, via, skip_reason) = match leased {
+            Some(true) => (true, Via::Lease, None),
+            Some(false) => (false, Via::Lease, Some(SkipReason::LeaseHeld)),
+            None => {
+                let via = if ranking.len() > 1 { Via::Mesh } else { Via::Single };
+                if self.mesh.round_fulfilled(round) {
+                    (false, via, Some(SkipReason::Fulfilled))
+                } else {
+                    (true, via, None)
+                }
+            }
+        };
+        let decision = RoundDecision {
+            round,
+            rank,
+            providers: ranking,
+            fetch,
+            via,
+            skip_reason,
+            round_start_unix_ms: round_start,
+            decided_at_unix_ms: self.clock.unix_ms(),
+        };
+        tracing::debug!(
+            round,
+            rank,
+            providers = decision.providers.len(),
+            fetch,
+            via = ?via,
+            skip = ?skip_reason,
+            "round decided"
+        );
+        decision
+    }
+
+    /// Renews the heartbeat and lists the registered providers (`true`), or, when the store
+    /// fails, the providers the mesh announced (`false`); this node is always included.
+    async fn providers(&self) -> (Vec<NodeId>, bool) {
+        let registered =
+            match self.coordination.heartbeat(self.node, self.config.heartbeat_ttl).await {
+                Ok(()) => self.coordination.active_providers().await,
+                Err(error) => Err(error),
+            };
+        let (mut providers, coordinated) = match registered {
+            Ok(providers) => {
+                if self.falling_back.swap(false, Ordering::Relaxed) {
+                    tracing::info!("coordination store back; rounds decided by lease again");
+                }
+                (providers, true)
+            }
+            Err(error) => {
+                if !self.falling_back.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(%error, "coordination store unavailable; ranking providers known from the mesh");
+                }
+                (self.mesh.providers(), false)
+            }
+        };
+        if !providers.contains(&self.node) {
+            providers.push(self.node);
+        }
+        (providers, coordinated)
+    }
+
+    fn lock_last(&self) -> std::sync::MutexGuard<'_, Option<u64>> {
+        // A plain number: valid even if a holder panicked.
+        self.last_round.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+fn position(ranking: &[NodeId], node: NodeId) -> usize {
+    ranking.iter().position(|n| *n == node).unwrap_or(ranking.len())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, HashSet};
+
+    use super::*;
+    use crate::{MemoryCoordination, NoMesh};
+
+    const START_MS: u64 = 1_750_000_000_000;
+
+    fn node(n: u128) -> NodeId {
+        NodeId::from_uuid(uuid::Uuid::from_u128(n))
+    }
+
+    fn config() -> PlannerConfig {
+        PlannerConfig::new(Duration::from_secs(30), Duration::from_secs(5))
+    }
+
+    fn planner(
+        config: PlannerConfig,
+        id: NodeId,
+        coordination: Arc<dyn Coordination>,
+        mesh: Arc<dyn MeshView>,
+        clock: TokioClock,
+    ) -> Arc<RoundPlanner> {
+        Arc::new(RoundPlanner::new(config, id, coordination, mesh).with_clock(Arc::new(clock)))
+    }
+
+    /// Runs `planner` until it has decided a round `>= until`, calling `on_fetch` for rounds
+    /// it fetches (the broadcast, in tests with a mesh).
+    fn run(
+        planner: Arc<RoundPlanner>,
+        until: u64,
+        on_fetch: impl Fn(u64) + Send + 'static,
+    ) -> tokio::task::JoinHandle<Vec<RoundDecision>> {
+        tokio::spawn(async move {
+            let mut decisions = Vec::new();
+            loop {
+                let decision = planner.next().await;
+                if decision.fetch {
+                    on_fetch(decision.round);
+                }
+                let round = decision.round;
+                decisions.push(decision);
+                if round >= until {
+                    return decisions;
+                }
+            }
+        })
+    }
+
+    fn winners_by_round(all: &[RoundDecision]) -> BTreeMap<u64, Vec<&RoundDecision>> {
+        let mut rounds: BTreeMap<u64, Vec<&RoundDecision>> = BTreeMap::new();
+        for d in all {
+            let entry = rounds.entry(d.round).or_default();
+            if d.fetch {
+                entry.push(d);
+            }
+        }
+        rounds
+    }
+
+    #[test]
+    fn rounds_and_ranks_follow_the_formula() {
+        assert_eq!(RoundPlanner::round_of(1_750_000_015, 30), 58_333_333);
+        assert_eq!(RoundPlanner::round_of(1_750_000_020, 30), 58_333_334);
+        let nodes: Vec<NodeId> = (1..=5).map(node).collect();
+        let mut first_places = HashSet::new();
+        for round in 0..200 {
+            let ranking = RoundPlanner::ranking(round, &nodes);
+            let mut sorted = ranking.clone();
+            sorted.sort();
+            assert_eq!(sorted, nodes, "a ranking is a permutation");
+            assert_eq!(
+                RoundPlanner::ranking(round, &[nodes.clone(), nodes.clone()].concat()),
+                ranking
+            );
+            for (k, n) in ranking.iter().enumerate() {
+                assert_eq!(RoundPlanner::rank(round, *n, &nodes), k);
+            }
+            first_places.insert(ranking[0]);
+        }
+        assert_eq!(first_places.len(), 5, "every provider is rank 0 in some rounds");
+        // The hash input is the round's 8 big-endian bytes then the 16 id bytes.
+        let mut hash = Sha256::new();
+        hash.update(7u64.to_be_bytes());
+        hash.update(node(1).as_uuid().as_bytes());
+        let one: [u8; 32] = hash.finalize().into();
+        let mut hash = Sha256::new();
+        hash.update(7u64.to_be_bytes());
+        hash.update(node(2).as_uuid().as_bytes());
+        let two: [u8; 32] = hash.finalize().into();
+        let expected = if one < two { vec![node(1), node(2)] } else { vec![node(2), node(1)] };
+        assert_eq!(RoundPlanner::ranking(7, &[node(1), node(2)]), expected);
+    }
+
+    #[test]
+    fn config_is_validated() {
+        assert!(config().validate().is_ok());
+        let mut bad = config();
+        bad.window = bad.interval;
+        assert!(
+            bad.validate().unwrap_err().to_string().contains("shorter than the fetch interval")
+        );
+        let mut bad = config();
+        bad.heartbeat_ttl = bad.interval;
+        assert!(bad.validate().is_err());
+        assert_eq!(config().slot_offset_ms(2), 10_000);
+        assert_eq!(config().slot_offset_ms(100), 25_000, "capped at the last window");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn three_providers_take_turns_one_winner_per_round() {
+        let clock = TokioClock::starting_at(START_MS);
+        let shared: Arc<dyn Coordination> = Arc::new(MemoryCoordination::new());
+        let planners: Vec<_> = (1..=3)
+            .map(|n| planner(config(), node(n), Arc::clone(&shared), Arc::new(NoMesh), clock))
+            .collect();
+        for p in &planners {
+            assert!(p.register().await);
+        }
+        let first = planners[0].round_at(START_MS) + 1;
+        let last = first + 49;
+        let tasks: Vec<_> = planners.iter().map(|p| run(Arc::clone(p), last, |_| ())).collect();
+        let mut all = Vec::new();
+        for task in tasks {
+            all.extend(task.await.unwrap());
+        }
+        let rounds = winners_by_round(&all);
+        let mut wins = BTreeMap::new();
+        for round in first..=last {
+            let winners = &rounds[&round];
+            assert_eq!(winners.len(), 1, "round {round}: {winners:?}");
+            let w = winners[0];
+            assert_eq!((w.rank, w.via), (0, Via::Lease));
+            assert_eq!(w.decided_at_unix_ms, w.round_start_unix_ms, "rank 0 at the round start");
+            assert_eq!(w.providers.len(), 3);
+            *wins.entry(w.providers[0]).or_insert(0) += 1;
+        }
+        assert_eq!(wins.len(), 3, "every provider wins some rounds: {wins:?}");
+        for d in all.iter().filter(|d| !d.fetch && d.round >= first) {
+            assert_eq!(d.skip_reason, Some(SkipReason::LeaseHeld));
+            let offset = d.decided_at_unix_ms - d.round_start_unix_ms;
+            assert_eq!(offset, d.rank as u64 * 5_000, "rank k decides k windows in");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_dead_rank_zero_is_replaced_one_window_later() {
+        let clock = TokioClock::starting_at(START_MS);
+        // Long heartbeats: the dead provider stays registered while we watch.
+        let config = PlannerConfig { heartbeat_ttl: Duration::from_secs(3_600), ..config() };
+        let shared: Arc<dyn Coordination> = Arc::new(MemoryCoordination::new());
+        let planners: Vec<_> = (1..=3)
+            .map(|n| planner(config, node(n), Arc::clone(&shared), Arc::new(NoMesh), clock))
+            .collect();
+        for p in &planners {
+            p.register().await;
+        }
+        // node(1) never runs: registered, then dead.
+        let first = planners[0].round_at(START_MS) + 1;
+        let last = first + 29;
+        let tasks: Vec<_> =
+            planners[1..].iter().map(|p| run(Arc::clone(p), last, |_| ())).collect();
+        let mut all = Vec::new();
+        for task in tasks {
+            all.extend(task.await.unwrap());
+        }
+        let rounds = winners_by_round(&all);
+        let mut taken_over = 0;
+        for round in first..=last {
+            let winners = &rounds[&round];
+            assert_eq!(winners.len(), 1, "round {round}");
+            let w = winners[0];
+            let offset = w.decided_at_unix_ms - w.round_start_unix_ms;
+            if w.providers[0] == node(1) {
+                taken_over += 1;
+                assert_eq!((w.rank, offset), (1, 5_000), "round {round}: one window later");
+            } else {
+                assert_eq!((w.rank, offset), (0, 0));
+            }
+        }
+        assert!(taken_over >= 3, "node 1 was rank 0 in {taken_over} of 30 rounds");
+    }
+
+    /// A store that is down.
+    struct Down;
+
+    #[async_trait::async_trait]
+    impl Coordination for Down {
+        async fn heartbeat(&self, _: NodeId, _: Duration) -> Result<()> {
+            Err(Error::Unavailable)
+        }
+        async fn deregister(&self, _: NodeId) -> Result<()> {
+            Err(Error::Unavailable)
+        }
+        async fn active_providers(&self) -> Result<Vec<NodeId>> {
+            Err(Error::Unavailable)
+        }
+        async fn try_acquire_round(&self, _: u64, _: NodeId, _: Duration) -> Result<bool> {
+            Err(Error::Unavailable)
+        }
+        fn is_degraded(&self) -> bool {
+            true
+        }
+    }
+
+    /// The mesh as the providers see it: each other, and the rounds someone broadcast.
+    struct Mesh {
+        providers: Vec<NodeId>,
+        fulfilled: Mutex<HashSet<u64>>,
+    }
+
+    impl MeshView for Mesh {
+        fn providers(&self) -> Vec<NodeId> {
+            self.providers.clone()
+        }
+        fn round_fulfilled(&self, round: u64) -> bool {
+            self.fulfilled.lock().unwrap().contains(&round)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_store_the_mesh_decides_and_no_round_is_missed() {
+        let clock = TokioClock::starting_at(START_MS);
+        let mesh =
+            Arc::new(Mesh { providers: (1..=3).map(node).collect(), fulfilled: Mutex::default() });
+        let planners: Vec<_> = (1..=3)
+            .map(|n| {
+                planner(config(), node(n), Arc::new(Down), mesh.clone() as Arc<dyn MeshView>, clock)
+            })
+            .collect();
+        assert!(planners[0].is_degraded());
+        let first = planners[0].round_at(START_MS) + 1;
+        let last = first + 19;
+        let tasks: Vec<_> = planners
+            .iter()
+            .map(|p| {
+                let mesh = Arc::clone(&mesh);
+                run(Arc::clone(p), last, move |round| {
+                    mesh.fulfilled.lock().unwrap().insert(round);
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for task in tasks {
+            all.extend(task.await.unwrap());
+        }
+        let rounds = winners_by_round(&all);
+        for round in first..=last {
+            let winners = &rounds[&round];
+            assert_eq!(winners.len(), 1, "round {round}: the batch arrives before rank 1's slot");
+            assert_eq!((winners[0].rank, winners[0].via), (0, Via::Mesh));
+        }
+        assert!(
+            all.iter().filter(|d| !d.fetch).all(|d| d.skip_reason == Some(SkipReason::Fulfilled))
+        );
+
+        // Alone, with no mesh knowledge: fetch every round.
+        let alone = planner(config(), node(9), Arc::new(Down), Arc::new(NoMesh), clock);
+        for _ in 0..3 {
+            let d = alone.next().await;
+            assert_eq!((d.fetch, d.via, d.rank), (true, Via::Single, 0));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_start_waits_for_the_next_round_and_rounds_are_never_repeated() {
+        // 12 s into a round: rank 0's slot (0-5 s) is over.
+        let clock = TokioClock::starting_at(START_MS - START_MS % 30_000 + 12_000);
+        let p = planner(
+            config(),
+            node(1),
+            Arc::new(MemoryCoordination::new()),
+            Arc::new(NoMesh),
+            clock,
+        );
+        let now_round = p.round_at(clock.unix_ms());
+        let d = p.next().await;
+        assert_eq!(d.round, now_round + 1);
+        assert_eq!(d.decided_at_unix_ms, d.round_start_unix_ms);
+        let again = p.next().await;
+        assert_eq!(again.round, d.round + 1, "the next call moves on to the next round");
+        assert!(again.fetch && d.fetch);
+    }
+}

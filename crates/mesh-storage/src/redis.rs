@@ -1,0 +1,142 @@
+//! Redis: the price mirror and the seen-id backend, both under one key prefix.
+//!
+//! Redis is optional and never in a caller's way: every component keeps working from memory
+//! while Redis is down, and [`Health`] (one per component) logs `Redis connection failed`
+//! once per outage, exposes the degraded flag and spaces reconnect attempts with exponential
+//! backoff. Keys: `{prefix}prices` and `{prefix}prices:ts` (hashes, asset -> price JSON and
+//! asset -> timestamp ms), `{prefix}seen:{message_id}` (one string per id, with its expiry).
+
+mod health;
+mod mirror;
+mod seen;
+
+use std::time::Duration;
+
+use deadpool_redis::redis::AsyncConnectionConfig;
+use deadpool_redis::{Manager, Pool, Runtime};
+
+pub use health::Health;
+pub use mirror::PriceMirror;
+pub use seen::{DEFAULT_SEEN_MEMORY_CAPACITY, RedisSeen};
+
+use crate::{Error, Result};
+
+/// Default key prefix.
+pub const DEFAULT_PREFIX: &str = "mesh:";
+
+/// How to reach Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// `REDIS_URL`, e.g. `redis://:password@localhost:6379` (the password part is optional).
+    pub url: String,
+    /// `REDIS_POOL_SIZE`: most connections of the pool.
+    pub pool_size: usize,
+    /// Every key starts with it.
+    pub prefix: String,
+    /// Connect and response timeout of one call; a call that takes longer counts as a
+    /// failure and the component falls back to memory.
+    pub timeout: Duration,
+}
+
+impl RedisConfig {
+    /// The defaults for `url`: pool of 10, prefix `mesh:`, 500 ms timeout.
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            pool_size: 10,
+            prefix: DEFAULT_PREFIX.to_owned(),
+            timeout: Duration::from_millis(500),
+        }
+    }
+
+    /// `REDIS_URL` and `REDIS_POOL_SIZE` from the environment; `None` when `REDIS_URL` is
+    /// unset or empty (Redis is optional).
+    pub fn from_env() -> Result<Option<Self>> {
+        let Some(url) = std::env::var("REDIS_URL").ok().filter(|u| !u.is_empty()) else {
+            return Ok(None);
+        };
+        let mut config = Self::new(url);
+        if let Ok(size) = std::env::var("REDIS_POOL_SIZE") {
+            config.pool_size = parse_pool_size(&size)?;
+        }
+        Ok(Some(config))
+    }
+
+    /// Builds the connection pool. Nothing is connected yet: connections open on first use,
+    /// so a node starts while Redis is down (and reports degraded on first use).
+    pub fn pool(&self) -> Result<Pool> {
+        let pool_error =
+            |reason: String| Error::RedisPool { url: crate::db::redact(&self.url), reason };
+        let connection = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout));
+        let manager = Manager::new_with_config(self.url.as_str(), connection)
+            .map_err(|e| pool_error(e.to_string()))?;
+        Pool::builder(manager)
+            .max_size(self.pool_size)
+            .wait_timeout(Some(self.timeout))
+            .create_timeout(Some(self.timeout))
+            .recycle_timeout(Some(self.timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| pool_error(e.to_string()))
+    }
+}
+
+/// `REDIS_POOL_SIZE`: a whole number in 1..=1024.
+fn parse_pool_size(text: &str) -> Result<usize> {
+    text.trim().parse().ok().filter(|n| (1..=1024).contains(n)).ok_or_else(|| Error::Config {
+        name: "REDIS_POOL_SIZE",
+        value: text.to_owned(),
+        reason: "expected a whole number in 1..=1024".into(),
+    })
+}
+
+/// Why a Redis call failed: the pool could not give a connection, or the command failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CallError {
+    #[error("{0}")]
+    Pool(#[from] deadpool_redis::PoolError),
+    #[error("{0}")]
+    Command(#[from] deadpool_redis::redis::RedisError),
+}
+
+/// Escapes the glob characters of `text` for `SCAN ... MATCH`.
+pub(crate) fn glob_escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_size_is_checked() {
+        assert_eq!(parse_pool_size("10").unwrap(), 10);
+        for bad in ["0", "-1", "ten", "", "1025"] {
+            let err = parse_pool_size(bad).unwrap_err();
+            assert!(err.to_string().starts_with(&format!("REDIS_POOL_SIZE={bad} ")), "{err}");
+        }
+    }
+
+    #[test]
+    fn pool_accepts_a_password_url_and_refuses_nonsense() {
+        assert!(RedisConfig::new("redis://:pw@localhost:6379").pool().is_ok());
+        let err = RedisConfig::new("redis://:pw@").pool().unwrap_err();
+        assert!(!err.to_string().contains("pw"), "password leaked: {err}");
+        assert!(RedisConfig::new("nonsense://x").pool().is_err());
+    }
+
+    #[test]
+    fn glob_characters_are_escaped() {
+        assert_eq!(glob_escape("mesh:seen:"), "mesh:seen:");
+        assert_eq!(glob_escape(r"a*b?[c]\"), r"a\*b\?\[c\]\\");
+    }
+}

@@ -1,0 +1,169 @@
+//! The Redis price mirror.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use deadpool_redis::Pool;
+use deadpool_redis::redis;
+
+use super::{CallError, Health};
+use crate::row::{PriceRow, newest_per_asset};
+
+/// Writes each `(asset, timestamp_ms, json)` triple of ARGV into the hashes KEYS[1] (asset ->
+/// json) and KEYS[2] (asset -> timestamp) unless the held timestamp is as new or newer, so a
+/// node that lags behind cannot put old prices over fresh ones. Returns how many it wrote.
+const WRITE_NEWEST: &str = r"
+local written = 0
+for i = 1, #ARGV, 3 do
+  local held = redis.call('HGET', KEYS[2], ARGV[i])
+  if (not held) or tonumber(held) < tonumber(ARGV[i + 1]) then
+    redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
+    written = written + 1
+  end
+end
+return written
+";
+
+/// The latest price of each asset in Redis, for fast reads shared by the processes of a box.
+///
+/// A batch is written in one round trip (one `EVAL` that keeps the newest price per asset) and
+/// all prices are read in one (`HGETALL`). An in-memory copy follows every write and read, so
+/// while Redis is down reads are served from memory and writes land there; when Redis is back
+/// the memory copy is written back. No method returns an error.
+#[derive(Debug)]
+pub struct PriceMirror {
+    pool: Pool,
+    prices_key: String,
+    stamps_key: String,
+    memory: Mutex<HashMap<String, PriceRow>>,
+    health: Health,
+}
+
+impl PriceMirror {
+    /// A mirror under `prefix` (keys `{prefix}prices` and `{prefix}prices:ts`).
+    pub fn new(pool: Pool, prefix: &str) -> Self {
+        Self::with_health(pool, prefix, Health::new("redis price mirror"))
+    }
+
+    /// A mirror with its own [`Health`] (for a different reconnect backoff).
+    pub fn with_health(pool: Pool, prefix: &str, health: Health) -> Self {
+        Self {
+            pool,
+            prices_key: format!("{prefix}prices"),
+            stamps_key: format!("{prefix}prices:ts"),
+            memory: Mutex::new(HashMap::new()),
+            health,
+        }
+    }
+
+    /// Mirrors `rows` (newest per asset wins, here and in Redis).
+    pub async fn write(&self, rows: &[PriceRow]) {
+        self.remember(rows.iter().cloned());
+        if !self.health.should_try() {
+            return;
+        }
+        // A call made while degraded is the reconnect attempt: it carries everything kept in
+        // memory meanwhile.
+        let rows: Vec<PriceRow> = if self.health.is_degraded() {
+            self.snapshot()
+        } else {
+            newest_per_asset(rows).into_iter().cloned().collect()
+        };
+        match self.send(&rows).await {
+            Ok(()) => {
+                self.health.succeeded();
+            }
+            Err(error) => self.health.failed(&error),
+        }
+    }
+
+    /// Every mirrored price, sorted by asset: from Redis (merged with what this process wrote)
+    /// or, while Redis is down, from memory.
+    pub async fn read_all(&self) -> Vec<PriceRow> {
+        if self.health.should_try() {
+            match self.fetch_all().await {
+                Ok(rows) => {
+                    self.remember(rows);
+                    if self.health.succeeded() {
+                        self.write_back().await;
+                    }
+                }
+                Err(error) => self.health.failed(&error),
+            }
+        }
+        self.snapshot()
+    }
+
+    /// `true` while Redis is down and memory serves.
+    pub fn is_degraded(&self) -> bool {
+        self.health.is_degraded()
+    }
+
+    /// The mirror's Redis health.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    async fn write_back(&self) {
+        let rows = self.snapshot();
+        if let Err(error) = self.send(&rows).await {
+            self.health.failed(&error);
+        }
+    }
+
+    async fn send(&self, rows: &[PriceRow]) -> Result<(), CallError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(WRITE_NEWEST).arg(2).arg(&self.prices_key).arg(&self.stamps_key);
+        for row in rows {
+            // A row is plain strings and numbers: serialising it cannot fail.
+            let Ok(json) = serde_json::to_string(row) else { continue };
+            cmd.arg(&row.asset).arg(row.timestamp_ms).arg(json);
+        }
+        let mut conn = self.pool.get().await?;
+        let _written: i64 = cmd.query_async(&mut conn).await?;
+        Ok(())
+    }
+
+    async fn fetch_all(&self) -> Result<Vec<PriceRow>, CallError> {
+        let mut conn = self.pool.get().await?;
+        let raw: HashMap<String, String> =
+            redis::cmd("HGETALL").arg(&self.prices_key).query_async(&mut conn).await?;
+        Ok(raw
+            .into_iter()
+            .filter_map(|(asset, json)| match serde_json::from_str::<PriceRow>(&json) {
+                Ok(row) => Some(row),
+                Err(error) => {
+                    tracing::warn!(asset, %error, "mirrored price is not a price row; skipped");
+                    None
+                }
+            })
+            .collect())
+    }
+
+    fn remember(&self, rows: impl IntoIterator<Item = PriceRow>) {
+        let mut memory = self.lock();
+        for row in rows {
+            match memory.get(&row.asset) {
+                Some(held) if !row.is_newer_than(held) => {}
+                _ => {
+                    memory.insert(row.asset.clone(), row);
+                }
+            }
+        }
+    }
+
+    fn snapshot(&self) -> Vec<PriceRow> {
+        let mut rows: Vec<PriceRow> = self.lock().values().cloned().collect();
+        rows.sort_unstable_by(|a, b| a.asset.cmp(&b.asset));
+        rows
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PriceRow>> {
+        // A map of prices stays valid even if a holder panicked mid-insert.
+        self.memory.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}

@@ -1,0 +1,162 @@
+//! What the stores hold: one price per asset and one entry per seen message id.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use mesh_protocol::{Decimal, MessageId, NodeId, PriceUpdate};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::{Error, Result};
+
+/// A row of `mesh_price_cache`: the latest price of one asset.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PriceRow {
+    /// The asset (token address), the table's primary key.
+    pub asset: String,
+    /// The chain it lives on.
+    pub blockchain: String,
+    /// The price, exact (stored as its decimal text).
+    pub price: Decimal,
+    /// When the provider observed it, Unix milliseconds (`TIMESTAMPTZ` in PostgreSQL).
+    pub timestamp_ms: i64,
+    /// The provider that fetched it.
+    pub source_node_id: NodeId,
+    /// Change over 24 hours in percent, when known.
+    pub change_24h: Option<Decimal>,
+}
+
+impl PriceRow {
+    /// The row for `update` as fetched by `source`.
+    pub fn from_update(update: &PriceUpdate, source: NodeId) -> Self {
+        Self {
+            asset: update.asset.clone(),
+            blockchain: update.blockchain.clone(),
+            price: update.price.clone(),
+            timestamp_ms: update.timestamp_ms,
+            source_node_id: source,
+            change_24h: update.change_24h.clone(),
+        }
+    }
+
+    /// `true` when this row is strictly newer than `other` (the stores' replacement rule: an
+    /// equal timestamp keeps the row already held).
+    pub fn is_newer_than(&self, other: &PriceRow) -> bool {
+        self.timestamp_ms > other.timestamp_ms
+    }
+}
+
+/// A row of `mesh_seen_messages`: a message id, when it was first seen and when it may be
+/// forgotten (the seen cache's backing-store record).
+pub type SeenRow = mesh_seen_cache::SeenRecord<MessageId>;
+
+/// Which prices a query returns; `None` matches everything.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PriceFilter {
+    /// Only this chain.
+    pub blockchain: Option<String>,
+    /// Only this asset.
+    pub asset: Option<String>,
+}
+
+impl PriceFilter {
+    /// `true` when `row` passes the filter.
+    pub fn matches(&self, row: &PriceRow) -> bool {
+        self.blockchain.as_deref().is_none_or(|b| b == row.blockchain)
+            && self.asset.as_deref().is_none_or(|a| a == row.asset)
+    }
+}
+
+/// The newest row of each asset in `rows`, sorted by asset.
+///
+/// One statement may not touch a row twice (`ON CONFLICT DO UPDATE` refuses), and concurrent
+/// batches that lock their rows in the same order cannot deadlock each other.
+pub(crate) fn newest_per_asset(rows: &[PriceRow]) -> Vec<&PriceRow> {
+    let mut newest: HashMap<&str, &PriceRow> = HashMap::with_capacity(rows.len());
+    for row in rows {
+        newest
+            .entry(row.asset.as_str())
+            .and_modify(|held| {
+                if row.is_newer_than(held) {
+                    *held = row;
+                }
+            })
+            .or_insert(row);
+    }
+    let mut out: Vec<&PriceRow> = newest.into_values().collect();
+    out.sort_unstable_by(|a, b| a.asset.cmp(&b.asset));
+    out
+}
+
+/// Unix milliseconds of `t` (negative before 1970).
+pub(crate) fn system_to_ms(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(after) => i64::try_from(after.as_millis()).unwrap_or(i64::MAX),
+        Err(before) => -i64::try_from(before.duration().as_millis()).unwrap_or(i64::MAX),
+    }
+}
+
+/// The [`SystemTime`] of `ms` Unix milliseconds.
+pub(crate) fn ms_to_system(ms: i64) -> SystemTime {
+    let magnitude = Duration::from_millis(ms.unsigned_abs());
+    if ms >= 0 { UNIX_EPOCH + magnitude } else { UNIX_EPOCH - magnitude }
+}
+
+/// The [`OffsetDateTime`] (UTC) of `ms` Unix milliseconds.
+pub(crate) fn ms_to_datetime(ms: i64) -> Result<OffsetDateTime> {
+    let nanos = i128::from(ms) * 1_000_000;
+    OffsetDateTime::from_unix_timestamp_nanos(nanos).map_err(|_| Error::TimeOutOfRange(ms.into()))
+}
+
+/// Unix milliseconds of `t`, truncated (PostgreSQL keeps microseconds).
+pub(crate) fn datetime_to_ms(t: OffsetDateTime) -> i64 {
+    let ms = t.unix_timestamp_nanos().div_euclid(1_000_000);
+    i64::try_from(ms).unwrap_or(if ms < 0 { i64::MIN } else { i64::MAX })
+}
+
+/// Milliseconds now, from the wall clock.
+pub(crate) fn now_ms() -> i64 {
+    system_to_ms(SystemTime::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(asset: &str, ts: i64) -> PriceRow {
+        PriceRow {
+            asset: asset.into(),
+            blockchain: "solana".into(),
+            price: "1.5".parse().unwrap(),
+            timestamp_ms: ts,
+            source_node_id: NodeId::from_uuid(uuid::Uuid::nil()),
+            change_24h: None,
+        }
+    }
+
+    #[test]
+    fn newest_per_asset_keeps_the_newest_and_sorts() {
+        let rows = vec![row("b", 5), row("a", 1), row("b", 9), row("a", 3), row("b", 9)];
+        let out: Vec<(&str, i64)> =
+            newest_per_asset(&rows).iter().map(|r| (r.asset.as_str(), r.timestamp_ms)).collect();
+        assert_eq!(out, vec![("a", 3), ("b", 9)]);
+    }
+
+    #[test]
+    fn times_round_trip_at_millisecond_precision() {
+        for ms in [0, 1, 1_750_000_000_123, -1_000, -1] {
+            assert_eq!(system_to_ms(ms_to_system(ms)), ms);
+            assert_eq!(datetime_to_ms(ms_to_datetime(ms).unwrap()), ms);
+        }
+        assert!(ms_to_datetime(i64::MAX).is_err());
+    }
+
+    #[test]
+    fn filter_matches_on_both_fields() {
+        let r = row("a", 1);
+        assert!(PriceFilter::default().matches(&r));
+        assert!(PriceFilter { blockchain: Some("solana".into()), asset: None }.matches(&r));
+        assert!(!PriceFilter { blockchain: Some("ethereum".into()), asset: None }.matches(&r));
+        assert!(!PriceFilter { blockchain: None, asset: Some("b".into()) }.matches(&r));
+    }
+}

@@ -1,0 +1,119 @@
+//! `PriceStore` and `SeenStore`: the two tables of the guide, on either backend.
+
+use std::time::Duration;
+
+use mesh_protocol::MessageId;
+use mesh_seen_cache::{BackendError, SeenBackend};
+
+use crate::Result;
+use crate::db::{Database, postgres, sqlite};
+use crate::queue::Sink;
+use crate::row::{PriceFilter, PriceRow, SeenRow, newest_per_asset};
+
+/// The latest price of each asset (`mesh_price_cache`).
+#[derive(Debug, Clone)]
+pub struct PriceStore {
+    db: Database,
+}
+
+impl PriceStore {
+    /// A store on `db` (migrated with [`Database::migrate`]).
+    pub fn new(db: Database) -> Self {
+        Self { db }
+    }
+
+    /// Writes `rows` in one statement. A row replaces the stored one of its asset only when its
+    /// timestamp is strictly newer; within `rows`, the newest per asset is kept. Returns how
+    /// many rows were inserted or updated.
+    pub async fn upsert(&self, rows: &[PriceRow]) -> Result<u64> {
+        let rows = newest_per_asset(rows);
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        match &self.db {
+            Database::Postgres(pool) => postgres::upsert_prices(pool, &rows).await,
+            Database::Sqlite(pool) => sqlite::upsert_prices(pool, &rows).await,
+        }
+    }
+
+    /// Every stored price, sorted by asset (what a node loads into its price book at start).
+    pub async fn load_all(&self) -> Result<Vec<PriceRow>> {
+        self.query(&PriceFilter::default()).await
+    }
+
+    /// The prices `filter` selects (by blockchain and/or asset), sorted by asset.
+    pub async fn query(&self, filter: &PriceFilter) -> Result<Vec<PriceRow>> {
+        match &self.db {
+            Database::Postgres(pool) => postgres::load_prices(pool, filter).await,
+            Database::Sqlite(pool) => sqlite::load_prices(pool, filter).await,
+        }
+    }
+}
+
+/// Message ids already seen, until they expire (`mesh_seen_messages`).
+#[derive(Debug, Clone)]
+pub struct SeenStore {
+    db: Database,
+}
+
+impl SeenStore {
+    /// A store on `db` (migrated with [`Database::migrate`]).
+    pub fn new(db: Database) -> Self {
+        Self { db }
+    }
+
+    /// Records `rows` in one statement; an id already recorded keeps its times. Returns how
+    /// many ids were new.
+    pub async fn insert(&self, rows: &[SeenRow]) -> Result<u64> {
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        match &self.db {
+            Database::Postgres(pool) => postgres::insert_seen(pool, rows).await,
+            Database::Sqlite(pool) => sqlite::insert_seen(pool, rows).await,
+        }
+    }
+
+    /// Every id that has not expired yet (what a node loads into its seen cache at start).
+    pub async fn load_unexpired(&self) -> Result<Vec<SeenRow>> {
+        match &self.db {
+            Database::Postgres(pool) => postgres::load_unexpired_seen(pool).await,
+            Database::Sqlite(pool) => sqlite::load_unexpired_seen(pool).await,
+        }
+    }
+
+    /// Deletes ids that expired more than `grace` ago: the guide's daily cleanup
+    /// (`DELETE FROM mesh_seen_messages WHERE expires_at < NOW() - INTERVAL '1 day'`) with
+    /// the interval as a parameter. Returns how many were deleted.
+    pub async fn delete_expired(&self, grace: Duration) -> Result<u64> {
+        match &self.db {
+            Database::Postgres(pool) => postgres::delete_expired_seen(pool, grace).await,
+            Database::Sqlite(pool) => sqlite::delete_expired_seen(pool, grace).await,
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink<PriceRow> for PriceStore {
+    async fn write(&self, batch: &[PriceRow]) -> Result<u64> {
+        self.upsert(batch).await
+    }
+}
+
+#[async_trait::async_trait]
+impl SeenBackend<MessageId> for SeenStore {
+    async fn record(&self, records: &[SeenRow]) -> Result<(), BackendError> {
+        self.insert(records).await.map(drop).map_err(|e| BackendError(Box::new(e)))
+    }
+
+    async fn load_unexpired(&self) -> Result<Vec<SeenRow>, BackendError> {
+        SeenStore::load_unexpired(self).await.map_err(|e| BackendError(Box::new(e)))
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink<SeenRow> for SeenStore {
+    async fn write(&self, batch: &[SeenRow]) -> Result<u64> {
+        self.insert(batch).await
+    }
+}
