@@ -6,7 +6,15 @@
 //! `MESH_TEST_DATABASE_URL` (default `postgres://postgres:postgres@127.0.0.1:5432/postgres`) must name a
 //! role that may create databases; `MESH_TEST_REDIS_URL` defaults to `redis://127.0.0.1:6379`.
 
+mod eventually;
+mod logs;
+mod processes;
+
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
+
+pub use eventually::eventually;
+pub use logs::LogCapture;
+pub use processes::{PgCluster, RedisServer, delete_redis_prefix, free_port};
 
 /// Admin URL of the test PostgreSQL server.
 pub fn database_admin_url() -> String {

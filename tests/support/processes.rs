@@ -75,15 +75,17 @@ impl RedisServer {
         }
         self.child = Some(cmd.spawn().context("starting redis-server (is Redis installed?)")?);
         let client = deadpool_redis::redis::Client::open(self.url())?;
-        eventually("the test's redis-server answers", Duration::from_secs(15), async || {
-            match client.get_multiplexed_async_connection().await {
+        eventually(
+            "the test's redis-server answers",
+            Duration::from_secs(15),
+            async || match client.get_multiplexed_async_connection().await {
                 Ok(mut conn) => deadpool_redis::redis::cmd("PING")
                     .query_async::<String>(&mut conn)
                     .await
                     .is_ok(),
                 Err(_) => false,
-            }
-        })
+            },
+        )
         .await
     }
 }
@@ -141,7 +143,18 @@ impl PgCluster {
         let log = self.dir.path().join("server.log");
         self.run(
             "pg_ctl",
-            &["-D", path_str(&self.data_dir())?, "-l", path_str(&log)?, "-o", &options, "-w", "-t", "60", "start"],
+            &[
+                "-D",
+                path_str(&self.data_dir())?,
+                "-l",
+                path_str(&log)?,
+                "-o",
+                &options,
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ],
         )
     }
 
@@ -158,7 +171,11 @@ impl PgCluster {
         } else {
             Command::new(&program)
         };
-        let out = cmd.args(args).stdin(Stdio::null()).output().with_context(|| format!("running {}", program.display()))?;
+        let out = cmd
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {}", program.display()))?;
         if !out.status.success() {
             bail!(
                 "{} {args:?} failed ({}): {}{}",
@@ -223,7 +240,8 @@ pub async fn delete_redis_prefix(url: &str, prefix: &str) -> anyhow::Result<u64>
             .query_async(&mut conn)
             .await?;
         if !keys.is_empty() {
-            deleted += deadpool_redis::redis::cmd("DEL").arg(&keys).query_async::<u64>(&mut conn).await?;
+            deleted +=
+                deadpool_redis::redis::cmd("DEL").arg(&keys).query_async::<u64>(&mut conn).await?;
         }
         if next == 0 {
             return Ok(deleted);

@@ -1,0 +1,52 @@
+//! Capturing log lines to check the guide's phrases.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+/// Log output of the current thread, kept in memory.
+///
+/// [`LogCapture::install`] sets a thread-local subscriber: use it in a `current_thread` tokio
+/// test so that every task of the test logs into it.
+#[derive(Debug, Clone, Default)]
+pub struct LogCapture {
+    buf: Arc<Mutex<Vec<u8>>>,
+}
+
+impl LogCapture {
+    /// Starts capturing (debug level and up) until the guard is dropped.
+    pub fn install() -> (Self, tracing::subscriber::DefaultGuard) {
+        let capture = Self::default();
+        let writer = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        (capture, tracing::subscriber::set_default(subscriber))
+    }
+
+    /// Everything logged so far.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.lock()).into_owned()
+    }
+
+    /// How many lines contain `phrase`.
+    pub fn count(&self, phrase: &str) -> usize {
+        self.text().lines().filter(|line| line.contains(phrase)).count()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<u8>> {
+        self.buf.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl Write for LogCapture {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.lock().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
