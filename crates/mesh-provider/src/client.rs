@@ -226,7 +226,8 @@ impl Default for ClientConfig {
 pub struct BirdeyeClient {
     http: reqwest::Client,
     base: Url,
-    key: ApiKey,
+    /// The key as a header value marked sensitive (hidden from reqwest's and our `Debug`).
+    key_header: HeaderValue,
     config: ClientConfig,
 }
 
@@ -234,7 +235,7 @@ impl std::fmt::Debug for BirdeyeClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BirdeyeClient")
             .field("base_url", &self.base.as_str())
-            .field("key", &self.key)
+            .field("key", &"<redacted>")
             .finish_non_exhaustive()
     }
 }
@@ -266,6 +267,10 @@ impl BirdeyeClient {
     /// A client with explicit settings.
     pub fn with_config(key: ApiKey, config: ClientConfig) -> Result<Self> {
         let base = parse_base_url(&config.base_url)?;
+        let mut key_header = HeaderValue::from_str(key.expose()).map_err(|_| Error::Config {
+            reason: "API key holds characters a header cannot carry".into(),
+        })?;
+        key_header.set_sensitive(true);
         let mut headers = HeaderMap::new();
         headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
         let http = reqwest::Client::builder()
@@ -275,7 +280,7 @@ impl BirdeyeClient {
             .connect_timeout(config.connect_timeout)
             .build()
             .map_err(|e| Error::Config { reason: format!("HTTP client: {e}") })?;
-        Ok(Self { http, base, key, config })
+        Ok(Self { http, base, key_header, config })
     }
 
     /// The settings in use.
@@ -426,15 +431,11 @@ impl BirdeyeClient {
     }
 
     async fn send_once(&self, request: RequestBuilder, chain: &str) -> Result<Vec<u8>> {
-        let mut key = HeaderValue::from_str(self.key.expose()).map_err(|_| Error::Config {
-            reason: "API key holds characters a header cannot carry".into(),
-        })?;
-        key.set_sensitive(true);
         let chain_header = HeaderValue::from_str(chain).map_err(|_| Error::Config {
             reason: format!("chain {chain:?} is not a header value"),
         })?;
         let response = request
-            .header("X-API-KEY", key)
+            .header("X-API-KEY", self.key_header.clone())
             .header("x-chain", chain_header)
             .send()
             .await
