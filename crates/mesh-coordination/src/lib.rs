@@ -16,7 +16,7 @@
 //! ```
 //! use std::sync::Arc;
 //! use std::time::Duration;
-//! use mesh_coordination::{MemoryCoordination, NoMesh, PlannerConfig, RoundPlanner, Via};
+//! use mesh_coordination::{MemoryCoordination, NoMesh, PlannerConfig, RoundPlanner, TokioClock, Via};
 //! use mesh_protocol::Identity;
 //!
 //! # #[tokio::main(flavor = "current_thread", start_paused = true)]
@@ -24,9 +24,11 @@
 //! // Three providers of one process share an in-memory registry (Redis across processes).
 //! let shared = Arc::new(MemoryCoordination::new());
 //! let config = PlannerConfig::new(Duration::from_secs(30), Duration::from_secs(5));
+//! // A wall clock that follows tokio's paused time, starting at a round boundary.
+//! let clock = Arc::new(TokioClock::starting_at(1_750_000_020_000));
 //! let planner = || {
 //!     let node = Identity::generate().node_id();
-//!     RoundPlanner::new(config, node, shared.clone(), Arc::new(NoMesh))
+//!     RoundPlanner::new(config, node, shared.clone(), Arc::new(NoMesh)).with_clock(clock.clone())
 //! };
 //! let (a, b, c) = (planner(), planner(), planner());
 //! a.register().await; // normally done by `next`; here all three must know each other at once

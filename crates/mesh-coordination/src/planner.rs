@@ -272,13 +272,13 @@ impl RoundPlanner {
             ranking = Self::ranking(round, &providers);
             rank = position(&ranking, self.node);
         }
-        *self.lock_last() = Some(round);
-
         let round_start = round * interval_ms;
         let slot = round_start + self.config.slot_offset_ms(rank);
         if slot > now {
             tokio::time::sleep(Duration::from_millis(slot - now)).await;
         }
+        // Only now: a call cancelled while it waited leaves its round to the next call.
+        *self.lock_last() = Some(round);
 
         let leased = if coordinated {
             match self.coordination.try_acquire_round(round, self.node, self.config.interval).await
@@ -647,5 +647,11 @@ mod tests {
         let again = p.next().await;
         assert_eq!(again.round, d.round + 1, "the next call moves on to the next round");
         assert!(again.fetch && d.fetch);
+
+        // A call cancelled while it waits for its slot gives the round back to the next call.
+        let waiting = tokio::time::timeout(Duration::from_secs(1), p.next()).await;
+        assert!(waiting.is_err(), "the slot is a round away");
+        let resumed = p.next().await;
+        assert_eq!(resumed.round, again.round + 1);
     }
 }

@@ -65,8 +65,9 @@ impl Database {
         Ok(db)
     }
 
-    /// Builds the pool without connecting: connections are opened on first use, so a node can
-    /// start while its database is down and let the write-behind queue retry.
+    /// Builds the pool without connecting (within a Tokio runtime): connections are opened on
+    /// first use, so a node can start while its database is down and let the write-behind
+    /// queue retry.
     pub fn connect_lazy(config: &DatabaseConfig) -> Result<Self> {
         let url = config.url.as_str();
         if url.starts_with("postgres://") || url.starts_with("postgresql://") {

@@ -71,9 +71,11 @@ impl PriceMirror {
             newest_per_asset(rows).into_iter().cloned().collect()
         };
         match self.send(&rows).await {
-            Ok(()) => {
+            Ok(true) => {
                 self.health.succeeded();
             }
+            // Nothing to send: Redis was not asked, so nothing is known about it.
+            Ok(false) => {}
             Err(error) => self.health.failed(&error),
         }
     }
@@ -112,9 +114,10 @@ impl PriceMirror {
         }
     }
 
-    async fn send(&self, rows: &[PriceRow]) -> Result<(), CallError> {
+    /// Writes `rows` in one `EVAL`; `false` when there was nothing to write.
+    async fn send(&self, rows: &[PriceRow]) -> Result<bool, CallError> {
         if rows.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(WRITE_NEWEST).arg(2).arg(&self.prices_key).arg(&self.stamps_key);
@@ -125,7 +128,7 @@ impl PriceMirror {
         }
         let mut conn = self.pool.get().await?;
         let _written: i64 = cmd.query_async(&mut conn).await?;
-        Ok(())
+        Ok(true)
     }
 
     async fn fetch_all(&self) -> Result<Vec<PriceRow>, CallError> {

@@ -69,11 +69,14 @@ impl RedisSeen {
             batch.extend(self.memory_rows());
         }
         match self.send(&batch).await {
-            Ok(()) => {
+            Ok(sent) => {
                 if recovering {
                     self.forget(&batch);
                 }
-                self.health.succeeded();
+                // Nothing to send (all expired): Redis was not asked, nothing is known.
+                if sent {
+                    self.health.succeeded();
+                }
             }
             Err(error) => {
                 self.health.failed(&error);
@@ -154,7 +157,8 @@ impl RedisSeen {
         format!("{}{id}", self.key_prefix)
     }
 
-    async fn send(&self, rows: &[SeenRow]) -> Result<(), CallError> {
+    /// Writes `rows` in one pipeline; `false` when there was nothing to write.
+    async fn send(&self, rows: &[SeenRow]) -> Result<bool, CallError> {
         let now = SystemTime::now();
         let mut pipe = redis::pipe();
         for row in rows {
@@ -173,11 +177,11 @@ impl RedisSeen {
                 .ignore();
         }
         if pipe.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let mut conn = self.pool.get().await?;
         pipe.query_async::<()>(&mut conn).await?;
-        Ok(())
+        Ok(true)
     }
 
     async fn scan(&self) -> Result<Vec<SeenRow>, CallError> {
@@ -228,7 +232,7 @@ impl RedisSeen {
     async fn write_back(&self) {
         let rows = self.memory_rows();
         match self.send(&rows).await {
-            Ok(()) => self.forget(&rows),
+            Ok(_) => self.forget(&rows),
             Err(error) => self.health.failed(&error),
         }
     }
