@@ -5,6 +5,7 @@ mod protocol;
 mod provider;
 mod report;
 mod seen_cache;
+mod storage;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +25,8 @@ enum Bench {
     SeenCache(seen_cache::Args),
     /// Birdeye client batches/s against birdeye-sim, provider round start to hand-over.
     Provider(provider::Args),
+    /// PostgreSQL batch upserts, Redis mirror write+read of 50 prices, round-lease p99.
+    Storage(storage::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -32,6 +35,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Protocol(args) => protocol::run(&args)?,
         Bench::SeenCache(args) => seen_cache::run(&args)?,
         Bench::Provider(args) => provider::run(&args)?,
+        Bench::Storage(args) => storage::run(&args)?,
     };
     println!("{}", serde_json::to_string_pretty(&doc)?);
     Ok(())
