@@ -41,6 +41,13 @@ pub enum Outcome<P> {
         /// Hop count of this copy (it tells how far the sender is from the origin).
         hop_count: u8,
     },
+    /// A valid message that is older than one already accepted from its origin, but recent
+    /// enough to be a late copy rather than a replay (it raced a newer one through another
+    /// path): drop it without charging the sender.
+    Stale {
+        /// The id.
+        id: MessageId,
+    },
     /// An invalid message: drop it and charge the sender.
     Rejected(Rejection),
 }
@@ -159,6 +166,14 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
                     Err(rejection) => return Outcome::Rejected(rejection),
                 };
                 if let Err(rejection) = self.marks.admit(&message) {
+                    // A replay older than the seen-cache lifetime is an attack (a captured
+                    // message sent again once the cache forgot it); a younger one lost a race.
+                    let window_ms =
+                        i64::try_from(self.seen.config().ttl.as_millis()).unwrap_or(i64::MAX);
+                    if message.body.created_at_ms >= now_ms.saturating_sub(window_ms) {
+                        self.seen.insert(id, ttl);
+                        return Outcome::Stale { id };
+                    }
                     return Outcome::Rejected(rejection);
                 }
                 self.seen.insert(id, ttl);

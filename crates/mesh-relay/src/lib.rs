@@ -36,6 +36,7 @@ pub mod stats;
 
 pub use config::Config;
 pub use core::{CoreConfig, Forward, Outcome, RelayCore};
+pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
 pub use network::{Delivery, Error, PeerStatus, Relay, Result, Status};
 pub use stats::StatsSnapshot;

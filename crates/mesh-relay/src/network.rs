@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures::{AsyncWriteExt, StreamExt};
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::core::transport::MemoryTransport;
 use libp2p::core::upgrade;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
@@ -228,10 +228,12 @@ impl Relay {
         cancel: CancellationToken,
     ) -> Result<(Relay, mpsc::Receiver<Delivery>)> {
         let mut swarm = build_swarm(identity, &config)?;
+        let mut listeners = Vec::new();
         for addr in &config.listen_addrs {
-            swarm
+            let id = swarm
                 .listen_on(addr.clone())
-                .map_err(|e| Error::Listen { addr: addr.clone(), reason: e.to_string() })?;
+                .map_err(|e| Error::Listen { addr: addr.clone(), reason: format!("{e:?}") })?;
+            listeners.push(id);
         }
         let peer_id = *swarm.local_peer_id();
         let mut control = swarm.behaviour().stream.new_control();
@@ -277,6 +279,7 @@ impl Relay {
         tracker.spawn(
             SwarmTask {
                 swarm,
+                listeners,
                 peers: PeerManager::new(peer_id, ctx.config.peers.clone()),
                 commands: swarm_rx,
                 status: status_tx,
@@ -448,6 +451,7 @@ struct Context {
 
 struct SwarmTask {
     swarm: Swarm<Behaviour>,
+    listeners: Vec<libp2p::core::transport::ListenerId>,
     peers: PeerManager,
     commands: mpsc::Receiver<SwarmCommand>,
     status: watch::Sender<Status>,
@@ -471,6 +475,12 @@ impl SwarmTask {
         let links: Vec<Link> = write_links(&self.ctx.links).drain().map(|(_, l)| l).collect();
         for link in links {
             link.cancel.cancel();
+        }
+        // Close the listeners explicitly: the memory transport keeps a port registered until
+        // its listener is removed, even after the swarm is dropped, and a restarted node must
+        // be able to listen on the same address again.
+        for id in self.listeners.drain(..) {
+            self.swarm.remove_listener(id);
         }
     }
 
@@ -721,6 +731,13 @@ struct Writer {
     ctx: Context,
 }
 
+/// The byte a reader sends when it has taken a stream: libp2p-stream drops inbound streams
+/// its accept loop could not take in time (libp2p#5651), and the opener only learns of it from
+/// this byte (or its absence).
+const STREAM_READY: u8 = 0x01;
+/// How long a writer waits for [`STREAM_READY`].
+const READY_TIMEOUT: Duration = Duration::from_secs(5);
+
 impl Writer {
     /// Most frames written before a flush.
     const BATCH: usize = 64;
@@ -728,12 +745,16 @@ impl Writer {
     async fn run(mut self) {
         let (min_backoff, max_backoff) = self.ctx.config.stream_backoff;
         let mut backoff = min_backoff;
+        // Frames taken from the queue but not yet written: kept across a reopen, so a broken
+        // stream loses nothing (the receiver drops any copy it already had as a duplicate).
+        let mut pending: Vec<Bytes> = Vec::new();
+        let cancel = self.cancel.clone();
         loop {
             let opened = tokio::select! {
-                () = self.cancel.cancelled() => return,
-                r = tokio::time::timeout(Duration::from_secs(10), self.ctx.control.open_stream(self.peer, RELAY_PROTOCOL)) => r,
+                () = cancel.cancelled() => break,
+                r = tokio::time::timeout(READY_TIMEOUT, self.open()) => r,
             };
-            let mut stream = match opened {
+            let stream = match opened {
                 Ok(Ok(stream)) => {
                     bump(&self.ctx.stats.streams_opened);
                     backoff = min_backoff;
@@ -743,81 +764,90 @@ impl Writer {
                     debug!(error = %e, "cannot open relay stream");
                     bump(&self.ctx.stats.stream_open_failures);
                     if !self.pause(&mut backoff, max_backoff).await {
-                        return;
+                        break;
                     }
                     continue;
                 }
                 Err(_) => {
+                    debug!("relay stream not taken by the peer in time");
                     bump(&self.ctx.stats.stream_open_failures);
                     if !self.pause(&mut backoff, max_backoff).await {
-                        return;
+                        break;
                     }
                     continue;
                 }
             };
-            // Write until the stream breaks, then reopen.
+            // Write until the stream breaks or the peer closes it, then reopen. The peer never
+            // writes on this stream after the ready byte, so anything readable is its end
+            // closing (a reader replaced by a newer stream, or one that gave up on us).
+            let (mut closed_by_peer, mut stream) = stream.split();
+            let mut probe = [0u8; 1];
             loop {
-                let frame = tokio::select! {
-                    () = self.cancel.cancelled() => {
-                        let _ = stream.close().await;
-                        return;
+                if pending.is_empty() {
+                    let frame = tokio::select! {
+                        () = cancel.cancelled() => {
+                            let _ = stream.close().await;
+                            return;
+                        }
+                        _ = closed_by_peer.read(&mut probe) => {
+                            debug!("relay stream closed by the peer; reopening");
+                            break;
+                        }
+                        f = self.frames.recv() => match f {
+                            Some(f) => f,
+                            None => return,
+                        },
+                    };
+                    pending.push(frame);
+                    while pending.len() < Self::BATCH {
+                        match self.frames.try_recv() {
+                            Ok(f) => pending.push(f),
+                            Err(_) => break,
+                        }
                     }
-                    f = self.frames.recv() => match f {
-                        Some(f) => f,
-                        None => return,
-                    },
-                };
-                if let Err(e) = self.write_batch(&mut stream, frame).await {
-                    debug!(error = %e, "relay stream broke; reopening");
-                    break;
+                }
+                match write_all(&mut stream, &pending).await {
+                    Ok(bytes) => {
+                        let stats = &self.ctx.stats;
+                        let count = pending.len() as u64;
+                        stats.frames_sent.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+                        stats.bytes_sent.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+                        metrics::counter!("mesh_relay_frames_sent_total").increment(count);
+                        metrics::counter!("mesh_relay_bytes_sent_total").increment(bytes);
+                        pending.clear();
+                    }
+                    Err(e) => {
+                        debug!(error = %e, "relay stream broke; reopening");
+                        break;
+                    }
                 }
             }
         }
+        if !pending.is_empty() {
+            let lost = pending.len() as u64;
+            self.ctx
+                .stats
+                .dropped_stream_lost
+                .fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
+            metrics::counter!("mesh_relay_dropped_total", "reason" => "stream_lost")
+                .increment(lost);
+        }
     }
 
-    /// Writes `first` and whatever else is queued (up to a batch), then flushes once.
-    async fn write_batch(
-        &mut self,
-        stream: &mut libp2p::Stream,
-        first: Bytes,
-    ) -> std::io::Result<()> {
-        let mut pending = vec![first];
-        while pending.len() < Self::BATCH {
-            match self.frames.try_recv() {
-                Ok(f) => pending.push(f),
-                Err(_) => break,
-            }
+    /// Opens a stream and waits until the peer's reader has taken it.
+    async fn open(&mut self) -> std::io::Result<libp2p::Stream> {
+        let mut stream = self
+            .ctx
+            .control
+            .open_stream(self.peer, RELAY_PROTOCOL)
+            .await
+            .map_err(std::io::Error::other)?;
+        let mut ready = [0u8; 1];
+        stream.read_exact(&mut ready).await?;
+        if ready[0] != STREAM_READY {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "bad ready byte"));
         }
-        let count = pending.len() as u64;
-        let result = async {
-            let mut bytes = 0u64;
-            for f in &pending {
-                framing::write_frame(stream, f).await?;
-                bytes += 4 + f.len() as u64;
-            }
-            stream.flush().await?;
-            Ok::<u64, std::io::Error>(bytes)
-        }
-        .await;
-        match result {
-            Ok(bytes) => {
-                let stats = &self.ctx.stats;
-                stats.frames_sent.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
-                stats.bytes_sent.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
-                metrics::counter!("mesh_relay_frames_sent_total").increment(count);
-                metrics::counter!("mesh_relay_bytes_sent_total").increment(bytes);
-                Ok(())
-            }
-            Err(e) => {
-                self.ctx
-                    .stats
-                    .dropped_stream_lost
-                    .fetch_add(count, std::sync::atomic::Ordering::Relaxed);
-                metrics::counter!("mesh_relay_dropped_total", "reason" => "stream_lost")
-                    .increment(count);
-                Err(e)
-            }
-        }
+        Ok(stream)
     }
 
     /// Waits out the backoff (with jitter); `false` when cancelled meanwhile.
@@ -830,6 +860,20 @@ impl Writer {
             () = tokio::time::sleep(wait) => true,
         }
     }
+}
+
+/// Writes the frames and flushes once; returns the bytes written.
+async fn write_all<W: futures::AsyncWrite + Unpin>(
+    stream: &mut W,
+    frames: &[Bytes],
+) -> std::io::Result<u64> {
+    let mut bytes = 0u64;
+    for f in frames {
+        framing::write_frame(stream, f).await?;
+        bytes += 4 + f.len() as u64;
+    }
+    stream.flush().await?;
+    Ok(bytes)
 }
 
 /// Takes inbound relay streams as fast as they come and starts a reader for each.
@@ -868,6 +912,13 @@ struct Reader {
 impl Reader {
     async fn run(self, mut stream: libp2p::Stream) {
         let mut buf = Vec::new();
+        let ready = async {
+            stream.write_all(&[STREAM_READY]).await?;
+            stream.flush().await
+        };
+        if ready.await.is_err() {
+            return;
+        }
         loop {
             let read = tokio::select! {
                 () = self.token.cancelled() => break,
@@ -992,6 +1043,11 @@ impl CoreTask {
                 metrics::counter!("mesh_relay_messages_total", "outcome" => "duplicate")
                     .increment(1);
                 let _ = self.ctx.swarm_tx.try_send(SwarmCommand::ProviderHops(peer, hop_count));
+            }
+            Outcome::Stale { id } => {
+                debug!(%peer, %id, "older than a message already accepted from its origin; dropped");
+                bump(&self.ctx.stats.stale);
+                metrics::counter!("mesh_relay_messages_total", "outcome" => "stale").increment(1);
             }
             Outcome::Rejected(rejection) => self.reject(peer, &rejection),
         }

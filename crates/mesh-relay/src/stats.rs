@@ -12,6 +12,7 @@ pub struct Stats {
     pub(crate) published: AtomicU64,
     pub(crate) duplicates: AtomicU64,
     pub(crate) reforwarded: AtomicU64,
+    pub(crate) stale: AtomicU64,
     pub(crate) rejected: [AtomicU64; RejectReason::ALL.len()],
     pub(crate) frames_queued: AtomicU64,
     pub(crate) frames_sent: AtomicU64,
@@ -36,6 +37,8 @@ pub struct StatsSnapshot {
     pub duplicates: u64,
     /// Duplicates forwarded again because they carried more TTL.
     pub reforwarded: u64,
+    /// Older messages that lost a race with a newer one from the same origin (not charged).
+    pub stale: u64,
     /// Rejections per reason (label, count), reasons with a zero count left out.
     pub rejected: Vec<(&'static str, u64)>,
     /// Frames put on peer queues.
@@ -91,6 +94,7 @@ impl Stats {
             published: get(&self.published),
             duplicates: get(&self.duplicates),
             reforwarded: get(&self.reforwarded),
+            stale: get(&self.stale),
             rejected: RejectReason::ALL
                 .iter()
                 .zip(&self.rejected)
