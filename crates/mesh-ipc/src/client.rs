@@ -1,0 +1,107 @@
+//! The API's side: requests over short connections and a subscription over a long one.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::net::UnixStream;
+
+use crate::frame::{self, MAX_RESPONSE_LEN};
+use crate::types::{
+    Event, NetworkStatus, PriceFilter, PriceView, ProviderStatusView, Request, Response,
+};
+use crate::{Error, Result};
+
+/// A client of the node's socket. Cheap to clone; each request uses its own connection.
+#[derive(Debug, Clone)]
+pub struct Client {
+    path: PathBuf,
+    timeout: Duration,
+}
+
+impl Client {
+    /// A client of the socket at `path` with a 30-second request timeout (enabling provider
+    /// mode checks the key against Birdeye, which can take a while).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into(), timeout: Duration::from_secs(30) }
+    }
+
+    /// Changes the request timeout.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn connect(&self) -> Result<UnixStream> {
+        UnixStream::connect(&self.path)
+            .await
+            .map_err(|e| Error::Unreachable { path: self.path.clone(), source: e })
+    }
+
+    /// Sends one request and waits for its answer.
+    pub async fn request(&self, request: &Request) -> Result<Response> {
+        let exchange = async {
+            let mut stream = self.connect().await?;
+            frame::write(&mut stream, request).await?;
+            frame::read::<Response, _>(&mut stream, MAX_RESPONSE_LEN).await?.ok_or(Error::Closed)
+        };
+        tokio::time::timeout(self.timeout, exchange).await.map_err(|_| Error::Timeout)?
+    }
+
+    /// Prices matching `filter`.
+    pub async fn prices(&self, filter: PriceFilter) -> Result<Vec<PriceView>> {
+        match self.request(&Request::GetPrices(filter)).await? {
+            Response::Prices(p) => Ok(p),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The network status.
+    pub async fn network_status(&self) -> Result<NetworkStatus> {
+        match self.request(&Request::GetNetworkStatus).await? {
+            Response::NetworkStatus(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Provider mode status.
+    pub async fn provider_status(&self) -> Result<ProviderStatusView> {
+        match self.request(&Request::GetProviderStatus).await? {
+            Response::ProviderStatus(s) => Ok(s),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Opens a subscription: the first event is a snapshot.
+    pub async fn subscribe(&self) -> Result<Subscription> {
+        let mut stream = self.connect().await?;
+        tokio::time::timeout(self.timeout, frame::write(&mut stream, &Request::Subscribe))
+            .await
+            .map_err(|_| Error::Timeout)??;
+        Ok(Subscription { stream })
+    }
+}
+
+fn unexpected(response: Response) -> Error {
+    match response {
+        Response::Error { kind, message } => Error::Remote { kind, message },
+        other => Error::Malformed(format!("unexpected answer {other:?}")),
+    }
+}
+
+/// A stream of events from the node.
+#[derive(Debug)]
+pub struct Subscription {
+    stream: UnixStream,
+}
+
+impl Subscription {
+    /// The next event; `Ok(None)` when the node closed the stream (it stopped).
+    pub async fn next(&mut self) -> Result<Option<Event>> {
+        frame::read::<Event, _>(&mut self.stream, MAX_RESPONSE_LEN).await
+    }
+}

@@ -1,0 +1,226 @@
+//! The node's side: a Unix socket server that answers [`Request`]s through a [`Handler`] and
+//! streams [`Event`]s to subscribers.
+//!
+//! Every connection has its own task. A subscriber gets a [`Snapshot`] first, then events from a
+//! bounded broadcast channel; one that falls behind gets a fresh snapshot in place of the events
+//! it missed (conflation), and one that stops reading for [`ServerConfig::write_timeout`] is
+//! dropped. The node never waits for a subscriber.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::{Semaphore, broadcast};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::frame::{self, MAX_REQUEST_LEN};
+use crate::types::{ErrorKind, Event, Request, Response, Snapshot};
+use crate::{Error, Result};
+
+/// What the node provides to the server.
+#[async_trait::async_trait]
+pub trait Handler: Send + Sync + 'static {
+    /// Answers one request (never [`Request::Subscribe`], which the server handles).
+    async fn handle(&self, request: Request) -> Response;
+    /// The current full state.
+    fn snapshot(&self) -> Snapshot;
+    /// A receiver of every event from now on.
+    fn events(&self) -> broadcast::Receiver<Event>;
+}
+
+/// Server settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Socket path (`MESH_NODE_SOCKET`).
+    pub path: PathBuf,
+    /// Permission bits of the socket file: owner and group may connect.
+    pub mode: u32,
+    /// Most connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// A subscriber that does not take an event within this time is dropped.
+    pub write_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// Defaults for a socket at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            mode: 0o660,
+            max_connections: 256,
+            write_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A bound socket, ready to serve.
+#[derive(Debug)]
+pub struct Server {
+    listener: UnixListener,
+    config: ServerConfig,
+}
+
+impl Server {
+    /// Binds the socket: creates the parent directory, removes a stale socket file left by a
+    /// process that is gone (refuses when another process still answers on it), and sets the
+    /// file's mode.
+    pub async fn bind(config: ServerConfig) -> Result<Self> {
+        let path = &config.path;
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|e| Error::Socket { path: path.clone(), source: e })?;
+        }
+        if path.exists() {
+            if UnixStream::connect(path).await.is_ok() {
+                return Err(Error::InUse(path.clone()));
+            }
+            std::fs::remove_file(path)
+                .map_err(|e| Error::Socket { path: path.clone(), source: e })?;
+        }
+        let listener = UnixListener::bind(path)
+            .map_err(|e| Error::Socket { path: path.clone(), source: e })?;
+        set_mode(path, config.mode)?;
+        info!(socket = %path.display(), "IPC socket listening");
+        Ok(Self { listener, config })
+    }
+
+    /// The socket path.
+    pub fn path(&self) -> &Path {
+        &self.config.path
+    }
+
+    /// Serves until `cancel` fires, then waits for the connections to finish and removes the
+    /// socket file.
+    pub async fn run(self, handler: Arc<dyn Handler>, cancel: CancellationToken) {
+        let tracker = TaskTracker::new();
+        let permits = Arc::new(Semaphore::new(self.config.max_connections.max(1)));
+        let config = Arc::new(self.config);
+        let mut next_id = 0u64;
+        loop {
+            let permit = tokio::select! {
+                () = cancel.cancelled() => break,
+                p = permits.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => break,
+                },
+            };
+            let accepted = tokio::select! {
+                () = cancel.cancelled() => break,
+                a = self.listener.accept() => a,
+            };
+            match accepted {
+                Ok((stream, _)) => {
+                    next_id += 1;
+                    let connection = Connection {
+                        handler: handler.clone(),
+                        config: config.clone(),
+                        cancel: cancel.clone(),
+                    };
+                    tracker.spawn(
+                        async move {
+                            connection.serve(stream).await;
+                            drop(permit);
+                        }
+                        .instrument(info_span!("ipc_connection", id = next_id)),
+                    );
+                }
+                Err(e) => {
+                    warn!(error = %e, "IPC accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+        tracker.close();
+        tracker.wait().await;
+        let _ = std::fs::remove_file(&config.path);
+    }
+}
+
+#[cfg(unix)]
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::Socket { path: path.to_path_buf(), source: e })
+}
+
+#[cfg(not(unix))]
+fn set_mode(_path: &Path, _mode: u32) -> Result<()> {
+    Ok(())
+}
+
+struct Connection {
+    handler: Arc<dyn Handler>,
+    config: Arc<ServerConfig>,
+    cancel: CancellationToken,
+}
+
+impl Connection {
+    async fn serve(self, mut stream: UnixStream) {
+        loop {
+            let request = tokio::select! {
+                () = self.cancel.cancelled() => return,
+                r = frame::read::<Request, _>(&mut stream, MAX_REQUEST_LEN) => r,
+            };
+            let request = match request {
+                Ok(Some(r)) => r,
+                Ok(None) => return,
+                Err(Error::Io(_)) => return,
+                Err(e) => {
+                    // A malformed request gets an answer, then the connection is closed: the
+                    // stream may be out of step.
+                    let answer =
+                        Response::Error { kind: ErrorKind::BadRequest, message: e.to_string() };
+                    let _ = self.write(&mut stream, &answer).await;
+                    return;
+                }
+            };
+            if request == Request::Subscribe {
+                self.stream_events(stream).await;
+                return;
+            }
+            let answer = self.handler.handle(request).await;
+            if self.write(&mut stream, &answer).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn write<T: serde::Serialize>(&self, stream: &mut UnixStream, value: &T) -> Result<()> {
+        match tokio::time::timeout(self.config.write_timeout, frame::write(stream, value)).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Timeout),
+        }
+    }
+
+    async fn stream_events(&self, mut stream: UnixStream) {
+        // Subscribe before taking the snapshot so nothing falls between the two.
+        let mut events = self.handler.events();
+        let snapshot = Event::Snapshot(Box::new(self.handler.snapshot()));
+        if self.write(&mut stream, &snapshot).await.is_err() {
+            return;
+        }
+        debug!("subscriber attached");
+        loop {
+            let event = tokio::select! {
+                () = self.cancel.cancelled() => return,
+                e = events.recv() => e,
+            };
+            let event = match event {
+                Ok(event) => event,
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    debug!(missed, "subscriber fell behind; sending a fresh snapshot");
+                    events = events.resubscribe();
+                    Event::Snapshot(Box::new(self.handler.snapshot()))
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            if let Err(e) = self.write(&mut stream, &event).await {
+                debug!(error = %e, "subscriber dropped");
+                return;
+            }
+        }
+    }
+}
