@@ -76,6 +76,14 @@ impl Client {
         }
     }
 
+    /// The node's metrics (Prometheus text format).
+    pub async fn metrics(&self) -> Result<String> {
+        match self.request(&Request::GetMetrics).await? {
+            Response::Metrics(text) => Ok(text),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Opens a subscription: the first event is a snapshot.
     pub async fn subscribe(&self) -> Result<Subscription> {
         let mut stream = self.connect().await?;

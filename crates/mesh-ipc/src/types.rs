@@ -196,6 +196,8 @@ pub enum Request {
     },
     /// Turn provider mode off.
     DisableProvider,
+    /// The node's metrics in the Prometheus text format.
+    GetMetrics,
     /// Switch this connection to a stream of [`Event`]s.
     Subscribe,
 }
@@ -228,6 +230,8 @@ pub enum Response {
     NetworkStatus(NetworkStatus),
     /// Provider mode status.
     ProviderStatus(ProviderStatusView),
+    /// The node's metrics (Prometheus text format).
+    Metrics(String),
     /// A failed request.
     Error {
         /// What kind of failure.

@@ -16,12 +16,15 @@
 //! # Ok(()) }
 //! ```
 
+pub mod demo;
 pub mod eventually;
+pub mod local;
 pub mod messages;
 pub mod net;
 pub mod topology;
 
 pub use eventually::{eventually, eventually_async};
+pub use local::{DEMO_API_KEY, LocalMesh, LocalMeshBuilder};
 pub use messages::{now_ms, price_batch};
 pub use net::{Received, TestNet, TestNetBuilder, TestNode, Transport, WAIT, test_config};
 pub use topology::Topology;

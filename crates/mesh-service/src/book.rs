@@ -1,0 +1,423 @@
+//! The price book (ARCHITECTURE section 8): per (blockchain, asset) the latest accepted update
+//! of each provider. It serves the newest, with its age, hop count and how many providers
+//! agree, flags two providers' fresh prices that differ by more than the threshold, and rates
+//! the freshness of the whole node.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use bigdecimal::BigDecimal;
+use mesh_ipc::{DataFreshness, Discrepancy, PriceFilter, PriceView};
+use mesh_protocol::{Decimal, NodeId, PriceUpdate};
+
+/// Price book settings.
+#[derive(Debug, Clone)]
+pub struct BookConfig {
+    /// `MESH_STALENESS_THRESHOLD_SECS`: a price older than this is stale.
+    pub staleness: Duration,
+    /// The fetch interval: data younger than two intervals is fresh, and only fresh prices of
+    /// different providers are compared.
+    pub fetch_interval: Duration,
+    /// `MESH_PRICE_DISCREPANCY_THRESHOLD_PERCENT`, of the lower price.
+    pub discrepancy_threshold_percent: f64,
+    /// Most assets held; updates for further assets are dropped (and counted).
+    pub max_assets: usize,
+    /// Most providers remembered per asset; the one heard from longest ago is forgotten.
+    pub max_providers_per_asset: usize,
+}
+
+impl Default for BookConfig {
+    fn default() -> Self {
+        Self {
+            staleness: Duration::from_secs(3600),
+            fetch_interval: Duration::from_secs(30),
+            discrepancy_threshold_percent: 5.0,
+            max_assets: 100_000,
+            max_providers_per_asset: 64,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Quote {
+    price: Decimal,
+    value: BigDecimal,
+    change_24h: Option<Decimal>,
+    timestamp_ms: i64,
+    hop_count: u8,
+}
+
+#[derive(Debug, Default)]
+struct AssetEntry {
+    quotes: HashMap<NodeId, Quote>,
+    discrepancy: bool,
+}
+
+type Key = (String, String);
+
+/// What one batch changed.
+#[derive(Debug, Default)]
+pub struct Applied {
+    /// Served prices that changed (new price, or discrepancy flag changed).
+    pub changed: Vec<PriceView>,
+    /// Discrepancies found.
+    pub discrepancies: Vec<Discrepancy>,
+    /// Updates ignored because the provider had sent a newer one.
+    pub older: usize,
+    /// Updates dropped because the book is full.
+    pub dropped: usize,
+}
+
+/// The latest price of every provider for every asset.
+#[derive(Debug)]
+pub struct PriceBook {
+    config: BookConfig,
+    threshold: BigDecimal,
+    assets: HashMap<Key, AssetEntry>,
+    newest_timestamp_ms: Option<i64>,
+    last_update_ms: Option<i64>,
+}
+
+impl PriceBook {
+    /// An empty book.
+    pub fn new(config: BookConfig) -> Self {
+        let threshold =
+            BigDecimal::from_str(&format!("{:.6}", config.discrepancy_threshold_percent))
+                .unwrap_or_else(|_| BigDecimal::from(5));
+        Self {
+            config,
+            threshold,
+            assets: HashMap::new(),
+            newest_timestamp_ms: None,
+            last_update_ms: None,
+        }
+    }
+
+    /// Number of assets held.
+    pub fn len(&self) -> usize {
+        self.assets.len()
+    }
+
+    /// `true` when no price is held.
+    pub fn is_empty(&self) -> bool {
+        self.assets.is_empty()
+    }
+
+    /// When the newest update arrived (Unix ms).
+    pub fn last_update_ms(&self) -> Option<i64> {
+        self.last_update_ms
+    }
+
+    /// Age of the newest price, by its timestamp.
+    pub fn data_age(&self, now_ms: i64) -> Option<Duration> {
+        self.newest_timestamp_ms.map(|ts| Duration::from_millis((now_ms - ts).max(0) as u64))
+    }
+
+    fn fresh(&self, quote: &Quote, now_ms: i64) -> bool {
+        let window = 2 * self.config.fetch_interval.as_millis() as i64;
+        now_ms - quote.timestamp_ms < window
+    }
+
+    /// Applies a batch from `origin` that travelled `hop_count` hops, received at `now_ms`.
+    pub fn apply(
+        &mut self,
+        origin: NodeId,
+        hop_count: u8,
+        updates: &[PriceUpdate],
+        now_ms: i64,
+    ) -> Applied {
+        let mut applied = Applied::default();
+        for update in updates {
+            let key = (update.blockchain.clone(), update.asset.clone());
+            if !self.assets.contains_key(&key) && self.assets.len() >= self.config.max_assets {
+                applied.dropped += 1;
+                continue;
+            }
+            let quote = Quote {
+                price: update.price.clone(),
+                value: update.price.value(),
+                change_24h: update.change_24h.clone(),
+                timestamp_ms: update.timestamp_ms,
+                hop_count,
+            };
+            let max_providers = self.config.max_providers_per_asset.max(1);
+            let before = self.served_key(&key);
+            let entry = self.assets.entry(key.clone()).or_default();
+            if let Some(held) = entry.quotes.get(&origin)
+                && held.timestamp_ms >= quote.timestamp_ms
+            {
+                applied.older += 1;
+                continue;
+            }
+            if !entry.quotes.contains_key(&origin) && entry.quotes.len() >= max_providers {
+                let oldest =
+                    entry.quotes.iter().min_by_key(|(_, q)| q.timestamp_ms).map(|(n, _)| *n);
+                if let Some(oldest) = oldest {
+                    entry.quotes.remove(&oldest);
+                }
+            }
+            let was_flagged = entry.discrepancy;
+            entry.quotes.insert(origin, quote.clone());
+            self.newest_timestamp_ms = Some(
+                self.newest_timestamp_ms.map_or(quote.timestamp_ms, |t| t.max(quote.timestamp_ms)),
+            );
+            self.last_update_ms = Some(now_ms);
+
+            let found = self.compare(&key, origin, &quote, now_ms);
+            let flagged = !found.is_empty() || self.any_disagreement(&key, now_ms);
+            if let Some(e) = self.assets.get_mut(&key) {
+                e.discrepancy = flagged;
+            }
+            applied.discrepancies.extend(found);
+            let after = self.served_key(&key);
+            if (before != after || was_flagged != flagged)
+                && let Some(view) = self.view_of(&key, now_ms)
+            {
+                applied.changed.push(view);
+            }
+        }
+        applied
+    }
+
+    /// Identity of the served quote, to tell whether it changed.
+    fn served_key(&self, key: &Key) -> Option<(NodeId, i64)> {
+        let entry = self.assets.get(key)?;
+        served(entry).map(|(id, q)| (*id, q.timestamp_ms))
+    }
+
+    /// Discrepancies between `origin`'s new quote and the other providers' fresh ones.
+    fn compare(&self, key: &Key, origin: NodeId, quote: &Quote, now_ms: i64) -> Vec<Discrepancy> {
+        let Some(entry) = self.assets.get(key) else { return Vec::new() };
+        if !self.fresh(quote, now_ms) {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        for (other, q) in &entry.quotes {
+            if *other == origin || !self.fresh(q, now_ms) {
+                continue;
+            }
+            if let Some(percent) = self.difference_percent(&quote.value, &q.value)
+                && percent > self.threshold
+            {
+                out.push(Discrepancy {
+                    asset: key.1.clone(),
+                    blockchain: key.0.clone(),
+                    node_a: origin,
+                    price_a: quote.price.clone(),
+                    node_b: *other,
+                    price_b: q.price.clone(),
+                    difference_percent: percent
+                        .with_scale_round(2, bigdecimal::RoundingMode::HalfUp)
+                        .to_string(),
+                    detected_at: rfc3339(now_ms),
+                });
+            }
+        }
+        out
+    }
+
+    fn any_disagreement(&self, key: &Key, now_ms: i64) -> bool {
+        let Some(entry) = self.assets.get(key) else { return false };
+        let fresh: Vec<&Quote> = entry.quotes.values().filter(|q| self.fresh(q, now_ms)).collect();
+        fresh.iter().enumerate().any(|(i, a)| {
+            fresh[i + 1..].iter().any(|b| {
+                self.difference_percent(&a.value, &b.value).is_some_and(|p| p > self.threshold)
+            })
+        })
+    }
+
+    /// |a - b| in percent of the lower of the two; `None` when the lower is not positive.
+    fn difference_percent(&self, a: &BigDecimal, b: &BigDecimal) -> Option<BigDecimal> {
+        let low = a.min(b);
+        if !bigdecimal::Signed::is_positive(low) {
+            return None;
+        }
+        Some((a - b).abs() * BigDecimal::from(100) / low)
+    }
+
+    fn view_of(&self, key: &Key, now_ms: i64) -> Option<PriceView> {
+        let entry = self.assets.get(key)?;
+        let (source, quote) = served(entry)?;
+        let fresh: Vec<&Quote> = entry.quotes.values().filter(|q| self.fresh(q, now_ms)).collect();
+        let agreeing = fresh
+            .iter()
+            .filter(|q| {
+                self.difference_percent(&q.value, &quote.value).is_some_and(|p| p <= self.threshold)
+            })
+            .count();
+        let age_ms = (now_ms - quote.timestamp_ms).max(0);
+        Some(PriceView {
+            asset: key.1.clone(),
+            blockchain: key.0.clone(),
+            price: quote.price.clone(),
+            change_24h: quote.change_24h.clone(),
+            timestamp: rfc3339(quote.timestamp_ms),
+            timestamp_ms: quote.timestamp_ms,
+            source_node_id: *source,
+            age_secs: (age_ms / 1000) as u64,
+            stale: age_ms as u128 > self.config.staleness.as_millis(),
+            hop_count: quote.hop_count,
+            providers_reporting: fresh.len() as u32,
+            providers_agreeing: agreeing as u32,
+            discrepancy: entry.discrepancy,
+        })
+    }
+
+    /// The served prices matching `filter`, sorted by chain then asset.
+    pub fn view(&self, filter: &PriceFilter, now_ms: i64) -> Vec<PriceView> {
+        let mut keys: Vec<&Key> =
+            self.assets.keys().filter(|(c, a)| filter.matches(c, a)).collect();
+        keys.sort();
+        keys.into_iter().filter_map(|k| self.view_of(k, now_ms)).collect()
+    }
+
+    /// Freshness of the whole node: `Fresh` while the newest price is younger than two fetch
+    /// intervals, then minutes, then hours; `Stale` with no data or past the threshold.
+    pub fn freshness(&self, now_ms: i64) -> DataFreshness {
+        let Some(age) = self.data_age(now_ms) else { return DataFreshness::Stale };
+        if age > self.config.staleness {
+            DataFreshness::Stale
+        } else if age < 2 * self.config.fetch_interval {
+            DataFreshness::Fresh
+        } else if age < Duration::from_secs(3600) {
+            DataFreshness::MinutesAgo(age.as_secs() / 60)
+        } else {
+            DataFreshness::HoursAgo(age.as_secs() / 3600)
+        }
+    }
+}
+
+/// The newest quote (ties: the lower node id, so every node serves the same one).
+fn served(entry: &AssetEntry) -> Option<(&NodeId, &Quote)> {
+    entry
+        .quotes
+        .iter()
+        .max_by(|(a_id, a), (b_id, b)| a.timestamp_ms.cmp(&b.timestamp_ms).then(b_id.cmp(a_id)))
+}
+
+/// Unix milliseconds as RFC 3339 (UTC, milliseconds).
+pub fn rfc3339(ms: i64) -> String {
+    let nanos = i128::from(ms) * 1_000_000;
+    time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: i64 = 1_750_000_000_000;
+
+    fn node(n: u8) -> NodeId {
+        NodeId::from_public_key(&[n; 32])
+    }
+
+    fn update(asset: &str, price: &str, ts: i64) -> PriceUpdate {
+        PriceUpdate {
+            asset: asset.into(),
+            blockchain: "solana".into(),
+            price: price.parse().unwrap(),
+            timestamp_ms: ts,
+            change_24h: None,
+        }
+    }
+
+    fn book() -> PriceBook {
+        PriceBook::new(BookConfig::default())
+    }
+
+    #[test]
+    fn serves_the_newest_price_with_age_hops_and_agreement() {
+        let mut b = book();
+        b.apply(node(1), 2, &[update("SOL", "150", NOW - 4000)], NOW);
+        let applied = b.apply(node(2), 3, &[update("SOL", "151", NOW - 1000)], NOW);
+        assert_eq!(applied.changed.len(), 1);
+        let v = &b.view(&PriceFilter::default(), NOW)[0];
+        assert_eq!(v.price.to_string(), "151");
+        assert_eq!(v.source_node_id, node(2));
+        assert_eq!((v.age_secs, v.hop_count, v.stale), (1, 3, false));
+        assert_eq!((v.providers_reporting, v.providers_agreeing), (2, 2));
+        assert!(!v.discrepancy);
+    }
+
+    #[test]
+    fn an_older_update_never_replaces_a_newer_one() {
+        let mut b = book();
+        b.apply(node(1), 1, &[update("SOL", "150", NOW)], NOW);
+        let applied = b.apply(node(1), 1, &[update("SOL", "140", NOW - 10)], NOW);
+        assert_eq!(applied.older, 1);
+        assert!(applied.changed.is_empty());
+        assert_eq!(b.view(&PriceFilter::default(), NOW)[0].price.to_string(), "150");
+    }
+
+    #[test]
+    fn a_difference_above_the_threshold_is_flagged_with_both_nodes() {
+        let mut b = book();
+        b.apply(node(1), 1, &[update("SOL", "100", NOW - 1000)], NOW);
+        let applied = b.apply(node(2), 1, &[update("SOL", "110", NOW)], NOW);
+        assert_eq!(applied.discrepancies.len(), 1);
+        let d = &applied.discrepancies[0];
+        assert_eq!((d.node_a, d.node_b), (node(2), node(1)));
+        assert_eq!(d.difference_percent, "10.00");
+        let v = &b.view(&PriceFilter::default(), NOW)[0];
+        assert!(v.discrepancy);
+        assert_eq!(v.providers_agreeing, 1);
+        // Back in agreement: the flag clears.
+        let applied = b.apply(node(1), 1, &[update("SOL", "109", NOW + 10)], NOW + 10);
+        assert!(applied.discrepancies.is_empty());
+        assert!(!b.view(&PriceFilter::default(), NOW + 10)[0].discrepancy);
+        // Exactly at the threshold is not above it.
+        let mut b = book();
+        b.apply(node(1), 1, &[update("X", "100", NOW)], NOW);
+        assert!(b.apply(node(2), 1, &[update("X", "105", NOW)], NOW).discrepancies.is_empty());
+    }
+
+    #[test]
+    fn stale_quotes_are_not_compared() {
+        let mut b = book();
+        b.apply(node(1), 1, &[update("SOL", "100", NOW - 120_000)], NOW);
+        assert!(b.apply(node(2), 1, &[update("SOL", "200", NOW)], NOW).discrepancies.is_empty());
+    }
+
+    #[test]
+    fn freshness_follows_section_8() {
+        let mut b = PriceBook::new(BookConfig {
+            staleness: Duration::from_secs(7200),
+            ..BookConfig::default()
+        });
+        assert_eq!(b.freshness(NOW), DataFreshness::Stale, "no data");
+        b.apply(node(1), 1, &[update("SOL", "1", NOW)], NOW);
+        assert_eq!(b.freshness(NOW + 59_000), DataFreshness::Fresh);
+        assert_eq!(b.freshness(NOW + 61_000), DataFreshness::MinutesAgo(1));
+        assert_eq!(b.freshness(NOW + 59 * 60_000), DataFreshness::MinutesAgo(59));
+        assert_eq!(b.freshness(NOW + 61 * 60_000), DataFreshness::HoursAgo(1));
+        assert_eq!(b.freshness(NOW + 7201 * 1000), DataFreshness::Stale);
+        let v = &b.view(&PriceFilter::default(), NOW + 7201 * 1000)[0];
+        assert!(v.stale);
+    }
+
+    #[test]
+    fn filters_and_bounds() {
+        let mut b = PriceBook::new(BookConfig { max_assets: 2, ..BookConfig::default() });
+        let mut eth = update("WETH", "3000", NOW);
+        eth.blockchain = "ethereum".into();
+        b.apply(node(1), 1, &[update("SOL", "1", NOW), eth], NOW);
+        let applied = b.apply(node(1), 1, &[update("JUP", "0.4", NOW + 1)], NOW);
+        assert_eq!(applied.dropped, 1);
+        let only = b.view(&PriceFilter { blockchain: Some("ethereum".into()), asset: None }, NOW);
+        assert_eq!(only.len(), 1);
+        assert_eq!(only[0].asset, "WETH");
+        assert!(
+            b.view(&PriceFilter { blockchain: None, asset: Some("NOPE".into()) }, NOW).is_empty()
+        );
+    }
+
+    #[test]
+    fn rfc3339_in_utc() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_500), "1970-01-01T00:00:01.5Z");
+    }
+}

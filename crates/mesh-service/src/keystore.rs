@@ -1,0 +1,91 @@
+//! The stored provider key: provider mode enabled through the API survives a restart. The key
+//! file lives in the data directory with mode 0600 and is never logged; disabling provider
+//! mode deletes it.
+
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use mesh_provider::ApiKey;
+
+/// Where the provider key is kept.
+#[derive(Debug, Clone)]
+pub struct ProviderKeyStore {
+    path: PathBuf,
+}
+
+impl ProviderKeyStore {
+    /// A store at `path` (usually `<MESH_DATA_DIR>/provider.key`).
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self { path: path.into() }
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The stored key, if provider mode was on.
+    pub fn load(&self) -> io::Result<Option<ApiKey>> {
+        match fs::read_to_string(&self.path) {
+            Ok(text) => {
+                let key = text.trim();
+                Ok((!key.is_empty()).then(|| ApiKey::new(key)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Stores `key` (replacing any earlier one) readable by the owner only.
+    pub fn save(&self, key: &ApiKey) -> io::Result<()> {
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir)?;
+        }
+        let tmp = self.path.with_extension("key.tmp");
+        let _ = fs::remove_file(&tmp);
+        let mut options = fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            options.mode(0o600);
+        }
+        let mut file = options.open(&tmp)?;
+        file.write_all(key.expose().as_bytes())?;
+        file.sync_all()?;
+        fs::rename(&tmp, &self.path)
+    }
+
+    /// Forgets the key (provider mode disabled).
+    pub fn clear(&self) -> io::Result<()> {
+        match fs::remove_file(&self.path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn save_load_clear_with_private_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ProviderKeyStore::new(dir.path().join("state/provider.key"));
+        assert!(store.load().unwrap().is_none());
+        store.save(&ApiKey::new("k-123")).unwrap();
+        store.save(&ApiKey::new("k-456")).unwrap();
+        assert_eq!(store.load().unwrap().unwrap().expose(), "k-456");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(store.path()).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        store.clear().unwrap();
+        store.clear().unwrap();
+        assert!(store.load().unwrap().is_none());
+    }
+}

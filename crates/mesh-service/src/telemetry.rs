@@ -1,0 +1,138 @@
+//! Logs and metrics for the binaries: logs to stdout and to `<MESH_LOG_DIR>/app.log` (the file
+//! the guide's `tail` and `grep` commands read), and the Prometheus recorder with its listener
+//! on `MESH_METRICS_LISTEN`. Library code only emits; only binaries call these.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Keeps the log file writer alive; drop it last (it flushes).
+#[derive(Debug)]
+pub struct LogGuard(#[allow(dead_code)] Option<tracing_appender::non_blocking::WorkerGuard>);
+
+/// Errors of setting up logs or metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The log directory could not be made.
+    #[error("log directory {0}: {1}")]
+    LogDir(String, std::io::Error),
+    /// The level or filter is invalid.
+    #[error("log filter: {0}")]
+    Filter(String),
+    /// A global subscriber or recorder was already installed.
+    #[error("{0}")]
+    Install(String),
+}
+
+/// Installs the log subscriber: `RUST_LOG` when set, else `level`; stdout always, and
+/// `<log_dir>/app.log` unless `log_dir` is `None`.
+pub fn init_logs(level: &str, log_dir: Option<&Path>) -> Result<LogGuard, Error> {
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(f) if !f.is_empty() => EnvFilter::try_new(f),
+        _ => EnvFilter::try_new(level),
+    }
+    .map_err(|e| Error::Filter(e.to_string()))?;
+    let stdout = tracing_subscriber::fmt::layer().with_target(false);
+    match log_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::LogDir(dir.display().to_string(), e))?;
+            let appender = tracing_appender::rolling::never(dir, "app.log");
+            let (writer, guard) = tracing_appender::non_blocking(appender);
+            let file = tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_target(false)
+                .with_writer(writer);
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(stdout)
+                .with(file)
+                .try_init()
+                .map_err(|e| Error::Install(e.to_string()))?;
+            Ok(LogGuard(Some(guard)))
+        }
+        None => {
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(stdout)
+                .try_init()
+                .map_err(|e| Error::Install(e.to_string()))?;
+            Ok(LogGuard(None))
+        }
+    }
+}
+
+/// Installs the Prometheus recorder; with `listen`, also serves `/metrics` there. Must be
+/// called inside a Tokio runtime.
+pub fn init_metrics(listen: Option<SocketAddr>) -> Result<PrometheusHandle, Error> {
+    let builder = PrometheusBuilder::new();
+    let handle = match listen {
+        Some(addr) => {
+            let (recorder, exporter) = builder
+                .with_http_listener(addr)
+                .build()
+                .map_err(|e| Error::Install(format!("metrics listener on {addr}: {e}")))?;
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).map_err(|e| Error::Install(e.to_string()))?;
+            tokio::spawn(async move {
+                if let Err(e) = exporter.await {
+                    tracing::error!(error = ?e, "metrics listener stopped");
+                }
+            });
+            handle
+        }
+        None => builder.install_recorder().map_err(|e| Error::Install(e.to_string()))?,
+    };
+    describe();
+    Ok(handle)
+}
+
+/// Registers help texts, and zero values so every guide metric is present from the start.
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_gauge!(
+        "mesh_network_active_providers",
+        "Providers heard from recently (should be > 0)"
+    );
+    describe_gauge!("mesh_network_connected_peers", "Connected peers (should be >= 3)");
+    describe_histogram!(
+        "mesh_message_propagation_latency_seconds",
+        "Time from a message's creation to its arrival here"
+    );
+    describe_counter!("mesh_cache_hits_total", "Price lookups of one asset that found it");
+    describe_counter!("mesh_cache_misses_total", "Price lookups of one asset that did not find it");
+    describe_gauge!("mesh_cache_data_age_seconds", "Age of the newest price held");
+    describe_gauge!("mesh_seen_messages_cache_size", "Message ids in the seen cache");
+    describe_counter!("mesh_validation_failures_total", "Messages rejected, by reason");
+    describe_counter!(
+        "mesh_price_discrepancies_total",
+        "Price discrepancies between providers detected"
+    );
+    describe_gauge!("mesh_component_degraded", "1 while a component runs on its fallback");
+    describe_counter!("mesh_store_dropped_total", "Rows the write-behind queues had to drop");
+    for name in
+        ["mesh_cache_hits_total", "mesh_cache_misses_total", "mesh_price_discrepancies_total"]
+    {
+        metrics::counter!(name).increment(0);
+    }
+    for name in [
+        "mesh_provider_fetch_attempts_total",
+        "mesh_provider_fetch_success_total",
+        "mesh_provider_broadcast_attempts_total",
+        "mesh_provider_broadcast_success_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for name in [
+        "mesh_network_active_providers",
+        "mesh_network_connected_peers",
+        "mesh_seen_messages_cache_size",
+        "mesh_cache_data_age_seconds",
+    ] {
+        metrics::gauge!(name).set(0.0);
+    }
+}
