@@ -151,6 +151,7 @@ fn settings(sim: &SimulatorHandle) -> Settings {
             },
             ..ClientConfig::default()
         },
+        clock_offset_ms: 0,
     }
 }
 

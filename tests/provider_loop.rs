@@ -42,6 +42,7 @@ fn settings(sim: &SimulatorHandle, interval: Duration, window: Duration) -> Sett
             },
             ..ClientConfig::default()
         },
+        clock_offset_ms: 0,
     }
 }
 

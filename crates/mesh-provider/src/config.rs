@@ -42,6 +42,9 @@ pub struct Config {
     pub coordination_window_secs: u64,
     /// `MESH_MESSAGE_TTL`: hop TTL of the batches this provider originates (10, 5..=20).
     pub message_ttl: u8,
+    /// Added to every timestamp this provider stamps, in milliseconds: 0 in production; tests
+    /// set it to play a provider whose clock is wrong. Not read from the environment.
+    pub clock_offset_ms: i64,
 }
 
 impl Default for Config {
@@ -53,6 +56,7 @@ impl Default for Config {
             fetch_interval_secs: 30,
             coordination_window_secs: 5,
             message_ttl: 10,
+            clock_offset_ms: 0,
         }
     }
 }
@@ -234,6 +238,7 @@ impl Config {
             message_ttl: self.message_ttl,
             assets: self.assets.clone(),
             client: ClientConfig { base_url: self.base_url.clone(), ..ClientConfig::default() },
+            clock_offset_ms: self.clock_offset_ms,
         }
     }
 }
@@ -252,6 +257,8 @@ pub struct Settings {
     pub assets: Assets,
     /// How to reach Birdeye.
     pub client: ClientConfig,
+    /// Added to every timestamp stamped (see [`Config::clock_offset_ms`]).
+    pub clock_offset_ms: i64,
 }
 
 #[cfg(test)]

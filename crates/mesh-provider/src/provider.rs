@@ -365,7 +365,8 @@ impl Inner {
             .into_iter()
             .map(|price| {
                 let slot = last.entry((price.chain.clone(), price.address.clone())).or_insert(0);
-                let timestamp_ms = price.observed_at_ms.max(*slot + 1);
+                let observed = price.observed_at_ms.saturating_add(self.settings.clock_offset_ms);
+                let timestamp_ms = observed.max(*slot + 1);
                 *slot = timestamp_ms;
                 PriceUpdate {
                     asset: price.address,

@@ -38,6 +38,9 @@ pub struct Config {
     pub peer_exchange: bool,
     /// Ask new peers for their peers right after connecting (besides when below the minimum).
     pub eager_peer_exchange: bool,
+    /// Added to the wall clock when checking timestamps, in milliseconds: 0 in production;
+    /// tests set it to play a node whose clock is wrong.
+    pub clock_offset_ms: i64,
 }
 
 impl Default for Config {
@@ -58,6 +61,7 @@ impl Default for Config {
             stream_backoff: (Duration::from_millis(50), Duration::from_secs(5)),
             peer_exchange: true,
             eager_peer_exchange: false,
+            clock_offset_ms: 0,
         }
     }
 }

@@ -1015,7 +1015,7 @@ impl CoreTask {
     }
 
     fn on_frame(&mut self, peer: PeerId, frame: &[u8]) {
-        let now = now_ms();
+        let now = now_ms() + self.ctx.config.clock_offset_ms;
         match self.core.on_frame(&peer, frame, now) {
             Outcome::Deliver { message, forward } => {
                 let hop_count = message.envelope.hop_count;
@@ -1099,7 +1099,8 @@ impl CoreTask {
     }
 
     fn publish(&mut self, frame: Vec<u8>) -> Result<usize> {
-        let message = self.core.publish(&frame, now_ms()).map_err(Error::Rejected)?;
+        let now = now_ms() + self.ctx.config.clock_offset_ms;
+        let message = self.core.publish(&frame, now).map_err(Error::Rejected)?;
         bump(&self.ctx.stats.published);
         let queued = self.send_to_peers(Bytes::from(frame), &[]);
         self.deliver(Delivery { message, from: None, received_at: Instant::now() });

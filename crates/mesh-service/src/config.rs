@@ -305,6 +305,9 @@ pub struct NodeConfig {
     pub database_max_connections: u32,
     /// `MESH_WRITE_QUEUE_CAPACITY`.
     pub write_queue_capacity: usize,
+    /// Added to this node's wall clock (provider stamps and validation), in milliseconds: 0 in
+    /// production; tests set it to play a node whose clock is wrong. Not a variable.
+    pub clock_offset_ms: i64,
 }
 
 impl Default for NodeConfig {
@@ -518,6 +521,7 @@ impl NodeConfig {
             database_url,
             database_max_connections: db_conns,
             write_queue_capacity: queue,
+            clock_offset_ms: 0,
             data_dir,
         };
         if config.provider_mode

@@ -366,16 +366,14 @@ impl Node {
             None => (Arc::new(MeshOnly), Box::new(|| false)),
         };
         let mesh_view: Arc<dyn MeshView> = Arc::new(tracker.clone());
+        let mut settings = config.provider.settings();
+        settings.clock_offset_ms = config.clock_offset_ms;
         let provider = Arc::new(
-            Provider::builder(
-                identity.clone(),
-                config.provider.settings(),
-                Arc::new(RelayBroadcast(relay.clone())),
-            )
-            .coordination(coordination)
-            .mesh(mesh_view)
-            .cancel(cancel.clone())
-            .build(),
+            Provider::builder(identity.clone(), settings, Arc::new(RelayBroadcast(relay.clone())))
+                .coordination(coordination)
+                .mesh(mesh_view)
+                .cancel(cancel.clone())
+                .build(),
         );
         let keys = ProviderKeyStore::new(config.provider_key_path());
         let (events, _) = broadcast::channel(EVENT_BUFFER);
@@ -508,6 +506,12 @@ impl Node {
         self.shared.network_status()
     }
 
+    /// Recent rounds with the providers whose batch for each arrived here, oldest first.
+    pub fn rounds_received(&self) -> Vec<(u64, Vec<NodeId>)> {
+        let tracker = self.shared.tracker.lock();
+        tracker.recent_rounds().into_iter().map(|r| (r, tracker.round_origins(r))).collect()
+    }
+
     /// A token that is cancelled when the node stops (signal, panic, or [`Node::shutdown`]).
     pub fn cancellation(&self) -> CancellationToken {
         self.cancel.clone()
@@ -547,7 +551,10 @@ fn relay_config(config: &NodeConfig, seen: Vec<mesh_storage::SeenRow>) -> mesh_r
             ..defaults.peers.clone()
         },
         core: mesh_relay::CoreConfig {
-            seen: mesh_seen_cache::Config { capacity: config.seen_cache_size, ttl: config.seen_ttl },
+            seen: mesh_seen_cache::Config {
+                capacity: config.seen_cache_size,
+                ttl: config.seen_ttl,
+            },
             validation: mesh_protocol::validate::Config {
                 max_clock_skew_secs: config.max_clock_skew_secs,
                 trusted_providers: config.trusted_providers.clone(),
@@ -555,6 +562,7 @@ fn relay_config(config: &NodeConfig, seen: Vec<mesh_storage::SeenRow>) -> mesh_r
             ..defaults.core.clone()
         },
         seen_preload: seen,
+        clock_offset_ms: config.clock_offset_ms,
         ..defaults
     }
 }

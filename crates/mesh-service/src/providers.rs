@@ -27,7 +27,8 @@ pub struct ProviderTracker {
     own: NodeId,
     own_active: bool,
     providers: HashMap<NodeId, Heard>,
-    fulfilled: HashMap<u64, NodeId>,
+    /// Recent rounds and the providers whose batch for the round arrived.
+    fulfilled: HashMap<u64, Vec<NodeId>>,
     max_providers: usize,
 }
 
@@ -78,7 +79,10 @@ impl ProviderTracker {
         entry.last_seen_ms = now_ms;
         if let Some(round) = batch_round {
             entry.last_batch_round = Some(round);
-            self.fulfilled.insert(round, origin);
+            let origins = self.fulfilled.entry(round).or_default();
+            if !origins.contains(&origin) && origins.len() < 64 {
+                origins.push(origin);
+            }
             // Only recent rounds matter.
             let keep_from = round.saturating_sub(16);
             self.fulfilled.retain(|r, _| *r >= keep_from);
@@ -127,6 +131,18 @@ impl ProviderTracker {
     pub fn round_fulfilled(&self, round: u64) -> bool {
         self.fulfilled.contains_key(&round)
     }
+
+    /// The providers whose batch for `round` arrived (recent rounds only).
+    pub fn round_origins(&self, round: u64) -> Vec<NodeId> {
+        self.fulfilled.get(&round).cloned().unwrap_or_default()
+    }
+
+    /// The rounds remembered, oldest first.
+    pub fn recent_rounds(&self) -> Vec<u64> {
+        let mut rounds: Vec<u64> = self.fulfilled.keys().copied().collect();
+        rounds.sort_unstable();
+        rounds
+    }
 }
 
 /// The tracker shared between the node's tasks and the provider's round planner.
@@ -173,6 +189,8 @@ mod tests {
         assert_eq!((active[0].node_id, active[0].hop_count), (node(2), 1));
         assert_eq!((active[1].node_id, active[1].hop_count), (node(1), 2));
         assert!(t.round_fulfilled(7) && t.round_fulfilled(8) && !t.round_fulfilled(9));
+        assert_eq!(t.round_origins(7), vec![node(1)]);
+        assert_eq!(t.recent_rounds(), vec![7, 8]);
         // Silent for more than three rounds: no longer active.
         assert!(t.active(NOW + 100_000).is_empty());
         t.set_own_active(true);

@@ -17,6 +17,8 @@ pub type Overrides = BTreeMap<String, String>;
 
 /// Adjusts node `i`'s variables.
 type PerNode = Box<dyn Fn(usize, &mut Overrides) + Send + Sync>;
+/// Adjusts node `i`'s parsed configuration (for what no variable sets, e.g. a skewed clock).
+type Configure = std::sync::Arc<dyn Fn(usize, &mut NodeConfig) + Send + Sync>;
 
 /// Builds a [`LocalMesh`].
 pub struct LocalMeshBuilder {
@@ -28,6 +30,7 @@ pub struct LocalMeshBuilder {
     redis_url: Option<String>,
     simulators: usize,
     per_node: Option<PerNode>,
+    configure: Option<Configure>,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
@@ -52,6 +55,7 @@ impl Default for LocalMeshBuilder {
             redis_url: None,
             simulators: 1,
             per_node: None,
+            configure: None,
             metrics: None,
         }
     }
@@ -103,6 +107,12 @@ impl LocalMeshBuilder {
         self
     }
 
+    /// Adjusts node `i`'s parsed configuration, after the variables.
+    pub fn configure(mut self, f: impl Fn(usize, &mut NodeConfig) + Send + Sync + 'static) -> Self {
+        self.configure = Some(std::sync::Arc::new(f));
+        self
+    }
+
     /// Metrics handle given to the first node (its `GetMetrics` answers).
     pub fn metrics(mut self, handle: metrics_exporter_prometheus::PrometheusHandle) -> Self {
         self.metrics = Some(handle);
@@ -139,6 +149,10 @@ impl LocalMeshBuilder {
             overrides: Vec::new(),
             listen: Vec::new(),
             providers: self.providers,
+            redis: self.redis_url.clone().map(|url| (url, prefix.clone())),
+            configure: self.configure.clone(),
+            interval_secs: self.interval_secs,
+            window_secs: self.window_secs,
             dir,
             _tempdir: tempdir,
         };
@@ -171,7 +185,7 @@ impl LocalMeshBuilder {
         }
         for i in 0..total {
             let metrics = if i == 0 { self.metrics.clone() } else { None };
-            mesh.start_node(i, self.interval_secs, self.window_secs, metrics).await?;
+            mesh.start_node(i, metrics).await?;
         }
         Ok(mesh)
     }
@@ -188,6 +202,11 @@ pub struct LocalMesh {
     overrides: Vec<Overrides>,
     listen: Vec<Option<Multiaddr>>,
     providers: usize,
+    /// The Redis and key prefix of this mesh, cleaned at shutdown.
+    redis: Option<(String, String)>,
+    configure: Option<Configure>,
+    interval_secs: u64,
+    window_secs: u64,
     dir: PathBuf,
     _tempdir: Option<tempfile::TempDir>,
 }
@@ -250,8 +269,6 @@ impl LocalMesh {
     async fn start_node(
         &mut self,
         i: usize,
-        interval_secs: u64,
-        window_secs: u64,
         metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     ) -> anyhow::Result<()> {
         let mut o = self.overrides[i].clone();
@@ -271,8 +288,11 @@ impl LocalMesh {
         let provider_mode = i < self.providers;
         let mut config = NodeConfig::from_map(&o, provider_mode)?;
         // Rounds shorter than operators may configure, for tests and the demo.
-        config.provider.fetch_interval_secs = interval_secs;
-        config.provider.coordination_window_secs = window_secs;
+        config.provider.fetch_interval_secs = self.interval_secs;
+        config.provider.coordination_window_secs = self.window_secs;
+        if let Some(f) = &self.configure {
+            f(i, &mut config);
+        }
         let node = Node::start(config, StartOptions { metrics, ..StartOptions::default() }).await?;
         let addrs = node.relay().listen_addrs().await?;
         if self.listen[i].is_none() {
@@ -294,14 +314,9 @@ impl LocalMesh {
     }
 
     /// Starts a stopped node again with the same data directory (same key, same store).
-    pub async fn restart(
-        &mut self,
-        i: usize,
-        interval_secs: u64,
-        window_secs: u64,
-    ) -> anyhow::Result<()> {
+    pub async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
         anyhow::ensure!(self.nodes[i].is_none(), "node {i} is running");
-        self.start_node(i, interval_secs, window_secs, None).await
+        self.start_node(i, None).await
     }
 
     /// Stops every node and simulator.
@@ -315,7 +330,41 @@ impl LocalMesh {
         for sim in self.sims.drain(..) {
             sim.shutdown().await;
         }
+        if let Some((url, prefix)) = &self.redis
+            && let Err(e) = delete_keys(url, prefix).await
+        {
+            failures.push(format!("cleaning Redis keys {prefix}*: {e}"));
+        }
         anyhow::ensure!(failures.is_empty(), "{}", failures.join("; "));
         Ok(())
     }
+}
+
+/// Deletes every key under `prefix` (bounded: SCAN in pages, at most 100 pages).
+async fn delete_keys(url: &str, prefix: &str) -> anyhow::Result<()> {
+    use deadpool_redis::redis::AsyncCommands;
+    let client = deadpool_redis::redis::Client::open(url)?;
+    let mut conn =
+        tokio::time::timeout(Duration::from_secs(5), client.get_multiplexed_async_connection())
+            .await??;
+    let pattern = format!("{prefix}*");
+    let mut cursor: u64 = 0;
+    for _ in 0..100 {
+        let (next, keys): (u64, Vec<String>) = deadpool_redis::redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(500)
+            .query_async(&mut conn)
+            .await?;
+        if !keys.is_empty() {
+            let _: u64 = conn.del(keys).await?;
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    Ok(())
 }

@@ -1,0 +1,280 @@
+//! Whole nodes (`mesh-service`) in one process on loopback, against birdeye-sim and the real
+//! PostgreSQL and Redis: convergence, one fetch per round, restarts, outages, discrepancies and
+//! skewed clocks.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use mesh_ipc::PriceFilter;
+use mesh_protocol::RejectReason;
+use mesh_testkit::{LocalMesh, eventually, eventually_async};
+use mesh_tests::{PgCluster, RedisServer, redis_url};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Every node's price for every asset, by node.
+fn books(mesh: &LocalMesh) -> Vec<HashMap<(String, String), String>> {
+    (0..mesh.len())
+        .map(|i| match mesh.node(i) {
+            Some(node) => node
+                .prices()
+                .into_iter()
+                .map(|p| ((p.blockchain, p.asset), p.price.to_string()))
+                .collect(),
+            None => HashMap::new(),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_nodes_converge_on_the_simulators_prices_with_one_fetch_per_round() -> anyhow::Result<()>
+{
+    let redis = redis_url();
+    let mesh = LocalMesh::builder()
+        .providers(2)
+        .consumers(8)
+        .rounds(2, 1)
+        .redis(redis.clone())
+        .start()
+        .await?;
+    let sim = &mesh.simulators()[0];
+    // Nine fixture assets on two chains reach every node.
+    eventually(WAIT, "every node holds the nine fixture prices", || {
+        books(&mesh).iter().all(|b| b.len() == 9)
+    })
+    .await?;
+
+    // Freeze the market: after the next round every node must hold exactly its prices.
+    sim.set_frozen(true);
+    let frozen_at = mesh_service::now_ms();
+    eventually(WAIT, "every node holds the simulator's frozen prices", || {
+        let expected: HashMap<(String, String), String> = books(&mesh)[0]
+            .keys()
+            .filter_map(|(chain, asset)| {
+                Some(((chain.clone(), asset.clone()), sim.price_text(chain, asset)?))
+            })
+            .collect();
+        let fresh = mesh.node(0).unwrap().prices().iter().all(|p| p.timestamp_ms > frozen_at);
+        fresh
+            && expected.len() == 9
+            && books(&mesh).iter().all(|b| {
+                b.iter().all(|(k, v)| {
+                    expected.get(k).is_some_and(|e| e.parse::<f64>().ok() == v.parse::<f64>().ok())
+                })
+            })
+    })
+    .await?;
+
+    // One fetch per round: every round seen at a consumer carried exactly one provider's
+    // batch, and the simulator answered two multi-price calls (two chains) per round.
+    let before = sim.stats().multi_price_requests();
+    let first = mesh.node(5).unwrap().rounds_received().last().map(|(r, _)| *r).unwrap();
+    eventually(WAIT, "four more rounds", || {
+        mesh.node(5).unwrap().rounds_received().last().is_some_and(|(r, _)| *r >= first + 4)
+    })
+    .await?;
+    let rounds = mesh.node(5).unwrap().rounds_received();
+    let last = rounds.last().map(|(r, _)| *r).unwrap();
+    for (round, origins) in rounds.iter().filter(|(r, _)| *r > first && *r <= last) {
+        assert_eq!(origins.len(), 1, "round {round} fetched by {origins:?}");
+    }
+    let fetched = last - first;
+    let calls = sim.stats().multi_price_requests() - before;
+    assert!(
+        calls >= 2 * fetched && calls <= 2 * (fetched + 1),
+        "{calls} calls for {fetched} rounds"
+    );
+    let status = mesh.node(5).unwrap().network_status();
+    assert_eq!(status.active_providers.len(), 2);
+    assert!(status.active_providers.iter().all(|p| p.hop_count >= 1));
+    assert_eq!(status.data_freshness, mesh_ipc::DataFreshness::Fresh);
+    mesh.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_consumer_serves_its_stored_prices_at_once() -> anyhow::Result<()> {
+    let mut mesh = LocalMesh::builder().providers(1).consumers(2).rounds(2, 1).start().await?;
+    eventually(WAIT, "consumer 2 holds nine prices", || mesh.node(2).unwrap().prices().len() == 9)
+        .await?;
+    // Stop the provider: from now on nothing new arrives.
+    mesh.stop(0).await?;
+    let held = mesh.node(2).unwrap().prices();
+    // Give the write-behind queue time to write what it holds (it flushes within 50 ms).
+    let queue = mesh.node(2).unwrap().persistence().prices.clone();
+    eventually(WAIT, "the price queue is empty", || queue.stats().pending == 0).await?;
+    mesh.stop(2).await?;
+    mesh.restart(2).await?;
+    let reloaded = mesh.node(2).unwrap().prices();
+    let pairs = |v: &[mesh_ipc::PriceView]| {
+        v.iter().map(|p| (p.asset.clone(), p.price.to_string(), p.timestamp_ms)).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        pairs(&reloaded),
+        pairs(&held),
+        "prices served from the store right after the restart"
+    );
+    mesh.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_rounds_go_on_through_the_mesh_and_the_degraded_flag_follows()
+-> anyhow::Result<()> {
+    let mut redis = RedisServer::start(None).await?;
+    let mesh = LocalMesh::builder()
+        .providers(2)
+        .consumers(2)
+        .rounds(2, 1)
+        .redis(redis.url())
+        .start()
+        .await?;
+    let consumer = mesh.node(3).unwrap();
+    let provider = mesh.node(0).unwrap();
+    eventually(WAIT, "prices arrive", || consumer.prices().len() == 9).await?;
+    assert!(!provider.network_status().degraded);
+
+    redis.kill();
+    let killed_at = consumer.rounds_received().last().map(|(r, _)| *r).unwrap_or(0);
+    eventually(WAIT, "the provider reports coordination degraded", || {
+        let s = provider.network_status();
+        s.degraded && s.degraded_components.iter().any(|c| c == "coordination")
+    })
+    .await?;
+    eventually(WAIT, "three more rounds arrive while Redis is down", || {
+        consumer.rounds_received().last().is_some_and(|(r, _)| *r >= killed_at + 3)
+    })
+    .await?;
+    // No round was missed.
+    let rounds: Vec<u64> =
+        consumer.rounds_received().into_iter().map(|(r, _)| r).filter(|r| *r > killed_at).collect();
+    for pair in rounds.windows(2) {
+        assert_eq!(pair[1], pair[0] + 1, "round missed during the outage: {rounds:?}");
+    }
+
+    redis.restart().await?;
+    eventually(WAIT, "the degraded flag clears once Redis is back", || {
+        !provider.network_status().degraded
+    })
+    .await?;
+    mesh.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_database_is_down_the_node_serves_and_later_writes_every_row()
+-> anyhow::Result<()> {
+    let pg = PgCluster::start().await?;
+    let url = pg.url("postgres");
+    let consumer_url = url.clone();
+    let mut mesh = LocalMesh::builder()
+        .providers(1)
+        .consumers(1)
+        .rounds(2, 1)
+        .per_node(move |i, o| {
+            if i == 1 {
+                o.insert("DATABASE_URL".into(), consumer_url.clone());
+            }
+        })
+        .start()
+        .await?;
+    let consumer = mesh.node(1).unwrap();
+    eventually(WAIT, "prices arrive", || consumer.prices().len() == 9).await?;
+    let store = consumer.persistence().price_store().clone();
+    eventually_async(WAIT, "rows reach PostgreSQL", || async {
+        store.load_all().await.map(|r| r.len() == 9).unwrap_or(false)
+    })
+    .await?;
+
+    pg.stop()?;
+    let round_at_stop = consumer.rounds_received().last().map(|(r, _)| *r).unwrap();
+    eventually(WAIT, "the queue reports the outage", || {
+        consumer.persistence().prices.is_degraded()
+    })
+    .await?;
+    eventually(WAIT, "two rounds arrive while the database is down", || {
+        consumer.rounds_received().last().is_some_and(|(r, _)| *r >= round_at_stop + 2)
+    })
+    .await?;
+    // Still serving, over IPC too.
+    let client = mesh_ipc::Client::new(consumer.socket());
+    assert_eq!(client.prices(PriceFilter::default()).await?.len(), 9);
+    assert!(client.network_status().await?.degraded_components.contains(&"database".to_owned()));
+
+    // Stop the provider so the book stops moving, bring the database back, and compare.
+    mesh.stop(0).await?;
+    pg.start_again()?;
+    let consumer = mesh.node(1).unwrap();
+    let queue = consumer.persistence().prices.clone();
+    eventually(WAIT, "the queue drains after recovery", || {
+        !queue.is_degraded() && queue.stats().pending == 0
+    })
+    .await?;
+    let book: Vec<(String, String, i64)> = consumer
+        .prices()
+        .into_iter()
+        .map(|p| (p.asset, p.price.to_string(), p.timestamp_ms))
+        .collect();
+    let mut rows: Vec<(String, String, i64)> = store
+        .load_all()
+        .await?
+        .into_iter()
+        .map(|r| (r.asset, r.price.to_string(), r.timestamp_ms))
+        .collect();
+    rows.sort();
+    let mut book_sorted = book.clone();
+    book_sorted.sort();
+    assert_eq!(rows, book_sorted, "every newest price written, none lost");
+    assert_eq!(queue.stats().dropped, 0);
+    mesh.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_ten_percent_off_is_flagged_within_one_round() -> anyhow::Result<()> {
+    let mesh = LocalMesh::builder()
+        .providers(2)
+        .consumers(1)
+        .rounds(2, 1)
+        .simulator_per_provider()
+        .start()
+        .await?;
+    // Without Redis both providers fetch while they have not heard of each other; once they
+    // have, they alternate. Make them disagree, then wait at most two rounds.
+    mesh.simulators()[1].set_offset_percent(10.0);
+    let consumer = mesh.node(2).unwrap();
+    eventually(WAIT, "the discrepancy is flagged", || {
+        consumer.prices().iter().any(|p| p.discrepancy && p.providers_reporting == 2)
+    })
+    .await?;
+    mesh.shutdown().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_of_a_provider_sixty_seconds_ahead_are_rejected_as_future() -> anyhow::Result<()> {
+    let mesh = LocalMesh::builder()
+        .providers(2)
+        .consumers(2)
+        .rounds(2, 1)
+        .configure(|i, c| {
+            if i == 1 {
+                c.clock_offset_ms = 60_000;
+            }
+        })
+        .start()
+        .await?;
+    let skewed = mesh.node(1).unwrap().node_id();
+    let consumer = mesh.node(3).unwrap();
+    eventually(WAIT, "consumers reject the skewed provider's batches", || {
+        (2..4).all(|i| {
+            mesh.node(i).unwrap().relay().stats().rejected(RejectReason::FutureTimestamp) >= 1
+        })
+    })
+    .await?;
+    eventually(WAIT, "the honest provider's prices arrive", || consumer.prices().len() == 9)
+        .await?;
+    for i in 2..4 {
+        assert!(
+            mesh.node(i).unwrap().prices().iter().all(|p| p.source_node_id != skewed),
+            "node {i} served a price from the future"
+        );
+    }
+    mesh.shutdown().await
+}
