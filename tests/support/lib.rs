@@ -8,6 +8,7 @@
 
 mod eventually;
 mod logs;
+pub mod netns;
 mod processes;
 
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
