@@ -136,6 +136,7 @@ async fn round_latency(
             retry: RetryPolicy::none(),
             ..ClientConfig::default()
         },
+        clock_offset_ms: 0,
     };
     let (broadcast, mut batches) = ChannelBroadcast::new(args.rounds + 8, 1);
     let provider = Provider::builder(Identity::generate(), settings, Arc::new(broadcast))

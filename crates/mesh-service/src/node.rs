@@ -594,7 +594,7 @@ async fn run_state(
             Payload::PriceBatch { round, prices } => {
                 shared.tracker.lock().heard(origin, hops, Some(*round), now);
                 let applied = shared.book().apply(origin, hops, prices, now);
-                tracing::debug!(
+                tracing::info!(
                     source_node_id = %origin,
                     round,
                     prices = prices.len(),
