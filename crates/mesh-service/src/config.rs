@@ -273,8 +273,8 @@ pub struct NodeConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// `MESH_LISTEN_ADDRS`.
     pub listen_addrs: Vec<Multiaddr>,
-    /// `MESH_BOOTSTRAP_PEERS`.
-    pub bootstrap_peers: Vec<Multiaddr>,
+    /// `MESH_MDNS_*`, `MESH_BOOTSTRAP_PEERS`, `MESH_BLE_ENABLED`.
+    pub discovery: mesh_discovery::Config,
     /// `MESH_MIN_PEER_CONNECTIONS`.
     pub min_peers: usize,
     /// `MESH_MAX_PEER_CONNECTIONS`.
@@ -291,12 +291,6 @@ pub struct NodeConfig {
     pub max_clock_skew_secs: u32,
     /// `MESH_TRUSTED_PROVIDERS`.
     pub trusted_providers: Option<HashSet<NodeId>>,
-    /// `MESH_MDNS_ENABLED`.
-    pub mdns: bool,
-    /// `MESH_MDNS_INTERFACES`.
-    pub mdns_interfaces: Vec<String>,
-    /// `MESH_BLE_ENABLED`.
-    pub ble: bool,
     /// `REDIS_URL` and friends.
     pub redis: Option<RedisSettings>,
     /// `DATABASE_URL` (`None`: SQLite in the data directory).
@@ -355,18 +349,6 @@ impl Reader<'_> {
         }
     }
 
-    fn flag(&mut self, name: &'static str) -> bool {
-        let text = self.text(name);
-        match text.to_ascii_lowercase().as_str() {
-            "1" | "true" | "yes" | "on" => true,
-            "0" | "false" | "no" | "off" => false,
-            _ => {
-                self.problems.push(Problem(format!("{name}={text:?} is not true or false")));
-                false
-            }
-        }
-    }
-
     fn list(&self, name: &'static str) -> Vec<String> {
         self.text(name)
             .split(',')
@@ -421,16 +403,17 @@ impl NodeConfig {
         let pool = r.number::<usize>("REDIS_POOL_SIZE", 1, 100);
         let db_conns = r.number::<u32>("DATABASE_MAX_CONNECTIONS", 1, 100);
         let queue = r.number::<usize>("MESH_WRITE_QUEUE_CAPACITY", 100, 1_000_000);
-        let mdns = r.flag("MESH_MDNS_ENABLED");
-        let ble = r.flag("MESH_BLE_ENABLED");
         let listen_addrs = r.multiaddrs("MESH_LISTEN_ADDRS");
-        let bootstrap_peers = r.multiaddrs("MESH_BOOTSTRAP_PEERS");
-        for a in &bootstrap_peers {
-            if !a.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::P2p(_))) {
-                r.problems
-                    .push(Problem(format!("MESH_BOOTSTRAP_PEERS: {a} has no /p2p/<peer id>")));
-            }
-        }
+        let discovery =
+            match mesh_discovery::Config::from_lookup(|name| r.raw(name).map(str::to_owned)) {
+                Ok(d) => d,
+                Err(errors) => {
+                    for e in errors.0 {
+                        r.problems.push(Problem(e.to_string()));
+                    }
+                    mesh_discovery::Config::default()
+                }
+            };
         let trusted: Vec<String> = r.list("MESH_TRUSTED_PROVIDERS");
         let mut trusted_providers = None;
         if !trusted.is_empty() {
@@ -505,7 +488,7 @@ impl NodeConfig {
             log_level: level,
             metrics_listen,
             listen_addrs,
-            bootstrap_peers,
+            discovery,
             min_peers,
             max_peers,
             staleness_threshold: Duration::from_secs(staleness),
@@ -514,9 +497,6 @@ impl NodeConfig {
             seen_ttl: Duration::from_secs(seen_ttl),
             max_clock_skew_secs: skew,
             trusted_providers,
-            mdns,
-            mdns_interfaces: r.list("MESH_MDNS_INTERFACES"),
-            ble,
             redis,
             database_url,
             database_max_connections: db_conns,
@@ -596,10 +576,23 @@ impl NodeConfig {
                     })
                     .unwrap_or_default(),
                 "MESH_LISTEN_ADDRS" => join(&self.listen_addrs),
-                "MESH_BOOTSTRAP_PEERS" => join(&self.bootstrap_peers),
-                "MESH_MDNS_ENABLED" => self.mdns.to_string(),
-                "MESH_MDNS_INTERFACES" => self.mdns_interfaces.join(","),
-                "MESH_BLE_ENABLED" => self.ble.to_string(),
+                "MESH_BOOTSTRAP_PEERS" => self
+                    .discovery
+                    .bootstrap_peers
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                "MESH_MDNS_ENABLED" => self.discovery.mdns_enabled.to_string(),
+                "MESH_MDNS_INTERFACES" => self
+                    .discovery
+                    .mdns_interfaces
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(","),
+                "MESH_MDNS_PORT" => self.discovery.mdns_port.to_string(),
+                "MESH_BLE_ENABLED" => self.discovery.ble_enabled.to_string(),
                 "MESH_DATA_DIR" => self.data_dir.display().to_string(),
                 "MESH_NODE_SOCKET" => self.socket.display().to_string(),
                 "MESH_LOG_DIR" => self.log_dir.display().to_string(),
@@ -690,7 +683,7 @@ mod tests {
             "MESH_MAX_PEER_CONNECTIONS=50 is out of range 5..=20",
             "MESH_MIN_PEER_CONNECTIONS=\"abc\" is not a number",
             "MESH_STALENESS_THRESHOLD_SECS=10 is out of range 300..=7200",
-            "has no /p2p/",
+            "does not end with /p2p/<peer id>",
             "DATABASE_URL=mysql://u:<redacted>@h/db",
             "MESH_MDNS_ENABLED",
         ] {

@@ -347,7 +347,9 @@ impl Node {
         let relay_config = relay_config(&config, loaded.seen);
         let (relay, deliveries) =
             Relay::start(&identity, relay_config, relay_cancel.clone()).await?;
-        for addr in &config.bootstrap_peers {
+        // Bootstrap peers are dialed at once and kept (redialed while below the minimum).
+        for peer in &config.discovery.bootstrap_peers {
+            let addr = peer.addr.clone().with(libp2p::multiaddr::Protocol::P2p(peer.peer_id));
             if let Err(e) = relay.dial(addr.clone()).await {
                 warn!(%addr, error = %e, "bootstrap peer not dialed");
             }
@@ -405,6 +407,27 @@ impl Node {
             info!("provider mode on");
         }
 
+        if shared.config.discovery.mdns_enabled || shared.config.discovery.ble_enabled {
+            let discovery_config = mesh_discovery::Config {
+                // Dialed above already.
+                bootstrap_peers: Vec::new(),
+                ..shared.config.discovery.clone()
+            };
+            match mesh_discovery::Discovery::start(
+                identity.peer_id(),
+                discovery_config,
+                cancel.child_token(),
+            )
+            .await
+            {
+                Ok((discovery, found)) => {
+                    let task = run_discovery(shared.clone(), discovery, found, cancel.clone());
+                    spawn_guarded(&tasks, &cancel, &failure, "discovery", task);
+                }
+                // Discovery is a convenience: without it the node still has its bootstrap peers.
+                Err(e) => warn!(error = %e, "discovery not started"),
+            }
+        }
         spawn_guarded(
             &tasks,
             &cancel,
@@ -713,6 +736,56 @@ async fn run_announce(shared: Arc<Shared>, cancel: CancellationToken) {
                 }
             }
             Err(e) => warn!(error = %e, "provider announce not sealed"),
+        }
+    }
+}
+
+/// Feeds peers found by discovery to the relay, and keeps our advertisement current (listen
+/// addresses, role, hop distance to a provider).
+async fn run_discovery(
+    shared: Arc<Shared>,
+    discovery: mesh_discovery::Discovery,
+    mut found: mpsc::Receiver<mesh_discovery::DiscoveryEvent>,
+    cancel: CancellationToken,
+) {
+    use mesh_discovery::{DiscoveryEvent, Role, Source};
+    let mut relay_status = shared.relay.watch_status();
+    let mut provider_status = shared.provider.subscribe();
+    if let Ok(addrs) = shared.relay.listen_addrs().await {
+        discovery.set_listen_addrs(addrs);
+    }
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            event = found.recv() => match event {
+                Some(DiscoveryEvent::PeerFound { peer_id, addrs, hop_distance, source, .. }) => {
+                    let result = if source == Source::Bootstrap {
+                        shared.relay.add_bootstrap(peer_id, addrs).await
+                    } else {
+                        shared.relay.add_peer_addresses(peer_id, addrs, hop_distance).await
+                    };
+                    if result.is_err() {
+                        return;
+                    }
+                }
+                Some(DiscoveryEvent::PeerExpired { .. }) => {}
+                None => return,
+            },
+            changed = relay_status.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let status = relay_status.borrow_and_update().clone();
+                discovery.set_hop_distance(status.own_distance);
+                discovery.set_listen_addrs(status.listen_addrs);
+            }
+            changed = provider_status.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let enabled = provider_status.borrow_and_update().enabled;
+                discovery.set_role(if enabled { Role::Provider } else { Role::Consumer });
+            }
         }
     }
 }
