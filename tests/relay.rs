@@ -311,3 +311,48 @@ async fn a_node_restarted_with_the_same_key_rejoins_and_receives_again() -> anyh
     net.shutdown().await;
     Ok(())
 }
+
+/// Twenty nodes that only know node 0's address reach their minimum of three connections
+/// through peer exchange.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_bootstrap_address_leads_to_the_minimum_connections_through_peer_exchange()
+-> anyhow::Result<()> {
+    let net = TestNet::builder()
+        .nodes(20)
+        .topology(Topology::None)
+        .configure(|_, c| {
+            c.peers.min_peers = 3;
+            c.peers.max_peers = 10;
+            c.peers.prune_grace = Duration::from_secs(1);
+            c.peer_exchange = true;
+        })
+        .build()
+        .await?;
+    let (boot_peer, boot_addr) = (net.node(0).peer_id(), net.node(0).addr());
+    let boot_listen: mesh_relay::Multiaddr =
+        boot_addr.iter().filter(|p| !matches!(p, mesh_relay::Protocol::P2p(_))).collect();
+    for node in &net.nodes()[1..] {
+        node.running()?.add_bootstrap(boot_peer, vec![boot_listen.clone()]).await?;
+    }
+    eventually(Duration::from_secs(60), "every node has at least 3 connections", || {
+        net.nodes().iter().all(|n| n.running().is_ok_and(|r| r.connected_peers() >= 3))
+    })
+    .await?;
+    // Most of them learned their peers from node 0's answers, not from node 0 alone.
+    let beyond_bootstrap = net.nodes()[1..]
+        .iter()
+        .filter(|n| {
+            n.running().is_ok_and(|r| r.status().peers.iter().any(|p| p.peer_id != boot_peer))
+        })
+        .count();
+    assert_eq!(beyond_bootstrap, 19);
+    let counts: Vec<usize> =
+        net.nodes().iter().map(|n| n.running().map_or(0, |r| r.connected_peers())).collect();
+    assert!(counts[0] <= 15, "the connection limit holds at the bootstrap node: {counts:?}");
+    // The mesh carries messages to everyone.
+    let m = price_batch(&provider(1), 1, now_ms(), 3, 20)?;
+    net.publish(7, &m).await?;
+    net.wait_delivered_everywhere(&m.message_id()).await?;
+    net.shutdown().await;
+    Ok(())
+}
