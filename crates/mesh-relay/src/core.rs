@@ -331,6 +331,71 @@ mod tests {
         );
     }
 
+    /// Every arrival order of five copies of one message (different peers, different remaining
+    /// TTLs, 120 orders): delivered exactly once, forwarded once for the first copy and once
+    /// more for each copy that beats every TTL seen before, never with a copy's lower TTL.
+    #[tokio::test]
+    async fn every_arrival_order_delivers_once_and_reforwards_only_higher_ttls() {
+        let f = frame(10, NOW);
+        let copies: Vec<(u32, u8)> = vec![(1, 3), (2, 7), (3, 7), (4, 2), (5, 9)];
+        let mut orders = vec![vec![]];
+        for _ in 0..copies.len() {
+            let mut next = Vec::new();
+            for order in &orders {
+                for c in &copies {
+                    if !order.contains(c) {
+                        let mut o = order.clone();
+                        o.push(*c);
+                        next.push(o);
+                    }
+                }
+            }
+            orders = next;
+        }
+        assert_eq!(orders.len(), 120);
+        for order in orders {
+            let mut c = core();
+            let (mut delivered, mut forwards, mut best) = (0, 0, 0u8);
+            for (peer, ttl) in &order {
+                match c.on_frame(peer, &with_hops(&f, *ttl, 11 - ttl), NOW) {
+                    Outcome::Deliver { forward, .. } => {
+                        delivered += 1;
+                        forwards += usize::from(forward.is_some());
+                        assert_eq!(best, 0, "delivered after an earlier copy: {order:?}");
+                        best = *ttl;
+                    }
+                    Outcome::Reforward(fwd) => {
+                        forwards += 1;
+                        assert!(*ttl > best, "re-forwarded a copy with no more TTL: {order:?}");
+                        assert_eq!(fwd.frame[1], ttl - 1);
+                        assert!(fwd.except.contains(peer));
+                        best = *ttl;
+                    }
+                    Outcome::Duplicate { .. } => {
+                        assert!(*ttl <= best, "dropped a better copy: {order:?}")
+                    }
+                    other => panic!("unexpected {other:?} in {order:?}"),
+                }
+            }
+            assert_eq!(delivered, 1, "{order:?}");
+            let records = order
+                .iter()
+                .scan(0u8, |max, (_, ttl)| {
+                    let record = *ttl > *max;
+                    *max = (*max).max(*ttl);
+                    Some(record)
+                })
+                .filter(|r| *r)
+                .count();
+            assert_eq!(forwards, records, "{order:?}");
+            assert_eq!(
+                c.seen()
+                    .lookup(&MessageId::of_body(&mesh_protocol::decode_envelope(&f).unwrap().body)),
+                mesh_seen_cache::Lookup::Seen { max_ttl: 9 }
+            );
+        }
+    }
+
     #[tokio::test]
     async fn own_messages_are_checked_and_marked_seen() {
         let mut c = core();

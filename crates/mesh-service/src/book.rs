@@ -415,6 +415,75 @@ mod tests {
         );
     }
 
+    /// Every order of Heap's algorithm over `items`.
+    fn permutations<T: Clone>(items: &[T]) -> Vec<Vec<T>> {
+        fn heap<T: Clone>(k: usize, a: &mut Vec<T>, out: &mut Vec<Vec<T>>) {
+            if k <= 1 {
+                out.push(a.clone());
+                return;
+            }
+            for i in 0..k {
+                heap(k - 1, a, out);
+                let j = if k % 2 == 0 { i } else { 0 };
+                a.swap(j, k - 1);
+            }
+        }
+        let mut a = items.to_vec();
+        let mut out = Vec::new();
+        heap(a.len(), &mut a, &mut out);
+        out
+    }
+
+    /// Newest wins whatever the arrival order: every interleaving of two providers' updates
+    /// (720 orders of six updates, equal timestamps included) ends in the same served price,
+    /// the same flags and the same per-provider quotes.
+    #[test]
+    fn newest_wins_in_every_interleaving() {
+        let updates = vec![
+            (node(1), update("SOL", "100", NOW - 5000)),
+            (node(1), update("SOL", "101", NOW - 3000)),
+            (node(1), update("SOL", "102", NOW - 1000)),
+            (node(2), update("SOL", "150", NOW - 4000)),
+            (node(2), update("SOL", "103", NOW - 1000)),
+            (node(2), update("SOL", "99", NOW - 2000)),
+        ];
+        let orders = permutations(&updates);
+        assert_eq!(orders.len(), 720);
+        let mut outcomes = std::collections::HashSet::new();
+        for order in orders {
+            let mut b = book();
+            for (origin, u) in &order {
+                b.apply(*origin, 1, std::slice::from_ref(u), NOW);
+            }
+            let v = b.view(&PriceFilter::default(), NOW).remove(0);
+            let quotes: Vec<(NodeId, String, i64)> = {
+                let e = &b.assets[&("solana".to_owned(), "SOL".to_owned())];
+                let mut q: Vec<_> = e
+                    .quotes
+                    .iter()
+                    .map(|(n, q)| (*n, q.price.to_string(), q.timestamp_ms))
+                    .collect();
+                q.sort();
+                q
+            };
+            outcomes.insert((
+                v.price.to_string(),
+                v.source_node_id,
+                v.discrepancy,
+                v.providers_agreeing,
+                quotes,
+            ));
+        }
+        assert_eq!(outcomes.len(), 1, "the final state depends on the order: {outcomes:?}");
+        let (price, source, discrepancy, agreeing, _) = outcomes.into_iter().next().unwrap();
+        // Both newest quotes share a timestamp: the lower node id is served.
+        let expected = node(1).min(node(2));
+        assert_eq!(source, expected);
+        assert_eq!(price, if expected == node(1) { "102" } else { "103" });
+        assert!(!discrepancy, "102 and 103 are within 5 %");
+        assert_eq!(agreeing, 2);
+    }
+
     #[test]
     fn rfc3339_in_utc() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
