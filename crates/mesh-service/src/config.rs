@@ -105,6 +105,7 @@ pub const VARIABLES: &[Variable] = &[
         "interface names",
         "limit mDNS to these interfaces (empty: all)",
     ),
+    var("MESH_MDNS_PORT", "5353", "1-65535", "mDNS port (every node of a mesh uses the same)"),
     var(
         "MESH_BLE_ENABLED",
         "false",
