@@ -90,3 +90,27 @@ ensure_redis() {
   fi
   export MESH_TEST_REDIS_URL="${MESH_TEST_REDIS_URL:-redis://127.0.0.1:6379}"
 }
+
+# Debian's chromium for the web page's browser test (tests/api_browser.rs), unless one is
+# already there or MESH_CHROMIUM names a Chromium or Chrome binary.
+ensure_chromium() {
+  if [ -n "${MESH_CHROMIUM:-}" ] || command -v chromium >/dev/null 2>&1 ||
+    command -v chromium-browser >/dev/null 2>&1; then
+    return 0
+  fi
+  log "Chromium is not installed; installing it with apt-get (browser test)"
+  apt_install chromium ||
+    die "cannot install Chromium here: install Debian's chromium or set MESH_CHROMIUM to a Chromium binary"
+}
+
+# What the API tests run besides cargo: curl and jq (the guide's commands and health-check
+# scripts), promtool (Debian's prometheus package: `promtool check metrics`) and shellcheck.
+ensure_api_test_tools() {
+  local tool package
+  for tool in curl:curl jq:jq promtool:prometheus shellcheck:shellcheck; do
+    package=${tool#*:}; tool=${tool%%:*}
+    command -v "$tool" >/dev/null 2>&1 && continue
+    log "$tool is not installed; installing $package with apt-get"
+    apt_install "$package" || die "cannot install $tool here: install the $package package"
+  done
+}

@@ -6,6 +6,8 @@
 //! `MESH_TEST_DATABASE_URL` (default `postgres://postgres:postgres@127.0.0.1:5432/postgres`) must name a
 //! role that may create databases; `MESH_TEST_REDIS_URL` defaults to `redis://127.0.0.1:6379`.
 
+pub mod api;
+pub mod cdp;
 mod eventually;
 mod logs;
 pub mod netns;

@@ -1,0 +1,147 @@
+//! Settings of the API server, with the defaults of the guide.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::{Error, Result};
+
+/// Settings of the API server. [`Config::default`] gives the documented defaults.
+#[derive(Clone)]
+pub struct Config {
+    /// Address to listen on (`MESH_API_LISTEN`, default `127.0.0.1:8080`).
+    pub listen: SocketAddr,
+    /// The node's socket (`MESH_NODE_SOCKET`, default `/run/mesh/node.sock`).
+    pub node_socket: PathBuf,
+    /// When set, POST endpoints need `Authorization: Bearer <token>` (`MESH_API_TOKEN`).
+    pub api_token: Option<String>,
+    /// Longest time a REST request may take, body included (default 30 s).
+    pub request_timeout: Duration,
+    /// Longest wait for one answer of the node (default 25 s: enabling provider mode checks the
+    /// key against Birdeye first).
+    pub node_timeout: Duration,
+    /// Largest request body accepted (default 16 KiB).
+    pub body_limit: usize,
+    /// First wait before reconnecting to the node (default 100 ms); doubles up to
+    /// [`Config::reconnect_max`].
+    pub reconnect_min: Duration,
+    /// Longest wait between two reconnection attempts (default 5 s).
+    pub reconnect_max: Duration,
+    /// Most stream clients (SSE plus WebSocket) served at once (default 10,000).
+    pub max_stream_clients: usize,
+    /// Most distinct updates waiting for one stream client; one more closes it (default 10,000).
+    /// Updates of the same asset replace each other, so this is reached only by a client that
+    /// stopped reading while the price book is larger than this.
+    pub client_buffer: usize,
+    /// A stream client that does not take a batch of events within this time is closed
+    /// (default 10 s).
+    pub client_write_timeout: Duration,
+    /// The server pings WebSocket clients this often and closes those that stay silent for two
+    /// intervals (default 15 s).
+    pub ws_ping_interval: Duration,
+    /// Comment lines keep Server-Sent Event streams open this often (default 15 s).
+    pub sse_keep_alive: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            node_socket: PathBuf::from("/run/mesh/node.sock"),
+            api_token: None,
+            request_timeout: Duration::from_secs(30),
+            node_timeout: Duration::from_secs(25),
+            body_limit: 16 * 1024,
+            reconnect_min: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(5),
+            max_stream_clients: 10_000,
+            client_buffer: 10_000,
+            client_write_timeout: Duration::from_secs(10),
+            ws_ping_interval: Duration::from_secs(15),
+            sse_keep_alive: Duration::from_secs(15),
+        }
+    }
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("listen", &self.listen)
+            .field("node_socket", &self.node_socket)
+            .field("api_token", &self.api_token.as_ref().map(|_| "<redacted>"))
+            .field("request_timeout", &self.request_timeout)
+            .field("node_timeout", &self.node_timeout)
+            .field("body_limit", &self.body_limit)
+            .field("reconnect_min", &self.reconnect_min)
+            .field("reconnect_max", &self.reconnect_max)
+            .field("max_stream_clients", &self.max_stream_clients)
+            .field("client_buffer", &self.client_buffer)
+            .field("client_write_timeout", &self.client_write_timeout)
+            .field("ws_ping_interval", &self.ws_ping_interval)
+            .field("sse_keep_alive", &self.sse_keep_alive)
+            .finish()
+    }
+}
+
+impl Config {
+    /// Checks every setting and reports all problems together.
+    pub fn validate(&self) -> Result<()> {
+        let mut problems = Vec::new();
+        if self.node_socket.as_os_str().is_empty() {
+            problems.push("MESH_NODE_SOCKET must not be empty".to_owned());
+        }
+        if self.api_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+            problems.push("MESH_API_TOKEN is set but empty".to_owned());
+        }
+        let positive = [
+            ("request_timeout", self.request_timeout),
+            ("node_timeout", self.node_timeout),
+            ("reconnect_min", self.reconnect_min),
+            ("client_write_timeout", self.client_write_timeout),
+            ("ws_ping_interval", self.ws_ping_interval),
+            ("sse_keep_alive", self.sse_keep_alive),
+        ];
+        for (name, value) in positive {
+            if value.is_zero() {
+                problems.push(format!("{name} must be greater than zero"));
+            }
+        }
+        if self.reconnect_max < self.reconnect_min {
+            problems.push(format!(
+                "reconnect_max={:?} is below reconnect_min={:?}",
+                self.reconnect_max, self.reconnect_min
+            ));
+        }
+        for (name, value) in [
+            ("body_limit", self.body_limit),
+            ("max_stream_clients", self.max_stream_clients),
+            ("client_buffer", self.client_buffer),
+        ] {
+            if value == 0 {
+                problems.push(format!("{name} must be at least 1"));
+            }
+        }
+        if problems.is_empty() { Ok(()) } else { Err(Error::Config(problems.join("\n"))) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_every_problem_is_reported() {
+        Config::default().validate().unwrap();
+        let bad = Config {
+            api_token: Some(" ".into()),
+            body_limit: 0,
+            ws_ping_interval: Duration::ZERO,
+            ..Config::default()
+        };
+        let message = bad.validate().unwrap_err().to_string();
+        assert!(message.contains("MESH_API_TOKEN"), "{message}");
+        assert!(message.contains("body_limit"), "{message}");
+        assert!(message.contains("ws_ping_interval"), "{message}");
+        assert!(!format!("{bad:?}").contains(" \""), "the token is redacted in Debug");
+    }
+}

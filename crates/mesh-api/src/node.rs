@@ -1,0 +1,328 @@
+//! The link to the node: one subscription, kept alive by a background task, feeding the
+//! snapshot that every read is answered from and the events the stream clients get.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use mesh_ipc::{
+    Client, Event, NetworkStatus, PriceFilter, PriceView, ProviderStatusView, Request, Response,
+    Snapshot,
+};
+use serde::Serialize;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::envelope::ApiError;
+use crate::hub::{Hub, Item, Key, Subscriber};
+use crate::metrics::{Metrics, StreamKind};
+
+/// A price as the node served it, and when it arrived here (its age grows from then on).
+struct Entry {
+    view: PriceView,
+    received: Instant,
+}
+
+impl Entry {
+    fn aged(&self) -> PriceView {
+        let mut view = self.view.clone();
+        view.age_secs = view.age_secs.saturating_add(self.received.elapsed().as_secs());
+        view
+    }
+}
+
+/// The node's state as last heard, while the subscription is live.
+struct Synced {
+    prices: BTreeMap<(String, String), Entry>,
+    network: NetworkStatus,
+    provider: ProviderStatusView,
+}
+
+impl Synced {
+    fn prices(&self, filter: &PriceFilter) -> Vec<PriceView> {
+        self.prices
+            .iter()
+            .filter(|((chain, asset), _)| filter.matches(chain, asset))
+            .map(|(_, e)| e.aged())
+            .collect()
+    }
+
+    fn snapshot(&self, filter: &PriceFilter) -> Snapshot {
+        Snapshot {
+            prices: self.prices(filter),
+            network: self.network.clone(),
+            provider: self.provider.clone(),
+        }
+    }
+}
+
+struct State {
+    synced: Option<Synced>,
+    /// Why the node is away (meaningful while `synced` is `None`).
+    away: String,
+}
+
+/// The `node` stream event: the API's link to the node changed.
+#[derive(Serialize)]
+struct NodeLinkEvent<'a> {
+    r#type: &'static str,
+    data: NodeLinkData<'a>,
+}
+
+#[derive(Serialize)]
+struct NodeLinkData<'a> {
+    connected: bool,
+    error: Option<&'a str>,
+}
+
+/// The snapshot, the subscription task and the stream hub.
+pub(crate) struct NodeLink {
+    client: Client,
+    state: RwLock<State>,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+}
+
+impl NodeLink {
+    pub fn new(client: Client, hub: Arc<Hub>, metrics: Arc<Metrics>) -> Self {
+        let away = format!("connecting to the node at {}", client.path().display());
+        Self { client, state: RwLock::new(State { synced: None, away }), hub, metrics }
+    }
+
+    fn read_state(&self) -> RwLockReadGuard<'_, State> {
+        // Every write replaces whole values, so a poisoned lock still holds a usable state.
+        self.state.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write_state(&self) -> RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn with_synced<T>(&self, f: impl FnOnce(&Synced) -> T) -> Result<T, ApiError> {
+        let state = self.read_state();
+        match &state.synced {
+            Some(synced) => Ok(f(synced)),
+            None => Err(ApiError::node_unavailable(&state.away)),
+        }
+    }
+
+    /// Prices passing `filter`, ordered by blockchain then asset.
+    pub fn prices(&self, filter: &PriceFilter) -> Result<Vec<PriceView>, ApiError> {
+        self.with_synced(|s| s.prices(filter))
+    }
+
+    pub fn network(&self) -> Result<NetworkStatus, ApiError> {
+        self.with_synced(|s| s.network.clone())
+    }
+
+    pub fn provider(&self) -> Result<ProviderStatusView, ApiError> {
+        self.with_synced(|s| s.provider.clone())
+    }
+
+    /// Figures of the stream clients.
+    pub fn stream_stats(&self) -> Vec<crate::hub::StreamClientStats> {
+        self.hub.stats()
+    }
+
+    /// The subscription is live.
+    pub fn connected(&self) -> bool {
+        self.read_state().synced.is_some()
+    }
+
+    /// Sends a request to the node (not through the snapshot).
+    pub async fn request(&self, request: &Request) -> Result<Response, ApiError> {
+        self.client.request(request).await.map_err(ApiError::from_ipc)
+    }
+
+    /// The node answers a request within `within`.
+    pub async fn ping(&self, within: Duration) -> Result<(), ApiError> {
+        let client = self.client.clone().with_timeout(within);
+        match client.request(&Request::GetNetworkStatus).await {
+            Ok(Response::NetworkStatus(_)) => Ok(()),
+            Ok(Response::Error { kind, message }) => Err(ApiError::from_remote(kind, message)),
+            Ok(other) => Err(ApiError::from_ipc(mesh_ipc::Error::Malformed(format!("{other:?}")))),
+            Err(e) => Err(ApiError::from_ipc(e)),
+        }
+    }
+
+    /// A stream client: its queue starts with the current snapshot (filtered), or with a
+    /// `node` event when the node is away. `None` when the server has no room for it.
+    pub fn subscribe(&self, kind: StreamKind, filter: PriceFilter) -> Option<Subscriber> {
+        let state = self.read_state();
+        let first = match &state.synced {
+            Some(synced) => snapshot_item(synced, &filter),
+            None => node_item(Some(&state.away)),
+        };
+        self.hub.subscribe(kind, filter, first.into_iter().collect())
+    }
+
+    /// Takes in an event: updates the snapshot and passes it on to the stream clients.
+    pub fn apply(&self, event: Event) {
+        self.metrics.node_event(event_name(&event));
+        let mut state = self.write_state();
+        match event {
+            Event::Snapshot(snapshot) => {
+                let was_live = state.synced.is_some();
+                let received = Instant::now();
+                let Snapshot { prices, network, provider } = *snapshot;
+                let prices = prices
+                    .into_iter()
+                    .map(|view| {
+                        ((view.blockchain.clone(), view.asset.clone()), Entry { view, received })
+                    })
+                    .collect();
+                let synced = Synced { prices, network, provider };
+                self.metrics.prices(synced.prices.len());
+                self.hub.publish_snapshot(|filter| snapshot_item(&synced, filter));
+                state.synced = Some(synced);
+                if !was_live {
+                    self.metrics.node_connected(true);
+                }
+            }
+            other => {
+                let Some(synced) = state.synced.as_mut() else {
+                    // Only a snapshot starts a subscription (`follow` checks it).
+                    return;
+                };
+                let item = event_item(&other);
+                match other {
+                    Event::Price(view) => {
+                        let key = (view.blockchain.clone(), view.asset.clone());
+                        synced.prices.insert(key, Entry { view, received: Instant::now() });
+                        self.metrics.prices(synced.prices.len());
+                    }
+                    Event::Discrepancy(d) => {
+                        if let Some(entry) = synced.prices.get_mut(&(d.blockchain, d.asset)) {
+                            entry.view.discrepancy = true;
+                        }
+                    }
+                    Event::Network(network) => synced.network = network,
+                    Event::Provider(provider) => synced.provider = provider,
+                    Event::Snapshot(_) => {}
+                }
+                if let Some(item) = item {
+                    self.hub.publish(&item);
+                }
+            }
+        }
+    }
+
+    fn set_away(&self, reason: String) {
+        let mut state = self.write_state();
+        let was_live = state.synced.take().is_some();
+        if let Some(item) = node_item(Some(&reason)) {
+            self.hub.publish(&item);
+        }
+        state.away = reason;
+        if was_live {
+            self.metrics.node_connected(false);
+            self.metrics.prices(0);
+        }
+    }
+
+    /// Keeps the subscription alive until `cancel` fires: reconnects with a backoff from
+    /// `min` doubling to `max`, and starts again from the new snapshot each time.
+    pub async fn run(self: Arc<Self>, min: Duration, max: Duration, cancel: CancellationToken) {
+        let mut backoff = min;
+        let mut failures = 0u64;
+        loop {
+            let (was_live, reason) = tokio::select! {
+                () = cancel.cancelled() => return,
+                outcome = self.follow() => outcome,
+            };
+            if was_live {
+                warn!(socket = %self.client.path().display(), %reason, "lost the node; reconnecting");
+                backoff = min;
+                failures = 0;
+            } else if failures == 0 {
+                warn!(socket = %self.client.path().display(), %reason, "node not reachable; retrying");
+            } else {
+                debug!(%reason, failures, "node still not reachable");
+            }
+            failures += 1;
+            self.set_away(reason);
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(max);
+        }
+    }
+
+    /// One subscription from connect to its end: whether it went live, and why it ended.
+    async fn follow(&self) -> (bool, String) {
+        let mut subscription = match self.client.subscribe().await {
+            Ok(s) => s,
+            Err(e) => return (false, e.to_string()),
+        };
+        let first = tokio::time::timeout(Duration::from_secs(10), subscription.next()).await;
+        match first {
+            Ok(Ok(Some(event @ Event::Snapshot(_)))) => self.apply(event),
+            Ok(Ok(Some(other))) => {
+                return (
+                    false,
+                    format!("the node sent a {} event before its snapshot", event_name(&other)),
+                );
+            }
+            Ok(Ok(None)) => return (false, "the node closed the subscription".to_owned()),
+            Ok(Err(e)) => return (false, e.to_string()),
+            Err(_) => return (false, "the node sent no snapshot within 10 s".to_owned()),
+        }
+        info!(socket = %self.client.path().display(), "subscribed to the node");
+        loop {
+            match subscription.next().await {
+                Ok(Some(event)) => self.apply(event),
+                Ok(None) => return (true, "the node closed the subscription".to_owned()),
+                Err(e) => return (true, e.to_string()),
+            }
+        }
+    }
+}
+
+fn event_name(event: &Event) -> &'static str {
+    match event {
+        Event::Snapshot(_) => "snapshot",
+        Event::Price(_) => "price",
+        Event::Discrepancy(_) => "discrepancy",
+        Event::Network(_) => "network",
+        Event::Provider(_) => "provider",
+    }
+}
+
+fn encode<T: Serialize>(key: Key, name: &'static str, value: &T) -> Option<Item> {
+    match serde_json::to_string(value) {
+        Ok(text) => Some(Item { key, name, text: text.into() }),
+        Err(e) => {
+            warn!(error = %e, event = name, "stream event could not be encoded");
+            None
+        }
+    }
+}
+
+fn event_item(event: &Event) -> Option<Item> {
+    let key = match event {
+        Event::Snapshot(_) => Key::Snapshot,
+        Event::Price(p) => Key::Price(Arc::new((p.blockchain.clone(), p.asset.clone()))),
+        Event::Discrepancy(d) => {
+            Key::Discrepancy(Arc::new((d.blockchain.clone(), d.asset.clone())))
+        }
+        Event::Network(_) => Key::Network,
+        Event::Provider(_) => Key::Provider,
+    };
+    encode(key, event_name(event), event)
+}
+
+fn snapshot_item(synced: &Synced, filter: &PriceFilter) -> Option<Item> {
+    let event = Event::Snapshot(Box::new(synced.snapshot(filter)));
+    encode(Key::Snapshot, "snapshot", &event)
+}
+
+fn node_item(error: Option<&str>) -> Option<Item> {
+    let error = error.map(|reason| format!("node unavailable: {reason}"));
+    let event = NodeLinkEvent {
+        r#type: "node",
+        data: NodeLinkData { connected: error.is_none(), error: error.as_deref() },
+    };
+    encode(Key::Node, "node", &event)
+}

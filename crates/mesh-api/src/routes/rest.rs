@@ -1,0 +1,167 @@
+//! The REST endpoints.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::IntoResponse;
+use mesh_ipc::{
+    Event, NetworkStatus, PriceFilter, PriceView, ProviderStatusView, Request, Response,
+};
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use crate::envelope::{ApiError, Data};
+
+type Answer<T> = Result<Data<T>, ApiError>;
+
+/// Query of the price endpoints and streams; an empty value means no filter.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct PriceQuery {
+    blockchain: Option<String>,
+    asset: Option<String>,
+}
+
+impl PriceQuery {
+    pub fn into_filter(self) -> PriceFilter {
+        let keep = |v: Option<String>| v.filter(|s| !s.is_empty());
+        PriceFilter { blockchain: keep(self.blockchain), asset: keep(self.asset) }
+    }
+}
+
+pub(super) fn query_error(rejection: QueryRejection) -> ApiError {
+    ApiError::bad_request(format!("invalid query: {}", rejection.body_text()))
+}
+
+fn body_error(rejection: BytesRejection) -> ApiError {
+    ApiError::new(rejection.status(), format!("request body: {}", rejection.body_text()))
+}
+
+/// `GET /api/mesh/prices?blockchain=&asset=`
+pub(super) async fn prices(
+    State(app): State<Arc<AppState>>,
+    query: Result<Query<PriceQuery>, QueryRejection>,
+) -> Answer<Vec<PriceView>> {
+    let Query(query) = query.map_err(query_error)?;
+    app.link.prices(&query.into_filter()).map(Data)
+}
+
+#[derive(Debug, Deserialize)]
+pub(super) struct ChainQuery {
+    blockchain: Option<String>,
+}
+
+/// `GET /api/mesh/prices/{asset}?blockchain=`: the asset on every chain that has it.
+pub(super) async fn asset(
+    State(app): State<Arc<AppState>>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<ChainQuery>, QueryRejection>,
+) -> Answer<Vec<PriceView>> {
+    let Path(asset) = path.map_err(|r| ApiError::bad_request(r.body_text()))?;
+    let Query(query) = query.map_err(query_error)?;
+    let filter = PriceQuery { blockchain: query.blockchain, asset: Some(asset) }.into_filter();
+    let found = app.link.prices(&filter)?;
+    if found.is_empty() {
+        let asset = filter.asset.unwrap_or_default();
+        return Err(ApiError::not_found(match filter.blockchain {
+            Some(chain) => format!("unknown asset {asset} on {chain}"),
+            None => format!("unknown asset {asset}"),
+        }));
+    }
+    Ok(Data(found))
+}
+
+/// `GET /api/mesh/network/status`
+pub(super) async fn network_status(State(app): State<Arc<AppState>>) -> Answer<NetworkStatus> {
+    app.link.network().map(Data)
+}
+
+/// `GET /api/mesh/provider/status`
+pub(super) async fn provider_status(
+    State(app): State<Arc<AppState>>,
+) -> Answer<ProviderStatusView> {
+    app.link.provider().map(Data)
+}
+
+#[derive(Debug, Deserialize)]
+struct EnableRequest {
+    api_key: String,
+}
+
+/// `POST /api/mesh/provider/enable {"api_key": "..."}`
+pub(super) async fn enable(
+    State(app): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer<ProviderStatusView> {
+    let body = body.map_err(body_error)?;
+    let request: EnableRequest = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request(format!(r#"invalid JSON body ({e}); expected {{"api_key": "..."}}"#))
+    })?;
+    // The guide's first advice for a refused key is "no extra spaces": drop them here.
+    let api_key = request.api_key.trim();
+    if api_key.is_empty() {
+        return Err(ApiError::bad_request("api_key must not be empty"));
+    }
+    provider_call(&app, Request::EnableProvider { api_key: api_key.to_owned() }).await
+}
+
+/// `POST /api/mesh/provider/disable` (any body is ignored)
+pub(super) async fn disable(
+    State(app): State<Arc<AppState>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Answer<ProviderStatusView> {
+    body.map_err(body_error)?;
+    provider_call(&app, Request::DisableProvider).await
+}
+
+async fn provider_call(app: &AppState, request: Request) -> Answer<ProviderStatusView> {
+    match app.link.request(&request).await? {
+        Response::ProviderStatus(view) => {
+            // Read-your-writes: the status endpoint shows the change at once (the node's
+            // own event carries the same and is conflated with it).
+            app.link.apply(Event::Provider(view.clone()));
+            Ok(Data(view))
+        }
+        Response::Error { kind, message } => Err(ApiError::from_remote(kind, message)),
+        other => Err(ApiError::from_ipc(mesh_ipc::Error::Malformed(format!(
+            "expected a provider status, got {other:?}"
+        )))),
+    }
+}
+
+#[derive(Serialize)]
+pub(super) struct Health {
+    status: &'static str,
+}
+
+/// `GET /healthz`: the process answers.
+pub(super) async fn healthz() -> Data<Health> {
+    Data(Health { status: "ok" })
+}
+
+#[derive(Serialize)]
+pub(super) struct Ready {
+    ready: bool,
+}
+
+/// `GET /readyz`: the subscription is live and the node answers a request.
+pub(super) async fn readyz(State(app): State<Arc<AppState>>) -> Answer<Ready> {
+    app.link.network()?;
+    app.link.ping(Duration::from_secs(2)).await?;
+    Ok(Data(Ready { ready: true }))
+}
+
+/// `GET /metrics`: Prometheus text of this process.
+pub(super) async fn metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {
+    (
+        StatusCode::OK,
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+        )],
+        app.metrics.render(),
+    )
+}
