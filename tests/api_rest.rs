@@ -433,6 +433,8 @@ async fn metrics_count_requests_and_pass_promtool() {
         "mesh_api_stream_clients{kind=\"ws\"} 1"
     );
     assert_eq!(line("mesh_api_snapshot_prices", &[]), "mesh_api_snapshot_prices 4");
+    // The node's own metrics follow the API's (the node has no HTTP listener).
+    assert_eq!(line("mesh_network_connected_peers", &[]), "mesh_network_connected_peers 3");
 
     let promtool = Command::new("sh").args(["-c", "command -v promtool"]).output().unwrap();
     assert!(

@@ -18,6 +18,11 @@ use tokio_util::sync::CancellationToken;
 pub const NODE_ID: &str = "550e8400-e29b-41d4-a716-446655440000";
 /// A provider's id.
 pub const PROVIDER_ID: &str = "6ba7b810-9dad-41d1-80b4-00c04fd430c8";
+/// What the fake node answers to `GetMetrics`.
+pub const NODE_METRICS: &str = "# HELP mesh_network_connected_peers Connected peers.\n\
+# TYPE mesh_network_connected_peers gauge\n\
+mesh_network_connected_peers 3\n";
+
 /// The Birdeye key the fake node refuses.
 pub const BAD_KEY: &str = "bad-key";
 
@@ -182,6 +187,7 @@ impl Handler for FakeNode {
                 let _ = self.events.send(Event::Provider(view.clone()));
                 Response::ProviderStatus(view)
             }
+            Request::GetMetrics => Response::Metrics(NODE_METRICS.into()),
             other => Response::Error {
                 kind: ErrorKind::BadRequest,
                 message: format!("the fake node does not answer {other:?}"),

@@ -146,6 +146,26 @@ impl NodeLink {
         }
     }
 
+    /// The node's own metrics (Prometheus text), when the node is followed and answers
+    /// within `within`; `None` otherwise (the API's metrics are served all the same).
+    pub async fn node_metrics(&self, within: Duration) -> Option<String> {
+        if !self.connected() {
+            return None;
+        }
+        let client = self.client.clone().with_timeout(within);
+        match client.request(&Request::GetMetrics).await {
+            Ok(Response::Metrics(text)) => Some(text),
+            Ok(other) => {
+                debug!(answer = ?other, "the node gave no metrics");
+                None
+            }
+            Err(e) => {
+                debug!(error = %e, "the node's metrics could not be read");
+                None
+            }
+        }
+    }
+
     /// A stream client: its queue starts with the current snapshot (filtered), or with a
     /// `node` event when the node is away. `None` when the server has no room for it.
     pub fn subscribe(&self, kind: StreamKind, filter: PriceFilter) -> Option<Subscriber> {

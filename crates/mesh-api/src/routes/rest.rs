@@ -154,14 +154,23 @@ pub(super) async fn readyz(State(app): State<Arc<AppState>>) -> Answer<Ready> {
     Ok(Data(Ready { ready: true }))
 }
 
-/// `GET /metrics`: Prometheus text of this process.
+/// `GET /metrics`: Prometheus text of this process (`mesh_api_*`), followed by the node's own
+/// metrics (the guide's `mesh_provider_*`, `mesh_network_*`, ...) while the node answers: the
+/// node has no HTTP listener of its own, so one scrape of the API covers both.
 pub(super) async fn metrics(State(app): State<Arc<AppState>>) -> impl IntoResponse {
+    let mut text = app.metrics.render();
+    if let Some(node) = app.link.node_metrics(Duration::from_secs(2)).await {
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        text.push_str(&node);
+    }
     (
         StatusCode::OK,
         [(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
         )],
-        app.metrics.render(),
+        text,
     )
 }
