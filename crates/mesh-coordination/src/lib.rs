@@ -72,6 +72,10 @@ pub enum Error {
     /// Redis is down and the next reconnect attempt is not due yet.
     #[error("redis is unavailable (reconnecting with backoff)")]
     Unavailable,
+    /// No coordination store is configured ([`MeshOnly`]): rounds are coordinated through the
+    /// mesh.
+    #[error("no coordination store configured")]
+    NotConfigured,
     /// A setting is out of range.
     #[error("{name}={value} is invalid: {reason}")]
     Config {
@@ -111,6 +115,36 @@ pub trait MeshView: Send + Sync + 'static {
     fn providers(&self) -> Vec<NodeId>;
     /// `true` when a fresh batch for `round` from another provider already arrived.
     fn round_fulfilled(&self, round: u64) -> bool;
+}
+
+/// Coordination for nodes without Redis: there is no registry and no lease, so the round
+/// planner ranks the providers learned from the mesh (`ProviderAnnounce`) and skips rounds whose
+/// batch already arrived (ARCHITECTURE section 7). Every call answers [`Error::NotConfigured`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MeshOnly;
+
+#[async_trait::async_trait]
+impl Coordination for MeshOnly {
+    async fn heartbeat(&self, _node: NodeId, _ttl: Duration) -> Result<()> {
+        Err(Error::NotConfigured)
+    }
+
+    async fn deregister(&self, _node: NodeId) -> Result<()> {
+        Ok(())
+    }
+
+    async fn active_providers(&self) -> Result<Vec<NodeId>> {
+        Err(Error::NotConfigured)
+    }
+
+    async fn try_acquire_round(
+        &self,
+        _round: u64,
+        _node: NodeId,
+        _lease: Duration,
+    ) -> Result<bool> {
+        Err(Error::NotConfigured)
+    }
 }
 
 /// A mesh view that knows nothing: without a store the node then fetches every round alone.

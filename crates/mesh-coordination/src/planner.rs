@@ -341,6 +341,14 @@ impl RoundPlanner {
                 }
                 (providers, true)
             }
+            Err(crate::Error::NotConfigured) => {
+                if !self.falling_back.swap(true, Ordering::Relaxed) {
+                    tracing::info!(
+                        "no coordination store configured; rounds are coordinated through the mesh"
+                    );
+                }
+                (self.mesh.providers(), false)
+            }
             Err(error) => {
                 if !self.falling_back.swap(true, Ordering::Relaxed) {
                     tracing::warn!(%error, "coordination store unavailable; ranking providers known from the mesh");

@@ -17,10 +17,7 @@
 //! # Ok(()) }
 //! ```
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-use mesh_coordination::Coordination;
-use mesh_protocol::NodeId;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 pub mod book;
 pub mod config;
@@ -36,34 +33,4 @@ pub use node::{Node, StartOptions};
 /// Unix milliseconds now.
 pub fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
-/// Coordination for a node without Redis: there is no registry and no lease, so every call
-/// answers "unavailable" and the round planner ranks the providers learned from the mesh
-/// (`ProviderAnnounce`) and skips rounds whose batch already arrived (ARCHITECTURE section 7).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct MeshOnly;
-
-#[async_trait::async_trait]
-impl Coordination for MeshOnly {
-    async fn heartbeat(&self, _node: NodeId, _ttl: Duration) -> mesh_coordination::Result<()> {
-        Err(mesh_coordination::Error::Unavailable)
-    }
-
-    async fn deregister(&self, _node: NodeId) -> mesh_coordination::Result<()> {
-        Ok(())
-    }
-
-    async fn active_providers(&self) -> mesh_coordination::Result<Vec<NodeId>> {
-        Err(mesh_coordination::Error::Unavailable)
-    }
-
-    async fn try_acquire_round(
-        &self,
-        _round: u64,
-        _node: NodeId,
-        _lease: Duration,
-    ) -> mesh_coordination::Result<bool> {
-        Err(mesh_coordination::Error::Unavailable)
-    }
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
-use mesh_coordination::{Coordination, MeshView, RedisCoordination};
+use mesh_coordination::{Coordination, MeshOnly, MeshView, RedisCoordination};
 use mesh_ipc::{
     ErrorKind, Event, NetworkStatus, PriceFilter, ProviderStatusView, Request, Response, Snapshot,
 };
@@ -27,9 +27,9 @@ use tracing::{Instrument, error, info, info_span, warn};
 use crate::book::{BookConfig, PriceBook, rfc3339};
 use crate::config::NodeConfig;
 use crate::keystore::ProviderKeyStore;
+use crate::now_ms;
 use crate::persistence::Persistence;
 use crate::providers::{ProviderTracker, SharedTracker};
-use crate::{MeshOnly, now_ms};
 
 /// Errors of starting a node.
 #[derive(Debug, thiserror::Error)]

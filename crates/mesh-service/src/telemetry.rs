@@ -10,6 +10,11 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
+/// Libraries whose info-level events are bookkeeping an operator does not need.
+const QUIET: &str = "libp2p_swarm=warn,libp2p_tcp=warn,libp2p_quic=warn,libp2p_identify=warn,\
+libp2p_noise=warn,libp2p_yamux=warn,yamux=warn,multistream_select=warn,quinn=warn,mdns_sd=warn,\
+sqlx=warn,hyper=warn,reqwest=warn";
+
 /// Keeps the log file writer alive; drop it last (it flushes).
 #[derive(Debug)]
 pub struct LogGuard(#[allow(dead_code)] Option<tracing_appender::non_blocking::WorkerGuard>);
@@ -33,6 +38,8 @@ pub enum Error {
 pub fn init_logs(level: &str, log_dir: Option<&Path>) -> Result<LogGuard, Error> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(f) if !f.is_empty() => EnvFilter::try_new(f),
+        // A bare level keeps the libraries' chatter (connection bookkeeping) at warnings.
+        _ if !level.contains('=') => EnvFilter::try_new(format!("{level},{QUIET}")),
         _ => EnvFilter::try_new(level),
     }
     .map_err(|e| Error::Filter(e.to_string()))?;

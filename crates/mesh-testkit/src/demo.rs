@@ -55,6 +55,13 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
     let mesh = builder.start().await?;
     let entry = args.providers; // the first consumer
     let socket = mesh.running(entry.min(mesh.len() - 1))?.socket().to_path_buf();
+    let api = mesh_api::ApiServer::start(mesh_api::Config {
+        listen: args.api_listen,
+        node_socket: socket.clone(),
+        ..mesh_api::Config::default()
+    })
+    .await?;
+    let url = format!("http://{}", api.local_addr());
 
     let sim = &mesh.simulators()[0];
     println!();
@@ -66,8 +73,8 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         println!("  node {i} {role:<9} {}  socket {}", node.node_id(), node.socket().display());
     }
     println!("  data and logs       {}", dir.display());
-    println!("  IPC socket of node {entry}: {}", socket.display());
-    if let Some(url) = None::<String> {
+    println!("  HTTP API of node {entry}   {url}  (socket {})", socket.display());
+    {
         println!();
         println!("open   {url}/");
         println!("curl   {url}/api/mesh/prices");
@@ -88,5 +95,6 @@ pub async fn run(args: &DemoArgs) -> anyhow::Result<()> {
         }
     }
     println!("stopping");
+    api.shutdown(Duration::from_secs(5)).await;
     mesh.shutdown().await
 }

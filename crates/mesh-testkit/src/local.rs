@@ -166,7 +166,7 @@ impl LocalMeshBuilder {
             o.insert("MESH_LISTEN_ADDRS".into(), "/ip4/127.0.0.1/tcp/0".into());
             o.insert("MESH_MDNS_ENABLED".into(), "false".into());
             o.insert("MESH_METRICS_LISTEN".into(), "off".into());
-            o.insert("MESH_MIN_PEER_CONNECTIONS".into(), "2".into());
+            o.insert("MESH_MIN_PEER_CONNECTIONS".into(), "3".into());
             let sim = &mesh.sims[if self.simulators == 0 { i.min(mesh.sims.len() - 1) } else { 0 }];
             o.insert("MESH_BIRDEYE_BASE_URL".into(), sim.base_url());
             if i < self.providers {
