@@ -15,12 +15,16 @@ as_root() {
 have_apt() { command -v apt-get >/dev/null 2>&1; }
 
 APT_UPDATED=""
-apt_install() {
+apt_update() {
   have_apt || return 1
   if [ -z "$APT_UPDATED" ]; then
     as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq || return 1
     APT_UPDATED=1
   fi
+}
+
+apt_install() {
+  apt_update || return 1
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@"
 }
 
@@ -52,9 +56,11 @@ ensure_postgres() {
   fi
   if ! pg_up; then
     log "starting PostgreSQL"
-    local version
-    for version in $(ls /etc/postgresql 2>/dev/null); do
-      as_root pg_ctlcluster --skip-systemctl-redirect "$version" main start || true
+    local dir
+    for dir in /etc/postgresql/*/; do
+      [ -d "$dir" ] || continue
+      dir="${dir%/}"
+      as_root pg_ctlcluster --skip-systemctl-redirect "${dir##*/}" main start || true
     done
     wait_for 60 pg_up || die "PostgreSQL did not come up on 127.0.0.1:5432"
   fi
@@ -113,4 +119,39 @@ ensure_api_test_tools() {
     log "$tool is not installed; installing $package with apt-get"
     apt_install "$package" || die "cannot install $tool here: install the $package package"
   done
+}
+
+# Where tools unpacked from Debian packages live (see ensure_unpacked_tool).
+MESH_TOOLS_DIR="${MESH_TOOLS_DIR:-/var/tmp/mesh-tools}"
+
+# ensure_tool COMMAND PACKAGE: installs the Debian PACKAGE with apt-get when COMMAND is missing.
+ensure_tool() {
+  command -v "$1" >/dev/null 2>&1 && return 0
+  log "$1 is missing; installing $2 with apt-get"
+  apt_install "$2" || die "cannot install $2 here: install it (it provides $1) and run again"
+  command -v "$1" >/dev/null 2>&1 || die "$2 is installed but $1 is still not on PATH"
+}
+
+# ensure_unpacked_tool COMMAND PACKAGE PATH: for packages whose installation would start a
+# daemon (nginx on port 80, the Prometheus server on 9090): when COMMAND is missing, fetches
+# PACKAGE with `apt-get download` and unpacks it under $MESH_TOOLS_DIR without installing it
+# (no service, no port), then puts the folder of PATH (a path inside the package) on PATH.
+ensure_unpacked_tool() {
+  local cmd=$1 pkg=$2 rel=$3
+  command -v "$cmd" >/dev/null 2>&1 && return 0
+  local root="$MESH_TOOLS_DIR/$pkg"
+  if [ ! -x "$root/$rel" ]; then
+    log "$cmd is missing; unpacking the Debian package $pkg into $root"
+    apt_update || die "cannot fetch $pkg here: install it (it provides $cmd) and run again"
+    local dl
+    dl="$(mktemp -d)"
+    chmod 0755 "$dl"
+    (cd "$dl" && apt-get download -qq "$pkg" 2>/dev/null) ||
+      { rm -rf "$dl"; die "apt-get download $pkg failed: install $pkg (it provides $cmd)"; }
+    mkdir -p "$root"
+    dpkg-deb -x "$dl"/*.deb "$root" || { rm -rf "$dl"; die "cannot unpack $pkg"; }
+    rm -rf "$dl"
+  fi
+  export PATH="$root/${rel%/*}:$PATH"
+  command -v "$cmd" >/dev/null 2>&1 || die "$cmd not found in the unpacked $pkg"
 }
