@@ -3,6 +3,7 @@
 
 mod protocol;
 mod provider;
+mod relay;
 mod report;
 mod seen_cache;
 mod storage;
@@ -25,6 +26,8 @@ enum Bench {
     SeenCache(seen_cache::Args),
     /// Birdeye client batches/s against birdeye-sim, provider round start to hand-over.
     Provider(provider::Args),
+    /// Our relay vs libp2p gossipsub on one random regular graph, one node's relay rate.
+    Relay(relay::Args),
     /// PostgreSQL batch upserts, Redis mirror write+read of 50 prices, round-lease p99.
     Storage(storage::Args),
 }
@@ -35,6 +38,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Protocol(args) => protocol::run(&args)?,
         Bench::SeenCache(args) => seen_cache::run(&args)?,
         Bench::Provider(args) => provider::run(&args)?,
+        Bench::Relay(args) => relay::run(&args)?,
         Bench::Storage(args) => storage::run(&args)?,
     };
     println!("{}", serde_json::to_string_pretty(&doc)?);
