@@ -121,6 +121,30 @@ fn describe() {
     );
     describe_gauge!("mesh_component_degraded", "1 while a component runs on its fallback");
     describe_counter!("mesh_store_dropped_total", "Rows the write-behind queues had to drop");
+    describe_counter!("mesh_store_written_total", "Rows the write-behind queues wrote, by queue");
+    {
+        use mesh_provider::telemetry as p;
+        describe_counter!(p::FETCH_ATTEMPTS_TOTAL, "Round fetches started by this provider");
+        describe_counter!(p::FETCH_SUCCESS_TOTAL, "Round fetches that produced a batch");
+        describe_counter!(p::BROADCAST_ATTEMPTS_TOTAL, "Batches handed to the relay");
+        describe_counter!(p::BROADCAST_SUCCESS_TOTAL, "Batches the relay accepted");
+        describe_histogram!(
+            p::API_LATENCY_SECONDS,
+            "Birdeye request time, by endpoint and outcome"
+        );
+        describe_counter!(p::ROUNDS_SKIPPED_TOTAL, "Rounds this node did not fetch, by reason");
+        describe_counter!(p::ROUNDS_FAILED_TOTAL, "Rounds this node failed to fetch, by reason");
+        describe_counter!(p::MISSING_PRICES_TOTAL, "Tokens Birdeye had no price for");
+        describe_counter!(
+            p::ROUNDS_FETCHED_TOTAL,
+            "Rounds this node fetched, by coordination path"
+        );
+    }
+    describe_counter!("mesh_relay_messages_total", "Relay messages received, by outcome");
+    describe_counter!("mesh_relay_dropped_total", "Relay frames dropped, by reason");
+    describe_counter!("mesh_relay_bans_total", "Peers banned for invalid messages");
+    describe_counter!("mesh_relay_frames_sent_total", "Relay frames sent to peers");
+    describe_counter!("mesh_relay_bytes_sent_total", "Relay bytes sent to peers");
     for name in
         ["mesh_cache_hits_total", "mesh_cache_misses_total", "mesh_price_discrepancies_total"]
     {
