@@ -459,3 +459,33 @@ async fn metrics_count_requests_and_pass_promtool() {
     );
     api.shutdown(Duration::from_secs(5)).await;
 }
+
+#[tokio::test]
+async fn the_unfiltered_price_answer_follows_every_change_and_ages_move_on() {
+    let node = NodeSocket::start(FakeNode::new(prices())).await.unwrap();
+    let api = start_api(node.path(), |_| {}).await.unwrap();
+    let base = format!("http://{}", api.local_addr());
+    wait_ready(&base).await;
+    let sol_in = |body: &Value| {
+        body["data"].as_array().unwrap().iter().find(|p| p["asset"] == SOL).cloned().unwrap()
+    };
+    let (_, all) = get(&format!("{base}/api/mesh/prices")).await;
+    assert_eq!(sol_in(&all)["price"], "150.5");
+    for value in ["151.5", "152.5", "153.5"] {
+        node.node.set_price(price("solana", SOL, value));
+        eventually("the filtered answer shows the update", Duration::from_secs(5), async || {
+            get(&format!("{base}/api/mesh/prices?asset={SOL}")).await.1["data"][0]["price"] == value
+        })
+        .await
+        .unwrap();
+        // The unfiltered answer is cached, but a change replaces it at once.
+        let (_, all) = get(&format!("{base}/api/mesh/prices")).await;
+        assert_eq!(sol_in(&all)["price"], value);
+    }
+    let (_, all) = get(&format!("{base}/api/mesh/prices")).await;
+    assert_eq!(sol_in(&all)["age_secs"], 0);
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (_, all) = get(&format!("{base}/api/mesh/prices")).await;
+    assert!(sol_in(&all)["age_secs"].as_u64().unwrap() >= 2, "{all}");
+    api.shutdown(Duration::from_secs(5)).await;
+}

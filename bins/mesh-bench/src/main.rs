@@ -1,6 +1,7 @@
 //! `mesh-bench`: the workspace's benchmarks. Each subcommand runs one benchmark and prints a
 //! JSON document with the figures, the goal and whether it was met. Build with `--release`.
 
+mod api;
 mod protocol;
 mod provider;
 mod relay;
@@ -20,6 +21,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Bench {
+    /// GET /api/mesh/prices under loopback load; WebSocket fan-out to many clients.
+    Api(api::Args),
     /// Encode+sign and decode+verify+validate of 50-price batches on one core.
     Protocol(protocol::Args),
     /// Seen-cache lookups and inserts per second.
@@ -35,6 +38,7 @@ enum Bench {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let doc = match cli.bench {
+        Bench::Api(args) => api::run(&args)?,
         Bench::Protocol(args) => protocol::run(&args)?,
         Bench::SeenCache(args) => seen_cache::run(&args)?,
         Bench::Provider(args) => provider::run(&args)?,

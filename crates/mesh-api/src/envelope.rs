@@ -1,6 +1,7 @@
 //! The JSON envelope of every answer: `{"success": true, "data": ...}` or
 //! `{"success": false, "error": "..."}`, and how failures map to status codes.
 
+use axum::body::Bytes;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use mesh_ipc::ErrorKind;
@@ -9,14 +10,36 @@ use serde::Serialize;
 /// A successful answer: `{"success": true, "data": <T>}`.
 pub(crate) struct Data<T>(pub T);
 
+#[derive(Serialize)]
+struct DataBody<T> {
+    success: bool,
+    data: T,
+}
+
 impl<T: Serialize> IntoResponse for Data<T> {
     fn into_response(self) -> Response {
-        #[derive(Serialize)]
-        struct Body<T> {
-            success: bool,
-            data: T,
-        }
-        json(StatusCode::OK, &Body { success: true, data: self.0 })
+        json(StatusCode::OK, &DataBody { success: true, data: self.0 })
+    }
+}
+
+/// `{"success": true, "data": <value>}` encoded, for answers that are cached.
+pub(crate) fn data_json<T: Serialize>(value: &T) -> Result<Bytes, ApiError> {
+    serde_json::to_vec(&DataBody { success: true, data: value }).map(Bytes::from).map_err(|e| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("answer not encoded: {e}"))
+    })
+}
+
+/// An encoded successful answer.
+pub(crate) struct Encoded(pub Bytes);
+
+impl IntoResponse for Encoded {
+    fn into_response(self) -> Response {
+        (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+            self.0,
+        )
+            .into_response()
     }
 }
 

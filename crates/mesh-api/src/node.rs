@@ -2,7 +2,7 @@
 //! snapshot that every read is answered from and the events the stream clients get.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
 use mesh_ipc::{
@@ -14,7 +14,9 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::envelope::ApiError;
+use axum::body::Bytes;
+
+use crate::envelope::{ApiError, data_json};
 use crate::hub::{Hub, Item, Key, Subscriber};
 use crate::metrics::{Metrics, StreamKind};
 
@@ -61,7 +63,21 @@ struct State {
     synced: Option<Synced>,
     /// Why the node is away (meaningful while `synced` is `None`).
     away: String,
+    /// Bumped by every change: what a cached answer was made from.
+    generation: u64,
 }
+
+/// The answer to `GET /api/mesh/prices` without a filter, the guide's command and the one
+/// that dashboards poll: encoded once per change, and at most once a second so that the ages
+/// in it move on.
+struct CachedPrices {
+    generation: u64,
+    made: Instant,
+    body: Bytes,
+}
+
+/// How long a cached price answer may be served while nothing changes (ages are whole seconds).
+const PRICES_CACHE_TTL: Duration = Duration::from_secs(1);
 
 /// The `node` stream event: the API's link to the node changed.
 #[derive(Serialize)]
@@ -80,6 +96,7 @@ struct NodeLinkData<'a> {
 pub(crate) struct NodeLink {
     client: Client,
     state: RwLock<State>,
+    all_prices: Mutex<Option<CachedPrices>>,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
 }
@@ -87,7 +104,13 @@ pub(crate) struct NodeLink {
 impl NodeLink {
     pub fn new(client: Client, hub: Arc<Hub>, metrics: Arc<Metrics>) -> Self {
         let away = format!("connecting to the node at {}", client.path().display());
-        Self { client, state: RwLock::new(State { synced: None, away }), hub, metrics }
+        Self {
+            client,
+            state: RwLock::new(State { synced: None, away, generation: 0 }),
+            all_prices: Mutex::new(None),
+            hub,
+            metrics,
+        }
     }
 
     fn read_state(&self) -> RwLockReadGuard<'_, State> {
@@ -96,7 +119,9 @@ impl NodeLink {
     }
 
     fn write_state(&self) -> RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(PoisonError::into_inner)
+        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        state.generation += 1;
+        state
     }
 
     fn with_synced<T>(&self, f: impl FnOnce(&Synced) -> T) -> Result<T, ApiError> {
@@ -110,6 +135,28 @@ impl NodeLink {
     /// Prices passing `filter`, ordered by blockchain then asset.
     pub fn prices(&self, filter: &PriceFilter) -> Result<Vec<PriceView>, ApiError> {
         self.with_synced(|s| s.prices(filter))
+    }
+
+    /// Every price as the encoded answer of `GET /api/mesh/prices` (see [`CachedPrices`]).
+    pub fn all_prices_answer(&self) -> Result<Bytes, ApiError> {
+        let state = self.read_state();
+        let Some(synced) = &state.synced else {
+            return Err(ApiError::node_unavailable(&state.away));
+        };
+        let mut cache = self.all_prices.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(cached) = cache.as_ref()
+            && cached.generation == state.generation
+            && cached.made.elapsed() < PRICES_CACHE_TTL
+        {
+            return Ok(cached.body.clone());
+        }
+        let body = data_json(&synced.prices(&PriceFilter::default()))?;
+        *cache = Some(CachedPrices {
+            generation: state.generation,
+            made: Instant::now(),
+            body: body.clone(),
+        });
+        Ok(body)
     }
 
     pub fn network(&self) -> Result<NetworkStatus, ApiError> {

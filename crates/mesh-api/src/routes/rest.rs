@@ -7,14 +7,14 @@ use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::IntoResponse;
+use axum::response::{IntoResponse, Response as HttpResponse};
 use mesh_ipc::{
     Event, NetworkStatus, PriceFilter, PriceView, ProviderStatusView, Request, Response,
 };
 use serde::{Deserialize, Serialize};
 
 use super::AppState;
-use crate::envelope::{ApiError, Data};
+use crate::envelope::{ApiError, Data, Encoded};
 
 type Answer<T> = Result<Data<T>, ApiError>;
 
@@ -44,9 +44,13 @@ fn body_error(rejection: BytesRejection) -> ApiError {
 pub(super) async fn prices(
     State(app): State<Arc<AppState>>,
     query: Result<Query<PriceQuery>, QueryRejection>,
-) -> Answer<Vec<PriceView>> {
+) -> Result<HttpResponse, ApiError> {
     let Query(query) = query.map_err(query_error)?;
-    app.link.prices(&query.into_filter()).map(Data)
+    let filter = query.into_filter();
+    if filter == PriceFilter::default() {
+        return Ok(Encoded(app.link.all_prices_answer()?).into_response());
+    }
+    Ok(Data(app.link.prices(&filter)?).into_response())
 }
 
 #[derive(Debug, Deserialize)]

@@ -106,6 +106,9 @@ pub(super) async fn ws(
     let Query(query) = query.map_err(query_error)?;
     let subscriber = attach(&app, StreamKind::Ws, query.into_filter())?;
     Ok(upgrade
+        // Clients only send pongs: a small read buffer keeps idle connections cheap (the
+        // default is 128 KiB each).
+        .read_buffer_size(MAX_CLIENT_MESSAGE)
         .max_message_size(MAX_CLIENT_MESSAGE)
         .max_frame_size(MAX_CLIENT_MESSAGE)
         // What waits in user space for a client whose socket is full is bounded too.
@@ -119,12 +122,13 @@ struct Ending {
     close: Option<(u16, String)>,
 }
 
-async fn ws_session(app: Arc<AppState>, socket: WebSocket, subscriber: Subscriber) {
+async fn ws_session(app: Arc<AppState>, mut socket: WebSocket, subscriber: Subscriber) {
     let kind = subscriber.kind();
     let sent = app.metrics.stream_events(kind);
     let write_timeout = app.config.client_write_timeout;
     let ping_every = app.config.ws_ping_interval;
-    let (mut sink, mut incoming) = socket.split();
+    // One socket for both directions (no split and its lock): `select!` drops the read
+    // future before a branch writes.
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     let mut heard = Instant::now();
     let ending = loop {
@@ -137,9 +141,9 @@ async fn ws_session(app: Arc<AppState>, socket: WebSocket, subscriber: Subscribe
                     let count = items.len() as u64;
                     let write = async {
                         for item in items {
-                            sink.feed(Message::Text(item.text)).await?;
+                            socket.feed(Message::Text(item.text)).await?;
                         }
-                        sink.flush().await
+                        socket.flush().await
                     };
                     match tokio::time::timeout(write_timeout, write).await {
                         Ok(Ok(())) => sent.increment(count),
@@ -156,13 +160,13 @@ async fn ws_session(app: Arc<AppState>, socket: WebSocket, subscriber: Subscribe
                 if heard.elapsed() > ping_every * 2 {
                     break Ending { reason: "dead", close: Some((close_code::AWAY, "no pong received".into())) };
                 }
-                match tokio::time::timeout(write_timeout, sink.send(Message::Ping(Default::default()))).await {
+                match tokio::time::timeout(write_timeout, socket.send(Message::Ping(Default::default()))).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => break Ending { reason: "gone", close: None },
                     Err(_) => break Ending { reason: "dead", close: None },
                 }
             }
-            message = incoming.next() => match message {
+            message = socket.next() => match message {
                 Some(Ok(Message::Close(_))) | Some(Err(_)) | None => {
                     break Ending { reason: "client", close: None };
                 }
@@ -174,7 +178,7 @@ async fn ws_session(app: Arc<AppState>, socket: WebSocket, subscriber: Subscribe
         // A close frame's reason is at most 123 bytes.
         let reason: String = reason.chars().take(120).collect();
         let frame = Message::Close(Some(CloseFrame { code, reason: reason.into() }));
-        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), sink.send(frame)).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), socket.send(frame)).await;
     }
     if ending.reason != "client" {
         app.metrics.stream_closed(kind, ending.reason);
