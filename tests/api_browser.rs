@@ -161,7 +161,12 @@ async fn the_page_shows_live_prices_and_switches_provider_mode_on() {
     let status = browser
         .wait_for(
             "provider mode on",
-            &format!("{0}.dataset.enabled === 'true' && {0}.textContent", js("provider-status")),
+            // The node's provider event may come over the WebSocket before the POST's
+            // answer: wait until the page has settled on both.
+            &format!(
+                "{0}.dataset.enabled === 'true' && {0}.dataset.state === 'idle' && {0}.textContent",
+                js("provider-status")
+            ),
             WAIT,
         )
         .await

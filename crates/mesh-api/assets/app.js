@@ -17,6 +17,15 @@ function short(text, keep = 6) {
   return text.length > keep * 2 + 1 ? text.slice(0, keep) + "…" + text.slice(-keep) : text;
 }
 
+// Prices are exact decimal strings; long ones are shown to 8 significant digits (the exact
+// value is in the cell's title).
+function priceText(text) {
+  const digits = text.replace(/^-?0*\.?0*/, "").replace(".", "");
+  if (digits.length <= 10) return text;
+  const n = Number(text);
+  return Number.isFinite(n) ? String(Number(n.toPrecision(8))) : text;
+}
+
 function ageText(secs) {
   if (secs < 60) return secs + "s";
   if (secs < 3600) return Math.floor(secs / 60) + "m";
@@ -88,7 +97,9 @@ function fillRow(row, entry) {
   row.dataset.discrepancy = String(Boolean(v.discrepancy));
   row.dataset.stale = String(Boolean(v.stale));
   field("blockchain").textContent = v.blockchain;
-  field("price").textContent = v.price;
+  const price = field("price");
+  price.textContent = priceText(v.price);
+  price.title = v.price;
   const change = field("change_24h");
   if (v.change_24h === null || v.change_24h === undefined) {
     change.textContent = "–";
