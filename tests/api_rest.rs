@@ -439,7 +439,7 @@ async fn metrics_count_requests_and_pass_promtool() {
     let promtool = Command::new("sh").args(["-c", "command -v promtool"]).output().unwrap();
     assert!(
         promtool.status.success(),
-        "promtool is needed (scripts/test installs Debian's prometheus)"
+        "promtool is needed (scripts/test unpacks it from Debian's prometheus package)"
     );
     let mut check = Command::new("promtool")
         .args(["check", "metrics"])

@@ -110,15 +110,12 @@ ensure_chromium() {
 }
 
 # What the API tests run besides cargo: curl and jq (the guide's commands and health-check
-# scripts), promtool (Debian's prometheus package: `promtool check metrics`) and shellcheck.
+# scripts) and promtool (`promtool check metrics`, unpacked from Debian's prometheus package
+# without starting its server).
 ensure_api_test_tools() {
-  local tool package
-  for tool in curl:curl jq:jq promtool:prometheus shellcheck:shellcheck; do
-    package=${tool#*:}; tool=${tool%%:*}
-    command -v "$tool" >/dev/null 2>&1 && continue
-    log "$tool is not installed; installing $package with apt-get"
-    apt_install "$package" || die "cannot install $tool here: install the $package package"
-  done
+  ensure_tool curl curl
+  ensure_tool jq jq
+  ensure_unpacked_tool promtool prometheus usr/bin/promtool
 }
 
 # Where tools unpacked from Debian packages live (see ensure_unpacked_tool).
