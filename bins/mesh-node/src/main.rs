@@ -36,7 +36,7 @@ struct Cli {
     /// MESH_LISTEN_ADDRS (comma separated multiaddrs).
     #[arg(long, value_name = "ADDRS", global = true)]
     listen: Option<String>,
-    /// MESH_BOOTSTRAP_PEERS (comma separated multiaddrs with /p2p/<peer id>).
+    /// MESH_BOOTSTRAP_PEERS (comma separated multiaddrs ending in /p2p/PEER_ID).
     #[arg(long, value_name = "ADDRS", global = true)]
     bootstrap: Option<String>,
     /// MESH_NODE_SOCKET.
