@@ -22,7 +22,7 @@ struct Cli {
     #[arg(long, env = "MESH_API_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
     /// The node's Unix socket.
-    #[arg(long, env = "MESH_NODE_SOCKET", default_value = "/run/mesh/node.sock")]
+    #[arg(long, env = "MESH_NODE_SOCKET", default_value = "data/node.sock")]
     node_socket: PathBuf,
     /// When set, POST endpoints require `Authorization: Bearer <token>`.
     #[arg(long, env = "MESH_API_TOKEN", hide_env_values = true)]

@@ -11,7 +11,7 @@ use crate::{Error, Result};
 pub struct Config {
     /// Address to listen on (`MESH_API_LISTEN`, default `127.0.0.1:8080`).
     pub listen: SocketAddr,
-    /// The node's socket (`MESH_NODE_SOCKET`, default `/run/mesh/node.sock`).
+    /// The node's socket (`MESH_NODE_SOCKET`, default `data/node.sock`, as the node).
     pub node_socket: PathBuf,
     /// When set, POST endpoints need `Authorization: Bearer <token>` (`MESH_API_TOKEN`).
     pub api_token: Option<String>,
@@ -47,7 +47,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            node_socket: PathBuf::from("/run/mesh/node.sock"),
+            node_socket: PathBuf::from("data/node.sock"),
             api_token: None,
             request_timeout: Duration::from_secs(30),
             node_timeout: Duration::from_secs(25),

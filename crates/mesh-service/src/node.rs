@@ -675,7 +675,7 @@ async fn run_status(shared: Arc<Shared>, cancel: CancellationToken) {
         let changed = {
             let mut last =
                 shared.last_network.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let changed = last.as_ref().is_none_or(|l| !same_network(l, &status));
+            let changed = last.as_ref() != Some(&status);
             *last = Some(status.clone());
             changed
         };
@@ -683,18 +683,6 @@ async fn run_status(shared: Arc<Shared>, cancel: CancellationToken) {
             shared.emit(Event::Network(status));
         }
     }
-}
-
-/// Equal but for the times that move on every tick.
-fn same_network(a: &NetworkStatus, b: &NetworkStatus) -> bool {
-    let ids = |s: &NetworkStatus| {
-        s.active_providers.iter().map(|p| (p.node_id, p.hop_count)).collect::<Vec<_>>()
-    };
-    a.connected_peers == b.connected_peers
-        && ids(a) == ids(b)
-        && a.data_freshness == b.data_freshness
-        && a.degraded_components == b.degraded_components
-        && a.listen_addrs == b.listen_addrs
 }
 
 /// While provider mode is on, tells the mesh about this provider once per round, so that
