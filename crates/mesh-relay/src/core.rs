@@ -316,19 +316,50 @@ mod tests {
         );
     }
 
+    fn frame_created(ttl: u8, created_at_ms: i64, ts: i64) -> Vec<u8> {
+        let id = Identity::from_seed([4; 32]);
+        let body = Body::new(
+            &id,
+            created_at_ms,
+            Payload::PriceBatch {
+                round: 1,
+                prices: vec![PriceUpdate {
+                    asset: "SOL".into(),
+                    blockchain: "solana".into(),
+                    price: "150".parse().unwrap(),
+                    timestamp_ms: ts,
+                    change_24h: None,
+                }],
+            },
+        );
+        encode_envelope(&Envelope::seal(&id, &body, ttl).unwrap()).unwrap()
+    }
+
     #[tokio::test]
     async fn replays_after_the_seen_cache_forgot_are_rejected() {
         let mut c = RelayCore::<u32>::new(CoreConfig {
             seen: mesh_seen_cache::Config { capacity: 1, ..Default::default() },
             ..Default::default()
         });
-        let old = frame(5, NOW - 10);
+        // A message created two hours ago (a captured one) and a newer one.
+        let old = frame_created(5, NOW - 7_200_000, NOW - 7_200_000);
         assert!(matches!(c.on_frame(&1, &old, NOW), Outcome::Deliver { .. }));
         assert!(matches!(c.on_frame(&1, &frame(5, NOW - 5), NOW), Outcome::Deliver { .. }));
         // `old` was evicted from the seen cache (capacity 1) but is still a replay.
-        assert!(
-            matches!(c.on_frame(&2, &old, NOW), Outcome::Rejected(r) if r.reason == RejectReason::Replay)
-        );
+        assert!(matches!(
+            c.on_frame(&2, &old, NOW),
+            Outcome::Rejected(r) if r.reason == RejectReason::Replay
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_recent_older_message_that_lost_a_race_is_stale_not_an_attack() {
+        let mut c = core();
+        assert!(matches!(c.on_frame(&1, &frame(5, NOW - 5), NOW), Outcome::Deliver { .. }));
+        let late = frame_created(5, NOW - 1000, NOW - 10);
+        assert!(matches!(c.on_frame(&2, &late, NOW), Outcome::Stale { .. }));
+        // Further copies are plain duplicates: no second signature check.
+        assert!(matches!(c.on_frame(&3, &late, NOW), Outcome::Duplicate { .. }));
     }
 
     /// Every arrival order of five copies of one message (different peers, different remaining
