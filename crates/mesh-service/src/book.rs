@@ -104,6 +104,11 @@ impl PriceBook {
         self.assets.is_empty()
     }
 
+    /// Timestamp of the newest price held (Unix ms).
+    pub fn newest_timestamp_ms(&self) -> Option<i64> {
+        self.newest_timestamp_ms
+    }
+
     /// When the newest update arrived (Unix ms).
     pub fn last_update_ms(&self) -> Option<i64> {
         self.last_update_ms

@@ -651,6 +651,7 @@ async fn run_state(
 
 /// Publishes the network status when it changes, and keeps the gauges current.
 async fn run_status(shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut known_providers = std::collections::HashSet::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -660,6 +661,22 @@ async fn run_status(shared: Arc<Shared>, cancel: CancellationToken) {
         }
         let status = shared.network_status();
         metrics::gauge!("mesh_network_active_providers").set(status.active_providers.len() as f64);
+        let active: std::collections::HashSet<NodeId> =
+            status.active_providers.iter().map(|p| p.node_id).collect();
+        let joined = active.difference(&known_providers).count();
+        let left = known_providers.difference(&active).count();
+        if joined > 0 {
+            info!(joined, providers = active.len(), "provider joined the network");
+            metrics::counter!("mesh_network_providers_joined_total").increment(joined as u64);
+        }
+        if left > 0 {
+            info!(left, providers = active.len(), "provider disconnected");
+            metrics::counter!("mesh_network_providers_left_total").increment(left as u64);
+        }
+        known_providers = active;
+        if let Some(ms) = shared.book().newest_timestamp_ms() {
+            metrics::gauge!("mesh_cache_last_update_timestamp_seconds").set(ms as f64 / 1000.0);
+        }
         metrics::gauge!("mesh_network_connected_peers").set(status.connected_peers as f64);
         if let Some(age) = shared.book().data_age(now_ms()) {
             metrics::gauge!("mesh_cache_data_age_seconds").set(age.as_secs_f64());

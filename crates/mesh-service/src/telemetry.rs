@@ -15,6 +15,21 @@ const QUIET: &str = "libp2p_swarm=warn,libp2p_tcp=warn,libp2p_quic=warn,libp2p_i
 libp2p_noise=warn,libp2p_yamux=warn,yamux=warn,multistream_select=warn,quinn=warn,mdns_sd=warn,\
 sqlx=warn,hyper=warn,reqwest=warn";
 
+/// The default field formatting under a type of its own: formatted span fields are cached per
+/// formatter type, so without it the file would reuse the terminal's coloured fields.
+#[derive(Debug, Default)]
+struct PlainFields(tracing_subscriber::fmt::format::DefaultFields);
+
+impl<'writer> tracing_subscriber::fmt::FormatFields<'writer> for PlainFields {
+    fn format_fields<R: tracing_subscriber::field::RecordFields>(
+        &self,
+        writer: tracing_subscriber::fmt::format::Writer<'writer>,
+        fields: R,
+    ) -> std::fmt::Result {
+        self.0.format_fields(writer, fields)
+    }
+}
+
 /// Keeps the log file writer alive; drop it last (it flushes).
 #[derive(Debug)]
 pub struct LogGuard(#[allow(dead_code)] Option<tracing_appender::non_blocking::WorkerGuard>);
@@ -43,7 +58,8 @@ pub fn init_logs(level: &str, log_dir: Option<&Path>) -> Result<LogGuard, Error>
         _ => EnvFilter::try_new(level),
     }
     .map_err(|e| Error::Filter(e.to_string()))?;
-    let stdout = tracing_subscriber::fmt::layer().with_target(false);
+    let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
+    let stdout = tracing_subscriber::fmt::layer().with_target(false).with_ansi(terminal);
     match log_dir {
         Some(dir) => {
             std::fs::create_dir_all(dir)
@@ -53,6 +69,7 @@ pub fn init_logs(level: &str, log_dir: Option<&Path>) -> Result<LogGuard, Error>
             let file = tracing_subscriber::fmt::layer()
                 .with_ansi(false)
                 .with_target(false)
+                .fmt_fields(PlainFields::default())
                 .with_writer(writer);
             tracing_subscriber::registry()
                 .with(filter)
@@ -113,6 +130,12 @@ fn describe() {
     describe_counter!("mesh_cache_hits_total", "Price lookups of one asset that found it");
     describe_counter!("mesh_cache_misses_total", "Price lookups of one asset that did not find it");
     describe_gauge!("mesh_cache_data_age_seconds", "Age of the newest price held");
+    describe_gauge!(
+        "mesh_cache_last_update_timestamp_seconds",
+        "Unix time of the newest price held (0: none yet)"
+    );
+    describe_counter!("mesh_network_providers_joined_total", "Providers that became active");
+    describe_counter!("mesh_network_providers_left_total", "Providers no longer heard from");
     describe_gauge!("mesh_seen_messages_cache_size", "Message ids in the seen cache");
     describe_counter!("mesh_validation_failures_total", "Messages rejected, by reason");
     describe_counter!(
@@ -145,9 +168,13 @@ fn describe() {
     describe_counter!("mesh_relay_bans_total", "Peers banned for invalid messages");
     describe_counter!("mesh_relay_frames_sent_total", "Relay frames sent to peers");
     describe_counter!("mesh_relay_bytes_sent_total", "Relay bytes sent to peers");
-    for name in
-        ["mesh_cache_hits_total", "mesh_cache_misses_total", "mesh_price_discrepancies_total"]
-    {
+    for name in [
+        "mesh_cache_hits_total",
+        "mesh_cache_misses_total",
+        "mesh_price_discrepancies_total",
+        "mesh_network_providers_joined_total",
+        "mesh_network_providers_left_total",
+    ] {
         metrics::counter!(name).increment(0);
     }
     for name in [
@@ -163,6 +190,7 @@ fn describe() {
         "mesh_network_connected_peers",
         "mesh_seen_messages_cache_size",
         "mesh_cache_data_age_seconds",
+        "mesh_cache_last_update_timestamp_seconds",
     ] {
         metrics::gauge!(name).set(0.0);
     }
