@@ -2,6 +2,7 @@
 //! JSON document with the figures, the goal and whether it was met. Build with `--release`.
 
 mod api;
+mod node;
 mod protocol;
 mod provider;
 mod relay;
@@ -31,6 +32,8 @@ enum Bench {
     Provider(provider::Args),
     /// Our relay vs libp2p gossipsub on one random regular graph, one node's relay rate.
     Relay(relay::Args),
+    /// Round start to price in each consumer's book on a mesh of full nodes; idle node RSS.
+    Node(node::Args),
     /// PostgreSQL batch upserts, Redis mirror write+read of 50 prices, round-lease p99.
     Storage(storage::Args),
 }
@@ -44,6 +47,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Provider(args) => provider::run(&args)?,
         Bench::Relay(args) => relay::run(&args)?,
         Bench::Storage(args) => storage::run(&args)?,
+        Bench::Node(args) => node::run(&args)?,
     };
     println!("{}", serde_json::to_string_pretty(&doc)?);
     Ok(())
