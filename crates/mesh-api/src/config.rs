@@ -22,6 +22,14 @@ pub struct Config {
     pub node_timeout: Duration,
     /// Largest request body accepted (default 16 KiB).
     pub body_limit: usize,
+    /// A connection must send a request's whole header section within this time from its
+    /// first byte, or from the end of its previous answer, else it is closed (default 10 s).
+    /// Bounds what slow clients (slowloris) and idle keep-alive connections hold.
+    pub header_read_timeout: Duration,
+    /// Most HTTP connections served at once besides the stream clients (default 1,024): the
+    /// server serves at most `max_stream_clients + max_request_connections` connections, and
+    /// further ones wait in the listen backlog until one closes.
+    pub max_request_connections: usize,
     /// First wait before reconnecting to the node (default 100 ms); doubles up to
     /// [`Config::reconnect_max`].
     pub reconnect_min: Duration,
@@ -52,6 +60,8 @@ impl Default for Config {
             request_timeout: Duration::from_secs(30),
             node_timeout: Duration::from_secs(25),
             body_limit: 16 * 1024,
+            header_read_timeout: Duration::from_secs(10),
+            max_request_connections: 1024,
             reconnect_min: Duration::from_millis(100),
             reconnect_max: Duration::from_secs(5),
             max_stream_clients: 10_000,
@@ -72,6 +82,8 @@ impl std::fmt::Debug for Config {
             .field("request_timeout", &self.request_timeout)
             .field("node_timeout", &self.node_timeout)
             .field("body_limit", &self.body_limit)
+            .field("header_read_timeout", &self.header_read_timeout)
+            .field("max_request_connections", &self.max_request_connections)
             .field("reconnect_min", &self.reconnect_min)
             .field("reconnect_max", &self.reconnect_max)
             .field("max_stream_clients", &self.max_stream_clients)
@@ -97,6 +109,7 @@ impl Config {
             ("request_timeout", self.request_timeout),
             ("node_timeout", self.node_timeout),
             ("reconnect_min", self.reconnect_min),
+            ("header_read_timeout", self.header_read_timeout),
             ("client_write_timeout", self.client_write_timeout),
             ("ws_ping_interval", self.ws_ping_interval),
             ("sse_keep_alive", self.sse_keep_alive),
@@ -115,6 +128,7 @@ impl Config {
         for (name, value) in [
             ("body_limit", self.body_limit),
             ("max_stream_clients", self.max_stream_clients),
+            ("max_request_connections", self.max_request_connections),
             ("client_buffer", self.client_buffer),
         ] {
             if value == 0 {

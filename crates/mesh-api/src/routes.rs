@@ -89,6 +89,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.body_limit))
+        .layer(middleware::from_fn_with_state(state.clone(), refuse_announced_oversize))
         .layer(middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
 }
@@ -105,6 +106,32 @@ async fn track(State(app): State<Arc<AppState>>, request: Request, next: Next) -
     let seconds = started.elapsed().as_secs_f64();
     app.metrics.request(&route, method.as_str(), response.status().as_u16(), seconds);
     response
+}
+
+/// A body announced (`Content-Length`) larger than the limit gets its 413 at once: the body
+/// limit alone counts bytes as they arrive, so a client that announced a huge body and sent
+/// none of it held its connection until the request timeout (and then got a 408).
+async fn refuse_announced_oversize(
+    State(app): State<Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let announced = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    match announced {
+        Some(len) if len > app.config.body_limit as u64 => ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body: {len} bytes announced; at most {} accepted",
+                app.config.body_limit
+            ),
+        )
+        .into_response(),
+        _ => next.run(request).await,
+    }
 }
 
 /// With `MESH_API_TOKEN` set, the request needs `Authorization: Bearer <token>`.

@@ -4,17 +4,97 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use mesh_ipc::Client;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, error, info, info_span};
+use tracing::{Instrument, debug, error, info, info_span};
 
 use crate::hub::{Hub, StreamClientStats};
 use crate::metrics::Metrics;
 use crate::node::NodeLink;
 use crate::routes::{AppState, router};
 use crate::{Config, Error, Result};
+
+/// Largest buffer a connection may fill with one request's header section (hyper's default
+/// is about 400 KiB): with [`Config::header_read_timeout`] and the connection limit, it bounds
+/// what slow or hostile clients make the server hold. Larger headers get `431`.
+const MAX_HEADER_BUFFER: usize = 32 * 1024;
+
+/// How many connections the accept loop serves and how long each may take to send headers.
+#[derive(Debug, Clone, Copy)]
+struct ConnectionLimits {
+    max_connections: usize,
+    header_read_timeout: Duration,
+}
+
+/// Accepts HTTP/1 connections until `cancel` fires, at most `limits.max_connections` at once
+/// (more wait in the listen backlog), each closed when a request's headers take longer than
+/// `limits.header_read_timeout`. `axum::serve` has neither bound: without a timer, hyper's
+/// header timeout never fires, so a client that never finishes its headers held its
+/// connection forever. WebSocket upgrades go through; an upgraded connection leaves this
+/// count (stream clients are bounded by the hub).
+async fn accept_loop(
+    listener: TcpListener,
+    app: axum::Router,
+    limits: ConnectionLimits,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    loop {
+        let permit = tokio::select! {
+            () = cancel.cancelled() => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let stream = tokio::select! {
+            () = cancel.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors, most likely: wait for some to be released
+                    // rather than spin.
+                    error!(error = %e, "HTTP accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            debug!(error = %e, "TCP_NODELAY not set");
+        }
+        let service = TowerToHyperService::new(app.clone());
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            let _permit = permit;
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .max_buf_size(MAX_HEADER_BUFFER);
+            let connection =
+                builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+            let mut connection = std::pin::pin!(connection);
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = cancel.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(e) = result {
+                debug!(error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+}
 
 /// A running API server: the HTTP listener and the task that follows the node.
 #[derive(Debug)]
@@ -59,16 +139,16 @@ impl ApiServer {
         );
         let state = Arc::new(AppState::new(link, metrics, config, cancel.clone()));
         let app = router(state.clone());
-        let stop = cancel.clone();
+        let limits = ConnectionLimits {
+            max_connections: state
+                .config
+                .max_stream_clients
+                .saturating_add(state.config.max_request_connections),
+            header_read_timeout: state.config.header_read_timeout,
+        };
         tracker.spawn(
-            async move {
-                let serve =
-                    axum::serve(listener, app).with_graceful_shutdown(stop.cancelled_owned());
-                if let Err(e) = serve.await {
-                    error!(error = %e, "HTTP server failed");
-                }
-            }
-            .instrument(info_span!("http", %addr)),
+            accept_loop(listener, app, limits, cancel.clone(), tracker.clone())
+                .instrument(info_span!("http", %addr)),
         );
         info!(%addr, socket = %state.config.node_socket.display(), "mesh API listening");
         Ok(Self { addr, cancel, tracker, state })

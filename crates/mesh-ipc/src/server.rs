@@ -42,6 +42,10 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// A subscriber that does not take an event within this time is dropped.
     pub write_timeout: Duration,
+    /// A connection that does not send a complete request within this time (from its start or
+    /// from the previous answer) is closed, so that idle or stalled clients cannot hold the
+    /// `max_connections` slots. A subscription, once asked for, is not subject to it.
+    pub request_timeout: Duration,
 }
 
 impl ServerConfig {
@@ -52,6 +56,7 @@ impl ServerConfig {
             mode: 0o660,
             max_connections: 256,
             write_timeout: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -160,9 +165,17 @@ struct Connection {
 impl Connection {
     async fn serve(self, mut stream: UnixStream) {
         loop {
+            let read = frame::read::<Request, _>(&mut stream, MAX_REQUEST_LEN);
             let request = tokio::select! {
                 () = self.cancel.cancelled() => return,
-                r = frame::read::<Request, _>(&mut stream, MAX_REQUEST_LEN) => r,
+                r = tokio::time::timeout(self.config.request_timeout, read) => r,
+            };
+            let request = match request {
+                Err(_) => {
+                    debug!("no complete request in time; closing the connection");
+                    return;
+                }
+                Ok(r) => r,
             };
             let request = match request {
                 Ok(Some(r)) => r,

@@ -43,11 +43,15 @@ impl Decimal {
     /// Wraps a [`BigDecimal`] whose plain text fits [`Decimal::MAX_LEN`] characters.
     pub fn new(value: BigDecimal) -> Result<Self, DecimalError> {
         // Bound the exponent before asking for the plain text, which would otherwise allocate
-        // one character per unit of exponent.
+        // one character per unit of exponent. The scale can be anywhere in the i64 range
+        // (`1e9223372036854775807` parses), so the length is computed in i128, where neither
+        // `scale + 1` nor `digits - scale` can overflow.
         let (digits, scale) = value.as_bigint_and_exponent();
-        let digit_count = digits.to_string().trim_start_matches('-').len() as i64;
+        let digit_count =
+            i128::try_from(digits.to_string().trim_start_matches('-').len()).unwrap_or(i128::MAX);
+        let scale = i128::from(scale);
         let plain_len = if scale >= 0 { digit_count.max(scale + 1) } else { digit_count - scale };
-        if plain_len + 2 > Self::MAX_LEN as i64 {
+        if plain_len.saturating_add(2) > Self::MAX_LEN as i128 {
             return Err(DecimalError::OutOfRange);
         }
         Ok(Self(canonical(&value.normalized().to_plain_string())))
@@ -218,6 +222,24 @@ mod tests {
         assert_eq!(d.to_string(), "0.1");
         assert_eq!(Decimal::parse_any("1e-999999999"), Err(DecimalError::OutOfRange));
         assert_eq!(Decimal::parse_any("1e999999999"), Err(DecimalError::OutOfRange));
+    }
+
+    #[test]
+    fn exponents_at_the_ends_of_the_i64_range_are_out_of_range_not_a_panic() {
+        // Found by the birdeye_parser fuzz target: the plain length overflowed i64.
+        for text in [
+            "1125899906842624e9223372036854775807",
+            "1e9223372036854775807",
+            "-1e9223372036854775807",
+            "1e-9223372036854775807",
+            "0e9223372036854775807",
+        ] {
+            assert_eq!(Decimal::parse_any(text), Err(DecimalError::OutOfRange), "{text}");
+        }
+        // Where the scale itself would leave i64, BigDecimal refuses the text.
+        for text in ["1.5e-9223372036854775807", "1e-9223372036854775809"] {
+            assert!(Decimal::parse_any(text).is_err(), "{text}");
+        }
     }
 
     #[test]

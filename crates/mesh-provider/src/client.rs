@@ -18,7 +18,9 @@ use reqwest::{RequestBuilder, StatusCode};
 use url::Url;
 
 pub use key::ApiKey;
-pub use parse::{MissingReason, MissingToken, PriceSet, TokenPrice};
+pub use parse::{
+    MissingReason, MissingToken, PriceSet, TokenPrice, parse_multi_price_body, parse_price_body,
+};
 
 use crate::assets::Asset;
 use crate::telemetry;
@@ -309,8 +311,7 @@ impl BirdeyeClient {
         let mut url = self.endpoint_url("defi/price")?;
         url.query_pairs_mut().append_pair("address", address);
         let body = self.send(Endpoint::Price, chain, || self.http.get(url.clone())).await?;
-        let data = parse::envelope_data(&body)?;
-        Ok(parse::single_price(chain, address, data, unix_ms_now())?.ok())
+        parse_price_body(chain, address, &body, unix_ms_now())
     }
 
     /// Prices of `addresses` on `chain`, in chunks of at most [`MAX_ADDRESSES_PER_REQUEST`],
@@ -355,8 +356,7 @@ impl BirdeyeClient {
                     .await?
                 }
             };
-            let data = parse::envelope_data(&body)?;
-            set.extend(parse::multi_price(chain, chunk, data, unix_ms_now())?);
+            set.extend(parse_multi_price_body(chain, chunk, &body, unix_ms_now())?);
         }
         Ok(set)
     }

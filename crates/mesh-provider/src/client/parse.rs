@@ -138,8 +138,37 @@ pub(crate) fn envelope_data(body: &[u8]) -> Result<Option<&RawValue>, Error> {
     }
 }
 
+/// Reads a whole multi-price answer body (`GET`/`POST /defi/multi_price`) for the `requested`
+/// addresses of `chain`, as [`BirdeyeClient::multi_price`](super::BirdeyeClient::multi_price)
+/// does with each chunk: every requested address ends up once in [`PriceSet::prices`] (in the
+/// order asked for) or once in [`PriceSet::missing`]. `observed_at_ms` is when the answer was
+/// received.
+///
+/// It is public so that other programs (and the fuzz targets) can read saved answers; the body
+/// may be any bytes: what is not Birdeye's JSON is an [`Error::Decode`], never a panic.
+pub fn parse_multi_price_body(
+    chain: &str,
+    requested: &[String],
+    body: &[u8],
+    observed_at_ms: i64,
+) -> Result<PriceSet, Error> {
+    multi_price(chain, requested, envelope_data(body)?, observed_at_ms)
+}
+
+/// Reads a whole single-price answer body (`GET /defi/price`) for `address` on `chain`:
+/// `Ok(None)` when Birdeye has no usable price for it, as
+/// [`BirdeyeClient::price`](super::BirdeyeClient::price) reports.
+pub fn parse_price_body(
+    chain: &str,
+    address: &str,
+    body: &[u8],
+    observed_at_ms: i64,
+) -> Result<Option<TokenPrice>, Error> {
+    Ok(single_price(chain, address, envelope_data(body)?, observed_at_ms)?.ok())
+}
+
 /// The `data` of a multi-price answer for `requested` addresses of `chain`.
-pub(crate) fn multi_price(
+fn multi_price(
     chain: &str,
     requested: &[String],
     data: Option<&RawValue>,
@@ -177,7 +206,7 @@ pub(crate) fn multi_price(
 }
 
 /// The `data` of a single-price answer.
-pub(crate) fn single_price(
+fn single_price(
     chain: &str,
     address: &str,
     data: Option<&RawValue>,
