@@ -301,6 +301,8 @@ async fn malformed_json_query_strings_and_requests_get_4xx_never_5xx() {
         r#"{"api_key": ["x"]}"#,
         r#"{"api_key": {"$ne": ""}}"#,
         r#"{"api_key": 1e999}"#,
+        r#"{"api_key": "k\u00e9y"}"#,
+        r#"{"api_key": "k\u0007y"}"#,
         r#"[]"#,
         r#""api_key""#,
         "\u{0}",

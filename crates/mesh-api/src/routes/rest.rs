@@ -109,6 +109,13 @@ pub(super) async fn enable(
     if api_key.is_empty() {
         return Err(ApiError::bad_request("api_key must not be empty"));
     }
+    // The key travels in an HTTP header to Birdeye: anything else is the client's mistake
+    // (found by schemathesis: it was a 503 from the node's client set-up).
+    if !api_key.bytes().all(|b| (b' '..=b'~').contains(&b)) {
+        return Err(ApiError::bad_request(
+            "api_key must be printable ASCII (it is sent to Birdeye in a header)",
+        ));
+    }
     provider_call(&app, Request::EnableProvider { api_key: api_key.to_owned() }).await
 }
 
