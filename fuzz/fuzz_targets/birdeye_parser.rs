@@ -59,9 +59,19 @@ enum Entry<'a> {
 #[derive(Debug, Arbitrary)]
 enum Number<'a> {
     /// `[-]int[.frac][e[-]exp]`: a JSON number, exponents up to the i64 range.
-    Scientific { negative: bool, int: u64, frac: Option<u64>, exp: Option<i64> },
+    Scientific {
+        negative: bool,
+        int: u64,
+        frac: Option<u64>,
+        exp: Option<i64>,
+    },
     /// The same kinds of text, as a JSON string.
-    Quoted { negative: bool, int: u64, frac: Option<u64>, exp: Option<i64> },
+    Quoted {
+        negative: bool,
+        int: u64,
+        frac: Option<u64>,
+        exp: Option<i64>,
+    },
     /// Any text, as a JSON string.
     Text(&'a str),
     /// Any JSON token as it is (may make the document invalid).
@@ -83,7 +93,9 @@ impl Number<'_> {
             text
         };
         match self {
-            Number::Scientific { negative, int, frac, exp } => numeric(*negative, *int, *frac, *exp),
+            Number::Scientific { negative, int, frac, exp } => {
+                numeric(*negative, *int, *frac, *exp)
+            }
             Number::Quoted { negative, int, frac, exp } => {
                 format!("\"{}\"", numeric(*negative, *int, *frac, *exp))
             }
@@ -143,7 +155,9 @@ fn entry_json(entry: &Entry<'_>) -> String {
                 ("liquidity", liquidity),
             ]
             .iter()
-            .filter_map(|(name, number)| number.as_ref().map(|n| format!("\"{name}\":{}", n.json())))
+            .filter_map(|(name, number)| {
+                number.as_ref().map(|n| format!("\"{name}\":{}", n.json()))
+            })
             .collect();
             format!("{{{}}}", fields.join(","))
         }
@@ -160,7 +174,11 @@ fn parse(body: &[u8], requested: &[String]) {
 }
 
 fn check_set(set: &PriceSet, requested: &[String]) {
-    assert_eq!(set.prices.len() + set.missing.len(), requested.len(), "an address lost or invented");
+    assert_eq!(
+        set.prices.len() + set.missing.len(),
+        requested.len(),
+        "an address lost or invented"
+    );
     let mut asked = requested.iter();
     for price in &set.prices {
         assert!(asked.any(|a| *a == price.address), "{} out of order or not asked", price.address);

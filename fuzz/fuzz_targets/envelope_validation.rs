@@ -103,8 +103,9 @@ enum Name {
 impl Name {
     fn text(&self) -> String {
         match self {
-            Name::Known(i) => ["SOL", "BONK", "solana", "ethereum", "USDC", "x"][usize::from(*i % 6)]
-                .to_owned(),
+            Name::Known(i) => {
+                ["SOL", "BONK", "solana", "ethereum", "USDC", "x"][usize::from(*i % 6)].to_owned()
+            }
             Name::Any(s) => s.clone(),
         }
     }
@@ -231,7 +232,10 @@ fn check_accepted(envelope: &Envelope, body: &Body, id: MessageId, now_ms: i64, 
     assert!((1..=MAX_TTL).contains(&envelope.ttl));
     assert!(u16::from(envelope.ttl) + u16::from(envelope.hop_count) <= u16::from(MAX_TTL) + 1);
     assert_eq!(id, MessageId::of_body(&envelope.body));
-    assert_eq!(decode_envelope(&encode_envelope(envelope).expect("encodes")).as_ref(), Ok(envelope));
+    assert_eq!(
+        decode_envelope(&encode_envelope(envelope).expect("encodes")).as_ref(),
+        Ok(envelope)
+    );
     assert_eq!(body.origin, NodeId::from_public_key(&body.origin_key), "origin/key mismatch");
     if restricted {
         assert_eq!(body.origin, keys().identities[0].node_id(), "untrusted origin accepted");
