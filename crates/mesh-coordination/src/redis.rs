@@ -4,7 +4,6 @@
 //! heartbeat (Unix ms), and `{prefix}coord:round:{r}`, the lease of round `r`, holding the
 //! winner's node id and expiring after the lease (`SET ... NX PX`).
 
-mod health;
 
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -13,7 +12,7 @@ use deadpool_redis::redis;
 use deadpool_redis::{Connection, Pool};
 use mesh_protocol::NodeId;
 
-pub use health::Health;
+pub use mesh_health::Health;
 
 use crate::{Coordination, Error, Result};
 

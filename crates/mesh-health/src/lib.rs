@@ -1,4 +1,19 @@
-//! The health of one Redis-backed component.
+//! The health of one component that depends on a server (Redis here): a degraded flag that
+//! callers can read cheaply, one log line when an outage starts (`Redis connection failed`) and
+//! one when it ends, and the reconnect backoff. `mesh-storage` (price mirror, seen ids) and
+//! `mesh-coordination` (registry, round leases) each keep one per component.
+//!
+//! ```
+//! use mesh_health::Health;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let health = Health::new("redis price mirror");
+//! assert!(health.should_try() && !health.is_degraded());
+//! health.failed(&"connection refused"); // logs `Redis connection failed` once
+//! assert!(health.is_degraded());
+//! # }
+//! ```
 
 use std::fmt::Display;
 use std::sync::Mutex;

@@ -6,7 +6,6 @@
 //! backoff. Keys: `{prefix}prices` and `{prefix}prices:ts` (hashes, asset -> price JSON and
 //! asset -> timestamp ms), `{prefix}seen:{message_id}` (one string per id, with its expiry).
 
-mod health;
 mod mirror;
 mod seen;
 
@@ -15,7 +14,7 @@ use std::time::Duration;
 use deadpool_redis::redis::AsyncConnectionConfig;
 use deadpool_redis::{Manager, Pool, Runtime};
 
-pub use health::Health;
+pub use mesh_health::Health;
 pub use mirror::PriceMirror;
 pub use seen::{DEFAULT_SEEN_MEMORY_CAPACITY, RedisSeen};
 
