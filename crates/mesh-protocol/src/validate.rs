@@ -52,6 +52,9 @@ pub enum RejectReason {
     BadBlockchain,
     /// A batch carries more than [`MAX_PRICES_PER_BATCH`] prices.
     TooManyPrices,
+    /// A batch carries no price: it says nothing, and with no asset the replay marks could not
+    /// tell a replay of it from a new one.
+    EmptyBatch,
     /// A batch names the same (blockchain, asset) twice.
     DuplicateAsset,
     /// A timestamp is not newer than the last one accepted from the same origin.
@@ -60,7 +63,7 @@ pub enum RejectReason {
 
 impl RejectReason {
     /// Every reason, for documentation and for pre-registering metric labels.
-    pub const ALL: [RejectReason; 14] = [
+    pub const ALL: [RejectReason; 15] = [
         Self::FrameTooLarge,
         Self::Malformed,
         Self::UnsupportedVersion,
@@ -73,6 +76,7 @@ impl RejectReason {
         Self::BadAsset,
         Self::BadBlockchain,
         Self::TooManyPrices,
+        Self::EmptyBatch,
         Self::DuplicateAsset,
         Self::Replay,
     ];
@@ -92,6 +96,7 @@ impl RejectReason {
             Self::BadAsset => "bad_asset",
             Self::BadBlockchain => "bad_blockchain",
             Self::TooManyPrices => "too_many_prices",
+            Self::EmptyBatch => "empty_batch",
             Self::DuplicateAsset => "duplicate_asset",
             Self::Replay => "replay",
         }
@@ -286,6 +291,9 @@ impl Validator {
 fn check_prices(prices: &[crate::PriceUpdate], latest_ms: i64) -> Result<(), RejectReason> {
     if prices.len() > MAX_PRICES_PER_BATCH {
         return Err(RejectReason::TooManyPrices);
+    }
+    if prices.is_empty() {
+        return Err(RejectReason::EmptyBatch);
     }
     for p in prices {
         if p.timestamp_ms > latest_ms {

@@ -206,6 +206,11 @@ fn too_many_prices() {
 }
 
 #[test]
+fn empty_batch() {
+    assert_eq!(reason(&sealed(&batch(vec![]))), Some(RejectReason::EmptyBatch));
+}
+
+#[test]
 fn duplicate_asset_in_batch() {
     let body = batch(vec![price("SOL", "1", NOW), price("SOL", "2", NOW)]);
     assert_eq!(reason(&sealed(&body)), Some(RejectReason::DuplicateAsset));
