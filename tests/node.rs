@@ -69,7 +69,10 @@ async fn ten_nodes_converge_on_the_simulators_prices_with_one_fetch_per_round() 
     // One fetch per round: every round seen at a consumer carried exactly one provider's
     // batch, and the simulator answered two multi-price calls (two chains) per round.
     let before = sim.stats().multi_price_requests();
-    let first = mesh.node(5).unwrap().rounds_received().last().map(|(r, _)| *r).unwrap();
+    let consumer = mesh.node(5).unwrap();
+    eventually(WAIT, "consumer 5 has seen a round", || !consumer.rounds_received().is_empty())
+        .await?;
+    let first = consumer.rounds_received().last().map(|(r, _)| *r).unwrap();
     eventually(WAIT, "four more rounds", || {
         mesh.node(5).unwrap().rounds_received().last().is_some_and(|(r, _)| *r >= first + 4)
     })
