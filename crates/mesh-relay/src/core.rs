@@ -9,7 +9,10 @@ use std::hash::Hash;
 
 use mesh_protocol::codec::forward_in_place;
 use mesh_protocol::validate::{self, Validator};
-use mesh_protocol::{HighWaterMarks, MessageId, Rejection, VerifiedMessage, decode_frame};
+use mesh_protocol::{
+    HighWaterMarks, MessageId, NodeId, RejectReason, Rejection, VerifiedMessage, decode_body,
+    decode_frame,
+};
 use mesh_seen_cache::{Lookup, SeenCache};
 
 /// What to send on: the forwarded copy of a frame and the peers not to send it to.
@@ -48,12 +51,43 @@ pub enum Outcome<P> {
         /// The id.
         id: MessageId,
     },
+    /// A new message from an origin this node has accepted nothing from yet, while the
+    /// sender has used up its budget of such messages ([`OriginBudget`]): dropped before its
+    /// signature is checked, not remembered, not charged (an honest relay may be passing on
+    /// someone else's flood).
+    Throttled {
+        /// The id.
+        id: MessageId,
+    },
     /// An invalid message: drop it and charge the sender.
     Rejected(Rejection),
 }
 
+/// How many messages from unknown origins (origins this node has accepted nothing from yet)
+/// each peer may hand over: a token bucket per peer.
+///
+/// Every new message costs a signature check before it can be judged, and a validly signed
+/// flood from throwaway keys is made only of unknown origins: without a budget, one peer
+/// makes every node of the mesh verify, deliver and forward all of it. Messages of known
+/// origins (the providers of the mesh) never touch the budget.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OriginBudget {
+    /// Tokens added per second.
+    pub per_sec: f64,
+    /// Most tokens a peer holds; a new peer starts full.
+    pub burst: f64,
+}
+
+impl Default for OriginBudget {
+    /// 10 a second with bursts of 50 from each peer: a node meeting a mesh of dozens of
+    /// providers for the first time (an announce and a batch each per round) stays within it.
+    fn default() -> Self {
+        Self { per_sec: 10.0, burst: 50.0 }
+    }
+}
+
 /// Relay settings that the core needs.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct CoreConfig {
     /// Seen-cache size and lifetime.
     pub seen: mesh_seen_cache::Config,
@@ -61,6 +95,112 @@ pub struct CoreConfig {
     pub validation: validate::Config,
     /// How many recent messages remember who sent them (for re-forward exclusions).
     pub sender_memory: usize,
+    /// Budget per peer for messages of unknown origins (`None`: unlimited).
+    pub unknown_origins: Option<OriginBudget>,
+    /// How many origins are remembered as known (the least recently heard is forgotten).
+    pub known_origins: usize,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        Self {
+            seen: mesh_seen_cache::Config::default(),
+            validation: validate::Config::default(),
+            sender_memory: 4096,
+            unknown_origins: Some(OriginBudget::default()),
+            known_origins: 10_000,
+        }
+    }
+}
+
+/// Origins of accepted messages, least recently heard forgotten first.
+#[derive(Debug)]
+struct KnownOrigins {
+    last: HashMap<NodeId, u64>,
+    /// Origins in the order they were heard; an element whose number no longer matches
+    /// `last` was heard again later and is skipped.
+    order: VecDeque<(NodeId, u64)>,
+    next: u64,
+    capacity: usize,
+}
+
+impl KnownOrigins {
+    fn new(capacity: usize) -> Self {
+        Self { last: HashMap::new(), order: VecDeque::new(), next: 0, capacity: capacity.max(1) }
+    }
+
+    fn contains(&self, origin: &NodeId) -> bool {
+        self.last.contains_key(origin)
+    }
+
+    fn heard(&mut self, origin: NodeId) {
+        self.next += 1;
+        self.last.insert(origin, self.next);
+        self.order.push_back((origin, self.next));
+        while self.last.len() > self.capacity || self.order.len() > 2 * self.capacity {
+            let Some((old, n)) = self.order.pop_front() else { break };
+            if self.last.get(&old) == Some(&n) {
+                self.last.remove(&old);
+            }
+        }
+    }
+}
+
+/// One peer's tokens for messages of unknown origins.
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at_ms: i64,
+}
+
+/// The buckets of the peers that used some of their budget; a peer without one is full.
+#[derive(Debug)]
+struct Budgets<P> {
+    budget: OriginBudget,
+    buckets: HashMap<P, Bucket>,
+}
+
+impl<P: Clone + Eq + Hash> Budgets<P> {
+    /// Most buckets kept; full ones are dropped first (a missing bucket is a full one).
+    const MAX_BUCKETS: usize = 4096;
+
+    fn tokens(&self, peer: &P, now_ms: i64) -> f64 {
+        match self.buckets.get(peer) {
+            Some(b) => {
+                let refill = (now_ms - b.at_ms).max(0) as f64 / 1000.0 * self.budget.per_sec;
+                (b.tokens + refill).min(self.budget.burst)
+            }
+            None => self.budget.burst,
+        }
+    }
+
+    fn is_full(&self, peer: &P, now_ms: i64) -> bool {
+        self.tokens(peer, now_ms) >= self.budget.burst
+    }
+
+    /// Takes one token; `false` when the peer has none left.
+    fn take(&mut self, peer: &P, now_ms: i64) -> bool {
+        let tokens = self.tokens(peer, now_ms);
+        if tokens < 1.0 {
+            return false;
+        }
+        if self.buckets.len() >= Self::MAX_BUCKETS && !self.buckets.contains_key(peer) {
+            let budget = self.budget;
+            self.buckets.retain(|_, b| {
+                let refill = (now_ms - b.at_ms).max(0) as f64 / 1000.0 * budget.per_sec;
+                b.tokens + refill < budget.burst
+            });
+            if self.buckets.len() >= Self::MAX_BUCKETS {
+                // Thousands of peers mid-flood at once: forget an arbitrary one (it starts
+                // full again, which costs at most one burst).
+                if let Some(victim) = self.buckets.keys().next().cloned() {
+                    self.buckets.remove(&victim);
+                }
+            }
+        }
+        self.buckets.insert(peer.clone(), Bucket { tokens: tokens - 1.0, at_ms: now_ms });
+        true
+    }
 }
 
 /// Who sent each recent message: bounded, oldest forgotten first.
@@ -109,6 +249,8 @@ pub struct RelayCore<P> {
     validator: Validator,
     marks: HighWaterMarks,
     senders: RecentSenders<P>,
+    known: KnownOrigins,
+    budgets: Option<Budgets<P>>,
 }
 
 impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
@@ -120,6 +262,10 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
             validator: Validator::new(config.validation),
             marks: HighWaterMarks::default(),
             senders: RecentSenders::new(sender_memory),
+            known: KnownOrigins::new(config.known_origins),
+            budgets: config
+                .unknown_origins
+                .map(|budget| Budgets { budget, buckets: HashMap::new() }),
         }
     }
 
@@ -161,6 +307,35 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
                 }
             }
             Lookup::New => {
+                // Cheap checks on the claimed origin before the signature check, when they can
+                // drop the message: the allow-list, and the sender's budget of unknown origins
+                // once it has started using it (a peer with a full budget, such as every
+                // honest peer, skips this decode).
+                let mut token_taken = false;
+                let allow_list = self.validator.config().trusted_providers.is_some();
+                let budget_in_use = self.budgets.as_ref().is_some_and(|b| !b.is_full(from, now_ms));
+                if allow_list || budget_in_use {
+                    let origin = match decode_body(&envelope.body) {
+                        Ok(body) => body.origin,
+                        Err(e) => return Outcome::Rejected(e.into()),
+                    };
+                    if let Some(trusted) = &self.validator.config().trusted_providers
+                        && !trusted.contains(&origin)
+                    {
+                        return Outcome::Rejected(Rejection {
+                            reason: RejectReason::UntrustedProvider,
+                            source_node_id: Some(origin),
+                        });
+                    }
+                    if !self.known.contains(&origin)
+                        && let Some(budgets) = &mut self.budgets
+                    {
+                        if !budgets.take(from, now_ms) {
+                            return Outcome::Throttled { id };
+                        }
+                        token_taken = true;
+                    }
+                }
                 let message = match self.validator.verify(envelope, now_ms) {
                     Ok(message) => message,
                     Err(rejection) => return Outcome::Rejected(rejection),
@@ -176,6 +351,15 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
                     }
                     return Outcome::Rejected(rejection);
                 }
+                let origin = message.body.origin;
+                if !token_taken
+                    && !self.known.contains(&origin)
+                    && let Some(budgets) = &mut self.budgets
+                {
+                    // Verified already (the budget was full): it still counts.
+                    budgets.take(from, now_ms);
+                }
+                self.known.heard(origin);
                 self.seen.insert(id, ttl);
                 self.senders.record(id, from);
                 let forward = forwarded(frame, ttl)
@@ -191,6 +375,7 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
         let envelope = decode_frame(frame)?;
         let message = self.validator.verify(envelope, now_ms)?;
         self.marks.admit(&message)?;
+        self.known.heard(message.body.origin);
         self.seen.insert(message.id, message.envelope.ttl);
         Ok(message)
     }
@@ -425,6 +610,118 @@ mod tests {
                 mesh_seen_cache::Lookup::Seen { max_ttl: 9 }
             );
         }
+    }
+
+    fn frame_of(seed: u8, ts: i64) -> Vec<u8> {
+        let id = Identity::from_seed([seed; 32]);
+        let prices = vec![PriceUpdate {
+            asset: "SOL".into(),
+            blockchain: "solana".into(),
+            price: "150".parse().unwrap(),
+            timestamp_ms: ts,
+            change_24h: None,
+        }];
+        let body = Body::new(&id, NOW, Payload::PriceBatch { round: 1, prices });
+        encode_envelope(&Envelope::seal(&id, &body, 5).unwrap()).unwrap()
+    }
+
+    fn broken(mut frame: Vec<u8>) -> Vec<u8> {
+        let last = frame.len() - 1;
+        frame[last] ^= 0xff; // the signature is the frame's tail
+        frame
+    }
+
+    fn budget_core(per_sec: f64, burst: f64) -> RelayCore<u32> {
+        RelayCore::new(CoreConfig {
+            unknown_origins: Some(OriginBudget { per_sec, burst }),
+            ..CoreConfig::default()
+        })
+    }
+
+    #[tokio::test]
+    async fn unknown_origins_beyond_a_peers_budget_are_dropped_before_the_signature_check() {
+        let mut c = budget_core(1.0, 3.0);
+        // Three throwaway keys use up peer 1's budget; the next ones are throttled.
+        for seed in 10..13 {
+            assert!(matches!(c.on_frame(&1, &frame_of(seed, NOW), NOW), Outcome::Deliver { .. }));
+        }
+        assert!(matches!(c.on_frame(&1, &frame_of(13, NOW), NOW), Outcome::Throttled { .. }));
+        // Throttled unchecked: a broken signature is not even noticed (and not charged).
+        assert!(matches!(
+            c.on_frame(&1, &broken(frame_of(14, NOW)), NOW),
+            Outcome::Throttled { .. }
+        ));
+        // Known origins never touch the budget.
+        assert!(matches!(c.on_frame(&1, &frame_of(10, NOW + 1), NOW), Outcome::Deliver { .. }));
+        // Another peer has a budget of its own, and a throttled message was not remembered.
+        assert!(matches!(c.on_frame(&2, &frame_of(13, NOW), NOW), Outcome::Deliver { .. }));
+        // Tokens come back with time: one a second here.
+        assert!(matches!(c.on_frame(&1, &frame_of(15, NOW), NOW + 999), Outcome::Throttled { .. }));
+        assert!(matches!(c.on_frame(&1, &frame_of(15, NOW), NOW + 1000), Outcome::Deliver { .. }));
+        assert!(matches!(
+            c.on_frame(&1, &frame_of(16, NOW), NOW + 1000),
+            Outcome::Throttled { .. }
+        ));
+        // Without a budget nothing is throttled.
+        let mut open =
+            RelayCore::<u32>::new(CoreConfig { unknown_origins: None, ..CoreConfig::default() });
+        for seed in 20..30 {
+            assert!(matches!(
+                open.on_frame(&1, &frame_of(seed, NOW), NOW),
+                Outcome::Deliver { .. }
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_peer_within_its_budget_is_judged_as_before() {
+        let mut c = budget_core(1.0, 3.0);
+        // Invalid messages are rejected (and charged), not throttled, while tokens remain.
+        match c.on_frame(&1, &broken(frame_of(10, NOW)), NOW) {
+            Outcome::Rejected(r) => assert_eq!(r.reason, RejectReason::BadSignature),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(c.on_frame(&1, &frame_of(10, NOW), NOW), Outcome::Deliver { .. }));
+    }
+
+    #[tokio::test]
+    async fn untrusted_origins_are_rejected_before_the_signature_check() {
+        let trusted = Identity::from_seed([10; 32]).node_id();
+        let mut c = RelayCore::<u32>::new(CoreConfig {
+            validation: validate::Config {
+                trusted_providers: Some([trusted].into_iter().collect()),
+                ..validate::Config::default()
+            },
+            ..CoreConfig::default()
+        });
+        // A broken signature from an unlisted origin: the allow-list answers first.
+        match c.on_frame(&1, &broken(frame_of(11, NOW)), NOW) {
+            Outcome::Rejected(r) => {
+                assert_eq!(r.reason, RejectReason::UntrustedProvider);
+                assert_eq!(r.source_node_id, Some(Identity::from_seed([11; 32]).node_id()));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        match c.on_frame(&1, &broken(frame_of(10, NOW)), NOW) {
+            Outcome::Rejected(r) => assert_eq!(r.reason, RejectReason::BadSignature),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(matches!(c.on_frame(&1, &frame_of(10, NOW), NOW), Outcome::Deliver { .. }));
+    }
+
+    #[tokio::test]
+    async fn known_origins_forget_the_least_recently_heard() {
+        let mut k = KnownOrigins::new(2);
+        let n = |s: u8| Identity::from_seed([s; 32]).node_id();
+        k.heard(n(1));
+        k.heard(n(2));
+        k.heard(n(1));
+        k.heard(n(3));
+        assert!(k.contains(&n(1)) && k.contains(&n(3)) && !k.contains(&n(2)));
+        for _ in 0..100 {
+            k.heard(n(1));
+        }
+        assert!(k.order.len() <= 4, "stale entries are purged");
     }
 
     #[tokio::test]

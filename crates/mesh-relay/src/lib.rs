@@ -35,7 +35,7 @@ pub mod pex;
 pub mod stats;
 
 pub use config::Config;
-pub use core::{CoreConfig, Forward, Outcome, RelayCore};
+pub use core::{CoreConfig, Forward, OriginBudget, Outcome, RelayCore};
 pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
 pub use network::{Delivery, Error, PeerStatus, Relay, Result, Status};

@@ -1049,6 +1049,12 @@ impl CoreTask {
                 bump(&self.ctx.stats.stale);
                 metrics::counter!("mesh_relay_messages_total", "outcome" => "stale").increment(1);
             }
+            Outcome::Throttled { id } => {
+                debug!(%peer, %id, "unknown origin beyond the peer's budget; dropped unchecked");
+                bump(&self.ctx.stats.throttled);
+                metrics::counter!("mesh_relay_dropped_total", "reason" => "origin_budget")
+                    .increment(1);
+            }
             Outcome::Rejected(rejection) => self.reject(peer, &rejection),
         }
     }

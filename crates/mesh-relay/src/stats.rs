@@ -13,6 +13,7 @@ pub struct Stats {
     pub(crate) duplicates: AtomicU64,
     pub(crate) reforwarded: AtomicU64,
     pub(crate) stale: AtomicU64,
+    pub(crate) throttled: AtomicU64,
     pub(crate) rejected: [AtomicU64; RejectReason::ALL.len()],
     pub(crate) frames_queued: AtomicU64,
     pub(crate) frames_sent: AtomicU64,
@@ -39,6 +40,9 @@ pub struct StatsSnapshot {
     pub reforwarded: u64,
     /// Older messages that lost a race with a newer one from the same origin (not charged).
     pub stale: u64,
+    /// New messages of unknown origins dropped unchecked because their sender had used up its
+    /// budget of them (not charged).
+    pub throttled: u64,
     /// Rejections per reason (label, count), reasons with a zero count left out.
     pub rejected: Vec<(&'static str, u64)>,
     /// Frames put on peer queues.
@@ -95,6 +99,7 @@ impl Stats {
             duplicates: get(&self.duplicates),
             reforwarded: get(&self.reforwarded),
             stale: get(&self.stale),
+            throttled: get(&self.throttled),
             rejected: RejectReason::ALL
                 .iter()
                 .zip(&self.rejected)
