@@ -12,6 +12,7 @@ mod eventually;
 mod logs;
 pub mod netns;
 mod processes;
+pub mod reliability;
 
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
 
