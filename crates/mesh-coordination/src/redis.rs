@@ -4,7 +4,6 @@
 //! heartbeat (Unix ms), and `{prefix}coord:round:{r}`, the lease of round `r`, holding the
 //! winner's node id and expiring after the lease (`SET ... NX PX`).
 
-
 use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -202,8 +202,8 @@ impl PriceBook {
             if *other == origin || !self.fresh(q, now_ms) {
                 continue;
             }
-            if let Some(percent) = self.difference_percent(&quote.value, &q.value)
-                && percent > self.threshold
+            if self.exceeds(&quote.value, &q.value)
+                && let Some(percent) = difference_percent(&quote.value, &q.value)
             {
                 out.push(Discrepancy {
                     asset: key.1.clone(),
@@ -225,20 +225,21 @@ impl PriceBook {
     fn any_disagreement(&self, key: &Key, now_ms: i64) -> bool {
         let Some(entry) = self.assets.get(key) else { return false };
         let fresh: Vec<&Quote> = entry.quotes.values().filter(|q| self.fresh(q, now_ms)).collect();
-        fresh.iter().enumerate().any(|(i, a)| {
-            fresh[i + 1..].iter().any(|b| {
-                self.difference_percent(&a.value, &b.value).is_some_and(|p| p > self.threshold)
-            })
-        })
+        fresh
+            .iter()
+            .enumerate()
+            .any(|(i, a)| fresh[i + 1..].iter().any(|b| self.exceeds(&a.value, &b.value)))
     }
 
-    /// |a - b| in percent of the lower of the two; `None` when the lower is not positive.
-    fn difference_percent(&self, a: &BigDecimal, b: &BigDecimal) -> Option<BigDecimal> {
+    /// Whether `a` and `b` differ by more than the threshold: |a - b| in percent of the lower
+    /// of the two is above it (never when the lower is not positive). Exact, and without a
+    /// division: |a - b| × 100 > threshold × lower. A `BigDecimal` division works to 100
+    /// digits; with several providers it was most of a consumer's CPU time (a division per
+    /// pair of quotes, per price, per batch).
+    fn exceeds(&self, a: &BigDecimal, b: &BigDecimal) -> bool {
         let low = a.min(b);
-        if !bigdecimal::Signed::is_positive(low) {
-            return None;
-        }
-        Some((a - b).abs() * BigDecimal::from(100) / low)
+        bigdecimal::Signed::is_positive(low)
+            && (a - b).abs() * BigDecimal::from(100) > &self.threshold * low
     }
 
     fn view_of(&self, key: &Key, now_ms: i64) -> Option<PriceView> {
@@ -248,7 +249,8 @@ impl PriceBook {
         let agreeing = fresh
             .iter()
             .filter(|q| {
-                self.difference_percent(&q.value, &quote.value).is_some_and(|p| p <= self.threshold)
+                bigdecimal::Signed::is_positive(std::cmp::min(&q.value, &quote.value))
+                    && !self.exceeds(&q.value, &quote.value)
             })
             .count();
         let age_ms = (now_ms - quote.timestamp_ms).max(0);
@@ -308,6 +310,16 @@ pub fn rfc3339(ms: i64) -> String {
         .ok()
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_default()
+}
+
+/// |a - b| in percent of the lower of the two; `None` when the lower is not positive. Only
+/// for the report of a discrepancy (`PriceBook::exceeds` decides whether there is one).
+fn difference_percent(a: &BigDecimal, b: &BigDecimal) -> Option<BigDecimal> {
+    let low = a.min(b);
+    if !bigdecimal::Signed::is_positive(low) {
+        return None;
+    }
+    Some((a - b).abs() * BigDecimal::from(100) / low)
 }
 
 #[cfg(test)]
@@ -378,6 +390,43 @@ mod tests {
         let mut b = book();
         b.apply(node(1), 1, &[update("X", "100", NOW)], NOW);
         assert!(b.apply(node(2), 1, &[update("X", "105", NOW)], NOW).discrepancies.is_empty());
+    }
+
+    #[test]
+    fn the_division_free_rule_agrees_with_the_percentage() {
+        let values = [
+            "0",
+            "-1",
+            "1",
+            "1.05",
+            "1.0500000001",
+            "0.95",
+            "3",
+            "3.15",
+            "100",
+            "105",
+            "105.01",
+            "104.99",
+            "0.000016",
+            "0.0000168",
+            "0.00001680000001",
+            "7",
+            "7.35",
+            "7.3500001",
+        ];
+        for threshold in [5.0, 0.1, 33.333333] {
+            let b = PriceBook::new(BookConfig {
+                discrepancy_threshold_percent: threshold,
+                ..BookConfig::default()
+            });
+            for x in values {
+                for y in values {
+                    let (x, y): (BigDecimal, BigDecimal) = (x.parse().unwrap(), y.parse().unwrap());
+                    let by_division = difference_percent(&x, &y).is_some_and(|p| p > b.threshold);
+                    assert_eq!(b.exceeds(&x, &y), by_division, "{x} vs {y} at {threshold} %");
+                }
+            }
+        }
     }
 
     #[test]
