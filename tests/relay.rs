@@ -334,10 +334,17 @@ async fn one_bootstrap_address_leads_to_the_minimum_connections_through_peer_exc
     for node in &net.nodes()[1..] {
         node.running()?.add_bootstrap(boot_peer, vec![boot_listen.clone()]).await?;
     }
-    eventually(Duration::from_secs(60), "every node has at least 3 connections", || {
-        net.nodes().iter().all(|n| n.running().is_ok_and(|r| r.connected_peers() >= 3))
-    })
-    .await?;
+    let counts = || -> Vec<usize> {
+        net.nodes().iter().map(|n| n.running().map_or(0, |r| r.connected_peers())).collect()
+    };
+    let reached =
+        eventually(Duration::from_secs(60), "every node has at least 3 connections", || {
+            counts().iter().all(|c| *c >= 3)
+        })
+        .await;
+    if let Err(e) = reached {
+        anyhow::bail!("{e}; connections per node: {:?}", counts());
+    }
     // Most of them learned their peers from node 0's answers, not from node 0 alone.
     let beyond_bootstrap = net.nodes()[1..]
         .iter()
@@ -346,8 +353,7 @@ async fn one_bootstrap_address_leads_to_the_minimum_connections_through_peer_exc
         })
         .count();
     assert_eq!(beyond_bootstrap, 19);
-    let counts: Vec<usize> =
-        net.nodes().iter().map(|n| n.running().map_or(0, |r| r.connected_peers())).collect();
+    let counts = counts();
     assert!(counts[0] <= 15, "the connection limit holds at the bootstrap node: {counts:?}");
     // The mesh carries messages to everyone.
     let m = price_batch(&provider(1), 1, now_ms(), 3, 20)?;

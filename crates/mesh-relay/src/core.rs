@@ -18,6 +18,8 @@ use mesh_seen_cache::{Lookup, SeenCache};
 /// What to send on: the forwarded copy of a frame and the peers not to send it to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forward<P> {
+    /// The message id (the network layer skips peers that have sent it to us meanwhile).
+    pub id: MessageId,
     /// The frame with `ttl - 1` and `hop_count + 1` (body and signature unchanged).
     pub frame: Vec<u8>,
     /// Peers that must not get it: the senders of this message so far.
@@ -301,7 +303,7 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
                 self.seen.raise_ttl(&id, ttl);
                 match forwarded(frame, ttl) {
                     Some(frame) => {
-                        Outcome::Reforward(Forward { frame, except: self.senders.get(&id) })
+                        Outcome::Reforward(Forward { id, frame, except: self.senders.get(&id) })
                     }
                     None => Outcome::Duplicate { id, hop_count: frame[2] },
                 }
@@ -362,8 +364,11 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
                 self.known.heard(origin);
                 self.seen.insert(id, ttl);
                 self.senders.record(id, from);
-                let forward = forwarded(frame, ttl)
-                    .map(|frame| Forward { frame, except: vec![from.clone()] });
+                let forward = forwarded(frame, ttl).map(|frame| Forward {
+                    id,
+                    frame,
+                    except: vec![from.clone()],
+                });
                 Outcome::Deliver { message, forward }
             }
         }

@@ -27,7 +27,9 @@ use libp2p::{
     connection_limits, identify, noise, ping, tcp, yamux,
 };
 use libp2p_stream::{Control, IncomingStreams};
-use mesh_protocol::{Envelope, Identity, NodeId, RejectReason, Rejection, VerifiedMessage};
+use mesh_protocol::{
+    Envelope, Identity, MessageId, NodeId, RejectReason, Rejection, VerifiedMessage,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -147,8 +149,43 @@ enum CoreInput {
 }
 
 struct Link {
-    queue: mpsc::Sender<Bytes>,
+    /// Frames for the peer with their message id (`None` for raw frames).
+    queue: mpsc::Sender<(Option<MessageId>, Bytes)>,
+    /// Ids this peer sent us lately: a queued copy of one of them is not sent back.
+    sent_us: Arc<RecentIds>,
     cancel: CancellationToken,
+}
+
+/// The last [`RecentIds::CAPACITY`] message ids one peer sent us.
+///
+/// Flooding sends a copy to every neighbour but the sender; when a neighbour's own copy
+/// reaches us while ours still waits in its queue, ours is pure waste. The core records every
+/// id a peer sends, and the peer's writer skips queued frames whose id is recorded
+/// (`mesh_relay_suppressed_total`).
+#[derive(Debug, Default)]
+struct RecentIds(
+    Mutex<(std::collections::HashSet<MessageId>, std::collections::VecDeque<MessageId>)>,
+);
+
+impl RecentIds {
+    const CAPACITY: usize = 4096;
+
+    fn record(&self, id: MessageId) {
+        let mut guard = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (set, order) = &mut *guard;
+        if set.insert(id) {
+            order.push_back(id);
+            if order.len() > Self::CAPACITY
+                && let Some(old) = order.pop_front()
+            {
+                set.remove(&old);
+            }
+        }
+    }
+
+    fn contains(&self, id: &MessageId) -> bool {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).0.contains(id)
+    }
 }
 
 type Links = Arc<RwLock<HashMap<PeerId, Link>>>;
@@ -301,9 +338,16 @@ impl Relay {
             );
         }
         tracker.spawn(
-            CoreTask { core, inputs: core_rx, deliveries: delivery_tx, ctx: ctx.clone() }
-                .run()
-                .instrument(info_span!(parent: &span, "core")),
+            CoreTask {
+                core,
+                hops_reported: HashMap::new(),
+                hops_reset: Instant::now(),
+                inputs: core_rx,
+                deliveries: delivery_tx,
+                ctx: ctx.clone(),
+            }
+            .run()
+            .instrument(info_span!(parent: &span, "core")),
         );
 
         let relay = Relay {
@@ -706,12 +750,13 @@ impl SwarmTask {
     fn open_link(&mut self, peer: PeerId) {
         let (queue, frames) = mpsc::channel(self.ctx.config.peer_queue_len.max(1));
         let cancel = self.ctx.cancel.child_token();
-        let previous =
-            write_links(&self.ctx.links).insert(peer, Link { queue, cancel: cancel.clone() });
+        let sent_us = Arc::new(RecentIds::default());
+        let link = Link { queue, sent_us: sent_us.clone(), cancel: cancel.clone() };
+        let previous = write_links(&self.ctx.links).insert(peer, link);
         if let Some(old) = previous {
             old.cancel.cancel();
         }
-        let writer = Writer { peer, frames, cancel, ctx: self.ctx.clone() };
+        let writer = Writer { peer, frames, sent_us, cancel, ctx: self.ctx.clone() };
         self.ctx.tracker.spawn(writer.run().instrument(info_span!("writer", %peer)));
     }
 }
@@ -726,7 +771,8 @@ fn read_links(links: &Links) -> std::sync::RwLockReadGuard<'_, HashMap<PeerId, L
 
 struct Writer {
     peer: PeerId,
-    frames: mpsc::Receiver<Bytes>,
+    frames: mpsc::Receiver<(Option<MessageId>, Bytes)>,
+    sent_us: Arc<RecentIds>,
     cancel: CancellationToken,
     ctx: Context,
 }
@@ -798,12 +844,15 @@ impl Writer {
                             None => return,
                         },
                     };
-                    pending.push(frame);
+                    self.take(&mut pending, frame);
                     while pending.len() < Self::BATCH {
                         match self.frames.try_recv() {
-                            Ok(f) => pending.push(f),
+                            Ok(f) => self.take(&mut pending, f),
                             Err(_) => break,
                         }
+                    }
+                    if pending.is_empty() {
+                        continue;
                     }
                 }
                 match write_all(&mut stream, &pending).await {
@@ -831,6 +880,16 @@ impl Writer {
                 .fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
             metrics::counter!("mesh_relay_dropped_total", "reason" => "stream_lost")
                 .increment(lost);
+        }
+    }
+
+    /// Adds a queued frame to the batch, unless the peer has sent us that message meanwhile.
+    fn take(&self, pending: &mut Vec<Bytes>, (id, frame): (Option<MessageId>, Bytes)) {
+        if id.is_some_and(|id| self.sent_us.contains(&id)) {
+            bump(&self.ctx.stats.suppressed);
+            metrics::counter!("mesh_relay_suppressed_total").increment(1);
+        } else {
+            pending.push(frame);
         }
     }
 
@@ -979,8 +1038,13 @@ async fn answer_peer_exchange(
     }
 }
 
+/// How long a reported hop distance stands before a longer one is reported again (paths change).
+const HOP_REPORT_PERIOD: Duration = Duration::from_secs(30);
+
 struct CoreTask {
     core: RelayCore<PeerId>,
+    hops_reported: HashMap<PeerId, u8>,
+    hops_reset: Instant,
     inputs: mpsc::Receiver<CoreInput>,
     deliveries: mpsc::Sender<Delivery>,
     ctx: Context,
@@ -1007,7 +1071,7 @@ impl CoreTask {
                 }
                 CoreInput::SendRaw { peer, frame } => {
                     if let Some(link) = read_links(&self.ctx.links).get(&peer) {
-                        let _ = link.queue.try_send(Bytes::from(frame));
+                        let _ = link.queue.try_send((None, Bytes::from(frame)));
                     }
                 }
             }
@@ -1016,10 +1080,24 @@ impl CoreTask {
 
     fn on_frame(&mut self, peer: PeerId, frame: &[u8]) {
         let now = now_ms() + self.ctx.config.clock_offset_ms;
-        match self.core.on_frame(&peer, frame, now) {
+        let outcome = self.core.on_frame(&peer, frame, now);
+        let id = match &outcome {
+            Outcome::Deliver { message, .. } => Some(message.id),
+            Outcome::Reforward(f) => Some(f.id),
+            Outcome::Duplicate { id, .. } | Outcome::Stale { id } | Outcome::Throttled { id } => {
+                Some(*id)
+            }
+            Outcome::Rejected(_) => None,
+        };
+        if let Some(id) = id
+            && let Some(link) = read_links(&self.ctx.links).get(&peer)
+        {
+            link.sent_us.record(id);
+        }
+        match outcome {
             Outcome::Deliver { message, forward } => {
                 let hop_count = message.envelope.hop_count;
-                let _ = self.ctx.swarm_tx.try_send(SwarmCommand::ProviderHops(peer, hop_count));
+                self.report_hops(peer, hop_count);
                 let latency_ms = (now - message.body.created_at_ms).max(0);
                 metrics::histogram!("mesh_message_propagation_latency_seconds")
                     .record(latency_ms as f64 / 1000.0);
@@ -1042,7 +1120,7 @@ impl CoreTask {
                 bump(&self.ctx.stats.duplicates);
                 metrics::counter!("mesh_relay_messages_total", "outcome" => "duplicate")
                     .increment(1);
-                let _ = self.ctx.swarm_tx.try_send(SwarmCommand::ProviderHops(peer, hop_count));
+                self.report_hops(peer, hop_count);
             }
             Outcome::Stale { id } => {
                 debug!(%peer, %id, "older than a message already accepted from its origin; dropped");
@@ -1056,6 +1134,20 @@ impl CoreTask {
                     .increment(1);
             }
             Outcome::Rejected(rejection) => self.reject(peer, &rejection),
+        }
+    }
+
+    /// Tells the peer manager a peer's distance to a provider when it is new or shorter than
+    /// reported in the current period (reporting every copy cost a channel send each).
+    fn report_hops(&mut self, peer: PeerId, hop_count: u8) {
+        if self.hops_reset.elapsed() >= HOP_REPORT_PERIOD {
+            self.hops_reported.clear();
+            self.hops_reset = Instant::now();
+        }
+        let known = self.hops_reported.get(&peer).copied();
+        if known.is_none_or(|h| hop_count < h) {
+            self.hops_reported.insert(peer, hop_count);
+            let _ = self.ctx.swarm_tx.try_send(SwarmCommand::ProviderHops(peer, hop_count));
         }
     }
 
@@ -1080,14 +1172,14 @@ impl CoreTask {
     }
 
     /// Queues `frame` to every peer but the excluded; returns how many took it.
-    fn send_to_peers(&self, frame: Bytes, except: &[PeerId]) -> usize {
+    fn send_to_peers(&self, id: MessageId, frame: Bytes, except: &[PeerId]) -> usize {
         let links = read_links(&self.ctx.links);
         let mut queued = 0;
         for (peer, link) in links.iter() {
             if except.contains(peer) {
                 continue;
             }
-            match link.queue.try_send(frame.clone()) {
+            match link.queue.try_send((Some(id), frame.clone())) {
                 Ok(()) => queued += 1,
                 Err(_) => {
                     bump(&self.ctx.stats.dropped_queue_full);
@@ -1101,14 +1193,14 @@ impl CoreTask {
     }
 
     fn forward(&self, forward: Forward<PeerId>) {
-        self.send_to_peers(Bytes::from(forward.frame), &forward.except);
+        self.send_to_peers(forward.id, Bytes::from(forward.frame), &forward.except);
     }
 
     fn publish(&mut self, frame: Vec<u8>) -> Result<usize> {
         let now = now_ms() + self.ctx.config.clock_offset_ms;
         let message = self.core.publish(&frame, now).map_err(Error::Rejected)?;
         bump(&self.ctx.stats.published);
-        let queued = self.send_to_peers(Bytes::from(frame), &[]);
+        let queued = self.send_to_peers(message.id, Bytes::from(frame), &[]);
         self.deliver(Delivery { message, from: None, received_at: Instant::now() });
         Ok(queued)
     }

@@ -65,13 +65,17 @@ pub enum Action {
     AskPeers(PeerId),
 }
 
+/// While below the minimum, how often a connected peer is asked again for its peers.
+const ASK_AGAIN: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone)]
 struct Connected {
     since: Instant,
     /// Hops from this peer's side to the nearest provider (1 = it is a provider's neighbour
     /// ... as seen in `hop_count` of provider messages it sent us).
     distance: Option<u8>,
-    asked_peers: bool,
+    /// When we last asked this peer for its peers (peer exchange).
+    asked_at: Option<Instant>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -212,7 +216,7 @@ impl PeerManager {
         self.connected.entry(peer).or_insert(Connected {
             since: now,
             distance: self.known.get(&peer).and_then(|k| k.distance),
-            asked_peers: false,
+            asked_at: None,
         });
     }
 
@@ -318,10 +322,12 @@ impl PeerManager {
                 self.dialing.insert(peer);
                 actions.push(Action::Dial(peer, addrs));
             }
-            // Still short of candidates: ask connected peers we have not asked yet.
+            // Still short of candidates: ask connected peers, again every `ASK_AGAIN` while
+            // short (an answer can be lost: a busy peer drops requests, and an early answer
+            // lists few peers).
             for (peer, c) in self.connected.iter_mut() {
-                if !c.asked_peers {
-                    c.asked_peers = true;
+                if c.asked_at.is_none_or(|t| now.duration_since(t) >= ASK_AGAIN) {
+                    c.asked_at = Some(now);
                     actions.push(Action::AskPeers(*peer));
                 }
             }
@@ -400,6 +406,25 @@ mod tests {
             vec![Action::Dial(near, vec![addr(2)]), Action::Dial(far, vec![addr(1)])]
         );
         // Dials in flight count towards the minimum.
+        assert!(m.tick(Instant::now()).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn asks_for_peers_again_while_below_the_minimum() {
+        let mut m = manager(3, 5);
+        let p = peer();
+        m.on_connected(p, Instant::now());
+        assert_eq!(m.tick(Instant::now()), vec![Action::AskPeers(p)]);
+        // Not at every tick: an answer may be on its way.
+        assert!(m.tick(Instant::now()).is_empty());
+        // But again later, since an answer can be lost or list too few peers.
+        tokio::time::advance(ASK_AGAIN).await;
+        assert_eq!(m.tick(Instant::now()), vec![Action::AskPeers(p)]);
+        // At the minimum, nobody is asked.
+        for _ in 0..2 {
+            m.on_connected(peer(), Instant::now());
+        }
+        tokio::time::advance(ASK_AGAIN).await;
         assert!(m.tick(Instant::now()).is_empty());
     }
 

@@ -19,6 +19,7 @@ pub struct Stats {
     pub(crate) frames_sent: AtomicU64,
     pub(crate) bytes_sent: AtomicU64,
     pub(crate) dropped_queue_full: AtomicU64,
+    pub(crate) suppressed: AtomicU64,
     pub(crate) dropped_subscriber: AtomicU64,
     pub(crate) dropped_stream_lost: AtomicU64,
     pub(crate) streams_opened: AtomicU64,
@@ -53,6 +54,8 @@ pub struct StatsSnapshot {
     pub bytes_sent: u64,
     /// Frames dropped because a peer's queue was full.
     pub dropped_queue_full: u64,
+    /// Queued copies not sent because the peer had sent us the message meanwhile.
+    pub suppressed: u64,
     /// Deliveries dropped because the local subscriber was not keeping up.
     pub dropped_subscriber: u64,
     /// Frames lost when a stream broke.
@@ -110,6 +113,7 @@ impl Stats {
             frames_sent: get(&self.frames_sent),
             bytes_sent: get(&self.bytes_sent),
             dropped_queue_full: get(&self.dropped_queue_full),
+            suppressed: get(&self.suppressed),
             dropped_subscriber: get(&self.dropped_subscriber),
             dropped_stream_lost: get(&self.dropped_stream_lost),
             streams_opened: get(&self.streams_opened),

@@ -166,6 +166,10 @@ fn describe() {
     describe_counter!("mesh_relay_messages_total", "Relay messages received, by outcome");
     describe_counter!("mesh_relay_dropped_total", "Relay frames dropped, by reason");
     describe_counter!("mesh_relay_bans_total", "Peers banned for invalid messages");
+    describe_counter!(
+        "mesh_relay_suppressed_total",
+        "Queued copies not sent because the peer had sent us the same message meanwhile"
+    );
     describe_counter!("mesh_relay_frames_sent_total", "Relay frames sent to peers");
     describe_counter!("mesh_relay_bytes_sent_total", "Relay bytes sent to peers");
     for name in [
