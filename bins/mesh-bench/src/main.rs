@@ -2,13 +2,18 @@
 //! JSON document with the figures, the goal and whether it was met. Build with `--release`.
 
 mod api;
+mod e2e;
+mod memory;
+mod netns;
 mod node;
 mod protocol;
 mod provider;
 mod relay;
 mod report;
+mod scale;
 mod seen_cache;
 mod storage;
+mod suite;
 
 use clap::{Parser, Subcommand};
 
@@ -36,6 +41,16 @@ enum Bench {
     Node(node::Args),
     /// PostgreSQL batch upserts, Redis mirror write+read of 50 prices, round-lease p99.
     Storage(storage::Args),
+    /// 1,000 relays in one process: coverage times, delivery, memory and CPU per message.
+    Scale(scale::Args),
+    /// birdeye-sim -> provider -> mesh -> mesh-api -> WebSocket client, round start to client.
+    E2e(e2e::Args),
+    /// RSS of a real mesh-node consumer process, idle and under 100 batches/s.
+    Memory(memory::Args),
+    /// mesh-node processes in network namespaces joined by links with delay and loss (root).
+    Netns(netns::Args),
+    /// Runs every benchmark and writes BENCHMARKS.md.
+    Report(suite::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,6 +63,11 @@ fn main() -> anyhow::Result<()> {
         Bench::Relay(args) => relay::run(&args)?,
         Bench::Storage(args) => storage::run(&args)?,
         Bench::Node(args) => node::run(&args)?,
+        Bench::Scale(args) => scale::run(&args)?,
+        Bench::E2e(args) => e2e::run(&args)?,
+        Bench::Memory(args) => memory::run(&args)?,
+        Bench::Netns(args) => netns::run(&args)?,
+        Bench::Report(args) => suite::run(&args)?,
     };
     println!("{}", serde_json::to_string_pretty(&doc)?);
     Ok(())

@@ -246,7 +246,7 @@ pub fn cpu_time() -> anyhow::Result<Duration> {
 }
 
 /// The 1, 5 and 15 minute load averages (`/proc/loadavg`).
-fn load_average() -> String {
+pub fn load_average() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_else(|e| format!("unknown ({e})"))

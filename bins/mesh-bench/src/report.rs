@@ -1,13 +1,14 @@
 //! Shared shape of the JSON the benchmarks print.
 
 use serde::Serialize;
+use std::borrow::Cow;
 use std::time::Duration;
 
 /// One measured figure next to its goal.
 #[derive(Debug, Serialize)]
 pub struct Figure {
     /// What was measured.
-    pub name: &'static str,
+    pub name: Cow<'static, str>,
     /// The value.
     pub value: f64,
     /// Its unit.
@@ -20,19 +21,30 @@ pub struct Figure {
 
 impl Figure {
     /// A figure without a goal.
-    pub fn plain(name: &'static str, value: f64, unit: &'static str) -> Self {
-        Self { name, value, unit, goal: None, met: None }
+    pub fn plain(name: impl Into<Cow<'static, str>>, value: f64, unit: &'static str) -> Self {
+        Self { name: name.into(), value, unit, goal: None, met: None }
     }
 
     /// A figure that should be at least `goal`.
-    pub fn at_least(name: &'static str, value: f64, unit: &'static str, goal: f64) -> Self {
-        Self { name, value, unit, goal: Some(format!(">= {goal}")), met: Some(value >= goal) }
+    pub fn at_least(
+        name: impl Into<Cow<'static, str>>,
+        value: f64,
+        unit: &'static str,
+        goal: f64,
+    ) -> Self {
+        let met = Some(value >= goal);
+        Self { name: name.into(), value, unit, goal: Some(format!(">= {goal}")), met }
     }
 
     /// A figure that should be at most `goal`.
-    #[allow(dead_code)] // used by benchmarks of later crates
-    pub fn at_most(name: &'static str, value: f64, unit: &'static str, goal: f64) -> Self {
-        Self { name, value, unit, goal: Some(format!("<= {goal}")), met: Some(value <= goal) }
+    pub fn at_most(
+        name: impl Into<Cow<'static, str>>,
+        value: f64,
+        unit: &'static str,
+        goal: f64,
+    ) -> Self {
+        let met = Some(value <= goal);
+        Self { name: name.into(), value, unit, goal: Some(format!("<= {goal}")), met }
     }
 }
 
