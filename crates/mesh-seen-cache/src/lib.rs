@@ -135,7 +135,11 @@ impl<K: Copy + Eq + Hash> SeenCache<K> {
     }
 
     /// Records `id` with an explicit expiry (ids reloaded from a store keep theirs).
-    /// An id already held keeps the later expiry and the higher TTL.
+    /// An id already held keeps its expiry and its place in line, and takes the higher TTL:
+    /// an id lives for one lifetime from the first copy. Entries are purged from the front of
+    /// the line, so the line must also be expiry order: with one lifetime for every id (and
+    /// [`SeenCache::load`] sorting what it reloads) it is, and then expired ids never count
+    /// against the capacity.
     pub fn insert_until(&mut self, id: K, ttl: u8, expires: Instant) {
         let now = Instant::now();
         if expires <= now {
@@ -146,7 +150,6 @@ impl<K: Copy + Eq + Hash> SeenCache<K> {
         match self.entries.entry(id) {
             MapEntry::Occupied(mut occupied) if occupied.get().expires > now => {
                 let e = occupied.get_mut();
-                e.expires = e.expires.max(expires);
                 e.max_ttl = e.max_ttl.max(ttl);
                 return;
             }
@@ -266,6 +269,9 @@ impl<K: Copy + Eq + Hash> SeenCache<K> {
         let wall_now = SystemTime::now();
         let now = Instant::now();
         let mut loaded = 0;
+        // Earliest expiry first: the cache's line must be expiry order (see `insert_until`).
+        let mut records: Vec<&SeenRecord<K>> = records.iter().collect();
+        records.sort_by_key(|r| r.expires_at);
         for r in records {
             if let Ok(left) = r.expires_at.duration_since(wall_now)
                 && !left.is_zero()
@@ -371,6 +377,126 @@ mod tests {
         ];
         assert_eq!(c.load(&records, 20), 1);
         assert!(c.contains(&1) && !c.contains(&2));
+    }
+
+    /// One step of the exhaustive test.
+    #[derive(Debug, Clone, Copy)]
+    enum Op {
+        Insert(u32, u8),
+        Raise(u32, u8),
+        Advance,
+        Purge,
+    }
+
+    /// The model: live entries in first-insertion order, with expiry (in half lifetimes) and
+    /// the highest TTL. Expired entries are gone; capacity counts live entries only.
+    #[derive(Debug, Default)]
+    struct Model {
+        entries: Vec<(u32, u32, u8)>,
+        now: u32,
+    }
+
+    impl Model {
+        fn expire(&mut self) {
+            let now = self.now;
+            self.entries.retain(|e| e.1 > now);
+        }
+
+        fn apply(&mut self, op: Op, cap: usize) -> Option<bool> {
+            self.expire();
+            match op {
+                Op::Insert(id, ttl) => {
+                    if let Some(e) = self.entries.iter_mut().find(|e| e.0 == id) {
+                        e.2 = e.2.max(ttl);
+                    } else {
+                        self.entries.push((id, self.now + 2, ttl));
+                        if self.entries.len() > cap {
+                            self.entries.remove(0);
+                        }
+                    }
+                    None
+                }
+                Op::Raise(id, ttl) => Some(match self.entries.iter_mut().find(|e| e.0 == id) {
+                    Some(e) if ttl > e.2 => {
+                        e.2 = ttl;
+                        true
+                    }
+                    _ => false,
+                }),
+                Op::Advance => {
+                    self.now += 1;
+                    None
+                }
+                Op::Purge => None,
+            }
+        }
+
+        fn lookup(&self, id: u32) -> Lookup {
+            match self.entries.iter().find(|e| e.0 == id && e.1 > self.now) {
+                Some(e) => Lookup::Seen { max_ttl: e.2 },
+                None => Lookup::New,
+            }
+        }
+    }
+
+    /// Small-scope exhaustive check: every sequence of six operations over three ids
+    /// (inserts with two TTLs, TTL raises, time passing half a lifetime, purges), at
+    /// capacities 1, 2 and 3, against the model, after every step.
+    #[tokio::test(start_paused = true)]
+    async fn every_sequence_of_six_operations_matches_the_model() {
+        let ops = [
+            Op::Insert(0, 1),
+            Op::Insert(1, 1),
+            Op::Insert(2, 1),
+            Op::Insert(0, 2),
+            Op::Raise(0, 3),
+            Op::Raise(1, 2),
+            Op::Advance,
+            Op::Purge,
+        ];
+        const LEN: u32 = 6;
+        let total = ops.len().pow(LEN);
+        let mut checked = 0;
+        for cap in 1..=3 {
+            for n in 0..total {
+                let mut c = cache(cap, 10);
+                let mut model = Model::default();
+                let mut index = n;
+                let mut trace = Vec::new();
+                for _ in 0..LEN {
+                    let op = ops[index % ops.len()];
+                    index /= ops.len();
+                    trace.push(op);
+                    let expected = model.apply(op, cap);
+                    let got = match op {
+                        Op::Insert(id, ttl) => {
+                            c.insert(id, ttl);
+                            None
+                        }
+                        Op::Raise(id, ttl) => Some(c.raise_ttl(&id, ttl)),
+                        Op::Advance => {
+                            tokio::time::advance(Duration::from_secs(5)).await;
+                            None
+                        }
+                        Op::Purge => {
+                            c.purge_expired();
+                            None
+                        }
+                    };
+                    assert_eq!(got, expected, "capacity {cap}, {trace:?}");
+                    for id in 0..3 {
+                        assert_eq!(
+                            c.lookup(&id),
+                            model.lookup(id),
+                            "id {id}, capacity {cap}, {trace:?}"
+                        );
+                    }
+                    assert!(c.len() <= cap, "capacity {cap}, {trace:?}");
+                }
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, 3 * total);
     }
 
     proptest! {
