@@ -723,9 +723,12 @@ async fn a_lying_provider_is_flagged_within_one_round() -> anyhow::Result<()> {
     }
     let liar = mesh.node(2).unwrap().node_id();
     mesh.simulators()[2].set_offset_percent(50.0);
-    let lying_from = round_at_ms(now_ms()) + 1;
-    // Watch each consumer: when the liar's first batch (of a round after the offset) arrives,
-    // and when the served prices first show the discrepancy.
+    let offset_at = now_ms();
+    let lying_from = round_at_ms(offset_at) + 1;
+    // Watch each consumer: when the liar's first batch of a round after the offset arrives
+    // (the batch of the current round may or may not have been fetched before the offset), and
+    // when the served prices first show the discrepancy on every asset (the liar's prices come
+    // in one batch per chain, so a sample can fall between them).
     let mut arrived: BTreeMap<usize, (u64, i64)> = BTreeMap::new();
     let mut flagged: BTreeMap<usize, (i64, usize, usize)> = BTreeMap::new();
     let deadline = Instant::now() + WAIT;
@@ -744,7 +747,7 @@ async fn a_lying_provider_is_flagged_within_one_round() -> anyhow::Result<()> {
             if let std::collections::btree_map::Entry::Vacant(slot) = flagged.entry(i) {
                 let prices = node.prices();
                 let flags = prices.iter().filter(|p| p.discrepancy).count();
-                if flags > 0 {
+                if flags == prices.len() && flags > 0 {
                     let liar_served = prices.iter().filter(|p| p.source_node_id == liar).count();
                     slot.insert((now_ms(), flags, liar_served));
                 }
@@ -764,6 +767,7 @@ async fn a_lying_provider_is_flagged_within_one_round() -> anyhow::Result<()> {
         json!({
             "offset_percent": 50,
             "liar_first_round": arrived.values().map(|(r, _)| r - lying_from).collect::<Vec<_>>(),
+            "flag_after_offset_ms": consumers.iter().map(|i| flagged[i].0 - offset_at).collect::<Vec<_>>(),
             "flag_after_liar_batch_ms": consumers.iter().map(|i| flagged[i].0 - arrived[i].1).collect::<Vec<_>>(),
             "flagged_assets": consumers.iter().map(|i| flagged[i].1).collect::<Vec<_>>(),
             "liar_prices_served_when_flagged": consumers.iter().map(|i| flagged[i].2).collect::<Vec<_>>(),
