@@ -34,6 +34,8 @@ const VICTIMS: [usize; 2] = [0, 1];
 const PUBLISHER: usize = 10;
 /// Junk frames a second.
 const FLOOD_RATE: u32 = 10_000;
+/// Streams one yamux connection may hold open at once (libp2p-yamux's default).
+const YAMUX_MAX_STREAMS: usize = 512;
 
 /// The tests of this file run one at a time: the floods measure latency, and every node, the
 /// attacker included, shares the machine's cores with whatever else runs in this process.
@@ -689,7 +691,9 @@ async fn streams_opened_and_abandoned_do_not_disturb_a_node() -> anyhow::Result<
             "provider_link_kept": status.peers.iter().any(|p| p.peer_id == provider_peer),
         }),
     );
-    assert!(opened >= per_peer / 2, "only {opened} streams opened");
+    // Yamux holds at most 512 streams per connection (libp2p-yamux's default); opening more
+    // fails on the attacker's side, which is the limit doing its work.
+    assert!(opened >= per_peer.min(YAMUX_MAX_STREAMS) / 2, "only {opened} streams opened");
     assert!(missed.is_empty(), "rounds missed at the victim: {missed:?}");
     assert!(
         status.peers.iter().any(|p| p.peer_id == provider_peer),
