@@ -257,7 +257,7 @@ impl RoundPlanner {
     /// yet, and decides whether it fetches that round. Never fails: when the coordination
     /// store does, the decision comes from the mesh view.
     pub async fn next(&self) -> RoundDecision {
-        let (providers, coordinated) = self.providers().await;
+        let (providers, mut coordinated) = self.providers().await;
         let now = self.clock.unix_ms();
         let interval_ms = self.config.interval_ms();
         let mut round = self.round_at(now);
@@ -273,9 +273,28 @@ impl RoundPlanner {
             rank = position(&ranking, self.node);
         }
         let round_start = round * interval_ms;
-        let slot = round_start + self.config.slot_offset_ms(rank);
-        if slot > now {
-            tokio::time::sleep(Duration::from_millis(slot - now)).await;
+        let mut slot = round_start + self.config.slot_offset_ms(rank);
+        // The list was read up to a round ago: a provider that registered (or restarted)
+        // since may rank before us. Read it again at our slot; if our rank changed, move to
+        // the new slot (at once when it is earlier, after a wait when it is later).
+        for refresh in 0..3 {
+            let now = self.clock.unix_ms();
+            if slot > now {
+                tokio::time::sleep(Duration::from_millis(slot - now)).await;
+            }
+            if refresh == 2 {
+                break;
+            }
+            let (fresh, fresh_coordinated) = self.providers().await;
+            coordinated = fresh_coordinated;
+            let fresh_ranking = Self::ranking(round, &fresh);
+            let unchanged = fresh_ranking == ranking;
+            ranking = fresh_ranking;
+            rank = position(&ranking, self.node);
+            slot = round_start + self.config.slot_offset_ms(rank);
+            if unchanged || slot <= self.clock.unix_ms() {
+                break;
+            }
         }
         // Only now: a call cancelled while it waited leaves its round to the next call.
         *self.lock_last() = Some(round);
@@ -516,6 +535,38 @@ mod tests {
             let offset = d.decided_at_unix_ms - d.round_start_unix_ms;
             assert_eq!(offset, d.rank as u64 * 5_000, "rank k decides k windows in");
         }
+    }
+
+    /// A provider that registers while another waits for a round (a restart after its
+    /// registration expired) takes that round when it ranks first: the waiting one reads the
+    /// list again at its slot and moves to rank 1.
+    #[tokio::test(start_paused = true)]
+    async fn a_provider_registered_during_the_wait_takes_its_round() {
+        let clock = TokioClock::starting_at(START_MS);
+        let shared: Arc<dyn Coordination> = Arc::new(MemoryCoordination::new());
+        let early = planner(config(), node(1), Arc::clone(&shared), Arc::new(NoMesh), clock);
+        let late = planner(config(), node(2), Arc::clone(&shared), Arc::new(NoMesh), clock);
+        early.register().await;
+        // A round ahead in which the late provider ranks first, at least a round away.
+        let now_round = early.round_at(clock.unix_ms());
+        let round = (now_round + 2..)
+            .find(|r| RoundPlanner::ranking(*r, &[node(1), node(2)])[0] == node(2))
+            .unwrap();
+        // The early provider decides every round up to that one, alone until just before it.
+        let early_task = run(Arc::clone(&early), round, |_| ());
+        let round_start = round * 30_000;
+        tokio::time::sleep(Duration::from_millis(round_start - 4_000 - clock.unix_ms())).await;
+        late.register().await;
+        let late_decision = late.next().await;
+        let early_decisions = early_task.await.unwrap();
+        let early_decision = early_decisions.iter().find(|d| d.round == round).unwrap();
+        assert_eq!(late_decision.round, round);
+        assert!(late_decision.fetch, "{late_decision:?}");
+        assert_eq!(late_decision.rank, 0);
+        assert!(!early_decision.fetch, "{early_decision:?}");
+        assert_eq!(early_decision.rank, 1);
+        assert_eq!(early_decision.skip_reason, Some(SkipReason::LeaseHeld));
+        assert_eq!(early_decision.decided_at_unix_ms, round_start + 5_000, "one window in");
     }
 
     #[tokio::test(start_paused = true)]
