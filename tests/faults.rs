@@ -97,6 +97,27 @@ async fn hold(mesh: &LocalMesh, rounds: &mut Rounds, d: Duration) {
     rounds.sample(mesh);
 }
 
+/// Samples the mesh's rounds every [`POLL`] until `done` holds; `false` when `limit` passed
+/// first.
+async fn sample_until(
+    mesh: &LocalMesh,
+    rounds: &mut Rounds,
+    limit: Duration,
+    mut done: impl FnMut() -> bool,
+) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        rounds.sample(mesh);
+        if done() {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 /// Waits (sampling) until each of `nodes` received a round at or after `round`; a missed
 /// round does not stall this, it shows in [`Rounds::missed`].
 async fn wait_round(
@@ -205,12 +226,11 @@ async fn redis_killed_then_restored() -> anyhow::Result<()> {
     let restored = Instant::now();
     let restored_round = round_at(now_ms(), 2);
     // Recovered: no node reports anything degraded.
-    let deadline = Instant::now() + WAIT;
-    while all.iter().any(|&i| mesh.node(i).unwrap().network_status().degraded) {
-        anyhow::ensure!(Instant::now() < deadline, "still degraded {WAIT:?} after Redis came back");
-        rounds.sample(&mesh);
-        tokio::time::sleep(POLL).await;
-    }
+    let healthy = sample_until(&mesh, &mut rounds, WAIT, || {
+        all.iter().all(|&i| !mesh.node(i).unwrap().network_status().degraded)
+    })
+    .await;
+    anyhow::ensure!(healthy, "still degraded {WAIT:?} after Redis came back");
     let recovered = restored.elapsed();
     let last = round_at(now_ms(), 2) + 2;
     wait_round(&mesh, &mut rounds, &watched, last).await?;
@@ -316,15 +336,14 @@ async fn postgres_stopped_then_restored() -> anyhow::Result<()> {
         watched.iter().map(|&i| mesh.node(i).unwrap().persistence().seen.stats().pending).collect();
     pg.start_again()?;
     let restarted = Instant::now();
-    let deadline = Instant::now() + WAIT;
-    while watched.iter().any(|&i| {
-        let p = mesh.node(i).unwrap().persistence();
-        p.prices.is_degraded() || p.seen.is_degraded() || p.prices.stats().pending > 0
-    }) {
-        anyhow::ensure!(Instant::now() < deadline, "queues still held {WAIT:?} after recovery");
-        rounds.sample(&mesh);
-        tokio::time::sleep(POLL).await;
-    }
+    let flushed = sample_until(&mesh, &mut rounds, WAIT, || {
+        watched.iter().all(|&i| {
+            let p = mesh.node(i).unwrap().persistence();
+            !p.prices.is_degraded() && !p.seen.is_degraded() && p.prices.stats().pending == 0
+        })
+    })
+    .await;
+    anyhow::ensure!(flushed, "queues still held {WAIT:?} after recovery");
     let recovered = restarted.elapsed();
     let last = round_at(now_ms(), 2) + 1;
     wait_round(&mesh, &mut rounds, &watched, last).await?;
@@ -828,15 +847,8 @@ async fn a_partition_then_heal() -> anyhow::Result<()> {
     // (A node redials only below its minimum of peers, and peers it failed to reach during
     // the split wait up to 64 s before the next try: the long run waits that out.)
     let self_heal_wait = Duration::from_secs(pick(10, 70));
-    let mut self_healed = false;
-    while healed.elapsed() < self_heal_wait {
-        rounds.sample(&mesh);
-        if !crosses(&mesh).is_empty() {
-            self_healed = true;
-            break;
-        }
-        tokio::time::sleep(POLL).await;
-    }
+    let self_healed =
+        sample_until(&mesh, &mut rounds, self_heal_wait, || !crosses(&mesh).is_empty()).await;
     let relinked = healed.elapsed();
     if !self_healed {
         // Not by themselves: dial the links the partition cut, as an operator would.

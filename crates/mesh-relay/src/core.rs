@@ -405,22 +405,7 @@ mod tests {
     const NOW: i64 = 1_750_000_000_000;
 
     fn frame(ttl: u8, ts: i64) -> Vec<u8> {
-        let id = Identity::from_seed([4; 32]);
-        let body = Body::new(
-            &id,
-            NOW,
-            Payload::PriceBatch {
-                round: 1,
-                prices: vec![PriceUpdate {
-                    asset: "SOL".into(),
-                    blockchain: "solana".into(),
-                    price: "150".parse().unwrap(),
-                    timestamp_ms: ts,
-                    change_24h: None,
-                }],
-            },
-        );
-        encode_envelope(&Envelope::seal(&id, &body, ttl).unwrap()).unwrap()
+        frame_created(ttl, NOW, ts)
     }
 
     fn with_hops(frame: &[u8], ttl: u8, hops: u8) -> Vec<u8> {

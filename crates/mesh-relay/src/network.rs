@@ -30,6 +30,7 @@ use libp2p_stream::{Control, IncomingStreams};
 use mesh_protocol::{
     Envelope, Identity, MessageId, NodeId, RejectReason, Rejection, VerifiedMessage,
 };
+use mesh_seen_cache::SeenCache;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -156,35 +157,33 @@ struct Link {
     cancel: CancellationToken,
 }
 
-/// The last [`RecentIds::CAPACITY`] message ids one peer sent us.
+/// The message ids one peer sent us lately (the last 4,096, for at most a minute).
 ///
 /// Flooding sends a copy to every neighbour but the sender; when a neighbour's own copy
 /// reaches us while ours still waits in its queue, ours is pure waste. The core records every
 /// id a peer sends, and the peer's writer skips queued frames whose id is recorded
 /// (`mesh_relay_suppressed_total`).
-#[derive(Debug, Default)]
-struct RecentIds(
-    Mutex<(std::collections::HashSet<MessageId>, std::collections::VecDeque<MessageId>)>,
-);
+#[derive(Debug)]
+struct RecentIds(Mutex<SeenCache<MessageId>>);
+
+impl Default for RecentIds {
+    fn default() -> Self {
+        let config = mesh_seen_cache::Config { capacity: 4096, ttl: Duration::from_secs(60) };
+        Self(Mutex::new(SeenCache::new(config)))
+    }
+}
 
 impl RecentIds {
-    const CAPACITY: usize = 4096;
+    fn lock(&self) -> std::sync::MutexGuard<'_, SeenCache<MessageId>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 
     fn record(&self, id: MessageId) {
-        let mut guard = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let (set, order) = &mut *guard;
-        if set.insert(id) {
-            order.push_back(id);
-            if order.len() > Self::CAPACITY
-                && let Some(old) = order.pop_front()
-            {
-                set.remove(&old);
-            }
-        }
+        self.lock().insert(id, 0);
     }
 
     fn contains(&self, id: &MessageId) -> bool {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).0.contains(id)
+        self.lock().contains(id)
     }
 }
 
