@@ -176,7 +176,7 @@ async fn hostile_messages_are_rejected_not_forwarded_charged_and_the_sender_bann
     let mut cases: Vec<(RejectReason, Vec<u8>)> = Vec::new();
     // Forged signature: signed by another key.
     let mut env = Envelope::seal(&p, &body_with(&p, now, vec![update("A", "1", now)]), 10)?;
-    env.signature = provider(10).sign(&env.body);
+    env.signature = provider(10).sign_body(&env.body);
     cases.push((RejectReason::BadSignature, encode_envelope(&env)?));
     // Origin/key mismatch: a correct signature, but the origin claims another node.
     let mut body = body_with(&p, now, vec![update("B", "1", now)]);

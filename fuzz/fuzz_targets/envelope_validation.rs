@@ -215,7 +215,7 @@ fn build(keys: &Keys, message: &Message, now_ms: i64) -> (Envelope, Vec<u8>) {
         version: if message.version < 200 { PROTOCOL_VERSION } else { message.version },
         ttl: if message.ttl < 200 { message.ttl % (MAX_TTL + 1) } else { message.ttl },
         hop_count: if message.hop_count < 200 { message.hop_count % 3 } else { message.hop_count },
-        signature: signer.sign(&bytes),
+        signature: signer.sign_body(&bytes),
         body: bytes,
     };
     let mut frame = encode_envelope(&envelope).expect("a generated envelope fits a frame");

@@ -376,8 +376,14 @@ async fn ws_fanout(addr: SocketAddr, args: &Args, node: &BenchNode) -> anyhow::R
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::channel::<()>(args.ws_clients.max(1));
     let mut clients = Vec::new();
     let url = format!("ws://{addr}/api/mesh/ws");
+    // tungstenite zero-fills its whole read buffer (128 KiB by default) on every read: with a
+    // thousand clients that memset, not the server, would dominate the machine. A price event
+    // is a few hundred bytes.
+    let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .read_buffer_size(8 * 1024);
     for _ in 0..args.ws_clients {
-        let (socket, _) = tokio_tungstenite::connect_async(url.as_str()).await?;
+        let (socket, _) =
+            tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true).await?;
         let (histogram, received, cancel, ready) =
             (histogram.clone(), received.clone(), cancel.clone(), ready_tx.clone());
         clients.push(tokio::spawn(async move {

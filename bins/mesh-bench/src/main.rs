@@ -53,6 +53,10 @@ enum Bench {
     Report(suite::Args),
 }
 
+/// The allocator mesh-node and mesh-api use, so that in-process figures match them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let doc = match cli.bench {

@@ -67,8 +67,12 @@ impl FromStr for NodeId {
 }
 
 /// First 16 bytes of SHA-256(`bytes`) as a version 8 UUID.
-pub(crate) fn uuid_from_sha256(bytes: &[u8]) -> Uuid {
-    let digest = Sha256::digest(bytes);
+fn uuid_from_sha256(bytes: &[u8]) -> Uuid {
+    uuid_from_digest(&Sha256::digest(bytes).into())
+}
+
+/// First 16 bytes of a SHA-256 digest as a version 8 UUID.
+pub(crate) fn uuid_from_digest(digest: &[u8; 32]) -> Uuid {
     let mut first = [0u8; 16];
     first.copy_from_slice(&digest[..16]);
     uuid::Builder::from_custom_bytes(first).into_uuid()
@@ -180,9 +184,15 @@ impl Identity {
         libp2p_identity::Keypair::ed25519_from_bytes(&mut seed).expect("32-byte ed25519 seed")
     }
 
-    /// Signs `message` (the encoded body bytes).
+    /// Signs `message` as it is (plain ed25519).
     pub fn sign(&self, message: &[u8]) -> [u8; SIGNATURE_LEN] {
         self.signing.sign(message).to_bytes()
+    }
+
+    /// The envelope signature of encoded body bytes: a signature of
+    /// [`BodyDigest::signing_input`](crate::message::BodyDigest::signing_input).
+    pub fn sign_body(&self, body: &[u8]) -> [u8; SIGNATURE_LEN] {
+        self.sign(&crate::message::BodyDigest::of(body).signing_input())
     }
 
     /// The verifying half of the key.

@@ -41,9 +41,9 @@ pub use decimal::{Decimal, DecimalError};
 pub use identity::{Identity, IdentityError, NodeId};
 pub use libp2p_identity::PeerId;
 pub use message::{
-    Body, Envelope, MAX_PRICES_PER_BATCH, MAX_TTL, MessageId, PROTOCOL_VERSION, Payload,
-    PriceUpdate,
+    Body, BodyDigest, Envelope, MAX_PRICES_PER_BATCH, MAX_TTL, MessageId, PROTOCOL_VERSION,
+    Payload, PriceUpdate,
 };
 pub use validate::{
-    HighWaterMarks, RejectReason, Rejection, Validator, VerifiedMessage, decode_frame,
+    HighWaterMarks, Identified, RejectReason, Rejection, Validator, VerifiedMessage, decode_frame,
 };

@@ -14,8 +14,8 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use crate::codec::{self, CodecError, MAX_FRAME_LEN};
 use crate::identity::NodeId;
 use crate::message::{
-    Body, Envelope, MAX_PRICES_PER_BATCH, MAX_TTL, MAX_TTL_PLUS_HOPS, MessageId, PROTOCOL_VERSION,
-    Payload,
+    Body, BodyDigest, Envelope, MAX_PRICES_PER_BATCH, MAX_TTL, MAX_TTL_PLUS_HOPS, MessageId,
+    PROTOCOL_VERSION, Payload,
 };
 
 /// Longest asset identifier, in characters.
@@ -170,6 +170,33 @@ fn check_envelope_header(envelope: &Envelope) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// A decoded envelope with the digest of its body, taken once: the digest gives the message id
+/// (for the seen-cache lookup) and is what the signature covers. The digest can only be made
+/// from the envelope itself, so it always belongs to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identified {
+    envelope: Envelope,
+    digest: BodyDigest,
+}
+
+impl Identified {
+    /// Hashes the envelope's body.
+    pub fn new(envelope: Envelope) -> Self {
+        let digest = envelope.digest();
+        Self { envelope, digest }
+    }
+
+    /// The message id.
+    pub fn id(&self) -> MessageId {
+        self.digest.message_id()
+    }
+
+    /// The envelope.
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+}
+
 /// A message that passed every stateless rule.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VerifiedMessage {
@@ -259,6 +286,16 @@ impl Validator {
 
     /// Stage 2: body decoding, signature, origin/key match, allow-list, clock and payload rules.
     pub fn verify(&self, envelope: Envelope, now_ms: i64) -> Result<VerifiedMessage, Rejection> {
+        self.verify_identified(Identified::new(envelope), now_ms)
+    }
+
+    /// [`Validator::verify`] of an envelope whose body digest (and so id) was taken already.
+    pub fn verify_identified(
+        &self,
+        identified: Identified,
+        now_ms: i64,
+    ) -> Result<VerifiedMessage, Rejection> {
+        let Identified { envelope, digest } = identified;
         check_envelope_header(&envelope)?;
         let body = codec::decode_body(&envelope.body)?;
         let origin = body.origin;
@@ -266,7 +303,7 @@ impl Validator {
 
         let key = self.keys.get(&body.origin_key).ok_or(reject(RejectReason::BadSignature))?;
         let signature = Signature::from_bytes(&envelope.signature);
-        key.verify_strict(&envelope.body, &signature)
+        key.verify_strict(&digest.signing_input(), &signature)
             .map_err(|_| reject(RejectReason::BadSignature))?;
         if NodeId::from_public_key(&body.origin_key) != origin {
             return Err(reject(RejectReason::OriginKeyMismatch));
@@ -284,7 +321,7 @@ impl Validator {
         if let Payload::PriceBatch { prices, .. } = &body.payload {
             check_prices(prices, latest_ms).map_err(reject)?;
         }
-        Ok(VerifiedMessage { id: MessageId::of_body(&envelope.body), envelope, body })
+        Ok(VerifiedMessage { id: digest.message_id(), envelope, body })
     }
 }
 

@@ -7,8 +7,8 @@ use std::collections::HashSet;
 
 use mesh_protocol::validate::Config;
 use mesh_protocol::{
-    Body, Envelope, HighWaterMarks, Identity, MAX_FRAME_LEN, MessageId, Payload, PriceUpdate,
-    RejectReason, Validator, codec, decode_frame,
+    Body, BodyDigest, Envelope, HighWaterMarks, Identity, MAX_FRAME_LEN, MessageId, Payload,
+    PriceUpdate, RejectReason, Validator, codec, decode_frame,
 };
 
 const NOW: i64 = 1_750_000_000_000;
@@ -70,8 +70,13 @@ fn malformed_frame_and_malformed_body() {
     // A well-formed envelope whose body bytes are garbage, correctly signed.
     let id = provider();
     let garbage = vec![0xff; 40];
-    let env =
-        Envelope { version: 1, ttl: 5, hop_count: 1, signature: id.sign(&garbage), body: garbage };
+    let env = Envelope {
+        version: 1,
+        ttl: 5,
+        hop_count: 1,
+        signature: id.sign_body(&garbage),
+        body: garbage,
+    };
     assert_eq!(reason(&frame_of(&env)), Some(RejectReason::Malformed));
 }
 
@@ -107,8 +112,28 @@ fn ttl_bounds() {
 fn signature_from_another_key_fails() {
     let body = batch(vec![price("SOL", "1", NOW)]);
     let mut env = Envelope::seal(&provider(), &body, 5).unwrap();
-    env.signature = Identity::from_seed([99; 32]).sign(&env.body);
+    env.signature = Identity::from_seed([99; 32]).sign_body(&env.body);
     assert_eq!(reason(&frame_of(&env)), Some(RejectReason::BadSignature));
+}
+
+#[test]
+fn the_signature_covers_the_context_and_the_body_digest_only() {
+    let id = provider();
+    let body = batch(vec![price("SOL", "1", NOW)]);
+    let env = Envelope::seal(&id, &body, 5).unwrap();
+    let digest = BodyDigest::of(&env.body);
+    // What is signed: the context, then the SHA-256 of the body bytes.
+    let input = digest.signing_input();
+    assert_eq!(&input[..16], b"mesh/relay/1 msg");
+    assert_eq!(&input[16..], digest.as_bytes());
+    assert_eq!(env.signature, id.sign(&input));
+    assert_eq!(digest.message_id(), env.message_id());
+    // A plain ed25519 signature of the body bytes (or of the bare digest) is not the
+    // envelope signature.
+    for other in [id.sign(&env.body), id.sign(digest.as_bytes())] {
+        let forged = Envelope { signature: other, ..env.clone() };
+        assert_eq!(reason(&frame_of(&forged)), Some(RejectReason::BadSignature));
+    }
 }
 
 #[test]

@@ -10,8 +10,8 @@ use std::hash::Hash;
 use mesh_protocol::codec::forward_in_place;
 use mesh_protocol::validate::{self, Validator};
 use mesh_protocol::{
-    HighWaterMarks, MessageId, NodeId, RejectReason, Rejection, VerifiedMessage, decode_body,
-    decode_frame,
+    HighWaterMarks, Identified, MessageId, NodeId, RejectReason, Rejection, VerifiedMessage,
+    decode_body, decode_frame,
 };
 use mesh_seen_cache::{Lookup, SeenCache};
 
@@ -284,20 +284,20 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
     /// Decides what to do with `frame`, received from `from`, at `now_ms` (Unix ms).
     pub fn on_frame(&mut self, from: &P, frame: &[u8], now_ms: i64) -> Outcome<P> {
         let envelope = match decode_frame(frame) {
-            Ok(envelope) => envelope,
+            Ok(envelope) => Identified::new(envelope),
             Err(rejection) => return Outcome::Rejected(rejection),
         };
-        let id = envelope.message_id();
-        let ttl = envelope.ttl;
+        let id = envelope.id();
+        let ttl = envelope.envelope().ttl;
         match self.seen.lookup(&id) {
             Lookup::Seen { max_ttl } => {
                 self.senders.record(id, from);
                 if ttl <= max_ttl {
-                    return Outcome::Duplicate { id, hop_count: envelope.hop_count };
+                    return Outcome::Duplicate { id, hop_count: envelope.envelope().hop_count };
                 }
                 // More TTL than any copy so far. The signature is outside the message id, so
                 // check this copy before sending it on under our name.
-                if let Err(rejection) = self.validator.verify(envelope, now_ms) {
+                if let Err(rejection) = self.validator.verify_identified(envelope, now_ms) {
                     return Outcome::Rejected(rejection);
                 }
                 self.seen.raise_ttl(&id, ttl);
@@ -317,7 +317,7 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
                 let allow_list = self.validator.config().trusted_providers.is_some();
                 let budget_in_use = self.budgets.as_ref().is_some_and(|b| !b.is_full(from, now_ms));
                 if allow_list || budget_in_use {
-                    let origin = match decode_body(&envelope.body) {
+                    let origin = match decode_body(&envelope.envelope().body) {
                         Ok(body) => body.origin,
                         Err(e) => return Outcome::Rejected(e.into()),
                     };
@@ -338,7 +338,7 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
                         token_taken = true;
                     }
                 }
-                let message = match self.validator.verify(envelope, now_ms) {
+                let message = match self.validator.verify_identified(envelope, now_ms) {
                     Ok(message) => message,
                     Err(rejection) => return Outcome::Rejected(rejection),
                 };
