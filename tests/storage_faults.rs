@@ -35,6 +35,12 @@ fn price(asset: usize, ts: i64) -> PriceRow {
 
 /// Submits rows a few at a time, letting the worker drain the channel between them as the
 /// relay path would between messages.
+/// These tests count log lines. tracing caches, process-wide, whether each log call site is
+/// enabled; a call site first reached while another test's thread is installing its capturing
+/// subscriber can be cached as disabled (one CI run lost both `Redis connection failed` lines
+/// that way), so the tests of this file take turns.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn feed(queue: &WriteBehind<PriceRow>, rows: impl IntoIterator<Item = PriceRow>) -> usize {
     let mut accepted = 0;
     for (i, row) in rows.into_iter().enumerate() {
@@ -49,6 +55,7 @@ async fn feed(queue: &WriteBehind<PriceRow>, rows: impl IntoIterator<Item = Pric
 #[tokio::test(flavor = "current_thread")]
 async fn the_queue_holds_writes_while_postgres_is_down_and_drains_them_after() -> anyhow::Result<()>
 {
+    let _turn = TURN.lock().await;
     let (logs, _guard) = LogCapture::install();
     let cluster = PgCluster::start().await?;
     let config = DatabaseConfig {
@@ -131,6 +138,7 @@ async fn the_queue_holds_writes_while_postgres_is_down_and_drains_them_after() -
 #[tokio::test(flavor = "current_thread")]
 async fn redis_killed_under_the_mirror_and_seen_ids_falls_back_and_recovers() -> anyhow::Result<()>
 {
+    let _turn = TURN.lock().await;
     let (logs, _guard) = LogCapture::install();
     // A password, as the guide's REDIS_URL has one.
     let mut server = RedisServer::start(Some("s3cret pass")).await?;
@@ -242,6 +250,8 @@ fn serde_json_row(json: &str) -> anyhow::Result<PriceRow> {
 
 #[tokio::test]
 async fn a_wrong_password_is_an_outage_not_an_error() -> anyhow::Result<()> {
+    // It reaches the `Redis connection failed` call site too (see TURN).
+    let _turn = TURN.lock().await;
     let server = RedisServer::start(Some("right")).await?;
     let wrong = server.url().replace(":right@", ":wrong@");
     let mirror = PriceMirror::new(RedisConfig::new(wrong).pool()?, "mesh_test:");

@@ -22,7 +22,10 @@ impl LogCapture {
             .with_ansi(false)
             .with_max_level(tracing::Level::DEBUG)
             .finish();
-        (capture, tracing::subscriber::set_default(subscriber))
+        let guard = tracing::subscriber::set_default(subscriber);
+        // Call sites reached before this subscriber existed may have cached "disabled".
+        tracing::callsite::rebuild_interest_cache();
+        (capture, guard)
     }
 
     /// Everything logged so far.

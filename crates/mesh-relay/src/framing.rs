@@ -34,12 +34,22 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     Ok(())
 }
 
-/// Writes one frame (not flushed).
-pub async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, frame: &[u8]) -> io::Result<()> {
+/// Appends `frame` with its length prefix to `out`: a writer batches several frames into one
+/// buffer and one write, since every write on a yamux stream becomes a yamux frame (and, once
+/// flushed, a noise message) of its own.
+pub fn put_frame(out: &mut Vec<u8>, frame: &[u8]) -> io::Result<()> {
     let len =
         u32::try_from(frame.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    writer.write_all(&len.to_be_bytes()).await?;
-    writer.write_all(frame).await
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(frame);
+    Ok(())
+}
+
+/// Writes one frame (prefix and bytes in a single write).
+pub async fn write_frame<W: AsyncWrite + Unpin>(writer: &mut W, frame: &[u8]) -> io::Result<()> {
+    let mut out = Vec::with_capacity(4 + frame.len());
+    put_frame(&mut out, frame)?;
+    writer.write_all(&out).await
 }
 
 #[cfg(test)]

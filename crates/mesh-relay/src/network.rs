@@ -920,18 +920,18 @@ impl Writer {
     }
 }
 
-/// Writes the frames and flushes once; returns the bytes written.
+/// Writes the frames in one buffer and flushes once; returns the bytes written.
 async fn write_all<W: futures::AsyncWrite + Unpin>(
     stream: &mut W,
     frames: &[Bytes],
 ) -> std::io::Result<u64> {
-    let mut bytes = 0u64;
+    let mut out = Vec::with_capacity(frames.iter().map(|f| 4 + f.len()).sum());
     for f in frames {
-        framing::write_frame(stream, f).await?;
-        bytes += 4 + f.len() as u64;
+        framing::put_frame(&mut out, f)?;
     }
+    stream.write_all(&out).await?;
     stream.flush().await?;
-    Ok(bytes)
+    Ok(out.len() as u64)
 }
 
 /// Takes inbound relay streams as fast as they come and starts a reader for each.
