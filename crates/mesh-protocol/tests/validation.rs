@@ -280,6 +280,42 @@ fn replays_of_older_or_equal_timestamps_are_rejected() {
 }
 
 #[test]
+fn marks_are_kept_per_chain_in_batches_that_mix_chains() {
+    let on = |chain: &str, asset: &str, ts: i64| PriceUpdate {
+        blockchain: chain.into(),
+        ..price(asset, "1", ts)
+    };
+    let validator = Validator::default();
+    let mut marks = HighWaterMarks::default();
+    let mixed = |ts: [i64; 4]| {
+        sealed(&batch(vec![
+            on("solana", "A", ts[0]),
+            on("ethereum", "A", ts[1]),
+            on("ethereum", "B", ts[2]),
+            on("solana", "B", ts[3]),
+        ]))
+    };
+    validator.validate(&mixed([NOW - 40, NOW - 40, NOW - 40, NOW - 40]), NOW, &mut marks).unwrap();
+    assert_eq!(marks.len(), 4);
+    // One price not newer, in any run of chains, makes the batch a replay and sets nothing.
+    for stale in 0..4 {
+        let mut ts = [NOW - 30; 4];
+        ts[stale] = NOW - 40;
+        let err = validator.validate(&mixed(ts), NOW, &mut marks).unwrap_err();
+        assert_eq!(err.reason, RejectReason::Replay, "price {stale} not newer");
+    }
+    validator.validate(&mixed([NOW - 30; 4]), NOW, &mut marks).unwrap();
+    // The marks moved to NOW - 30 for all four keys, each on its own chain.
+    for stale in 0..4 {
+        let mut ts = [NOW - 20; 4];
+        ts[stale] = NOW - 30;
+        let err = validator.validate(&mixed(ts), NOW, &mut marks).unwrap_err();
+        assert_eq!(err.reason, RejectReason::Replay, "price {stale} equal to its mark");
+    }
+    assert_eq!(marks.len(), 4);
+}
+
+#[test]
 fn announce_replays_are_rejected() {
     let validator = Validator::default();
     let mut marks = HighWaterMarks::default();
