@@ -358,6 +358,20 @@ fn is_printable(s: &str, max: usize) -> bool {
     !s.is_empty() && s.len() <= max && s.bytes().all(|b| b.is_ascii_graphic())
 }
 
+/// Sets the mark of `asset` to `ts`; `true` when the asset had none (a new key).
+fn mark(assets: &mut HashMap<String, i64>, asset: &str, ts: i64) -> bool {
+    match assets.get_mut(asset) {
+        Some(mark) => {
+            *mark = ts;
+            false
+        }
+        None => {
+            assets.insert(asset.to_owned(), ts);
+            true
+        }
+    }
+}
+
 /// Consecutive prices on the same chain, in order.
 fn chain_runs(prices: &[crate::PriceUpdate]) -> impl Iterator<Item = &[crate::PriceUpdate]> {
     prices.chunk_by(|a, b| a.blockchain == b.blockchain)
@@ -454,15 +468,7 @@ impl HighWaterMarks {
                 Some(assets) => assets,
                 None => chains.entry(chain.to_owned()).or_default(),
             };
-            for p in run {
-                match assets.get_mut(p.asset.as_str()) {
-                    Some(mark) => *mark = p.timestamp_ms,
-                    None => {
-                        assets.insert(p.asset.clone(), p.timestamp_ms);
-                        added += 1;
-                    }
-                }
-            }
+            added += run.iter().filter(|p| mark(assets, &p.asset, p.timestamp_ms)).count();
         }
         self.len += added;
     }
@@ -473,12 +479,8 @@ impl HighWaterMarks {
             Some(assets) => assets,
             None => chains.entry(blockchain.to_owned()).or_default(),
         };
-        match assets.get_mut(asset) {
-            Some(mark) => *mark = ts,
-            None => {
-                assets.insert(asset.to_owned(), ts);
-                self.len += 1;
-            }
+        if mark(assets, asset, ts) {
+            self.len += 1;
         }
     }
 
