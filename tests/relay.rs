@@ -93,6 +93,102 @@ async fn every_node_of_a_random_6_regular_graph_delivers_every_message_once() ->
     Ok(())
 }
 
+/// Lazy push at its most extreme: each relay sends a message in full to one peer only and
+/// its id to the others, so most nodes of a 6-regular graph get it only by asking
+/// (`WANT`) after an announcement (`HAVE`). Every node must still deliver every message once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_eager_peer_every_node_still_delivers_every_message_once() -> anyhow::Result<()> {
+    let lazy = mesh_relay::LazyPush {
+        eager_peers: 1,
+        want_delay: Duration::from_millis(5),
+        ..mesh_relay::LazyPush::default()
+    };
+    let net = TestNet::builder()
+        .nodes(30)
+        .topology(Topology::RandomRegular { degree: 6 })
+        .seed(5)
+        .configure(move |_, c| c.lazy = lazy)
+        .build()
+        .await?;
+    let mut ids = Vec::new();
+    for round in 0..8u64 {
+        let from = (round as usize * 7) % 30;
+        let m = price_batch(&provider(60 + round as u8), round, now_ms(), 5, 10)?;
+        net.publish(from, &m).await?;
+        ids.push(m.message_id());
+    }
+    for id in &ids {
+        net.wait_delivered_everywhere(id).await?;
+    }
+    let all: Vec<StatsSnapshot> =
+        net.nodes().iter().map(|n| n.running().unwrap().stats()).collect();
+    for (node, stats) in net.nodes().iter().zip(&all) {
+        for id in &ids {
+            assert_eq!(node.received(id).unwrap().count, 1, "node {} delivered {id}", node.index);
+        }
+        assert_eq!(stats.rejected_total(), 0, "node {}: {stats:?}", node.index);
+    }
+    let sum = |f: fn(&StatsSnapshot) -> u64| all.iter().map(f).sum::<u64>();
+    assert!(sum(|s| s.haves_sent) > 0, "no id was announced");
+    assert!(sum(|s| s.wants_served) > 0, "no announced message was asked for and sent");
+    assert!(sum(|s| s.wants_served) <= sum(|s| s.wants_sent));
+    net.shutdown().await;
+    Ok(())
+}
+
+/// Line 0 - 1 - 2, node 0 playing a peer that speaks the lazy-push control frames by hand.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lazy_push_control_frames_are_answered_once_and_malformed_ones_charged()
+-> anyhow::Result<()> {
+    use mesh_relay::lazy::{ControlFrame, HAVE_TAG};
+    let lazy = mesh_relay::LazyPush {
+        want_delay: Duration::from_millis(5),
+        ..mesh_relay::LazyPush::default()
+    };
+    let net = TestNet::builder()
+        .nodes(3)
+        .topology(Topology::Line)
+        .configure(move |_, c| c.lazy = lazy)
+        .build()
+        .await?;
+    let (tester, node1) = (net.node(0).running()?, net.node(1).running()?);
+    let node1_peer = net.node(1).peer_id();
+
+    // Node 2 publishes; node 1 relays it to node 0 and keeps its copy for a while.
+    let m = price_batch(&provider(70), 1, now_ms(), 2, 10)?;
+    net.publish(2, &m).await?;
+    net.wait_delivered_everywhere(&m.message_id()).await?;
+    let before = tester.stats().duplicates;
+    // Node 0 asks for it (twice): node 1 sends it once more, then no more.
+    let want = ControlFrame::Want(vec![m.message_id()]).encode();
+    tester.send_raw_frame(node1_peer, want.clone()).await?;
+    tester.send_raw_frame(node1_peer, want).await?;
+    eventually(WAIT, "the asked-for copy arrived", || tester.stats().duplicates == before + 1)
+        .await?;
+    barrier(&net, 2, 2).await?;
+    assert_eq!(node1.stats().wants_served, 1, "{:?}", node1.stats());
+    assert_eq!(tester.stats().duplicates, before + 1);
+
+    // An announcement of a message node 1 has not seen: it asks node 0 for it, which does
+    // not have it (it only counts the request).
+    let unknown = mesh_protocol::MessageId::of_body(b"never published");
+    tester.send_raw_frame(node1_peer, ControlFrame::Have(vec![unknown]).encode()).await?;
+    eventually(WAIT, "node 1 asked for the announced message", || {
+        node1.stats().wants_sent == 1 && tester.stats().wants_unknown == 1
+    })
+    .await?;
+
+    // A control frame without ids is malformed: rejected and charged like a bad message.
+    tester.send_raw_frame(node1_peer, vec![HAVE_TAG]).await?;
+    eventually(WAIT, "malformed control frame rejected", || {
+        node1.stats().rejected(RejectReason::Malformed) == 1
+    })
+    .await?;
+    assert_eq!(node1.stats().delivered, 2, "{:?}", node1.stats());
+    net.shutdown().await;
+    Ok(())
+}
+
 fn with_hops(frame: &[u8], ttl: u8, hop_count: u8) -> Vec<u8> {
     let mut f = frame.to_vec();
     f[1] = ttl;

@@ -76,6 +76,10 @@ pub struct Args {
     /// Messages A sends through B in the one-node relay rate measurement.
     #[arg(long, default_value_t = 40_000)]
     pub relay_messages: usize,
+    /// Our relay: peers a relayed message goes to in full (the others get its id and ask for
+    /// it when no copy comes; lazy push). 0 floods: every peer gets every message.
+    #[arg(long, default_value_t = mesh_relay::LazyPush::default().eager_peers)]
+    pub eager_peers: usize,
     /// Skip the gossipsub baseline (to profile ours alone).
     #[arg(long)]
     pub skip_gossipsub: bool,
@@ -85,6 +89,16 @@ pub struct Args {
     /// Skip the one-node relay rate measurement.
     #[arg(long)]
     pub skip_relay_rate: bool,
+}
+
+impl Args {
+    /// Our relay's lazy-push settings for `--eager-peers`.
+    pub fn lazy_push(&self) -> mesh_relay::LazyPush {
+        match self.eager_peers {
+            0 => mesh_relay::LazyPush::FLOOD,
+            n => mesh_relay::LazyPush { eager_peers: n, ..mesh_relay::LazyPush::default() },
+        }
+    }
 }
 
 /// The messages of one run: the same for both systems.
@@ -328,6 +342,7 @@ async fn measure(args: &Args) -> anyhow::Result<Report> {
             "rate_batches_per_sec": args.rate,
             "ttl": args.ttl,
             "seed": args.seed,
+            "ours_eager_peers": if args.eager_peers == 0 { json!("all (flood)") } else { json!(args.eager_peers) },
             "gossipsub": {
                 "mesh_n": args.mesh_n,
                 "mesh_n_low": gossipsub::mesh_params(args).0,

@@ -228,7 +228,8 @@ async fn run_stream(
     let settle = Instant::now() + Duration::from_secs(5);
     loop {
         let s = sum_stats(net);
-        if s.frames_queued == s.frames_sent + s.dropped_stream_lost || Instant::now() >= settle {
+        let gone = s.frames_sent + s.dropped_stream_lost + s.suppressed;
+        if s.frames_queued == gone || Instant::now() >= settle {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -353,6 +354,9 @@ fn sum_stats(net: &TestNet) -> StatsSnapshot {
         t.dropped_queue_full += s.dropped_queue_full;
         t.dropped_subscriber += s.dropped_subscriber;
         t.dropped_stream_lost += s.dropped_stream_lost;
+        t.suppressed += s.suppressed;
+        t.haves_sent += s.haves_sent;
+        t.wants_sent += s.wants_sent;
     }
     t.rejected = vec![("all", rejected)];
     t
@@ -373,6 +377,9 @@ fn diff(a: &StatsSnapshot, b: &StatsSnapshot) -> StatsSnapshot {
         dropped_queue_full: a.dropped_queue_full - b.dropped_queue_full,
         dropped_subscriber: a.dropped_subscriber - b.dropped_subscriber,
         dropped_stream_lost: a.dropped_stream_lost - b.dropped_stream_lost,
+        suppressed: a.suppressed - b.suppressed,
+        haves_sent: a.haves_sent - b.haves_sent,
+        wants_sent: a.wants_sent - b.wants_sent,
         ..StatsSnapshot::default()
     }
 }

@@ -7,6 +7,7 @@ use mesh_protocol::MessageId;
 use mesh_seen_cache::SeenRecord;
 
 use crate::core::CoreConfig;
+use crate::lazy::LazyPush;
 use crate::peer_manager;
 
 /// Everything a relay needs to start.
@@ -41,6 +42,8 @@ pub struct Config {
     /// Added to the wall clock when checking timestamps, in milliseconds: 0 in production;
     /// tests set it to play a node whose clock is wrong.
     pub clock_offset_ms: i64,
+    /// Which peers get a relayed message in full and which only its id ([`LazyPush`]).
+    pub lazy: LazyPush,
 }
 
 impl Default for Config {
@@ -62,6 +65,7 @@ impl Default for Config {
             peer_exchange: true,
             eager_peer_exchange: false,
             clock_offset_ms: 0,
+            lazy: LazyPush::default(),
         }
     }
 }

@@ -6,7 +6,9 @@
 //! - [`RelayCore`] holds the relay rules with no networking: seen check, validation, which
 //!   peers get a copy, the re-forward of a duplicate that carries more TTL.
 //! - [`Relay`] runs the network: one long-lived outbound stream per peer on
-//!   `/mesh/relay/1.0.0` (libp2p-stream) fed by a bounded queue, readers for inbound streams,
+//!   `/mesh/relay/1.0.0` (libp2p-stream) fed by a bounded queue, lazy push ([`lazy`]: a
+//!   relayed message goes in full to a few peers and as an id to the others, who ask for it
+//!   when no copy comes), readers for inbound streams,
 //!   the peer manager (dial below the minimum, prune above the maximum, ban peers past their
 //!   misbehaviour budget) and peer exchange (`/mesh/pex/1.0.0`).
 //!
@@ -29,6 +31,7 @@
 pub mod config;
 pub mod core;
 pub mod framing;
+pub mod lazy;
 pub mod network;
 pub mod peer_manager;
 pub mod pex;
@@ -36,6 +39,7 @@ pub mod stats;
 
 pub use config::Config;
 pub use core::{CoreConfig, Forward, OriginBudget, Outcome, RelayCore};
+pub use lazy::LazyPush;
 pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
 pub use network::{Delivery, Error, PeerStatus, Relay, Result, Status};

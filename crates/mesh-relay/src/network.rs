@@ -8,7 +8,8 @@
 //!   when its accept loop falls behind) and starts a reader for it; one stream per peer, a
 //!   newer one replaces the older;
 //! - **readers** cut frames out of inbound streams and queue them to the core;
-//! - the **core task** owns the [`RelayCore`]: validation, delivery, forwarding;
+//! - the **core task** owns the [`RelayCore`]: validation, delivery, forwarding (in full to a
+//!   few peers, as an announced id to the others: [`crate::lazy`]), and the lazy-push requests;
 //! - **writers**, one per peer, keep one outbound stream open (reopened with backoff) and
 //!   drain the peer's bounded queue into it; a full queue drops the frame and counts it.
 
@@ -31,6 +32,9 @@ use mesh_protocol::{
     Envelope, Identity, MessageId, NodeId, RejectReason, Rejection, VerifiedMessage,
 };
 use mesh_seen_cache::SeenCache;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -40,6 +44,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::config::Config;
 use crate::core::{Forward, Outcome, RelayCore};
 use crate::framing::{self, ReadError};
+use crate::lazy::{ControlFrame, Kept, Wanted};
 use crate::peer_manager::{Action, PeerManager};
 use crate::pex;
 use crate::stats::{Stats, StatsSnapshot, bump};
@@ -341,6 +346,9 @@ impl Relay {
                 core,
                 hops_reported: HashMap::new(),
                 hops_reset: Instant::now(),
+                wanted: Wanted::new(ctx.config.lazy.max_wanted),
+                kept: Kept::new(ctx.config.lazy.keep, ctx.config.lazy.keep_frames),
+                rng: StdRng::from_entropy(),
                 inputs: core_rx,
                 deliveries: delivery_tx,
                 ctx: ctx.clone(),
@@ -1044,6 +1052,12 @@ struct CoreTask {
     core: RelayCore<PeerId>,
     hops_reported: HashMap<PeerId, u8>,
     hops_reset: Instant,
+    /// Announced ids not seen yet (lazy push).
+    wanted: Wanted<PeerId>,
+    /// Forwarded copies kept to answer `WANT`s.
+    kept: Kept,
+    /// Picks the eager peers of each relayed message.
+    rng: StdRng,
     inputs: mpsc::Receiver<CoreInput>,
     deliveries: mpsc::Sender<Delivery>,
     ctx: Context,
@@ -1051,13 +1065,28 @@ struct CoreTask {
 
 impl CoreTask {
     async fn run(mut self) {
+        // One timer, moved to the next id due to be asked for (lazy push) when that changes.
+        let far = || Instant::now() + Duration::from_secs(86_400);
+        let timer = tokio::time::sleep_until(far());
+        tokio::pin!(timer);
+        let mut armed: Option<Instant> = None;
         loop {
+            let due = self.wanted.next_due();
+            if due != armed {
+                timer.as_mut().reset(due.unwrap_or_else(far));
+                armed = due;
+            }
             let input = tokio::select! {
                 () = self.ctx.cancel.cancelled() => return,
                 i = self.inputs.recv() => match i {
                     Some(i) => i,
                     None => return,
                 },
+                () = &mut timer, if armed.is_some() => {
+                    armed = None;
+                    self.ask_for_wanted();
+                    continue;
+                }
             };
             match input {
                 CoreInput::Frame { peer, frame } => self.on_frame(peer, &frame),
@@ -1078,6 +1107,17 @@ impl CoreTask {
     }
 
     fn on_frame(&mut self, peer: PeerId, frame: &[u8]) {
+        match ControlFrame::parse(frame) {
+            None => {}
+            Some(Ok(ControlFrame::Have(ids))) => return self.on_have(peer, &ids),
+            Some(Ok(ControlFrame::Want(ids))) => return self.on_want(peer, &ids),
+            Some(Err(())) => {
+                return self.reject(
+                    peer,
+                    &Rejection { reason: RejectReason::Malformed, source_node_id: None },
+                );
+            }
+        }
         let now = now_ms() + self.ctx.config.clock_offset_ms;
         let outcome = self.core.on_frame(&peer, frame, now);
         let id = match &outcome {
@@ -1088,10 +1128,13 @@ impl CoreTask {
             }
             Outcome::Rejected(_) => None,
         };
-        if let Some(id) = id
-            && let Some(link) = read_links(&self.ctx.links).get(&peer)
-        {
-            link.sent_us.record(id);
+        if let Some(id) = id {
+            if let Some(link) = read_links(&self.ctx.links).get(&peer) {
+                link.sent_us.record(id);
+            }
+            if !self.wanted.is_empty() {
+                self.wanted.arrived(&id);
+            }
         }
         match outcome {
             Outcome::Deliver { message, forward } => {
@@ -1106,7 +1149,7 @@ impl CoreTask {
                 bump(&self.ctx.stats.delivered);
                 self.deliver(Delivery { message, from: Some(peer), received_at: Instant::now() });
                 if let Some(forward) = forward {
-                    self.forward(forward);
+                    self.relay(forward);
                 }
             }
             Outcome::Reforward(forward) => {
@@ -1193,6 +1236,123 @@ impl CoreTask {
 
     fn forward(&self, forward: Forward<PeerId>) {
         self.send_to_peers(forward.id, Bytes::from(forward.frame), &forward.except);
+    }
+
+    /// Relays a new message: in full to `eager_peers` random peers of those that may still
+    /// need it, as a `HAVE` to the others (lazy push; see [`crate::lazy`]).
+    fn relay(&mut self, forward: Forward<PeerId>) {
+        let lazy = self.ctx.config.lazy;
+        if !lazy.is_lazy() {
+            return self.forward(forward);
+        }
+        let id = forward.id;
+        let frame = Bytes::from(forward.frame);
+        self.kept.insert(id, frame.clone(), Instant::now());
+        let links = read_links(&self.ctx.links);
+        let mut candidates: Vec<&Link> = links
+            .iter()
+            .filter(|(peer, link)| !forward.except.contains(peer) && !link.sent_us.contains(&id))
+            .map(|(_, link)| link)
+            .collect();
+        let eager = lazy.eager_peers.min(candidates.len());
+        candidates.partial_shuffle(&mut self.rng, eager);
+        let have = if candidates.len() > eager {
+            Bytes::from(ControlFrame::Have(vec![id]).encode())
+        } else {
+            Bytes::new()
+        };
+        let (mut queued, mut announced) = (0u64, 0u64);
+        for (i, link) in candidates.iter().enumerate() {
+            let (frame, count) = if i < eager {
+                (frame.clone(), &mut queued)
+            } else {
+                (have.clone(), &mut announced)
+            };
+            match link.queue.try_send((Some(id), frame)) {
+                Ok(()) => *count += 1,
+                Err(_) => {
+                    bump(&self.ctx.stats.dropped_queue_full);
+                    metrics::counter!("mesh_relay_dropped_total", "reason" => "queue_full")
+                        .increment(1);
+                }
+            }
+        }
+        let stats = &self.ctx.stats;
+        stats.frames_queued.fetch_add(queued + announced, std::sync::atomic::Ordering::Relaxed);
+        if announced > 0 {
+            stats.haves_sent.fetch_add(announced, std::sync::atomic::Ordering::Relaxed);
+            metrics::counter!("mesh_relay_lazy_total", "event" => "have_sent").increment(announced);
+        }
+    }
+
+    /// A peer announced messages: it needs none of them from us, and the ones we have not
+    /// seen are asked of it later unless a copy comes first.
+    fn on_have(&mut self, peer: PeerId, ids: &[MessageId]) {
+        let stats = &self.ctx.stats;
+        stats.haves_received.fetch_add(ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        if let Some(link) = read_links(&self.ctx.links).get(&peer) {
+            for id in ids {
+                link.sent_us.record(*id);
+            }
+        }
+        let now = Instant::now();
+        let delay = self.ctx.config.lazy.want_delay;
+        for id in ids {
+            if !self.core.seen().contains(id) && !self.wanted.announce(*id, &peer, now, delay) {
+                bump(&stats.wanted_full);
+            }
+        }
+    }
+
+    /// A peer asked for messages: each kept one is sent once to it.
+    fn on_want(&mut self, peer: PeerId, ids: &[MessageId]) {
+        let links = read_links(&self.ctx.links);
+        let Some(link) = links.get(&peer) else { return };
+        let now = Instant::now();
+        for id in ids {
+            // Ids the peer sent or announced to us, or that we already sent it, are not sent.
+            if link.sent_us.contains(id) {
+                continue;
+            }
+            let Some(frame) = self.kept.get(id, now) else {
+                bump(&self.ctx.stats.wants_unknown);
+                continue;
+            };
+            link.sent_us.record(*id);
+            if link.queue.try_send((None, frame)).is_ok() {
+                bump(&self.ctx.stats.frames_queued);
+                bump(&self.ctx.stats.wants_served);
+                metrics::counter!("mesh_relay_lazy_total", "event" => "want_served").increment(1);
+            } else {
+                bump(&self.ctx.stats.dropped_queue_full);
+                metrics::counter!("mesh_relay_dropped_total", "reason" => "queue_full")
+                    .increment(1);
+            }
+        }
+    }
+
+    /// Asks announcers for the announced messages still missing, one `WANT` per peer.
+    fn ask_for_wanted(&mut self) {
+        let due = self.wanted.take_due(Instant::now(), self.ctx.config.lazy.want_timeout);
+        let mut per_peer: HashMap<PeerId, Vec<MessageId>> = HashMap::new();
+        for (peer, id) in due {
+            if !self.core.seen().contains(&id) {
+                per_peer.entry(peer).or_default().push(id);
+            }
+        }
+        let links = read_links(&self.ctx.links);
+        for (peer, ids) in per_peer {
+            let Some(link) = links.get(&peer) else { continue };
+            for chunk in ids.chunks(crate::lazy::MAX_IDS) {
+                let frame = Bytes::from(ControlFrame::Want(chunk.to_vec()).encode());
+                if link.queue.try_send((None, frame)).is_ok() {
+                    bump(&self.ctx.stats.frames_queued);
+                    let n = chunk.len() as u64;
+                    self.ctx.stats.wants_sent.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    metrics::counter!("mesh_relay_lazy_total", "event" => "want_sent").increment(n);
+                }
+            }
+        }
     }
 
     fn publish(&mut self, frame: Vec<u8>) -> Result<usize> {

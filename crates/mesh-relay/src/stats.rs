@@ -20,6 +20,12 @@ pub struct Stats {
     pub(crate) bytes_sent: AtomicU64,
     pub(crate) dropped_queue_full: AtomicU64,
     pub(crate) suppressed: AtomicU64,
+    pub(crate) haves_sent: AtomicU64,
+    pub(crate) haves_received: AtomicU64,
+    pub(crate) wants_sent: AtomicU64,
+    pub(crate) wants_served: AtomicU64,
+    pub(crate) wants_unknown: AtomicU64,
+    pub(crate) wanted_full: AtomicU64,
     pub(crate) dropped_subscriber: AtomicU64,
     pub(crate) dropped_stream_lost: AtomicU64,
     pub(crate) streams_opened: AtomicU64,
@@ -46,7 +52,8 @@ pub struct StatsSnapshot {
     pub throttled: u64,
     /// Rejections per reason (label, count), reasons with a zero count left out.
     pub rejected: Vec<(&'static str, u64)>,
-    /// Frames put on peer queues.
+    /// Frames put on peer queues (messages and lazy-push control frames); each is later
+    /// sent, suppressed or lost with its stream.
     pub frames_queued: u64,
     /// Frames written to streams.
     pub frames_sent: u64,
@@ -56,6 +63,18 @@ pub struct StatsSnapshot {
     pub dropped_queue_full: u64,
     /// Queued copies not sent because the peer had sent us the message meanwhile.
     pub suppressed: u64,
+    /// Message ids announced to peers instead of the message (`HAVE`, lazy push).
+    pub haves_sent: u64,
+    /// Message ids peers announced to us.
+    pub haves_received: u64,
+    /// Announced messages asked for (`WANT`) because no copy came in time.
+    pub wants_sent: u64,
+    /// Messages sent to peers that asked for them.
+    pub wants_served: u64,
+    /// Asked-for messages we no longer had (or never had).
+    pub wants_unknown: u64,
+    /// Announcements ignored because too many ids were already waiting.
+    pub wanted_full: u64,
     /// Deliveries dropped because the local subscriber was not keeping up.
     pub dropped_subscriber: u64,
     /// Frames lost when a stream broke.
@@ -114,6 +133,12 @@ impl Stats {
             bytes_sent: get(&self.bytes_sent),
             dropped_queue_full: get(&self.dropped_queue_full),
             suppressed: get(&self.suppressed),
+            haves_sent: get(&self.haves_sent),
+            haves_received: get(&self.haves_received),
+            wants_sent: get(&self.wants_sent),
+            wants_served: get(&self.wants_served),
+            wants_unknown: get(&self.wants_unknown),
+            wanted_full: get(&self.wanted_full),
             dropped_subscriber: get(&self.dropped_subscriber),
             dropped_stream_lost: get(&self.dropped_stream_lost),
             streams_opened: get(&self.streams_opened),

@@ -170,6 +170,11 @@ fn describe() {
         "mesh_relay_suppressed_total",
         "Queued copies not sent because the peer had sent us the same message meanwhile"
     );
+    describe_counter!(
+        "mesh_relay_lazy_total",
+        "Lazy push: ids announced instead of sent (have_sent), announced messages asked for \
+         (want_sent), messages sent on request (want_served)"
+    );
     describe_counter!("mesh_relay_frames_sent_total", "Relay frames sent to peers");
     describe_counter!("mesh_relay_bytes_sent_total", "Relay bytes sent to peers");
     for name in [

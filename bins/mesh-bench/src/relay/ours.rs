@@ -26,10 +26,12 @@ fn copies_received(s: &StatsSnapshot) -> u64 {
 /// Builds the net, publishes the workload, waits for every delivery and collects the figures.
 pub async fn run(args: &Args, workload: &Workload) -> anyhow::Result<(NetResult, Memory)> {
     let rss_before = rss_bytes()?;
+    let lazy = args.lazy_push();
     let net = TestNet::builder()
         .nodes(args.nodes)
         .topology(Topology::RandomRegular { degree: args.degree })
         .seed(args.seed)
+        .configure(move |_, config| config.lazy = lazy)
         .build()
         .await?;
     let rss_built = rss_bytes()?;
@@ -70,7 +72,8 @@ pub async fn run(args: &Args, workload: &Workload) -> anyhow::Result<(NetResult,
     poll_until(Duration::from_secs(5), || {
         let all = stats();
         let queued: u64 = all.iter().map(|s| s.frames_queued).sum();
-        let gone: u64 = all.iter().map(|s| s.frames_sent + s.dropped_stream_lost).sum();
+        let gone: u64 =
+            all.iter().map(|s| s.frames_sent + s.dropped_stream_lost + s.suppressed).sum();
         let sent: u64 = all.iter().map(|s| s.frames_sent).sum();
         let received: u64 = all.iter().map(copies_received).sum();
         queued == gone && received >= sent
@@ -114,6 +117,12 @@ pub async fn run(args: &Args, workload: &Workload) -> anyhow::Result<(NetResult,
         "stale": sum(|s| s.stale),
         "rejected": sum(StatsSnapshot::rejected_total),
         "frames_sent": sum(|s| s.frames_sent),
+        "suppressed": sum(|s| s.suppressed),
+        "haves_sent": sum(|s| s.haves_sent),
+        "wants_sent": sum(|s| s.wants_sent),
+        "wants_served": sum(|s| s.wants_served),
+        "wants_unknown": sum(|s| s.wants_unknown),
+        "wanted_full": sum(|s| s.wanted_full),
         "dropped_queue_full": sum(|s| s.dropped_queue_full),
         "dropped_subscriber": sum(|s| s.dropped_subscriber),
         "dropped_stream_lost": sum(|s| s.dropped_stream_lost),
