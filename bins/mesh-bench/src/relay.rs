@@ -91,13 +91,11 @@ pub struct Args {
     pub skip_relay_rate: bool,
 }
 
-impl Args {
-    /// Our relay's lazy-push settings for `--eager-peers`.
-    pub fn lazy_push(&self) -> mesh_relay::LazyPush {
-        match self.eager_peers {
-            0 => mesh_relay::LazyPush::FLOOD,
-            n => mesh_relay::LazyPush { eager_peers: n, ..mesh_relay::LazyPush::default() },
-        }
+/// Our relay's lazy-push settings for an `--eager-peers` option (0: flood).
+pub fn lazy_push(eager_peers: usize) -> mesh_relay::LazyPush {
+    match eager_peers {
+        0 => mesh_relay::LazyPush::FLOOD,
+        n => mesh_relay::LazyPush { eager_peers: n, ..mesh_relay::LazyPush::default() },
     }
 }
 

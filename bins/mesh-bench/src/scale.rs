@@ -60,6 +60,9 @@ pub struct Args {
     /// How long to wait for the last deliveries after the last publish of a stream, seconds.
     #[arg(long, default_value_t = 30)]
     pub timeout_secs: u64,
+    /// Peers a relayed message goes to in full (the others get its id; lazy push). 0 floods.
+    #[arg(long, default_value_t = mesh_relay::LazyPush::default().eager_peers)]
+    pub eager_peers: usize,
 }
 
 /// Runs the benchmark.
@@ -126,8 +129,14 @@ async fn measure(args: &Args) -> anyhow::Result<Report> {
     let (diameter, eccentricities) = distances(args.nodes, &edges, &hosts);
     let rss_before = rss_bytes()?;
     let build_started = Instant::now();
-    let net =
-        TestNet::builder().nodes(args.nodes).topology(topology).seed(args.seed).build().await?;
+    let lazy = crate::relay::lazy_push(args.eager_peers);
+    let net = TestNet::builder()
+        .nodes(args.nodes)
+        .topology(topology)
+        .seed(args.seed)
+        .configure(move |_, config| config.lazy = lazy)
+        .build()
+        .await?;
     let build_secs = build_started.elapsed().as_secs_f64();
     let rss_built = rss_bytes()?;
     let connected = net.nodes().iter().filter_map(|n| n.relay()).map(|r| r.connected_peers());
@@ -176,6 +185,7 @@ async fn measure(args: &Args) -> anyhow::Result<Report> {
             "prices_per_batch": args.prices,
             "rate_batches_per_sec": args.rate,
             "ttls": args.ttls,
+            "eager_peers": if args.eager_peers == 0 { json!("all (flood)") } else { json!(args.eager_peers) },
             "seed": args.seed,
             "transport": "libp2p memory transport + noise + yamux, one process",
             "cpu_counts": "whole process (all relays and this harness), user + system, \

@@ -1156,7 +1156,7 @@ impl CoreTask {
                 bump(&self.ctx.stats.reforwarded);
                 metrics::counter!("mesh_relay_messages_total", "outcome" => "reforwarded")
                     .increment(1);
-                self.forward(forward);
+                self.relay(forward);
             }
             Outcome::Duplicate { hop_count, .. } => {
                 bump(&self.ctx.stats.duplicates);

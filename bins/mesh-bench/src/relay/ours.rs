@@ -26,7 +26,7 @@ fn copies_received(s: &StatsSnapshot) -> u64 {
 /// Builds the net, publishes the workload, waits for every delivery and collects the figures.
 pub async fn run(args: &Args, workload: &Workload) -> anyhow::Result<(NetResult, Memory)> {
     let rss_before = rss_bytes()?;
-    let lazy = args.lazy_push();
+    let lazy = super::lazy_push(args.eager_peers);
     let net = TestNet::builder()
         .nodes(args.nodes)
         .topology(Topology::RandomRegular { degree: args.degree })
