@@ -99,6 +99,11 @@ pub fn lazy_push(eager_peers: usize) -> mesh_relay::LazyPush {
     }
 }
 
+/// An `--eager-peers` option as the report's parameters show it.
+pub fn eager_peers_param(eager_peers: usize) -> serde_json::Value {
+    if eager_peers == 0 { json!("all (flood)") } else { json!(eager_peers) }
+}
+
 /// The messages of one run: the same for both systems.
 pub struct Workload {
     /// The signed messages, in publishing order.
@@ -340,7 +345,7 @@ async fn measure(args: &Args) -> anyhow::Result<Report> {
             "rate_batches_per_sec": args.rate,
             "ttl": args.ttl,
             "seed": args.seed,
-            "ours_eager_peers": if args.eager_peers == 0 { json!("all (flood)") } else { json!(args.eager_peers) },
+            "ours_eager_peers": eager_peers_param(args.eager_peers),
             "gossipsub": {
                 "mesh_n": args.mesh_n,
                 "mesh_n_low": gossipsub::mesh_params(args).0,

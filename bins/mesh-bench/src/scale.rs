@@ -185,7 +185,7 @@ async fn measure(args: &Args) -> anyhow::Result<Report> {
             "prices_per_batch": args.prices,
             "rate_batches_per_sec": args.rate,
             "ttls": args.ttls,
-            "eager_peers": if args.eager_peers == 0 { json!("all (flood)") } else { json!(args.eager_peers) },
+            "eager_peers": crate::relay::eager_peers_param(args.eager_peers),
             "seed": args.seed,
             "transport": "libp2p memory transport + noise + yamux, one process",
             "cpu_counts": "whole process (all relays and this harness), user + system, \

@@ -47,7 +47,7 @@ use crate::framing::{self, ReadError};
 use crate::lazy::{ControlFrame, Kept, Wanted};
 use crate::peer_manager::{Action, PeerManager};
 use crate::pex;
-use crate::stats::{Stats, StatsSnapshot, bump};
+use crate::stats::{Stats, StatsSnapshot, add, bump};
 
 /// The relay protocol.
 pub const RELAY_PROTOCOL: StreamProtocol = StreamProtocol::new("/mesh/relay/1.0.0");
@@ -866,8 +866,8 @@ impl Writer {
                     Ok(bytes) => {
                         let stats = &self.ctx.stats;
                         let count = pending.len() as u64;
-                        stats.frames_sent.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
-                        stats.bytes_sent.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+                        add(&stats.frames_sent, count);
+                        add(&stats.bytes_sent, bytes);
                         metrics::counter!("mesh_relay_frames_sent_total").increment(count);
                         metrics::counter!("mesh_relay_bytes_sent_total").increment(bytes);
                         pending.clear();
@@ -881,10 +881,7 @@ impl Writer {
         }
         if !pending.is_empty() {
             let lost = pending.len() as u64;
-            self.ctx
-                .stats
-                .dropped_stream_lost
-                .fetch_add(lost, std::sync::atomic::Ordering::Relaxed);
+            add(&self.ctx.stats.dropped_stream_lost, lost);
             metrics::counter!("mesh_relay_dropped_total", "reason" => "stream_lost")
                 .increment(lost);
         }
@@ -1132,9 +1129,7 @@ impl CoreTask {
             if let Some(link) = read_links(&self.ctx.links).get(&peer) {
                 link.sent_us.record(id);
             }
-            if !self.wanted.is_empty() {
-                self.wanted.arrived(&id);
-            }
+            self.wanted.arrived(&id);
         }
         match outcome {
             Outcome::Deliver { message, forward } => {
@@ -1213,50 +1208,25 @@ impl CoreTask {
         }
     }
 
-    /// Queues `frame` to every peer but the excluded; returns how many took it.
-    fn send_to_peers(&self, id: MessageId, frame: Bytes, except: &[PeerId]) -> usize {
-        let links = read_links(&self.ctx.links);
-        let mut queued = 0;
-        for (peer, link) in links.iter() {
-            if except.contains(peer) {
-                continue;
-            }
-            match link.queue.try_send((Some(id), frame.clone())) {
-                Ok(()) => queued += 1,
-                Err(_) => {
-                    bump(&self.ctx.stats.dropped_queue_full);
-                    metrics::counter!("mesh_relay_dropped_total", "reason" => "queue_full")
-                        .increment(1);
-                }
-            }
-        }
-        self.ctx.stats.frames_queued.fetch_add(queued as u64, std::sync::atomic::Ordering::Relaxed);
-        queued
-    }
-
-    fn forward(&self, forward: Forward<PeerId>) {
-        self.send_to_peers(forward.id, Bytes::from(forward.frame), &forward.except);
-    }
-
-    /// Relays a new message: in full to `eager_peers` random peers of those that may still
-    /// need it, as a `HAVE` to the others (lazy push; see [`crate::lazy`]).
-    fn relay(&mut self, forward: Forward<PeerId>) {
-        let lazy = self.ctx.config.lazy;
-        if !lazy.is_lazy() {
-            return self.forward(forward);
-        }
-        let id = forward.id;
-        let frame = Bytes::from(forward.frame);
-        self.kept.insert(id, frame.clone(), Instant::now());
+    /// Queues `frame` to every peer but the excluded and those that have sent us the message,
+    /// except that only `eager` of them, picked at random, get the frame and the others a
+    /// `HAVE` (lazy push; `usize::MAX` sends the frame to all). Returns how many took the frame.
+    fn send_to_peers(
+        &mut self,
+        id: MessageId,
+        frame: Bytes,
+        except: &[PeerId],
+        eager: usize,
+    ) -> u64 {
         let links = read_links(&self.ctx.links);
         let mut candidates: Vec<&Link> = links
             .iter()
-            .filter(|(peer, link)| !forward.except.contains(peer) && !link.sent_us.contains(&id))
+            .filter(|(peer, link)| !except.contains(peer) && !link.sent_us.contains(&id))
             .map(|(_, link)| link)
             .collect();
-        let eager = lazy.eager_peers.min(candidates.len());
-        candidates.partial_shuffle(&mut self.rng, eager);
-        let have = if candidates.len() > eager {
+        let eager = eager.min(candidates.len());
+        let have = if eager < candidates.len() {
+            candidates.partial_shuffle(&mut self.rng, eager);
             Bytes::from(ControlFrame::Have(vec![id]).encode())
         } else {
             Bytes::new()
@@ -1270,26 +1240,39 @@ impl CoreTask {
             };
             match link.queue.try_send((Some(id), frame)) {
                 Ok(()) => *count += 1,
-                Err(_) => {
-                    bump(&self.ctx.stats.dropped_queue_full);
-                    metrics::counter!("mesh_relay_dropped_total", "reason" => "queue_full")
-                        .increment(1);
-                }
+                Err(_) => self.count_queue_full(),
             }
         }
         let stats = &self.ctx.stats;
-        stats.frames_queued.fetch_add(queued + announced, std::sync::atomic::Ordering::Relaxed);
+        add(&stats.frames_queued, queued + announced);
         if announced > 0 {
-            stats.haves_sent.fetch_add(announced, std::sync::atomic::Ordering::Relaxed);
+            add(&stats.haves_sent, announced);
             metrics::counter!("mesh_relay_lazy_total", "event" => "have_sent").increment(announced);
         }
+        queued
+    }
+
+    fn count_queue_full(&self) {
+        bump(&self.ctx.stats.dropped_queue_full);
+        metrics::counter!("mesh_relay_dropped_total", "reason" => "queue_full").increment(1);
+    }
+
+    /// Relays a new message, or a duplicate with more TTL: in full to `eager_peers` random
+    /// peers of those that may still need it, as a `HAVE` to the others (see [`crate::lazy`]).
+    fn relay(&mut self, forward: Forward<PeerId>) {
+        let lazy = self.ctx.config.lazy;
+        let frame = Bytes::from(forward.frame);
+        if lazy.is_lazy() {
+            self.kept.insert(forward.id, frame.clone(), Instant::now());
+        }
+        self.send_to_peers(forward.id, frame, &forward.except, lazy.eager_peers);
     }
 
     /// A peer announced messages: it needs none of them from us, and the ones we have not
     /// seen are asked of it later unless a copy comes first.
     fn on_have(&mut self, peer: PeerId, ids: &[MessageId]) {
         let stats = &self.ctx.stats;
-        stats.haves_received.fetch_add(ids.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        add(&stats.haves_received, ids.len() as u64);
         if let Some(link) = read_links(&self.ctx.links).get(&peer) {
             for id in ids {
                 link.sent_us.record(*id);
@@ -1324,9 +1307,7 @@ impl CoreTask {
                 bump(&self.ctx.stats.wants_served);
                 metrics::counter!("mesh_relay_lazy_total", "event" => "want_served").increment(1);
             } else {
-                bump(&self.ctx.stats.dropped_queue_full);
-                metrics::counter!("mesh_relay_dropped_total", "reason" => "queue_full")
-                    .increment(1);
+                self.count_queue_full();
             }
         }
     }
@@ -1348,7 +1329,7 @@ impl CoreTask {
                 if link.queue.try_send((None, frame)).is_ok() {
                     bump(&self.ctx.stats.frames_queued);
                     let n = chunk.len() as u64;
-                    self.ctx.stats.wants_sent.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    add(&self.ctx.stats.wants_sent, n);
                     metrics::counter!("mesh_relay_lazy_total", "event" => "want_sent").increment(n);
                 }
             }
@@ -1359,7 +1340,7 @@ impl CoreTask {
         let now = now_ms() + self.ctx.config.clock_offset_ms;
         let message = self.core.publish(&frame, now).map_err(Error::Rejected)?;
         bump(&self.ctx.stats.published);
-        let queued = self.send_to_peers(message.id, Bytes::from(frame), &[]);
+        let queued = self.send_to_peers(message.id, Bytes::from(frame), &[], usize::MAX) as usize;
         self.deliver(Delivery { message, from: None, received_at: Instant::now() });
         Ok(queued)
     }
