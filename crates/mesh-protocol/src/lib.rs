@@ -45,5 +45,6 @@ pub use message::{
     Payload, PriceUpdate,
 };
 pub use validate::{
-    HighWaterMarks, Identified, RejectReason, Rejection, Validator, VerifiedMessage, decode_frame,
+    Decoded, HighWaterMarks, Identified, RejectReason, Rejection, Validator, VerifiedMessage,
+    decode_frame,
 };

@@ -195,6 +195,40 @@ impl Identified {
     pub fn envelope(&self) -> &Envelope {
         &self.envelope
     }
+
+    /// Decodes the body (and checks the envelope's header again): the origin becomes known
+    /// before the signature is checked, so that a caller can drop a message of an unwanted
+    /// origin without paying for [`Validator::verify_decoded`].
+    pub fn decode(self) -> Result<Decoded, Rejection> {
+        check_envelope_header(&self.envelope)?;
+        let body = codec::decode_body(&self.envelope.body)?;
+        Ok(Decoded { identified: self, body })
+    }
+}
+
+/// An [`Identified`] envelope with its body decoded, not verified. Made only by
+/// [`Identified::decode`], so the body always is the envelope's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decoded {
+    identified: Identified,
+    body: Body,
+}
+
+impl Decoded {
+    /// The message id.
+    pub fn id(&self) -> MessageId {
+        self.identified.id()
+    }
+
+    /// The envelope.
+    pub fn envelope(&self) -> &Envelope {
+        &self.identified.envelope
+    }
+
+    /// The decoded body: what the origin claims, not checked yet.
+    pub fn body(&self) -> &Body {
+        &self.body
+    }
 }
 
 /// A message that passed every stateless rule.
@@ -295,9 +329,16 @@ impl Validator {
         identified: Identified,
         now_ms: i64,
     ) -> Result<VerifiedMessage, Rejection> {
-        let Identified { envelope, digest } = identified;
-        check_envelope_header(&envelope)?;
-        let body = codec::decode_body(&envelope.body)?;
+        self.verify_decoded(identified.decode()?, now_ms)
+    }
+
+    /// [`Validator::verify`] of an envelope whose body was decoded already.
+    pub fn verify_decoded(
+        &self,
+        decoded: Decoded,
+        now_ms: i64,
+    ) -> Result<VerifiedMessage, Rejection> {
+        let Decoded { identified: Identified { envelope, digest }, body } = decoded;
         let origin = body.origin;
         let reject = |reason| Rejection::from(reason, origin);
 

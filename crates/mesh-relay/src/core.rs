@@ -10,8 +10,8 @@ use std::hash::Hash;
 use mesh_protocol::codec::forward_in_place;
 use mesh_protocol::validate::{self, Validator};
 use mesh_protocol::{
-    HighWaterMarks, Identified, MessageId, NodeId, RejectReason, Rejection, VerifiedMessage,
-    decode_body, decode_frame,
+    Decoded, HighWaterMarks, Identified, MessageId, NodeId, RejectReason, Rejection,
+    VerifiedMessage, decode_frame,
 };
 use mesh_seen_cache::{Lookup, SeenCache};
 
@@ -244,6 +244,30 @@ impl<P: Clone + PartialEq> RecentSenders<P> {
     }
 }
 
+/// A received frame decoded, and perhaps verified, before it reaches the core
+/// ([`RelayCore::on_prepared`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prepared {
+    /// Decoded and hashed (the id is known), body not decoded.
+    Identified(Identified),
+    /// Body decoded too (the claimed origin is known), not verified.
+    Decoded(Decoded),
+    /// Passed [`Validator::verify`].
+    Verified(VerifiedMessage),
+}
+
+impl Prepared {
+    /// The message id, TTL and hop count.
+    fn header(&self) -> (MessageId, u8, u8) {
+        let (id, envelope) = match self {
+            Prepared::Identified(i) => (i.id(), i.envelope()),
+            Prepared::Decoded(d) => (d.id(), d.envelope()),
+            Prepared::Verified(m) => (m.id, &m.envelope),
+        };
+        (id, envelope.ttl, envelope.hop_count)
+    }
+}
+
 /// The relay's rules: seen check, validation, forwarding decisions.
 #[derive(Debug)]
 pub struct RelayCore<P> {
@@ -283,21 +307,40 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
 
     /// Decides what to do with `frame`, received from `from`, at `now_ms` (Unix ms).
     pub fn on_frame(&mut self, from: &P, frame: &[u8], now_ms: i64) -> Outcome<P> {
-        let envelope = match decode_frame(frame) {
-            Ok(envelope) => Identified::new(envelope),
+        match decode_frame(frame) {
+            Ok(envelope) => {
+                let prepared = Prepared::Identified(Identified::new(envelope));
+                self.on_prepared(from, frame, Ok(prepared), now_ms)
+            }
+            Err(rejection) => Outcome::Rejected(rejection),
+        }
+    }
+
+    /// [`RelayCore::on_frame`] for a frame that the caller decoded, and perhaps verified,
+    /// already (the network layer does that on its reader tasks, in parallel): `prepared` is
+    /// what came of `frame`, and a [`Prepared::Verified`] or a rejection must come from a
+    /// [`Validator`] with this core's settings.
+    pub fn on_prepared(
+        &mut self,
+        from: &P,
+        frame: &[u8],
+        prepared: Result<Prepared, Rejection>,
+        now_ms: i64,
+    ) -> Outcome<P> {
+        let prepared = match prepared {
+            Ok(prepared) => prepared,
             Err(rejection) => return Outcome::Rejected(rejection),
         };
-        let id = envelope.id();
-        let ttl = envelope.envelope().ttl;
+        let (id, ttl, hop_count) = prepared.header();
         match self.seen.lookup(&id) {
             Lookup::Seen { max_ttl } => {
                 self.senders.record(id, from);
                 if ttl <= max_ttl {
-                    return Outcome::Duplicate { id, hop_count: envelope.envelope().hop_count };
+                    return Outcome::Duplicate { id, hop_count };
                 }
                 // More TTL than any copy so far. The signature is outside the message id, so
                 // check this copy before sending it on under our name.
-                if let Err(rejection) = self.validator.verify_identified(envelope, now_ms) {
+                if let Err(rejection) = self.verify(prepared, now_ms) {
                     return Outcome::Rejected(rejection);
                 }
                 self.seen.raise_ttl(&id, ttl);
@@ -305,72 +348,101 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
                     Some(frame) => {
                         Outcome::Reforward(Forward { id, frame, except: self.senders.get(&id) })
                     }
-                    None => Outcome::Duplicate { id, hop_count: frame[2] },
+                    None => Outcome::Duplicate { id, hop_count },
                 }
             }
-            Lookup::New => {
-                // Cheap checks on the claimed origin before the signature check, when they can
-                // drop the message: the allow-list, and the sender's budget of unknown origins
-                // once it has started using it (a peer with a full budget, such as every
-                // honest peer, skips this decode).
-                let mut token_taken = false;
-                let allow_list = self.validator.config().trusted_providers.is_some();
-                let budget_in_use = self.budgets.as_ref().is_some_and(|b| !b.is_full(from, now_ms));
-                if allow_list || budget_in_use {
-                    let origin = match decode_body(&envelope.envelope().body) {
-                        Ok(body) => body.origin,
-                        Err(e) => return Outcome::Rejected(e.into()),
-                    };
-                    if let Some(trusted) = &self.validator.config().trusted_providers
-                        && !trusted.contains(&origin)
-                    {
-                        return Outcome::Rejected(Rejection {
-                            reason: RejectReason::UntrustedProvider,
-                            source_node_id: Some(origin),
-                        });
-                    }
-                    if !self.known.contains(&origin)
-                        && let Some(budgets) = &mut self.budgets
-                    {
-                        if !budgets.take(from, now_ms) {
-                            return Outcome::Throttled { id };
-                        }
-                        token_taken = true;
-                    }
-                }
-                let message = match self.validator.verify_identified(envelope, now_ms) {
-                    Ok(message) => message,
+            Lookup::New => self.on_new(from, frame, id, prepared, now_ms),
+        }
+    }
+
+    /// A message whose id is not in the seen cache.
+    fn on_new(
+        &mut self,
+        from: &P,
+        frame: &[u8],
+        id: MessageId,
+        prepared: Prepared,
+        now_ms: i64,
+    ) -> Outcome<P> {
+        // Cheap checks on the claimed origin before the signature check, when they can drop
+        // the message: the allow-list, and the sender's budget of unknown origins once it has
+        // started using it (a peer with a full budget, such as every honest peer, skips this
+        // decode).
+        let mut token_taken = false;
+        let allow_list = self.validator.config().trusted_providers.is_some();
+        let budget_in_use = self.budgets.as_ref().is_some_and(|b| !b.is_full(from, now_ms));
+        let prepared = match prepared {
+            Prepared::Identified(identified) if allow_list || budget_in_use => {
+                match identified.decode() {
+                    Ok(decoded) => Prepared::Decoded(decoded),
                     Err(rejection) => return Outcome::Rejected(rejection),
-                };
-                if let Err(rejection) = self.marks.admit(&message) {
-                    // A replay older than the seen-cache lifetime is an attack (a captured
-                    // message sent again once the cache forgot it); a younger one lost a race.
-                    let window_ms =
-                        i64::try_from(self.seen.config().ttl.as_millis()).unwrap_or(i64::MAX);
-                    if message.body.created_at_ms >= now_ms.saturating_sub(window_ms) {
-                        self.seen.insert(id, ttl);
-                        return Outcome::Stale { id };
-                    }
-                    return Outcome::Rejected(rejection);
                 }
-                let origin = message.body.origin;
-                if !token_taken
-                    && !self.known.contains(&origin)
-                    && let Some(budgets) = &mut self.budgets
-                {
-                    // Verified already (the budget was full): it still counts.
-                    budgets.take(from, now_ms);
-                }
-                self.known.heard(origin);
-                self.seen.insert(id, ttl);
-                self.senders.record(id, from);
-                let forward = forwarded(frame, ttl).map(|frame| Forward {
-                    id,
-                    frame,
-                    except: vec![from.clone()],
-                });
-                Outcome::Deliver { message, forward }
             }
+            other => other,
+        };
+        let origin = match &prepared {
+            Prepared::Decoded(d) => Some(d.body().origin),
+            Prepared::Verified(m) => Some(m.body.origin),
+            Prepared::Identified(_) => None,
+        };
+        if let Some(origin) = origin {
+            if let Some(trusted) = &self.validator.config().trusted_providers
+                && !trusted.contains(&origin)
+            {
+                return Outcome::Rejected(Rejection {
+                    reason: RejectReason::UntrustedProvider,
+                    source_node_id: Some(origin),
+                });
+            }
+            if budget_in_use
+                && !self.known.contains(&origin)
+                && let Some(budgets) = &mut self.budgets
+            {
+                if !budgets.take(from, now_ms) {
+                    return Outcome::Throttled { id };
+                }
+                token_taken = true;
+            }
+        }
+        let message = match self.verify(prepared, now_ms) {
+            Ok(message) => message,
+            Err(rejection) => return Outcome::Rejected(rejection),
+        };
+        let ttl = message.envelope.ttl;
+        if let Err(rejection) = self.marks.admit(&message) {
+            // A replay older than the seen-cache lifetime is an attack (a captured message
+            // sent again once the cache forgot it); a younger one lost a race.
+            let window_ms = i64::try_from(self.seen.config().ttl.as_millis()).unwrap_or(i64::MAX);
+            if message.body.created_at_ms >= now_ms.saturating_sub(window_ms) {
+                self.seen.insert(id, ttl);
+                return Outcome::Stale { id };
+            }
+            return Outcome::Rejected(rejection);
+        }
+        let origin = message.body.origin;
+        if !token_taken
+            && !self.known.contains(&origin)
+            && let Some(budgets) = &mut self.budgets
+        {
+            // Verified already (the budget was full): it still counts.
+            budgets.take(from, now_ms);
+        }
+        self.known.heard(origin);
+        self.seen.insert(id, ttl);
+        self.senders.record(id, from);
+        let forward =
+            forwarded(frame, ttl).map(|frame| Forward { id, frame, except: vec![from.clone()] });
+        Outcome::Deliver { message, forward }
+    }
+
+    /// The signature and stateless checks, where the caller has not run them.
+    fn verify(&self, prepared: Prepared, now_ms: i64) -> Result<VerifiedMessage, Rejection> {
+        match prepared {
+            Prepared::Identified(identified) => {
+                self.validator.verify_identified(identified, now_ms)
+            }
+            Prepared::Decoded(decoded) => self.validator.verify_decoded(decoded, now_ms),
+            Prepared::Verified(message) => Ok(message),
         }
     }
 
@@ -396,7 +468,7 @@ fn forwarded(frame: &[u8], ttl: u8) -> Option<Vec<u8>> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use mesh_protocol::{
         Body, Envelope, Identity, Payload, PriceUpdate, RejectReason, encode_envelope,
@@ -491,7 +563,8 @@ mod tests {
         );
     }
 
-    fn frame_created(ttl: u8, created_at_ms: i64, ts: i64) -> Vec<u8> {
+    /// A one-price batch of the origin with seed 4, created at `created_at_ms`, priced at `ts`.
+    pub(crate) fn frame_created(ttl: u8, created_at_ms: i64, ts: i64) -> Vec<u8> {
         let id = Identity::from_seed([4; 32]);
         let body = Body::new(
             &id,
@@ -661,6 +734,40 @@ mod tests {
                 Outcome::Deliver { .. }
             ));
         }
+    }
+
+    #[tokio::test]
+    async fn frames_prepared_by_a_reader_take_the_same_paths() {
+        let mut c = budget_core(1.0, 3.0);
+        let f = frame_of(10, NOW);
+        let prepared = |f: &[u8]| Identified::new(decode_frame(f).unwrap());
+        // A reader found the first copy forged: rejected, and the id is not taken.
+        let forged = Rejection { reason: RejectReason::BadSignature, source_node_id: None };
+        assert!(matches!(c.on_prepared(&1, &f, Err(forged), NOW), Outcome::Rejected(_)));
+        // Verified by the reader: delivered without a check here.
+        let verified = Validator::default().verify(decode_frame(&f).unwrap(), NOW).unwrap();
+        let outcome = c.on_prepared(&2, &f, Ok(Prepared::Verified(verified.clone())), NOW);
+        assert!(matches!(outcome, Outcome::Deliver { forward: Some(_), .. }));
+        // Later copies are duplicates, however far they were prepared.
+        assert!(matches!(
+            c.on_prepared(&3, &f, Ok(Prepared::Verified(verified)), NOW),
+            Outcome::Duplicate { .. }
+        ));
+        assert!(matches!(
+            c.on_prepared(&4, &f, Ok(Prepared::Identified(prepared(&f))), NOW),
+            Outcome::Duplicate { .. }
+        ));
+        // Decoded only (an origin unknown to the reader): checked here, budget included.
+        for seed in 11..13 {
+            let f = frame_of(seed, NOW);
+            let decoded = prepared(&f).decode().unwrap();
+            let outcome = c.on_prepared(&2, &f, Ok(Prepared::Decoded(decoded)), NOW);
+            assert!(matches!(outcome, Outcome::Deliver { .. }), "{outcome:?}");
+        }
+        let f = frame_of(13, NOW);
+        let decoded = prepared(&broken(f.clone())).decode().unwrap();
+        let outcome = c.on_prepared(&2, &f, Ok(Prepared::Decoded(decoded)), NOW);
+        assert!(matches!(outcome, Outcome::Throttled { .. }), "{outcome:?}");
     }
 
     #[tokio::test]

@@ -8,7 +8,8 @@
 //! - [`Relay`] runs the network: one long-lived outbound stream per peer on
 //!   `/mesh/relay/1.0.0` (libp2p-stream) fed by a bounded queue, lazy push ([`lazy`]: a
 //!   relayed message goes in full to a few peers and as an id to the others, who ask for it
-//!   when no copy comes), readers for inbound streams,
+//!   when no copy comes), readers for inbound streams that decode frames and check the
+//!   signatures of new messages in parallel ([`RelayCore::on_prepared`]),
 //!   the peer manager (dial below the minimum, prune above the maximum, ban peers past their
 //!   misbehaviour budget) and peer exchange (`/mesh/pex/1.0.0`).
 //!
@@ -35,10 +36,11 @@ pub mod lazy;
 pub mod network;
 pub mod peer_manager;
 pub mod pex;
+mod prepare;
 pub mod stats;
 
 pub use config::Config;
-pub use core::{CoreConfig, Forward, OriginBudget, Outcome, RelayCore};
+pub use core::{CoreConfig, Forward, OriginBudget, Outcome, Prepared, RelayCore};
 pub use lazy::LazyPush;
 pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};

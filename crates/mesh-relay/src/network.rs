@@ -7,9 +7,13 @@
 //! - the **accept task** takes every inbound relay stream at once (libp2p-stream drops streams
 //!   when its accept loop falls behind) and starts a reader for it; one stream per peer, a
 //!   newer one replaces the older;
-//! - **readers** cut frames out of inbound streams and queue them to the core;
-//! - the **core task** owns the [`RelayCore`]: validation, delivery, forwarding (in full to a
-//!   few peers, as an announced id to the others: [`crate::lazy`]), and the lazy-push requests;
+//! - **readers** cut frames out of inbound streams, decode them and, for the first copy of a
+//!   message from a known origin, check its signature (in parallel, off the core task: see
+//!   the `prepare` module), then queue them to the core;
+//! - the **core task** owns the [`RelayCore`]: seen check, replay marks, the checks the
+//!   readers left (later copies, unknown origins after their budget), delivery, forwarding
+//!   (in full to a few peers, as an announced id to the others: [`crate::lazy`]), and the
+//!   lazy-push requests;
 //! - **writers**, one per peer, keep one outbound stream open (reopened with backoff) and
 //!   drain the peer's bounded queue into it; a full queue drops the frame and counts it.
 
@@ -42,11 +46,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::config::Config;
-use crate::core::{Forward, Outcome, RelayCore};
+use crate::core::{Forward, Outcome, Prepared, RelayCore};
 use crate::framing::{self, ReadError};
 use crate::lazy::{ControlFrame, Kept, Wanted};
 use crate::peer_manager::{Action, PeerManager};
 use crate::pex;
+use crate::prepare::Preparer;
 use crate::stats::{Stats, StatsSnapshot, add, bump};
 
 /// The relay protocol.
@@ -148,10 +153,24 @@ enum SwarmCommand {
 }
 
 enum CoreInput {
-    Frame { peer: PeerId, frame: Vec<u8> },
-    Oversized { peer: PeerId },
-    Publish { frame: Vec<u8>, reply: oneshot::Sender<Result<usize>> },
-    SendRaw { peer: PeerId, frame: Vec<u8> },
+    /// A frame and what its reader made of it (`None`: not an envelope; boxed, as a verified
+    /// message is large and the queue holds many inputs).
+    Frame {
+        peer: PeerId,
+        frame: Vec<u8>,
+        prepared: Option<Box<Result<Prepared, Rejection>>>,
+    },
+    Oversized {
+        peer: PeerId,
+    },
+    Publish {
+        frame: Vec<u8>,
+        reply: oneshot::Sender<Result<usize>>,
+    },
+    SendRaw {
+        peer: PeerId,
+        frame: Vec<u8>,
+    },
 }
 
 struct Link {
@@ -307,7 +326,13 @@ impl Relay {
         }
 
         let span = info_span!("relay", peer = %peer_id);
+        let preparer = Preparer::new(
+            config.core.validation.clone(),
+            config.core.seen,
+            config.core.known_origins,
+        );
         let ctx = Context {
+            preparer: Arc::new(preparer),
             control: control.clone(),
             core_tx: core_tx.clone(),
             swarm_tx: swarm_tx.clone(),
@@ -491,6 +516,8 @@ impl Relay {
 #[derive(Clone)]
 struct Context {
     control: Control,
+    /// Decodes and checks frames on the reader tasks.
+    preparer: Arc<Preparer>,
     core_tx: mpsc::Sender<CoreInput>,
     swarm_tx: mpsc::Sender<SwarmCommand>,
     stats: Arc<Stats>,
@@ -988,7 +1015,12 @@ impl Reader {
                 r = framing::read_frame(&mut stream, &mut buf) => r,
             };
             let input = match read {
-                Ok(()) => CoreInput::Frame { peer: self.peer, frame: std::mem::take(&mut buf) },
+                Ok(()) => {
+                    let frame = std::mem::take(&mut buf);
+                    let now = now_ms() + self.ctx.config.clock_offset_ms;
+                    let prepared = self.ctx.preparer.prepare(&frame, now).map(Box::new);
+                    CoreInput::Frame { peer: self.peer, frame, prepared }
+                }
                 Err(ReadError::TooLarge(_)) => CoreInput::Oversized { peer: self.peer },
                 Err(ReadError::Io(_)) => break,
             };
@@ -1086,7 +1118,7 @@ impl CoreTask {
                 }
             };
             match input {
-                CoreInput::Frame { peer, frame } => self.on_frame(peer, &frame),
+                CoreInput::Frame { peer, frame, prepared } => self.on_frame(peer, &frame, prepared),
                 CoreInput::Oversized { peer } => self.reject(
                     peer,
                     &Rejection { reason: RejectReason::FrameTooLarge, source_node_id: None },
@@ -1103,7 +1135,17 @@ impl CoreTask {
         }
     }
 
-    fn on_frame(&mut self, peer: PeerId, frame: &[u8]) {
+    fn on_frame(
+        &mut self,
+        peer: PeerId,
+        frame: &[u8],
+        prepared: Option<Box<Result<Prepared, Rejection>>>,
+    ) {
+        let now = now_ms() + self.ctx.config.clock_offset_ms;
+        if let Some(prepared) = prepared {
+            let outcome = self.core.on_prepared(&peer, frame, *prepared, now);
+            return self.on_outcome(peer, outcome, now);
+        }
         match ControlFrame::parse(frame) {
             None => {}
             Some(Ok(ControlFrame::Have(ids))) => return self.on_have(peer, &ids),
@@ -1115,8 +1157,11 @@ impl CoreTask {
                 );
             }
         }
-        let now = now_ms() + self.ctx.config.clock_offset_ms;
         let outcome = self.core.on_frame(&peer, frame, now);
+        self.on_outcome(peer, outcome, now);
+    }
+
+    fn on_outcome(&mut self, peer: PeerId, outcome: Outcome<PeerId>, now: i64) {
         let id = match &outcome {
             Outcome::Deliver { message, .. } => Some(message.id),
             Outcome::Reforward(f) => Some(f.id),
@@ -1142,6 +1187,7 @@ impl CoreTask {
                     .increment(1);
                 metrics::gauge!("mesh_seen_messages_cache_size").set(self.core.seen().len() as f64);
                 bump(&self.ctx.stats.delivered);
+                self.ctx.preparer.heard(message.body.origin);
                 self.deliver(Delivery { message, from: Some(peer), received_at: Instant::now() });
                 if let Some(forward) = forward {
                     self.relay(forward);

@@ -1,0 +1,155 @@
+//! Work on received frames done by the per-peer reader tasks, in parallel, before the core
+//! (one task) sees them: decoding, hashing, and for the first copy of a message from an origin
+//! the node has accepted messages from, the signature check. The core is then left with the
+//! seen check, the replay marks and the forwarding decisions, so one relay's throughput is no
+//! longer bounded by one core's signature checks.
+//!
+//! Later copies of a message, and messages of unknown origins, are only decoded here: the core
+//! drops duplicates without a check, and checks the rest itself after the budget of unknown
+//! origins ([`crate::OriginBudget`]) has had its say, so a peer cannot make the readers verify
+//! a flood from throwaway keys. When two copies race (the second reaches the core before the
+//! first's check is done), the core checks the second itself: a wasted check, never a wrong
+//! outcome, and a forged first copy cannot hide a valid second one.
+
+use std::collections::HashSet;
+use std::sync::{Mutex, PoisonError, RwLock};
+
+use mesh_protocol::validate::{self, Validator};
+use mesh_protocol::{Identified, MessageId, NodeId, Rejection, decode_frame};
+use mesh_seen_cache::SeenCache;
+
+use crate::core::Prepared;
+
+/// Shared by the readers of one relay and its core.
+#[derive(Debug)]
+pub(crate) struct Preparer {
+    validator: Validator,
+    /// Ids whose first copy a reader has taken on.
+    claimed: Mutex<SeenCache<MessageId>>,
+    /// Origins the core has accepted messages from (cleared when full).
+    known: RwLock<HashSet<NodeId>>,
+    known_capacity: usize,
+}
+
+impl Preparer {
+    /// Checks with `validation` (the core's settings), remembers the claims on the last
+    /// `claims` ids and at most `known_capacity` origins.
+    pub(crate) fn new(
+        validation: validate::Config,
+        claims: mesh_seen_cache::Config,
+        known_capacity: usize,
+    ) -> Self {
+        Self {
+            validator: Validator::new(validation),
+            claimed: Mutex::new(SeenCache::new(claims)),
+            known: RwLock::default(),
+            known_capacity: known_capacity.max(1),
+        }
+    }
+
+    /// What can be done with `frame` off the core's task, at `now_ms`; `None` when it is not
+    /// an envelope (a control frame, or garbage the core rejects).
+    pub(crate) fn prepare(&self, frame: &[u8], now_ms: i64) -> Option<Result<Prepared, Rejection>> {
+        let identified = Identified::new(decode_frame(frame).ok()?);
+        if !self.claim(identified.id()) {
+            return Some(Ok(Prepared::Identified(identified)));
+        }
+        let decoded = match identified.decode() {
+            Ok(decoded) => decoded,
+            Err(rejection) => return Some(Err(rejection)),
+        };
+        if !self.is_known(&decoded.body().origin) {
+            return Some(Ok(Prepared::Decoded(decoded)));
+        }
+        Some(self.validator.verify_decoded(decoded, now_ms).map(Prepared::Verified))
+    }
+
+    /// The core accepted a message of `origin`.
+    pub(crate) fn heard(&self, origin: NodeId) {
+        if self.is_known(&origin) {
+            return;
+        }
+        let mut known = self.known.write().unwrap_or_else(PoisonError::into_inner);
+        if known.len() >= self.known_capacity {
+            known.clear();
+        }
+        known.insert(origin);
+    }
+
+    fn is_known(&self, origin: &NodeId) -> bool {
+        self.known.read().unwrap_or_else(PoisonError::into_inner).contains(origin)
+    }
+
+    /// `true` for the first claim on `id`.
+    fn claim(&self, id: MessageId) -> bool {
+        let mut claimed = self.claimed.lock().unwrap_or_else(PoisonError::into_inner);
+        if claimed.contains(&id) {
+            return false;
+        }
+        claimed.insert(id, 0);
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use mesh_protocol::{Identity, RejectReason};
+
+    use super::*;
+    use crate::core::tests::frame_created;
+
+    const NOW: i64 = 1_750_000_000_000;
+
+    fn preparer() -> Preparer {
+        Preparer::new(validate::Config::default(), mesh_seen_cache::Config::default(), 2)
+    }
+
+    #[test]
+    fn only_the_first_copy_of_a_known_origin_is_verified() {
+        let p = preparer();
+        let first = frame_created(5, NOW, NOW);
+        // Origin not heard yet: decoded, left to the core and its budget.
+        assert!(matches!(p.prepare(&first, NOW), Some(Ok(Prepared::Decoded(_)))));
+        p.heard(Identity::from_seed([4; 32]).node_id());
+        let second = frame_created(5, NOW + 1, NOW + 1);
+        match p.prepare(&second, NOW + 1) {
+            Some(Ok(Prepared::Verified(m))) => assert_eq!(m.body.created_at_ms, NOW + 1),
+            other => panic!("unexpected {other:?}"),
+        }
+        // Another copy (other hop fields, same id): a duplicate, only hashed.
+        let mut copy = second.clone();
+        copy[1] = 4;
+        copy[2] = 2;
+        assert!(matches!(p.prepare(&copy, NOW + 1), Some(Ok(Prepared::Identified(_)))));
+    }
+
+    #[test]
+    fn a_forged_first_copy_is_rejected_and_control_frames_are_left_alone() {
+        let p = preparer();
+        p.heard(Identity::from_seed([4; 32]).node_id());
+        let mut forged = frame_created(5, NOW, NOW);
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        match p.prepare(&forged, NOW) {
+            Some(Err(rejection)) => assert_eq!(rejection.reason, RejectReason::BadSignature),
+            other => panic!("unexpected {other:?}"),
+        }
+        // A future timestamp is checked against the clock given.
+        let future = frame_created(5, NOW + 60_000, NOW);
+        match p.prepare(&future, NOW) {
+            Some(Err(rejection)) => assert_eq!(rejection.reason, RejectReason::FutureTimestamp),
+            other => panic!("unexpected {other:?}"),
+        }
+        assert!(p.prepare(&[0xF1, 0, 0], NOW).is_none());
+        assert!(p.prepare(b"not a frame", NOW).is_none());
+    }
+
+    #[test]
+    fn known_origins_are_bounded() {
+        let p = preparer();
+        for seed in 0..5u8 {
+            p.heard(Identity::from_seed([seed; 32]).node_id());
+        }
+        assert!(p.known.read().unwrap().len() <= 2);
+    }
+}
