@@ -390,6 +390,45 @@ async fn after_a_partition_heals_new_messages_reach_every_node() -> anyhow::Resu
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_partition_heals_the_sides_relink_by_themselves() -> anyhow::Result<()> {
+    // Two rings of 6 joined by two links; every node keeps its minimum of 2 peers on its own
+    // side through the partition, so only exploring dials across again.
+    let mut edges: Vec<(usize, usize)> = (0..6).map(|i| (i, (i + 1) % 6)).collect();
+    edges.extend((0..6).map(|i| (6 + i, 6 + (i + 1) % 6)));
+    edges.extend([(0, 6), (3, 9)]);
+    let net = TestNet::builder()
+        .nodes(12)
+        .topology(Topology::Custom(edges))
+        .configure(|_, c| {
+            c.peers.min_peers = 2;
+            c.peers.max_peers = 5;
+            c.peers.explore_interval = Some(Duration::from_millis(300));
+        })
+        .build()
+        .await?;
+    let left: Vec<usize> = (0..6).collect();
+    let cut = net.partition(&left).await?;
+    assert_eq!(cut.len(), 2);
+    // Unblocked, not redialed: the nodes must find each other.
+    for &(a, b) in &cut {
+        net.node(a).running()?.unblock(net.node(b).peer_id()).await?;
+        net.node(b).running()?.unblock(net.node(a).peer_id()).await?;
+    }
+    eventually(WAIT, "a link across the healed partition", || {
+        left.iter().any(|&a| {
+            let peers = net.node(a).running().map(|r| r.status().peers).unwrap_or_default();
+            (6..12).any(|b| peers.iter().any(|p| p.peer_id == net.node(b).peer_id()))
+        })
+    })
+    .await?;
+    let m = price_batch(&provider(1), 1, now_ms(), 5, 20)?;
+    net.publish(11, &m).await?;
+    net.wait_delivered_everywhere(&m.message_id()).await?;
+    net.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_restarted_with_the_same_key_rejoins_and_receives_again() -> anyhow::Result<()> {
     let mut net = TestNet::builder().nodes(6).topology(Topology::Ring).build().await?;
     let before = net.node(3).peer_id();

@@ -4,7 +4,10 @@
 //! Below `MESH_MIN_PEER_CONNECTIONS` it dials known addresses, preferring peers closer to a
 //! provider (hop distance learned from provider messages received through them, or announced
 //! in discovery records). Above `MESH_MAX_PEER_CONNECTIONS` it drops peers with the highest
-//! distance, with some randomness so that the mesh does not converge on one shape. A peer that
+//! distance, with some randomness so that the mesh does not converge on one shape. Between the
+//! two it dials one known peer at random now and then (`explore_interval`), so that the parts
+//! of a mesh that lost every link between them (a network partition) find each other again
+//! once the network heals, even when every node kept its minimum on its own side. A peer that
 //! sends more invalid messages than its budget allows within a window is banned for a while.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -33,6 +36,9 @@ pub struct Config {
     pub redial_backoff: Duration,
     /// Most known (not connected) peers remembered.
     pub max_known_peers: usize,
+    /// While at or above the minimum and below the maximum, dial one known peer picked at
+    /// random about this often (between half and one and a half times it); `None` never.
+    pub explore_interval: Option<Duration>,
 }
 
 impl Default for Config {
@@ -46,6 +52,7 @@ impl Default for Config {
             prune_grace: Duration::from_secs(10),
             redial_backoff: Duration::from_secs(1),
             max_known_peers: 1000,
+            explore_interval: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -99,6 +106,8 @@ pub struct PeerManager {
     bans: HashMap<PeerId, Instant>,
     charges: HashMap<PeerId, VecDeque<Instant>>,
     bans_total: u64,
+    /// When to dial a random known peer next (`explore_interval`).
+    explore_at: Option<Instant>,
 }
 
 /// Most addresses remembered per peer.
@@ -116,6 +125,7 @@ impl PeerManager {
             bans: HashMap::new(),
             charges: HashMap::new(),
             bans_total: 0,
+            explore_at: None,
         }
     }
 
@@ -299,19 +309,8 @@ impl PeerManager {
 
         let have = self.connected.len() + self.dialing.len();
         if have < self.config.min_peers {
-            let mut candidates: Vec<(&PeerId, &Known)> = self
-                .known
-                .iter()
-                .filter(|(p, k)| {
-                    !k.addrs.is_empty()
-                        && !self.connected.contains_key(p)
-                        && !self.dialing.contains(p)
-                        && !self.bans.contains_key(p)
-                        && k.retry_at.is_none_or(|t| t <= now)
-                })
-                .collect();
+            let mut candidates = self.dial_candidates(now);
             // Prefer lower distance to a provider; unknown distance last; random among equals.
-            candidates.shuffle(&mut rand::thread_rng());
             candidates.sort_by_key(|(_, k)| k.distance.unwrap_or(u8::MAX));
             let dials: Vec<(PeerId, Vec<Multiaddr>)> = candidates
                 .into_iter()
@@ -331,6 +330,10 @@ impl PeerManager {
                     actions.push(Action::AskPeers(*peer));
                 }
             }
+        }
+
+        if let Some(every) = self.config.explore_interval {
+            self.explore(every, have, now, &mut actions);
         }
 
         if self.connected.len() > self.config.max_peers {
@@ -356,6 +359,43 @@ impl PeerManager {
         actions
     }
 
+    /// Known peers that may be dialed now, in random order.
+    fn dial_candidates(&self, now: Instant) -> Vec<(&PeerId, &Known)> {
+        let mut candidates: Vec<(&PeerId, &Known)> = self
+            .known
+            .iter()
+            .filter(|(p, k)| {
+                !k.addrs.is_empty()
+                    && !self.connected.contains_key(p)
+                    && !self.dialing.contains(p)
+                    && !self.bans.contains_key(p)
+                    && k.retry_at.is_none_or(|t| t <= now)
+            })
+            .collect();
+        candidates.shuffle(&mut rand::thread_rng());
+        candidates
+    }
+
+    /// Every `every` or so, while `have` (connected and being dialed) is between the minimum
+    /// (below it `tick` dials anyway) and the maximum, dials one known peer at random. Random,
+    /// not nearest first: what heals a partition is a link to a part of the mesh this node
+    /// has no path to, and nothing tells which peers those are.
+    fn explore(&mut self, every: Duration, have: usize, now: Instant, actions: &mut Vec<Action>) {
+        let due = *self.explore_at.get_or_insert_with(|| now + jittered(every));
+        if now < due {
+            return;
+        }
+        self.explore_at = Some(now + jittered(every));
+        if have < self.config.min_peers || have >= self.config.max_peers {
+            return;
+        }
+        let pick = self.dial_candidates(now).first().map(|(p, k)| (**p, k.addrs.clone()));
+        if let Some((peer, addrs)) = pick {
+            self.dialing.insert(peer);
+            actions.push(Action::Dial(peer, addrs));
+        }
+    }
+
     /// A dial attempt is allowed for `peer` now (not banned, not already connected).
     pub fn may_dial(&self, peer: &PeerId, now: Instant) -> bool {
         !self.is_banned(peer, now) && !self.connected.contains_key(peer)
@@ -365,6 +405,12 @@ impl PeerManager {
     pub fn on_dialing(&mut self, peer: PeerId) {
         self.dialing.insert(peer);
     }
+}
+
+/// Between half and one and a half times `every`, so that nodes started together do not
+/// explore in step.
+fn jittered(every: Duration) -> Duration {
+    every.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..1.5))
 }
 
 #[cfg(test)]
@@ -386,9 +432,54 @@ mod tests {
                 min_peers: min,
                 max_peers: max,
                 prune_grace: Duration::ZERO,
+                explore_interval: None,
                 ..Config::default()
             },
         )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn explores_one_random_known_peer_now_and_then_between_min_and_max() {
+        let every = Duration::from_secs(30);
+        let mut m = PeerManager::new(
+            peer(),
+            Config {
+                min_peers: 1,
+                max_peers: 3,
+                explore_interval: Some(every),
+                ..Config::default()
+            },
+        );
+        let connected = peer();
+        m.on_connected(connected, Instant::now());
+        let others: Vec<PeerId> = (0..4).map(|_| peer()).collect();
+        for (i, p) in others.iter().enumerate() {
+            m.add_addresses(*p, vec![addr(i as u16 + 1)], false);
+        }
+        // Not before the first interval (at least half of it).
+        assert!(m.tick(Instant::now()).is_empty());
+        tokio::time::advance(every / 3).await;
+        assert!(m.tick(Instant::now()).is_empty());
+        // Within one and a half intervals: one dial, of a known peer.
+        tokio::time::advance(every * 3 / 2).await;
+        let dialed = match m.tick(Instant::now()).as_slice() {
+            [Action::Dial(p, _)] => *p,
+            other => panic!("unexpected {other:?}"),
+        };
+        assert!(others.contains(&dialed));
+        assert!(m.tick(Instant::now()).is_empty(), "once per interval");
+        m.on_connected(dialed, Instant::now());
+        // At the maximum (three with a dial in flight) it stops.
+        tokio::time::advance(every * 2).await;
+        assert!(matches!(m.tick(Instant::now()).as_slice(), [Action::Dial(..)]));
+        tokio::time::advance(every * 2).await;
+        assert!(m.tick(Instant::now()).is_empty(), "two connected and one dialing: at the maximum");
+        // Off: never.
+        let mut off = manager(1, 3);
+        off.on_connected(connected, Instant::now());
+        off.add_addresses(others[0], vec![addr(9)], false);
+        tokio::time::advance(every * 4).await;
+        assert!(off.tick(Instant::now()).is_empty());
     }
 
     #[tokio::test(start_paused = true)]

@@ -65,6 +65,13 @@ pub const VARIABLES: &[Variable] = &[
     var("MESH_MESSAGE_TTL", "10", "5-20", "hop TTL of the messages this node originates"),
     var("MESH_MIN_PEER_CONNECTIONS", "3", "2-5", "dial known peers while fewer are connected"),
     var("MESH_MAX_PEER_CONNECTIONS", "10", "5-20", "drop peers while more are connected"),
+    var(
+        "MESH_PEER_EXPLORE_INTERVAL_SECS",
+        "30",
+        "0-3600 (0: off)",
+        "between the minimum and the maximum, dial a random known peer about this often \
+         (heals partitions)",
+    ),
     var("MESH_STALENESS_THRESHOLD_SECS", "3600", "300-7200", "a price older than this is stale"),
     var(
         "MESH_PRICE_DISCREPANCY_THRESHOLD_PERCENT",
@@ -280,6 +287,8 @@ pub struct NodeConfig {
     pub min_peers: usize,
     /// `MESH_MAX_PEER_CONNECTIONS`.
     pub max_peers: usize,
+    /// `MESH_PEER_EXPLORE_INTERVAL_SECS` (`None`: 0, off).
+    pub explore_interval: Option<Duration>,
     /// `MESH_STALENESS_THRESHOLD_SECS`.
     pub staleness_threshold: Duration,
     /// `MESH_PRICE_DISCREPANCY_THRESHOLD_PERCENT`.
@@ -396,6 +405,7 @@ impl NodeConfig {
             };
         let min_peers = r.number::<usize>("MESH_MIN_PEER_CONNECTIONS", 2, 5);
         let max_peers = r.number::<usize>("MESH_MAX_PEER_CONNECTIONS", 5, 20);
+        let explore = r.number::<u64>("MESH_PEER_EXPLORE_INTERVAL_SECS", 0, 3600);
         let staleness = r.number::<u64>("MESH_STALENESS_THRESHOLD_SECS", 300, 7200);
         let discrepancy = r.number::<f64>("MESH_PRICE_DISCREPANCY_THRESHOLD_PERCENT", 0.1, 100.0);
         let seen_cache_size = r.number::<usize>("MESH_SEEN_MESSAGES_CACHE_SIZE", 1000, 1_000_000);
@@ -492,6 +502,7 @@ impl NodeConfig {
             discovery,
             min_peers,
             max_peers,
+            explore_interval: (explore > 0).then(|| Duration::from_secs(explore)),
             staleness_threshold: Duration::from_secs(staleness),
             discrepancy_threshold_percent: discrepancy,
             seen_cache_size,
@@ -560,6 +571,9 @@ impl NodeConfig {
                 "MESH_MESSAGE_TTL" => self.provider.message_ttl.to_string(),
                 "MESH_MIN_PEER_CONNECTIONS" => self.min_peers.to_string(),
                 "MESH_MAX_PEER_CONNECTIONS" => self.max_peers.to_string(),
+                "MESH_PEER_EXPLORE_INTERVAL_SECS" => {
+                    self.explore_interval.map_or(0, |d| d.as_secs()).to_string()
+                }
                 "MESH_STALENESS_THRESHOLD_SECS" => self.staleness_threshold.as_secs().to_string(),
                 "MESH_PRICE_DISCREPANCY_THRESHOLD_PERCENT" => {
                     self.discrepancy_threshold_percent.to_string()

@@ -571,6 +571,7 @@ fn relay_config(config: &NodeConfig, seen: Vec<mesh_storage::SeenRow>) -> mesh_r
         peers: mesh_relay::peer_manager::Config {
             min_peers: config.min_peers,
             max_peers: config.max_peers,
+            explore_interval: config.explore_interval,
             ..defaults.peers.clone()
         },
         core: mesh_relay::CoreConfig {

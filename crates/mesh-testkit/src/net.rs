@@ -119,8 +119,8 @@ impl std::fmt::Debug for TestNetBuilder {
     }
 }
 
-/// The relay settings a test node starts from: no automatic dialing (the topology is exactly
-/// what the test asked for), no peer exchange, short ticks and backoffs.
+/// The relay settings a test node starts from: no automatic dialing and no exploring (the
+/// topology is exactly what the test asked for), no peer exchange, short ticks and backoffs.
 pub fn test_config() -> Config {
     let mut config = Config::default();
     config.listen_addrs.clear();
@@ -128,6 +128,7 @@ pub fn test_config() -> Config {
     config.peers.max_peers = 64;
     config.peers.prune_grace = Duration::from_secs(3600);
     config.peers.redial_backoff = Duration::from_millis(100);
+    config.peers.explore_interval = None;
     config.peer_exchange = false;
     config.tick_interval = Duration::from_millis(100);
     config.stream_backoff = (Duration::from_millis(20), Duration::from_millis(500));
