@@ -326,11 +326,14 @@ impl Relay {
         }
 
         let span = info_span!("relay", peer = %peer_id);
-        let preparer = Preparer::new(
-            config.core.validation.clone(),
-            config.core.seen,
-            config.core.known_origins,
-        );
+        // Claims only need to outlive the spread of one message's copies (seconds): a
+        // forgotten claim costs one more signature check, never a wrong outcome.
+        let claims = mesh_seen_cache::Config {
+            capacity: config.core.seen.capacity.min(16_384),
+            ttl: config.core.seen.ttl.min(Duration::from_secs(60)),
+        };
+        let preparer =
+            Preparer::new(config.core.validation.clone(), claims, config.core.known_origins);
         let ctx = Context {
             preparer: Arc::new(preparer),
             control: control.clone(),
