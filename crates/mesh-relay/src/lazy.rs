@@ -9,7 +9,9 @@
 //! fans out fully.
 //!
 //! A node that gets a `HAVE` for an id it has not seen waits [`LazyPush::want_delay`] (a full
-//! copy is usually on its way from another neighbour), then asks the announcer with a `WANT`;
+//! copy is usually on its way from another neighbour), or not at all once every connected peer
+//! has announced the id (each peer sends a message once, in full or as a `HAVE`, so then no
+//! copy is coming), then asks the announcer with a `WANT`;
 //! the announcer answers with its forwarded copy (the same bytes an eager push would have sent,
 //! TTL already lowered). When that copy does not come within [`LazyPush::want_timeout`], the
 //! next announcer is asked. Every random choice of eager peers thus has the whole
@@ -146,6 +148,8 @@ pub struct Wanted<P> {
 #[derive(Debug)]
 struct Entry<P> {
     announcers: VecDeque<P>,
+    /// `HAVE`s received for the id (each peer sends one, or the message itself).
+    heard: usize,
     due: Instant,
 }
 
@@ -165,21 +169,42 @@ impl<P: Clone + PartialEq> Wanted<P> {
         self.entries.is_empty()
     }
 
-    /// Records that `peer` has `id`: a new id is asked for at `now + delay`. `false` when the
-    /// set is full and the id was not recorded.
-    pub fn announce(&mut self, id: MessageId, peer: &P, now: Instant, delay: Duration) -> bool {
-        if let Some(entry) = self.entries.get_mut(&id) {
-            if entry.announcers.len() < MAX_ANNOUNCERS && !entry.announcers.contains(peer) {
-                entry.announcers.push_back(peer.clone());
+    /// Records that `peer` has `id`: a new id is asked for at `now + delay`, or at once when
+    /// `peers` announcements have come (every peer sends a message once, in full or as a
+    /// `HAVE`: when all of them announced it, no copy is on its way and waiting is pointless).
+    /// `false` when the set is full and the id was not recorded.
+    pub fn announce(
+        &mut self,
+        id: MessageId,
+        peer: &P,
+        now: Instant,
+        delay: Duration,
+        peers: usize,
+    ) -> bool {
+        let entry = match self.entries.get_mut(&id) {
+            Some(entry) => {
+                if !entry.announcers.contains(peer) {
+                    entry.heard += 1;
+                    if entry.announcers.len() < MAX_ANNOUNCERS {
+                        entry.announcers.push_back(peer.clone());
+                    }
+                }
+                entry
             }
-            return true;
+            None => {
+                if self.entries.len() >= self.capacity {
+                    return false;
+                }
+                let due = now + delay;
+                self.due.push(Reverse((due, id)));
+                let announcers = VecDeque::from([peer.clone()]);
+                self.entries.entry(id).or_insert(Entry { announcers, heard: 1, due })
+            }
+        };
+        if entry.heard >= peers && entry.due > now {
+            entry.due = now;
+            self.due.push(Reverse((now, id)));
         }
-        if self.entries.len() >= self.capacity {
-            return false;
-        }
-        let due = now + delay;
-        self.entries.insert(id, Entry { announcers: VecDeque::from([peer.clone()]), due });
-        self.due.push(Reverse((due, id)));
         true
     }
 
@@ -325,9 +350,12 @@ mod tests {
         let t0 = Instant::now();
         let (delay, timeout) = (Duration::from_millis(20), Duration::from_millis(250));
         let mut wanted = Wanted::new(16);
-        assert!(wanted.announce(id(1), &"a", t0, delay));
-        assert!(wanted.announce(id(1), &"b", t0, delay));
-        assert!(wanted.announce(id(1), &"a", t0, delay), "a repeated announcer is kept once");
+        assert!(wanted.announce(id(1), &"a", t0, delay, usize::MAX));
+        assert!(wanted.announce(id(1), &"b", t0, delay, usize::MAX));
+        assert!(
+            wanted.announce(id(1), &"a", t0, delay, usize::MAX),
+            "a repeated announcer is kept once"
+        );
         assert_eq!(wanted.next_due(), Some(t0 + delay));
         assert!(wanted.take_due(t0 + Duration::from_millis(19), timeout).is_empty());
         assert_eq!(wanted.take_due(t0 + delay, timeout), vec![("a", id(1))]);
@@ -340,19 +368,38 @@ mod tests {
     }
 
     #[test]
+    fn an_id_every_peer_announced_is_asked_for_at_once() {
+        let t0 = Instant::now();
+        let (delay, timeout) = (Duration::from_millis(20), Duration::from_millis(250));
+        let mut wanted = Wanted::new(16);
+        // Three peers: after two announcements a copy may still come from the third.
+        assert!(wanted.announce(id(1), &"a", t0, delay, 3));
+        assert!(wanted.announce(id(1), &"a", t0, delay, 3), "a repeat is not a second peer");
+        assert!(wanted.announce(id(1), &"b", t0, delay, 3));
+        assert_eq!(wanted.next_due(), Some(t0 + delay));
+        // The third announced too: nothing is on its way, ask now.
+        let t1 = t0 + Duration::from_millis(2);
+        assert!(wanted.announce(id(1), &"c", t1, delay, 3));
+        assert_eq!(wanted.next_due(), Some(t1));
+        assert_eq!(wanted.take_due(t1, timeout), vec![("a", id(1))]);
+        // The next announcer only after the timeout, as before.
+        assert_eq!(wanted.next_due(), Some(t1 + timeout));
+    }
+
+    #[test]
     fn an_arrived_id_is_not_asked_for_and_the_set_is_bounded() {
         let t0 = Instant::now();
         let delay = Duration::from_millis(20);
         let mut wanted = Wanted::new(2);
-        assert!(wanted.announce(id(1), &1u32, t0, delay));
-        assert!(wanted.announce(id(2), &1u32, t0, delay));
-        assert!(!wanted.announce(id(3), &1u32, t0, delay), "full");
+        assert!(wanted.announce(id(1), &1u32, t0, delay, usize::MAX));
+        assert!(wanted.announce(id(2), &1u32, t0, delay, usize::MAX));
+        assert!(!wanted.announce(id(3), &1u32, t0, delay, usize::MAX), "full");
         assert!(wanted.arrived(&id(1)));
         assert!(!wanted.arrived(&id(1)));
         assert_eq!(wanted.take_due(t0 + delay, delay), vec![(1, id(2))]);
         assert_eq!(wanted.len(), 1);
         for n in 0..MAX_ANNOUNCERS as u32 + 3 {
-            wanted.announce(id(2), &(n + 10), t0, delay);
+            wanted.announce(id(2), &(n + 10), t0, delay, usize::MAX);
         }
         assert!(wanted.entries[&id(2)].announcers.len() <= MAX_ANNOUNCERS);
     }

@@ -1322,15 +1322,21 @@ impl CoreTask {
     fn on_have(&mut self, peer: PeerId, ids: &[MessageId]) {
         let stats = &self.ctx.stats;
         add(&stats.haves_received, ids.len() as u64);
-        if let Some(link) = read_links(&self.ctx.links).get(&peer) {
-            for id in ids {
-                link.sent_us.record(*id);
+        let peers = {
+            let links = read_links(&self.ctx.links);
+            if let Some(link) = links.get(&peer) {
+                for id in ids {
+                    link.sent_us.record(*id);
+                }
             }
-        }
+            links.len()
+        };
         let now = Instant::now();
         let delay = self.ctx.config.lazy.want_delay;
         for id in ids {
-            if !self.core.seen().contains(id) && !self.wanted.announce(*id, &peer, now, delay) {
+            if !self.core.seen().contains(id)
+                && !self.wanted.announce(*id, &peer, now, delay, peers)
+            {
                 bump(&stats.wanted_full);
             }
         }
