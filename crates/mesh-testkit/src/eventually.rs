@@ -1,6 +1,5 @@
 //! Waiting for a condition without fixed sleeps.
 
-use std::future::Future;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -26,15 +25,11 @@ where
 }
 
 /// Like [`eventually`] for a condition that has to await.
-pub async fn eventually_async<F, Fut>(
+pub async fn eventually_async(
     timeout: Duration,
     what: &str,
-    mut condition: F,
-) -> anyhow::Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
+    mut condition: impl AsyncFnMut() -> bool,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + timeout;
     let mut pause = Duration::from_millis(2);
     loop {
