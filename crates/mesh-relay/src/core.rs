@@ -307,13 +307,8 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
 
     /// Decides what to do with `frame`, received from `from`, at `now_ms` (Unix ms).
     pub fn on_frame(&mut self, from: &P, frame: &[u8], now_ms: i64) -> Outcome<P> {
-        match decode_frame(frame) {
-            Ok(envelope) => {
-                let prepared = Prepared::Identified(Identified::new(envelope));
-                self.on_prepared(from, frame, Ok(prepared), now_ms)
-            }
-            Err(rejection) => Outcome::Rejected(rejection),
-        }
+        let prepared = decode_frame(frame).map(|e| Prepared::Identified(Identified::new(e)));
+        self.on_prepared(from, frame, prepared, now_ms)
     }
 
     /// [`RelayCore::on_frame`] for a frame that the caller decoded, and perhaps verified,

@@ -35,7 +35,6 @@ use libp2p_stream::{Control, IncomingStreams};
 use mesh_protocol::{
     Envelope, Identity, MessageId, NodeId, RejectReason, Rejection, VerifiedMessage,
 };
-use mesh_seen_cache::SeenCache;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -51,7 +50,7 @@ use crate::framing::{self, ReadError};
 use crate::lazy::{ControlFrame, Kept, Wanted};
 use crate::peer_manager::{Action, PeerManager};
 use crate::pex;
-use crate::prepare::Preparer;
+use crate::prepare::{Preparer, RecentIds};
 use crate::stats::{Stats, StatsSnapshot, add, bump};
 
 /// The relay protocol.
@@ -179,36 +178,6 @@ struct Link {
     /// Ids this peer sent us lately: a queued copy of one of them is not sent back.
     sent_us: Arc<RecentIds>,
     cancel: CancellationToken,
-}
-
-/// The message ids one peer sent us lately (the last 4,096, for at most a minute).
-///
-/// Flooding sends a copy to every neighbour but the sender; when a neighbour's own copy
-/// reaches us while ours still waits in its queue, ours is pure waste. The core records every
-/// id a peer sends, and the peer's writer skips queued frames whose id is recorded
-/// (`mesh_relay_suppressed_total`).
-#[derive(Debug)]
-struct RecentIds(Mutex<SeenCache<MessageId>>);
-
-impl Default for RecentIds {
-    fn default() -> Self {
-        let config = mesh_seen_cache::Config { capacity: 4096, ttl: Duration::from_secs(60) };
-        Self(Mutex::new(SeenCache::new(config)))
-    }
-}
-
-impl RecentIds {
-    fn lock(&self) -> std::sync::MutexGuard<'_, SeenCache<MessageId>> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    fn record(&self, id: MessageId) {
-        self.lock().insert(id, 0);
-    }
-
-    fn contains(&self, id: &MessageId) -> bool {
-        self.lock().contains(id)
-    }
 }
 
 type Links = Arc<RwLock<HashMap<PeerId, Link>>>;

@@ -13,6 +13,7 @@
 
 use std::collections::HashSet;
 use std::sync::{Mutex, PoisonError, RwLock};
+use std::time::Duration;
 
 use mesh_protocol::validate::{self, Validator};
 use mesh_protocol::{Identified, MessageId, NodeId, Rejection, decode_frame};
@@ -25,7 +26,7 @@ use crate::core::Prepared;
 pub(crate) struct Preparer {
     validator: Validator,
     /// Ids whose first copy a reader has taken on.
-    claimed: Mutex<SeenCache<MessageId>>,
+    claimed: RecentIds,
     /// Origins the core has accepted messages from (cleared when full).
     known: RwLock<HashSet<NodeId>>,
     known_capacity: usize,
@@ -41,7 +42,7 @@ impl Preparer {
     ) -> Self {
         Self {
             validator: Validator::new(validation),
-            claimed: Mutex::new(SeenCache::new(claims)),
+            claimed: RecentIds::new(claims),
             known: RwLock::default(),
             known_capacity: known_capacity.max(1),
         }
@@ -51,7 +52,7 @@ impl Preparer {
     /// an envelope (a control frame, or garbage the core rejects).
     pub(crate) fn prepare(&self, frame: &[u8], now_ms: i64) -> Option<Result<Prepared, Rejection>> {
         let identified = Identified::new(decode_frame(frame).ok()?);
-        if !self.claim(identified.id()) {
+        if !self.claimed.claim(identified.id()) {
             return Some(Ok(Prepared::Identified(identified)));
         }
         let decoded = match identified.decode() {
@@ -79,14 +80,47 @@ impl Preparer {
     fn is_known(&self, origin: &NodeId) -> bool {
         self.known.read().unwrap_or_else(PoisonError::into_inner).contains(origin)
     }
+}
 
-    /// `true` for the first claim on `id`.
-    fn claim(&self, id: MessageId) -> bool {
-        let mut claimed = self.claimed.lock().unwrap_or_else(PoisonError::into_inner);
-        if claimed.contains(&id) {
+/// Message ids recorded lately, shared between tasks: a bounded seen cache behind a lock.
+///
+/// Each link has one (the default: the last 4,096 ids, for at most a minute) for the ids its
+/// peer sent or announced to us: when a neighbour's own copy reaches us while ours still waits
+/// in its queue, ours is pure waste, so the peer's writer skips queued frames whose id is
+/// recorded (`mesh_relay_suppressed_total`). The [`Preparer`] keeps the readers' claims in one.
+#[derive(Debug)]
+pub(crate) struct RecentIds(Mutex<SeenCache<MessageId>>);
+
+impl Default for RecentIds {
+    fn default() -> Self {
+        Self::new(mesh_seen_cache::Config { capacity: 4096, ttl: Duration::from_secs(60) })
+    }
+}
+
+impl RecentIds {
+    pub(crate) fn new(config: mesh_seen_cache::Config) -> Self {
+        Self(Mutex::new(SeenCache::new(config)))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SeenCache<MessageId>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn record(&self, id: MessageId) {
+        self.lock().insert(id, 0);
+    }
+
+    pub(crate) fn contains(&self, id: &MessageId) -> bool {
+        self.lock().contains(id)
+    }
+
+    /// Records `id`; `true` when it was not recorded yet (the first claim on it).
+    pub(crate) fn claim(&self, id: MessageId) -> bool {
+        let mut ids = self.lock();
+        if ids.contains(&id) {
             return false;
         }
-        claimed.insert(id, 0);
+        ids.insert(id, 0);
         true
     }
 }
