@@ -9,7 +9,12 @@
 //!
 //! Fan-out: `--ws-clients` WebSocket clients connect to `/api/mesh/ws`; the node publishes
 //! `--ws-events` price events, each carrying its publish time (microseconds since the start,
-//! in `timestamp_ms`); every client records publish-to-receipt latency.
+//! in `timestamp_ms`); every client records publish-to-receipt latency, and the API server's
+//! threads' CPU time per client per event is read from `/proc`.
+//!
+//! Floor: the same events go to as many bare TCP clients from plain sender threads (no HTTP,
+//! no WebSocket, no async server), so that the fan-out figures can be read against what the
+//! kernel's loopback TCP costs on this machine.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -29,6 +34,7 @@ use tokio::sync::broadcast;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::relay::{thread_cpu_time, threads_cpu_time};
 use crate::report::{Figure, Report, per_sec};
 
 /// Options.
@@ -59,6 +65,9 @@ pub struct Args {
     #[arg(long)]
     pub no_wrk: bool,
 }
+
+/// Thread name of the API server's runtime (its CPU time is read by this name).
+const SERVER_THREADS: &str = "api-server";
 
 /// A node stand-in with a fixed book that publishes what the benchmark tells it to.
 struct BenchNode {
@@ -144,7 +153,7 @@ impl Handler for BenchNode {
 pub fn run(args: &Args) -> anyhow::Result<Report> {
     let server_rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(args.server_threads.max(1))
-        .thread_name("api-server")
+        .thread_name(SERVER_THREADS)
         .enable_all()
         .build()?;
     let client_rt = tokio::runtime::Builder::new_multi_thread()
@@ -182,6 +191,7 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
     let load = client_rt.block_on(http_load(addr, args))?;
     let wrk = if args.no_wrk { None } else { run_wrk(addr, args)? };
     let fanout = client_rt.block_on(ws_fanout(addr, args, &node))?;
+    let floor = client_rt.block_on(tcp_floor(args))?;
 
     server_rt.block_on(async {
         api.shutdown(Duration::from_secs(5)).await;
@@ -204,6 +214,11 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
         Figure::at_most("ws_publish_to_client_p99_ms", fanout.p99_ms, "ms", 5.0),
         Figure::plain("ws_publish_to_client_max_ms", fanout.max_ms, "ms"),
         Figure::at_least("ws_delivery_ratio", fanout.delivery, "ratio", 1.0),
+        Figure::plain("ws_server_cpu_us_per_client", fanout.server_cpu_us_per_client, "us"),
+        Figure::plain("tcp_floor_publish_to_client_p50_ms", floor.p50_ms, "ms"),
+        Figure::plain("tcp_floor_publish_to_client_p99_ms", floor.p99_ms, "ms"),
+        Figure::plain("tcp_floor_publish_to_client_max_ms", floor.max_ms, "ms"),
+        Figure::plain("tcp_floor_sender_cpu_us_per_client", floor.sender_cpu_us_per_client, "us"),
     ]);
     Ok(Report {
         bench: "api",
@@ -365,6 +380,8 @@ struct Fanout {
     p99_ms: f64,
     max_ms: f64,
     delivery: f64,
+    /// CPU time of the API server's threads per client per event.
+    server_cpu_us_per_client: f64,
 }
 
 /// Connects the clients, publishes events with their publish time, collects latencies.
@@ -380,7 +397,7 @@ async fn ws_fanout(addr: SocketAddr, args: &Args, node: &BenchNode) -> anyhow::R
     // thousand clients that memset, not the server, would dominate the machine. A price event
     // is a few hundred bytes.
     let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
-        .read_buffer_size(8 * 1024);
+        .read_buffer_size(2 * 1024);
     for _ in 0..args.ws_clients {
         let (socket, _) =
             tokio_tungstenite::connect_async_with_config(url.as_str(), Some(config), true).await?;
@@ -390,9 +407,12 @@ async fn ws_fanout(addr: SocketAddr, args: &Args, node: &BenchNode) -> anyhow::R
             let mut socket = socket;
             let mut local = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
             let mut count = 0u64;
+            // Registered once: the token's waiter list is shared by every client.
+            let cancelled = cancel.cancelled();
+            tokio::pin!(cancelled);
             loop {
                 let message = tokio::select! {
-                    () = cancel.cancelled() => break,
+                    () = &mut cancelled => break,
                     m = socket.next() => m,
                 };
                 let Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) = message else {
@@ -420,6 +440,7 @@ async fn ws_fanout(addr: SocketAddr, args: &Args, node: &BenchNode) -> anyhow::R
             .await
             .map_err(|_| anyhow::anyhow!("not every client got its snapshot within 30 s"))?;
     }
+    let server_cpu_start = threads_cpu_time(SERVER_THREADS)?;
     let mut tick = tokio::time::interval(Duration::from_millis(args.ws_interval_ms.max(1)));
     let mut last: HashMap<usize, u32> = HashMap::new();
     for i in 0..args.ws_events {
@@ -433,6 +454,7 @@ async fn ws_fanout(addr: SocketAddr, args: &Args, node: &BenchNode) -> anyhow::R
     }
     // Let the last events arrive, then stop the clients.
     tokio::time::sleep(Duration::from_secs(2)).await;
+    let server_cpu = threads_cpu_time(SERVER_THREADS)?.saturating_sub(server_cpu_start);
     cancel.cancel();
     for client in clients {
         client.await??;
@@ -445,6 +467,104 @@ async fn ws_fanout(addr: SocketAddr, args: &Args, node: &BenchNode) -> anyhow::R
         p99_ms: ms(0.99),
         max_ms: total.max() as f64 / 1000.0,
         delivery: received.load(std::sync::atomic::Ordering::Relaxed) as f64 / expected.max(1.0),
+        server_cpu_us_per_client: server_cpu.as_secs_f64() * 1e6 / expected.max(1.0),
+    })
+}
+
+/// The floor of a fan-out on this machine: the same number of clients, on the same client
+/// runtime, reading bare TCP (no HTTP, no WebSocket framing), from two plain sender threads
+/// (as many as the API server's workers by default) that write one event of the same size to
+/// each socket in turn. Any server has to make at least these system calls; what the API adds
+/// on top of this figure is its own cost.
+struct Floor {
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    /// CPU time of the sender threads per client per event.
+    sender_cpu_us_per_client: f64,
+}
+
+/// Event size of the floor measurement: about a price event's JSON.
+const FLOOR_EVENT: usize = 400;
+
+async fn tcp_floor(args: &Args) -> anyhow::Result<Floor> {
+    let clients = args.ws_clients.max(1);
+    let senders = args.server_threads.clamp(1, clients);
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = listener.local_addr()?;
+    let accept = std::thread::spawn(move || -> anyhow::Result<Vec<std::net::TcpStream>> {
+        let mut accepted = Vec::with_capacity(clients);
+        for _ in 0..clients {
+            let (stream, _) = listener.accept()?;
+            stream.set_nodelay(true)?;
+            accepted.push(stream);
+        }
+        Ok(accepted)
+    });
+    let epoch = std::time::Instant::now();
+    let mut tasks = Vec::with_capacity(clients);
+    for _ in 0..clients {
+        let mut stream = TcpStream::connect(addr).await?;
+        let events = args.ws_events;
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(events);
+            let mut event = [0u8; FLOOR_EVENT];
+            for _ in 0..events {
+                stream.read_exact(&mut event).await?;
+                let mut sent = [0u8; 8];
+                sent.copy_from_slice(&event[..8]);
+                let now_us = epoch.elapsed().as_micros() as u64;
+                latencies.push(now_us.saturating_sub(u64::from_le_bytes(sent)).max(1));
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let accepted =
+        accept.join().map_err(|_| anyhow::anyhow!("the floor's accept thread panicked"))??;
+    let (interval, events) = (Duration::from_millis(args.ws_interval_ms.max(1)), args.ws_events);
+    let chunk = clients.div_ceil(senders);
+    let start = std::time::Instant::now();
+    let mut threads = Vec::new();
+    let mut groups = accepted.into_iter().peekable();
+    while groups.peek().is_some() {
+        let mut group: Vec<std::net::TcpStream> = groups.by_ref().take(chunk).collect();
+        threads.push(std::thread::Builder::new().name("floor-send".into()).spawn(move || {
+            use std::io::Write;
+            let mut event = [b'x'; FLOOR_EVENT];
+            for i in 0..events {
+                let due = start + interval * (i as u32 + 1);
+                std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
+                // Every sender stamps the same due time, as one publish would.
+                let sent_us = due.duration_since(epoch).as_micros() as u64;
+                event[..8].copy_from_slice(&sent_us.to_le_bytes());
+                for stream in &mut group {
+                    stream.write_all(&event)?;
+                }
+            }
+            thread_cpu_time()
+        })?);
+    }
+    let mut sender_cpu = Duration::ZERO;
+    for thread in threads {
+        let cpu = thread.join().map_err(|_| anyhow::anyhow!("a floor sender panicked"))??;
+        sender_cpu += cpu;
+    }
+    let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for task in tasks {
+        let latencies =
+            tokio::time::timeout(Duration::from_secs(30), task).await.map_err(|_| {
+                anyhow::anyhow!("a floor client did not get every event within 30 s")
+            })???;
+        for us in latencies {
+            total.record(us)?;
+        }
+    }
+    let ms = |q: f64| total.value_at_quantile(q) as f64 / 1000.0;
+    Ok(Floor {
+        p50_ms: ms(0.50),
+        p99_ms: ms(0.99),
+        max_ms: total.max() as f64 / 1000.0,
+        sender_cpu_us_per_client: sender_cpu.as_secs_f64() * 1e6 / (clients * events).max(1) as f64,
     })
 }
 

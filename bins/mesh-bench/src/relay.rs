@@ -250,7 +250,36 @@ pub fn rss_bytes() -> anyhow::Result<u64> {
 
 /// CPU time this process has used so far (all threads, user + system), from `/proc/self/stat`.
 pub fn cpu_time() -> anyhow::Result<Duration> {
-    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    stat_cpu(&std::fs::read_to_string("/proc/self/stat")?)
+}
+
+/// CPU time used so far by this process's threads whose name starts with `prefix`, from
+/// `/proc/self/task/*/stat`.
+pub fn threads_cpu_time(prefix: &str) -> anyhow::Result<Duration> {
+    let mut total = Duration::ZERO;
+    for task in std::fs::read_dir("/proc/self/task")? {
+        let task = task?.path();
+        // A thread may end between the listing and the reads.
+        let (Ok(comm), Ok(stat)) = (
+            std::fs::read_to_string(task.join("comm")),
+            std::fs::read_to_string(task.join("stat")),
+        ) else {
+            continue;
+        };
+        if comm.trim_end().starts_with(prefix) {
+            total += stat_cpu(&stat)?;
+        }
+    }
+    Ok(total)
+}
+
+/// CPU time the calling thread has used so far, from `/proc/thread-self/stat`.
+pub fn thread_cpu_time() -> anyhow::Result<Duration> {
+    stat_cpu(&std::fs::read_to_string("/proc/thread-self/stat")?)
+}
+
+/// utime + stime of a `/proc/.../stat` line.
+fn stat_cpu(stat: &str) -> anyhow::Result<Duration> {
     // The command name may hold spaces; the fields after it are plain numbers. utime and
     // stime are fields 14 and 15, the 12th and 13th after the name.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();

@@ -135,7 +135,9 @@ pub fn plan(quick: bool) -> Vec<Planned> {
         planned(
             "api",
             "HTTP API and WebSocket fan-out",
-            "issue 7: >= 50k req/s with p99 < 1 ms; 1,000 WebSocket clients p99 < 5 ms",
+            "issue 7: >= 50k req/s with p99 < 1 ms; 1,000 WebSocket clients p99 < 5 ms. The \
+             tcp_floor figures send the same events to as many bare TCP clients from two plain \
+             threads: the least any server pays on this machine",
             &q(&[], &["--seconds", "3", "--ws-clients", "200", "--ws-events", "30"]),
         ),
         planned(

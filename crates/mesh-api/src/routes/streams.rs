@@ -2,7 +2,9 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
@@ -14,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, Stream, StreamExt};
 use mesh_ipc::PriceFilter;
 use tokio::time::Instant;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::AppState;
 use super::rest::{PriceQuery, query_error};
@@ -23,6 +26,9 @@ use crate::metrics::StreamKind;
 
 /// Largest message a WebSocket client may send (it has nothing to say but pongs).
 const MAX_CLIENT_MESSAGE: usize = 4 * 1024;
+
+/// Bytes read from a WebSocket client at a time.
+const READ_CHUNK: usize = 256;
 
 fn attach(app: &AppState, kind: StreamKind, filter: PriceFilter) -> Result<Subscriber, ApiError> {
     app.link.subscribe(kind, filter).ok_or_else(|| {
@@ -47,6 +53,7 @@ pub(super) async fn sse(
 
 struct SseState {
     app: Arc<AppState>,
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
     subscriber: Subscriber,
     ready: VecDeque<Item>,
     done: bool,
@@ -57,7 +64,8 @@ fn sse_events(
     subscriber: Subscriber,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     let sent = app.metrics.stream_events(StreamKind::Sse);
-    let state = SseState { app, subscriber, ready: VecDeque::new(), done: false };
+    let shutdown = Box::pin(app.cancel.clone().cancelled_owned());
+    let state = SseState { app, shutdown, subscriber, ready: VecDeque::new(), done: false };
     futures::stream::unfold(state, move |mut s| {
         let sent = sent.clone();
         async move {
@@ -73,7 +81,7 @@ fn sse_events(
                     return None;
                 }
                 let next = tokio::select! {
-                    () = s.app.cancel.cancelled() => Next::Closed("server shutting down".to_owned()),
+                    () = &mut s.shutdown => Next::Closed("server shutting down".to_owned()),
                     next = s.subscriber.next() => next,
                 };
                 match next {
@@ -107,8 +115,10 @@ pub(super) async fn ws(
     let subscriber = attach(&app, StreamKind::Ws, query.into_filter())?;
     Ok(upgrade
         // Clients only send pongs: a small read buffer keeps idle connections cheap (the
-        // default is 128 KiB each).
-        .read_buffer_size(MAX_CLIENT_MESSAGE)
+        // default is 128 KiB each). tungstenite zero-fills this much on every read attempt,
+        // and the session tries a read each time it wakes to send, so it is kept to one
+        // pong's worth; a larger message (up to the limit below) takes a few reads.
+        .read_buffer_size(READ_CHUNK)
         .max_message_size(MAX_CLIENT_MESSAGE)
         .max_frame_size(MAX_CLIENT_MESSAGE)
         // What waits in user space for a client whose socket is full is bounded too.
@@ -131,9 +141,12 @@ async fn ws_session(app: Arc<AppState>, mut socket: WebSocket, subscriber: Subsc
     // future before a branch writes.
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     let mut heard = Instant::now();
+    // Registered once, not on every turn: the token's waiter list is shared by every client.
+    let shutdown = app.cancel.cancelled();
+    tokio::pin!(shutdown);
     let ending = loop {
         tokio::select! {
-            () = app.cancel.cancelled() => {
+            () = &mut shutdown => {
                 break Ending { reason: "shutdown", close: Some((close_code::AWAY, "server shutting down".into())) };
             }
             next = subscriber.next() => match next {
@@ -145,7 +158,13 @@ async fn ws_session(app: Arc<AppState>, mut socket: WebSocket, subscriber: Subsc
                         }
                         socket.flush().await
                     };
-                    match tokio::time::timeout(write_timeout, write).await {
+                    tokio::pin!(write);
+                    // Most writes complete at once; only one that waits starts the timer.
+                    let written = match futures::poll!(&mut write) {
+                        Poll::Ready(result) => Ok(result),
+                        Poll::Pending => tokio::time::timeout(write_timeout, write).await,
+                    };
+                    match written {
                         Ok(Ok(())) => sent.increment(count),
                         Ok(Err(_)) => break Ending { reason: "gone", close: None },
                         Err(_) => break Ending {
