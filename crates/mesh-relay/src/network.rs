@@ -514,9 +514,11 @@ impl SwarmTask {
     async fn run(mut self) {
         let mut tick = tokio::time::interval(self.ctx.config.tick_interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let cancelled = self.ctx.cancel.clone().cancelled_owned();
+        tokio::pin!(cancelled);
         loop {
             tokio::select! {
-                () = self.ctx.cancel.cancelled() => break,
+                () = &mut cancelled => break,
                 event = self.swarm.select_next_some() => self.on_event(event),
                 Some(command) = self.commands.recv() => self.on_command(command),
                 _ = tick.tick() => self.on_tick(),
@@ -800,10 +802,14 @@ impl Writer {
         // Frames taken from the queue but not yet written: kept across a reopen, so a broken
         // stream loses nothing (the receiver drops any copy it already had as a duplicate).
         let mut pending: Vec<Bytes> = Vec::new();
+        // One wait for the whole life of the task, not one per frame: each new one would
+        // register with the token and unregister again.
         let cancel = self.cancel.clone();
+        let cancelled = cancel.cancelled();
+        tokio::pin!(cancelled);
         loop {
             let opened = tokio::select! {
-                () = cancel.cancelled() => break,
+                () = &mut cancelled => break,
                 r = tokio::time::timeout(READY_TIMEOUT, self.open()) => r,
             };
             let stream = match opened {
@@ -837,7 +843,7 @@ impl Writer {
             loop {
                 if pending.is_empty() {
                     let frame = tokio::select! {
-                        () = cancel.cancelled() => {
+                        () = &mut cancelled => {
                             let _ = stream.close().await;
                             return;
                         }
@@ -981,9 +987,11 @@ impl Reader {
         if ready.await.is_err() {
             return;
         }
+        let cancelled = self.token.cancelled();
+        tokio::pin!(cancelled);
         loop {
             let read = tokio::select! {
-                () = self.token.cancelled() => break,
+                () = &mut cancelled => break,
                 r = framing::read_frame(&mut stream, &mut buf) => r,
             };
             let input = match read {
@@ -998,7 +1006,7 @@ impl Reader {
             };
             let oversized = matches!(input, CoreInput::Oversized { .. });
             let sent = tokio::select! {
-                () = self.token.cancelled() => break,
+                () = &mut cancelled => break,
                 s = self.ctx.core_tx.send(input) => s,
             };
             if sent.is_err() || oversized {
@@ -1071,6 +1079,8 @@ impl CoreTask {
         let timer = tokio::time::sleep_until(far());
         tokio::pin!(timer);
         let mut armed: Option<Instant> = None;
+        let cancelled = self.ctx.cancel.clone().cancelled_owned();
+        tokio::pin!(cancelled);
         loop {
             let due = self.wanted.next_due();
             if due != armed {
@@ -1078,7 +1088,7 @@ impl CoreTask {
                 armed = due;
             }
             let input = tokio::select! {
-                () = self.ctx.cancel.cancelled() => return,
+                () = &mut cancelled => return,
                 i = self.inputs.recv() => match i {
                     Some(i) => i,
                     None => return,
