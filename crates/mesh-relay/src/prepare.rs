@@ -116,12 +116,7 @@ impl RecentIds {
 
     /// Records `id`; `true` when it was not recorded yet (the first claim on it).
     pub(crate) fn claim(&self, id: MessageId) -> bool {
-        let mut ids = self.lock();
-        if ids.contains(&id) {
-            return false;
-        }
-        ids.insert(id, 0);
-        true
+        self.lock().insert(id, 0)
     }
 }
 

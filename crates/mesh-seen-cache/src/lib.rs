@@ -129,9 +129,10 @@ impl<K: Copy + Eq + Hash> SeenCache<K> {
     }
 
     /// Records `id` as seen now with a copy of `ttl`, for the configured lifetime.
-    pub fn insert(&mut self, id: K, ttl: u8) {
+    /// `true` when the id was not held (or had expired): a check and an insert in one lookup.
+    pub fn insert(&mut self, id: K, ttl: u8) -> bool {
         let expires = Instant::now() + self.config.ttl;
-        self.insert_until(id, ttl, expires);
+        self.insert_until(id, ttl, expires)
     }
 
     /// Records `id` with an explicit expiry (ids reloaded from a store keep theirs).
@@ -139,11 +140,12 @@ impl<K: Copy + Eq + Hash> SeenCache<K> {
     /// an id lives for one lifetime from the first copy. Entries are purged from the front of
     /// the line, so the line must also be expiry order: with one lifetime for every id (and
     /// [`SeenCache::load`] sorting what it reloads) it is, and then expired ids never count
-    /// against the capacity.
-    pub fn insert_until(&mut self, id: K, ttl: u8, expires: Instant) {
+    /// against the capacity. `true` when the id was recorded anew, `false` when it was held
+    /// already or `expires` has passed.
+    pub fn insert_until(&mut self, id: K, ttl: u8, expires: Instant) -> bool {
         let now = Instant::now();
         if expires <= now {
-            return;
+            return false;
         }
         self.purge_expired_at(now);
         let seq = self.next_seq;
@@ -151,7 +153,7 @@ impl<K: Copy + Eq + Hash> SeenCache<K> {
             MapEntry::Occupied(mut occupied) if occupied.get().expires > now => {
                 let e = occupied.get_mut();
                 e.max_ttl = e.max_ttl.max(ttl);
-                return;
+                return false;
             }
             MapEntry::Occupied(mut occupied) => {
                 // Expired but not yet purged: a new life for the id.
@@ -171,6 +173,7 @@ impl<K: Copy + Eq + Hash> SeenCache<K> {
         if self.order.len() > 2 * self.config.capacity {
             self.compact_order();
         }
+        true
     }
 
     /// For a duplicate of `id` arriving with `ttl`: returns `true` and remembers `ttl` when it
@@ -309,6 +312,17 @@ mod tests {
         c.insert(5, 5);
         assert!(!c.contains(&2));
         assert!(c.contains(&3) && c.contains(&4) && c.contains(&5));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn insert_tells_whether_the_id_was_new() {
+        let mut c = cache(100, 10);
+        assert!(c.insert(1, 5));
+        assert!(!c.insert(1, 7), "held: not new, only the TTL rises");
+        assert_eq!(c.lookup(&1), Lookup::Seen { max_ttl: 7 });
+        tokio::time::advance(Duration::from_secs(11)).await;
+        assert!(c.insert(1, 5), "expired: a new life");
+        assert!(!c.insert_until(2, 5, Instant::now()), "an expiry already passed is not kept");
     }
 
     #[tokio::test(start_paused = true)]
