@@ -210,14 +210,14 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
         figures.push(Figure::at_most("wrk_p99_us", wrk.p99_us, "us", 1000.0));
     }
     figures.extend([
-        Figure::plain("ws_publish_to_client_p50_ms", fanout.p50_ms, "ms"),
-        Figure::at_most("ws_publish_to_client_p99_ms", fanout.p99_ms, "ms", 5.0),
-        Figure::plain("ws_publish_to_client_max_ms", fanout.max_ms, "ms"),
+        Figure::plain("ws_publish_to_client_p50_ms", fanout.latency.p50_ms, "ms"),
+        Figure::at_most("ws_publish_to_client_p99_ms", fanout.latency.p99_ms, "ms", 5.0),
+        Figure::plain("ws_publish_to_client_max_ms", fanout.latency.max_ms, "ms"),
         Figure::at_least("ws_delivery_ratio", fanout.delivery, "ratio", 1.0),
         Figure::plain("ws_server_cpu_us_per_client", fanout.server_cpu_us_per_client, "us"),
-        Figure::plain("tcp_floor_publish_to_client_p50_ms", floor.p50_ms, "ms"),
-        Figure::plain("tcp_floor_publish_to_client_p99_ms", floor.p99_ms, "ms"),
-        Figure::plain("tcp_floor_publish_to_client_max_ms", floor.max_ms, "ms"),
+        Figure::plain("tcp_floor_publish_to_client_p50_ms", floor.latency.p50_ms, "ms"),
+        Figure::plain("tcp_floor_publish_to_client_p99_ms", floor.latency.p99_ms, "ms"),
+        Figure::plain("tcp_floor_publish_to_client_max_ms", floor.latency.max_ms, "ms"),
         Figure::plain("tcp_floor_sender_cpu_us_per_client", floor.sender_cpu_us_per_client, "us"),
     ]);
     Ok(Report {
@@ -375,10 +375,22 @@ fn run_wrk(addr: SocketAddr, args: &Args) -> anyhow::Result<Option<Load>> {
     }
 }
 
-struct Fanout {
+/// Latency quantiles of a histogram of microseconds, in milliseconds.
+struct Spread {
     p50_ms: f64,
     p99_ms: f64,
     max_ms: f64,
+}
+
+impl Spread {
+    fn of(us: &Histogram<u64>) -> Self {
+        let ms = |q: f64| us.value_at_quantile(q) as f64 / 1000.0;
+        Self { p50_ms: ms(0.50), p99_ms: ms(0.99), max_ms: us.max() as f64 / 1000.0 }
+    }
+}
+
+struct Fanout {
+    latency: Spread,
     delivery: f64,
     /// CPU time of the API server's threads per client per event.
     server_cpu_us_per_client: f64,
@@ -461,11 +473,8 @@ async fn ws_fanout(addr: SocketAddr, args: &Args, node: &BenchNode) -> anyhow::R
     }
     let total = histogram.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
     let expected = (args.ws_clients * args.ws_events) as f64;
-    let ms = |q: f64| total.value_at_quantile(q) as f64 / 1000.0;
     Ok(Fanout {
-        p50_ms: ms(0.50),
-        p99_ms: ms(0.99),
-        max_ms: total.max() as f64 / 1000.0,
+        latency: Spread::of(&total),
         delivery: received.load(std::sync::atomic::Ordering::Relaxed) as f64 / expected.max(1.0),
         server_cpu_us_per_client: server_cpu.as_secs_f64() * 1e6 / expected.max(1.0),
     })
@@ -477,9 +486,7 @@ async fn ws_fanout(addr: SocketAddr, args: &Args, node: &BenchNode) -> anyhow::R
 /// each socket in turn. Any server has to make at least these system calls; what the API adds
 /// on top of this figure is its own cost.
 struct Floor {
-    p50_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
+    latency: Spread,
     /// CPU time of the sender threads per client per event.
     sender_cpu_us_per_client: f64,
 }
@@ -559,11 +566,8 @@ async fn tcp_floor(args: &Args) -> anyhow::Result<Floor> {
             total.record(us)?;
         }
     }
-    let ms = |q: f64| total.value_at_quantile(q) as f64 / 1000.0;
     Ok(Floor {
-        p50_ms: ms(0.50),
-        p99_ms: ms(0.99),
-        max_ms: total.max() as f64 / 1000.0,
+        latency: Spread::of(&total),
         sender_cpu_us_per_client: sender_cpu.as_secs_f64() * 1e6 / (clients * events).max(1) as f64,
     })
 }
