@@ -2,6 +2,7 @@
 //! JSON document with the figures, the goal and whether it was met. Build with `--release`.
 
 mod api;
+mod awake;
 mod e2e;
 mod memory;
 mod netns;
@@ -51,6 +52,9 @@ enum Bench {
     Netns(netns::Args),
     /// Runs every benchmark and writes BENCHMARKS.md.
     Report(suite::Args),
+    /// Spins at the lowest CPU priority until its parent ends (`--keep-cpus-awake`).
+    #[command(hide = true)]
+    Awake(awake::Args),
 }
 
 /// The allocator mesh-node and mesh-api use, so that in-process figures match them.
@@ -72,6 +76,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Memory(args) => memory::run(&args)?,
         Bench::Netns(args) => netns::run(&args)?,
         Bench::Report(args) => suite::run(&args)?,
+        Bench::Awake(args) => return awake::run(&args),
     };
     println!("{}", serde_json::to_string_pretty(&doc)?);
     Ok(())

@@ -27,6 +27,15 @@
 //! Run with `cargo run --release -p mesh-bench -- relay` (100 nodes: about 25 s on two cores)
 //! or `-- relay --nodes 300` (about 60 s); `--skip-gossipsub`, `--skip-ours` and
 //! `--skip-relay-rate` run parts alone (for profiling).
+//!
+//! **Idle CPUs.** On a virtual machine, an idle CPU halts and waking it costs a trip through
+//! the hypervisor. A hundred relays in one process sleep and wake many times per message, so at
+//! a low rate these wake-ups are a large part of the latency (on the 2-core build VMs, 100
+//! nodes deliver faster at 50 batches/s than at 10). `--keep-cpus-awake` runs
+//! both systems with a `SCHED_IDLE` spinner per CPU in a child process ([`crate::awake`]): it
+//! takes no CPU time from the relays, it only keeps the CPUs from halting. Comparing a run with
+//! and without it separates relay work from wake-up cost. `--want-delay-ms` sets our relay's
+//! wait before it asks a `HAVE`'s sender for the message (lazy push).
 
 mod gossipsub;
 mod one_node;
@@ -80,6 +89,15 @@ pub struct Args {
     /// it when no copy comes; lazy push). 0 floods: every peer gets every message.
     #[arg(long, default_value_t = mesh_relay::LazyPush::default().eager_peers)]
     pub eager_peers: usize,
+    /// Our relay: how long a node that got only `HAVE`s for a message waits for a copy before
+    /// it asks for one, in milliseconds (default: the relay's own).
+    #[arg(long)]
+    pub want_delay_ms: Option<u64>,
+    /// Keep the CPUs from halting while nothing runs (a `SCHED_IDLE` spinner per CPU in a
+    /// child process; see the `awake` module): measures the relays without the hypervisor's
+    /// wake-up of idle virtual CPUs. Both systems run under it.
+    #[arg(long)]
+    pub keep_cpus_awake: bool,
     /// Skip the gossipsub baseline (to profile ours alone).
     #[arg(long)]
     pub skip_gossipsub: bool,
@@ -300,8 +318,16 @@ pub fn load_average() -> String {
 
 /// Runs the benchmark.
 pub fn run(args: &Args) -> anyhow::Result<Report> {
+    // Started here, on the main thread, which outlives the measurement (the keeper ends with
+    // the thread that started it).
+    let awake = if args.keep_cpus_awake { Some(crate::awake::Awake::start()?) } else { None };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    rt.block_on(measure(args))
+    let mut report = rt.block_on(measure(args))?;
+    report.params["cpus_kept_awake"] = match &awake {
+        Some(a) => json!(format!("yes: {} SCHED_IDLE spinners in a child process", a.threads())),
+        None => json!("no"),
+    };
+    Ok(report)
 }
 
 async fn measure(args: &Args) -> anyhow::Result<Report> {
@@ -375,6 +401,9 @@ async fn measure(args: &Args) -> anyhow::Result<Report> {
             "ttl": args.ttl,
             "seed": args.seed,
             "ours_eager_peers": eager_peers_param(args.eager_peers),
+            "ours_want_delay_ms": args
+                .want_delay_ms
+                .unwrap_or(mesh_relay::LazyPush::default().want_delay.as_millis() as u64),
             "gossipsub": {
                 "mesh_n": args.mesh_n,
                 "mesh_n_low": gossipsub::mesh_params(args).0,

@@ -122,6 +122,18 @@ pub fn plan(quick: bool) -> Vec<Planned> {
         ),
         planned(
             "relay",
+            "Relay vs gossipsub, 100 nodes, 10 batches/s, CPUs kept awake",
+            "issue 3/9: the run above with the virtual CPUs kept from halting between \
+             messages (--keep-cpus-awake: one SCHED_IDLE spinner per CPU in another process, \
+             which takes no CPU time from the relays). The difference to the run above is the \
+             hypervisor waking idle CPUs; what is left is the relays' own work",
+            &q(
+                &["--nodes", "100", "--rate", "10", "--skip-relay-rate", "--keep-cpus-awake"],
+                &["--batches", "60"],
+            ),
+        ),
+        planned(
+            "relay",
             "Relay vs gossipsub, 300 nodes, 5 batches/s",
             "issue 9: p99 <= 0.5 x gossipsub's at 300 nodes, 100 % delivery",
             &q(&["--nodes", "300", "--rate", "5", "--skip-relay-rate"], &["--batches", "40"]),

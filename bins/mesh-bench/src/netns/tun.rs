@@ -3,8 +3,9 @@
 //! other after a fixed delay, dropping a share of them at random (what `tc qdisc ... netem
 //! delay D loss L%` does on a veth pair). Packets keep their order (one delay for all).
 //!
-//! The only unsafe code of the benchmarks is here: the `TUNSETIFF` ioctl that attaches the
-//! open `/dev/net/tun` file to a named device, and handing that file to Tokio's reactor.
+//! Most of the benchmarks' unsafe code is here (the rest is one `sched_setscheduler` call in
+//! `awake`): the `TUNSETIFF` ioctl that attaches the open `/dev/net/tun` file to a named
+//! device, and handing that file to Tokio's reactor.
 #![allow(unsafe_code)] // the TUNSETIFF ioctl (`attach`) and the reactor registration (`register`)
 
 use std::fs::File;
