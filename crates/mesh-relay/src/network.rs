@@ -582,7 +582,7 @@ impl SwarmTask {
                 }
             }
             Action::Disconnect(peer) => {
-                debug!(%peer, "pruning peer above the maximum connection count");
+                debug!(%peer, "pruning peer (above the maximum, or replaced by an explored one)");
                 let _ = self.swarm.disconnect_peer_id(peer);
             }
             Action::Ban(peer) => {

@@ -7,8 +7,13 @@
 //! distance, with some randomness so that the mesh does not converge on one shape. Between the
 //! two it dials one known peer at random now and then (`explore_interval`), so that the parts
 //! of a mesh that lost every link between them (a network partition) find each other again
-//! once the network heals, even when every node kept its minimum on its own side. A peer that
-//! sends more invalid messages than its budget allows within a window is banned for a while.
+//! once the network heals, even when every node kept its minimum on its own side. From the
+//! midpoint between the two on ([`PeerManager::target`]) an explored link replaces older ones:
+//! once it is up, the node drops peers (chosen as above the maximum) down to the midpoint. So
+//! exploring renews links without piling them up, and the peer count stays near the midpoint
+//! (peers dialing in push it up between two explores) instead of drifting up to the maximum.
+//! A peer that sends more invalid messages than its budget allows within a window is banned
+//! for a while.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
@@ -37,7 +42,8 @@ pub struct Config {
     /// Most known (not connected) peers remembered.
     pub max_known_peers: usize,
     /// While at or above the minimum and below the maximum, dial one known peer picked at
-    /// random about this often (between half and one and a half times it); `None` never.
+    /// random about this often (between half and one and a half times it); `None` never. From
+    /// [`PeerManager::target`] on, each such link replaces older ones (down to the target).
     pub explore_interval: Option<Duration>,
 }
 
@@ -108,6 +114,8 @@ pub struct PeerManager {
     bans_total: u64,
     /// When to dial a random known peer next (`explore_interval`).
     explore_at: Option<Instant>,
+    /// The peer an explore dialed at or above the target: once connected, an older link goes.
+    replacing: Option<PeerId>,
 }
 
 /// Most addresses remembered per peer.
@@ -126,7 +134,15 @@ impl PeerManager {
             charges: HashMap::new(),
             bans_total: 0,
             explore_at: None,
+            replacing: None,
         }
+    }
+
+    /// The peer count that exploring keeps: the midpoint between the minimum and the maximum
+    /// (rounded up). Below it an explored link is added; from it on, once the explored link is
+    /// up, older ones are dropped down to it.
+    pub fn target(&self) -> usize {
+        (self.config.min_peers + self.config.max_peers).div_ceil(2)
     }
 
     /// The settings.
@@ -332,31 +348,58 @@ impl PeerManager {
             }
         }
 
+        if let Some(peer) = self.replacing {
+            if self.connected.contains_key(&peer) {
+                // The explored link is up: older ones go, down to the target (more than one
+                // when peers that dialed in took the count above it).
+                self.replacing = None;
+                let excess = self.connected.len().saturating_sub(self.target());
+                if excess > 0 {
+                    self.prune(excess, now, Some(peer), &mut actions);
+                }
+            } else if !self.dialing.contains(&peer) {
+                self.replacing = None;
+            }
+        }
+
         if let Some(every) = self.config.explore_interval {
             self.explore(every, have, now, &mut actions);
         }
 
         if self.connected.len() > self.config.max_peers {
             let excess = self.connected.len() - self.config.max_peers;
-            let mut prunable: Vec<(PeerId, u8)> = self
-                .connected
-                .iter()
-                .filter(|(_, c)| now.duration_since(c.since) >= self.config.prune_grace)
-                .filter(|(p, _)| !self.known.get(p).is_some_and(|k| k.pinned))
-                .map(|(p, c)| (*p, c.distance.unwrap_or(u8::MAX)))
-                .collect();
-            // The farthest twice-the-excess, then a random choice among them, so a few far
-            // peers survive and the mesh keeps some long links.
-            prunable.shuffle(&mut rand::thread_rng());
-            prunable.sort_by_key(|(_, d)| std::cmp::Reverse(*d));
-            prunable.truncate(excess * 2);
-            prunable.shuffle(&mut rand::thread_rng());
-            for (peer, _) in prunable.into_iter().take(excess) {
-                self.connected.remove(&peer);
-                actions.push(Action::Disconnect(peer));
-            }
+            self.prune(excess, now, None, &mut actions);
         }
         actions
+    }
+
+    /// Drops `count` connected peers other than `keep`, past their grace period and not pinned:
+    /// the farthest from a provider, with some randomness.
+    fn prune(
+        &mut self,
+        count: usize,
+        now: Instant,
+        keep: Option<PeerId>,
+        actions: &mut Vec<Action>,
+    ) {
+        let mut prunable: Vec<(PeerId, u8)> = self
+            .connected
+            .iter()
+            .filter(|(_, c)| now.duration_since(c.since) >= self.config.prune_grace)
+            .filter(|(p, _)| !self.known.get(p).is_some_and(|k| k.pinned))
+            .filter(|(p, _)| keep != Some(**p))
+            .map(|(p, c)| (*p, c.distance.unwrap_or(u8::MAX)))
+            .collect();
+        // The farthest twice-the-count, then a random choice among them, so a few far peers
+        // survive and the mesh keeps some long links.
+        prunable.shuffle(&mut rand::thread_rng());
+        prunable.sort_by_key(|(_, d)| std::cmp::Reverse(*d));
+        prunable.truncate(count * 2);
+        prunable.shuffle(&mut rand::thread_rng());
+        for (peer, _) in prunable.into_iter().take(count) {
+            self.connected.remove(&peer);
+            actions.push(Action::Disconnect(peer));
+        }
     }
 
     /// Known peers that may be dialed now, in random order.
@@ -379,7 +422,8 @@ impl PeerManager {
     /// Every `every` or so, while `have` (connected and being dialed) is between the minimum
     /// (below it `tick` dials anyway) and the maximum, dials one known peer at random. Random,
     /// not nearest first: what heals a partition is a link to a part of the mesh this node
-    /// has no path to, and nothing tells which peers those are.
+    /// has no path to, and nothing tells which peers those are. At or above the
+    /// [`target`](Self::target), the new link will replace older ones.
     fn explore(&mut self, every: Duration, have: usize, now: Instant, actions: &mut Vec<Action>) {
         let due = *self.explore_at.get_or_insert_with(|| now + jittered(every));
         if now < due {
@@ -392,6 +436,9 @@ impl PeerManager {
         let pick = self.dial_candidates(now).first().map(|(p, k)| (**p, k.addrs.clone()));
         if let Some((peer, addrs)) = pick {
             self.dialing.insert(peer);
+            if self.connected.len() >= self.target() {
+                self.replacing = Some(peer);
+            }
             actions.push(Action::Dial(peer, addrs));
         }
     }
@@ -480,6 +527,86 @@ mod tests {
         off.add_addresses(others[0], vec![addr(9)], false);
         tokio::time::advance(every * 4).await;
         assert!(off.tick(Instant::now()).is_empty());
+    }
+
+    /// A manager between 3 and 10 peers (target 7) exploring every 30 s, with `connected`
+    /// peers connected and one more known: returns it, the connected ones and the known one.
+    fn exploring(connected: usize) -> (PeerManager, Vec<PeerId>, PeerId) {
+        let mut m = PeerManager::new(
+            peer(),
+            Config {
+                min_peers: 3,
+                max_peers: 10,
+                prune_grace: Duration::from_secs(10),
+                explore_interval: Some(Duration::from_secs(30)),
+                ..Config::default()
+            },
+        );
+        let old: Vec<PeerId> = (0..connected).map(|_| peer()).collect();
+        for p in &old {
+            m.on_connected(*p, Instant::now());
+        }
+        let fresh = peer();
+        m.add_addresses(fresh, vec![addr(1)], false);
+        // The first tick schedules the first explore, 15 to 45 s on.
+        assert!(m.tick(Instant::now()).is_empty());
+        (m, old, fresh)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_explored_link_replaces_an_older_one_from_the_target_on() {
+        let (mut m, old, fresh) = exploring(7);
+        assert_eq!(m.target(), 7);
+        // Past the explore interval (and the old links' grace period): one dial, nothing else.
+        tokio::time::advance(Duration::from_secs(46)).await;
+        assert_eq!(m.tick(Instant::now()), vec![Action::Dial(fresh, vec![addr(1)])]);
+        // Nothing goes while the dial is in flight.
+        assert!(m.tick(Instant::now()).is_empty());
+        m.on_connected(fresh, Instant::now());
+        assert_eq!(m.connected_count(), 8);
+        // Once it is up, one of the older links goes, and only one.
+        let dropped = match m.tick(Instant::now()).as_slice() {
+            [Action::Disconnect(p)] => *p,
+            other => panic!("unexpected {other:?}"),
+        };
+        assert!(old.contains(&dropped), "an older link goes, not the new one");
+        assert_eq!(m.connected_count(), 7);
+        assert!(m.distance(&fresh).is_none() && m.connected().any(|p| *p == fresh));
+        assert!(m.tick(Instant::now()).is_empty(), "one link per explored one");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_explored_link_trims_the_count_down_to_the_target() {
+        // Nine peers (two dialed in above the target): the explored link makes ten, and three
+        // older links go.
+        let (mut m, old, fresh) = exploring(9);
+        tokio::time::advance(Duration::from_secs(46)).await;
+        assert_eq!(m.tick(Instant::now()), vec![Action::Dial(fresh, vec![addr(1)])]);
+        m.on_connected(fresh, Instant::now());
+        let actions = m.tick(Instant::now());
+        assert_eq!(actions.len(), 3, "{actions:?}");
+        assert!(actions.iter().all(|a| matches!(a, Action::Disconnect(p) if old.contains(p))));
+        assert_eq!(m.connected_count(), 7);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_explored_link_is_added_below_the_target() {
+        let (mut m, _, fresh) = exploring(5);
+        tokio::time::advance(Duration::from_secs(46)).await;
+        assert_eq!(m.tick(Instant::now()), vec![Action::Dial(fresh, vec![addr(1)])]);
+        m.on_connected(fresh, Instant::now());
+        assert!(m.tick(Instant::now()).is_empty(), "below the target nothing is dropped");
+        assert_eq!(m.connected_count(), 6);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_explore_drops_nothing() {
+        let (mut m, _, fresh) = exploring(8);
+        tokio::time::advance(Duration::from_secs(46)).await;
+        assert_eq!(m.tick(Instant::now()), vec![Action::Dial(fresh, vec![addr(1)])]);
+        m.on_dial_failed(&fresh, Instant::now());
+        assert!(m.tick(Instant::now()).is_empty(), "no new link, so no old one goes");
+        assert_eq!(m.connected_count(), 8);
     }
 
     #[tokio::test(start_paused = true)]
