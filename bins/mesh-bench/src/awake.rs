@@ -35,10 +35,9 @@ pub struct Awake {
 }
 
 impl Awake {
-    /// Starts a keeper with one spinning thread per CPU. Call it from the main thread: the
-    /// keeper dies when the thread that started it ends.
-    pub fn start() -> anyhow::Result<Self> {
-        let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    /// Starts a keeper with `threads` spinning threads (one per CPU). Call it from the main
+    /// thread: the keeper dies when the thread that started it ends.
+    pub fn start(threads: usize) -> anyhow::Result<Self> {
         let child = Command::new(std::env::current_exe()?)
             .args(["awake", "--threads", &threads.to_string()])
             .args(["--parent", &std::process::id().to_string()])

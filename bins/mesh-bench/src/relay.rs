@@ -109,6 +109,15 @@ pub struct Args {
     pub skip_relay_rate: bool,
 }
 
+/// Our relay's lazy-push settings for this run: `--eager-peers` and `--want-delay-ms`.
+pub fn our_lazy_push(args: &Args) -> mesh_relay::LazyPush {
+    let mut lazy = lazy_push(args.eager_peers);
+    if let Some(ms) = args.want_delay_ms {
+        lazy.want_delay = Duration::from_millis(ms);
+    }
+    lazy
+}
+
 /// Our relay's lazy-push settings for an `--eager-peers` option (0: flood).
 pub fn lazy_push(eager_peers: usize) -> mesh_relay::LazyPush {
     match eager_peers {
@@ -320,7 +329,11 @@ pub fn load_average() -> String {
 pub fn run(args: &Args) -> anyhow::Result<Report> {
     // Started here, on the main thread, which outlives the measurement (the keeper ends with
     // the thread that started it).
-    let awake = if args.keep_cpus_awake { Some(crate::awake::Awake::start()?) } else { None };
+    let awake = if args.keep_cpus_awake {
+        Some(crate::awake::Awake::start(worker_threads())?)
+    } else {
+        None
+    };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     let mut report = rt.block_on(measure(args))?;
     report.params["cpus_kept_awake"] = match &awake {
@@ -401,9 +414,7 @@ async fn measure(args: &Args) -> anyhow::Result<Report> {
             "ttl": args.ttl,
             "seed": args.seed,
             "ours_eager_peers": eager_peers_param(args.eager_peers),
-            "ours_want_delay_ms": args
-                .want_delay_ms
-                .unwrap_or(mesh_relay::LazyPush::default().want_delay.as_millis() as u64),
+            "ours_want_delay_ms": our_lazy_push(args).want_delay.as_millis() as u64,
             "gossipsub": {
                 "mesh_n": args.mesh_n,
                 "mesh_n_low": gossipsub::mesh_params(args).0,

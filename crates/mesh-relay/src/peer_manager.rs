@@ -553,13 +553,18 @@ mod tests {
         (m, old, fresh)
     }
 
+    /// Lets the explore interval (and the old links' grace period) pass: the tick dials
+    /// `fresh`, and does nothing else.
+    async fn explores(m: &mut PeerManager, fresh: PeerId) {
+        tokio::time::advance(Duration::from_secs(46)).await;
+        assert_eq!(m.tick(Instant::now()), vec![Action::Dial(fresh, vec![addr(1)])]);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn an_explored_link_replaces_an_older_one_from_the_target_on() {
         let (mut m, old, fresh) = exploring(7);
         assert_eq!(m.target(), 7);
-        // Past the explore interval (and the old links' grace period): one dial, nothing else.
-        tokio::time::advance(Duration::from_secs(46)).await;
-        assert_eq!(m.tick(Instant::now()), vec![Action::Dial(fresh, vec![addr(1)])]);
+        explores(&mut m, fresh).await;
         // Nothing goes while the dial is in flight.
         assert!(m.tick(Instant::now()).is_empty());
         m.on_connected(fresh, Instant::now());
@@ -580,8 +585,7 @@ mod tests {
         // Nine peers (two dialed in above the target): the explored link makes ten, and three
         // older links go.
         let (mut m, old, fresh) = exploring(9);
-        tokio::time::advance(Duration::from_secs(46)).await;
-        assert_eq!(m.tick(Instant::now()), vec![Action::Dial(fresh, vec![addr(1)])]);
+        explores(&mut m, fresh).await;
         m.on_connected(fresh, Instant::now());
         let actions = m.tick(Instant::now());
         assert_eq!(actions.len(), 3, "{actions:?}");
@@ -592,8 +596,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_explored_link_is_added_below_the_target() {
         let (mut m, _, fresh) = exploring(5);
-        tokio::time::advance(Duration::from_secs(46)).await;
-        assert_eq!(m.tick(Instant::now()), vec![Action::Dial(fresh, vec![addr(1)])]);
+        explores(&mut m, fresh).await;
         m.on_connected(fresh, Instant::now());
         assert!(m.tick(Instant::now()).is_empty(), "below the target nothing is dropped");
         assert_eq!(m.connected_count(), 6);
@@ -602,8 +605,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_failed_explore_drops_nothing() {
         let (mut m, _, fresh) = exploring(8);
-        tokio::time::advance(Duration::from_secs(46)).await;
-        assert_eq!(m.tick(Instant::now()), vec![Action::Dial(fresh, vec![addr(1)])]);
+        explores(&mut m, fresh).await;
         m.on_dial_failed(&fresh, Instant::now());
         assert!(m.tick(Instant::now()).is_empty(), "no new link, so no old one goes");
         assert_eq!(m.connected_count(), 8);

@@ -26,10 +26,7 @@ fn copies_received(s: &StatsSnapshot) -> u64 {
 /// Builds the net, publishes the workload, waits for every delivery and collects the figures.
 pub async fn run(args: &Args, workload: &Workload) -> anyhow::Result<(NetResult, Memory)> {
     let rss_before = rss_bytes()?;
-    let mut lazy = super::lazy_push(args.eager_peers);
-    if let Some(ms) = args.want_delay_ms {
-        lazy.want_delay = std::time::Duration::from_millis(ms);
-    }
+    let lazy = super::our_lazy_push(args);
     let net = TestNet::builder()
         .nodes(args.nodes)
         .topology(Topology::RandomRegular { degree: args.degree })
