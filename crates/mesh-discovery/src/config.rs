@@ -114,8 +114,8 @@ pub struct Config {
     pub mdns_port: u16,
     /// `MESH_BOOTSTRAP_PEERS` (none).
     pub bootstrap_peers: Vec<BootstrapPeer>,
-    /// `MESH_BLE_ENABLED`: true by default in builds with the `ble` feature, and only allowed
-    /// there.
+    /// `MESH_BLE_ENABLED`: false by default, so a node scans only when told to; true is allowed
+    /// only in builds with the `ble` feature.
     pub ble_enabled: bool,
     /// Events waiting for the node before discovery waits for it.
     pub event_queue_len: usize,
@@ -134,7 +134,7 @@ impl Default for Config {
             mdns_interfaces: Vec::new(),
             mdns_port: MDNS_PORT,
             bootstrap_peers: Vec::new(),
-            ble_enabled: cfg!(feature = "ble"),
+            ble_enabled: false,
             event_queue_len: 256,
             max_addrs_per_peer: MAX_ADDRS,
             max_tracked_peers: 1024,
@@ -172,7 +172,10 @@ pub enum ConfigError {
     #[error("MESH_BOOTSTRAP_PEERS: {0}")]
     Bootstrap(#[from] bootstrap::BootstrapError),
     /// `MESH_BLE_ENABLED=true` in a build without BLE.
-    #[error("MESH_BLE_ENABLED=true but this build has no BLE support (cargo feature `ble`)")]
+    #[error(
+        "MESH_BLE_ENABLED=true but this build has no BLE support (cargo feature `ble`: \
+         cargo build --release -p mesh-node --features ble)"
+    )]
     BleNotBuilt,
 }
 
@@ -339,6 +342,7 @@ mod tests {
         assert!(config.mdns_enabled);
         assert!(config.mdns_interfaces.is_empty());
         assert_eq!(config.mdns_port, 5353);
+        assert!(!config.ble_enabled, "BLE scans only when MESH_BLE_ENABLED=true");
         assert_eq!(Config::from_lookup(lookup(&[])).unwrap(), config);
         Config::loopback(5454).validate().unwrap();
     }

@@ -12,7 +12,8 @@
 //! - **Bootstrap** ([`bootstrap`]): `MESH_BOOTSTRAP_PEERS`, multiaddrs ending with
 //!   `/p2p/<peer id>`, reported once at start.
 //! - **BLE** ([`ble`], with btleplug behind the cargo feature `ble`): scans for service data
-//!   under the mesh service UUID. Any BLE error means "BLE off", logged once.
+//!   under the mesh service UUID, when `MESH_BLE_ENABLED=true` (`mesh-node` builds it with its
+//!   own feature `ble`). Any BLE error means "BLE off", logged once.
 //!
 //! Everything is bounded: the event queue, addresses per peer, peers tracked, TXT and BLE
 //! payload sizes. Records from the network are parsed without panicking and our own

@@ -117,7 +117,7 @@ pub const VARIABLES: &[Variable] = &[
         "MESH_BLE_ENABLED",
         "false",
         "true/false",
-        "scan for peers over Bluetooth LE (build feature `ble`)",
+        "scan for peers over Bluetooth LE (build feature `ble`; true is refused without it)",
     ),
     var("MESH_DATA_DIR", "data", "path", "node key, provider key, SQLite file"),
     var("MESH_NODE_SOCKET", "data/node.sock", "path", "Unix socket for mesh-api"),
