@@ -254,6 +254,16 @@ pub fn run(args: &Args) -> anyhow::Result<Report> {
     })
 }
 
+/// The last lines of a failed run's output before any backtrace: with `RUST_BACKTRACE` set, an
+/// error or a panic message is followed by dozens of frames, and the message is what matters.
+fn tail(output: &str) -> String {
+    let before_backtrace =
+        output.to_ascii_lowercase().find("stack backtrace:").map_or(output, |at| &output[..at]);
+    let lines: Vec<&str> =
+        before_backtrace.lines().rev().filter(|l| !l.trim().is_empty()).take(12).collect();
+    lines.into_iter().rev().collect::<Vec<_>>().join("\n")
+}
+
 /// Runs `exe args` with a deadline; its stdout must be one JSON document.
 fn run_one(
     exe: &std::path::Path,
@@ -295,14 +305,27 @@ fn run_one(
     };
     let stdout = out.join().unwrap_or_default();
     let stderr = err.join().unwrap_or_default();
-    let tail = |s: &str| -> String {
-        let lines: Vec<&str> = s.lines().rev().take(12).collect();
-        lines.into_iter().rev().collect::<Vec<_>>().join("\n")
-    };
     match status {
         None => Err(format!("killed after {} min\n{}", timeout.as_secs() / 60, tail(&stderr))),
         Some(s) if !s.success() => Err(format!("exited with {s}\n{}", tail(&stderr))),
         Some(_) => serde_json::from_str(&stdout)
             .map_err(|e| format!("its output is not JSON ({e}): {}", tail(&stdout))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tail;
+
+    #[test]
+    fn a_failure_shows_the_message_not_the_backtrace() {
+        let anyhow = "log line\nError: not every node has 8 peers\n\nStack backtrace:\n   0: \
+                      main\n             at src/main.rs:1:1\n   1: _start\n";
+        assert_eq!(tail(anyhow), "log line\nError: not every node has 8 peers");
+        let panic = "thread 'main' panicked at src/x.rs:3:5:\nboom\nstack backtrace:\n   0: f\n";
+        assert_eq!(tail(panic), "thread 'main' panicked at src/x.rs:3:5:\nboom");
+        let long: String = (1..=20).map(|i| format!("line {i}\n")).collect();
+        assert_eq!(tail(&long).lines().count(), 12);
+        assert!(tail(&long).ends_with("line 20"));
     }
 }
