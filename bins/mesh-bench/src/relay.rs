@@ -28,8 +28,9 @@
 //! time goes.
 //!
 //! Run with `cargo run --release -p mesh-bench -- relay` (100 nodes: about 25 s on two cores)
-//! or `-- relay --nodes 300` (about 60 s); `--skip-gossipsub`, `--skip-ours` and
-//! `--skip-relay-rate` run parts alone (for profiling).
+//! or `-- relay --nodes 300` (about 60 s, or two minutes more when a gossipsub node has to wait
+//! out a 60 s prune backoff before its mesh forms: its details give `mesh_formed_secs`);
+//! `--skip-gossipsub`, `--skip-ours` and `--skip-relay-rate` run parts alone (for profiling).
 //!
 //! **Idle CPUs.** On a virtual machine, an idle CPU halts and waking it costs a trip through
 //! the hypervisor. A hundred relays in one process sleep and wake many times per message, so at
