@@ -88,6 +88,7 @@ pub async fn run(args: &Args, workload: &Workload) -> anyhow::Result<(NetResult,
         cpu,
         ..NetResult::default()
     };
+    let mut by_hop = ArrivalByHop::default();
     for (k, id) in workload.ids.iter().enumerate() {
         let publisher = workload.publishers[k];
         let mut last = Some(published_at[k]);
@@ -96,6 +97,7 @@ pub async fn run(args: &Args, workload: &Workload) -> anyhow::Result<(NetResult,
                 Some(r) => {
                     result.delivered += 1;
                     last = last.map(|l| l.max(r.at));
+                    by_hop.add(r.hop_count, r.at.saturating_duration_since(published_at[k]));
                 }
                 None => last = None,
             }
@@ -107,7 +109,6 @@ pub async fn run(args: &Args, workload: &Workload) -> anyhow::Result<(NetResult,
             None => result.incomplete += 1,
         }
     }
-    let by_hop = arrival_by_hop(&net, workload, &published_at);
     let all = stats();
     let sum = |f: fn(&StatsSnapshot) -> u64| all.iter().map(f).sum::<u64>();
     result.copies = sum(copies_received);
@@ -129,7 +130,7 @@ pub async fn run(args: &Args, workload: &Workload) -> anyhow::Result<(NetResult,
         "dropped_stream_lost": sum(|s| s.dropped_stream_lost),
         "streams_opened": sum(|s| s.streams_opened),
         "stream_open_failures": sum(|s| s.stream_open_failures),
-        "arrival_by_hop": by_hop,
+        "arrival_by_hop": by_hop.to_json(),
         "max_delivery_count": net
             .nodes()
             .iter()
@@ -150,33 +151,32 @@ pub async fn run(args: &Args, workload: &Workload) -> anyhow::Result<(NetResult,
 /// When first copies arrived, by the hop count they carried: how many, and their mean and
 /// longest time from the publish call, in ms. Where a message's time goes (per hop, or at the
 /// few nodes reached late over a long path) shows here and not in the end-to-end figures.
-fn arrival_by_hop(
-    net: &TestNet,
-    workload: &Workload,
-    published_at: &[Instant],
-) -> serde_json::Value {
-    // hop count -> (deliveries, sum of ms, longest ms)
-    let mut per_hop: std::collections::BTreeMap<u8, (u64, f64, f64)> = Default::default();
-    for (k, id) in workload.ids.iter().enumerate() {
-        for node in net.nodes().iter().filter(|n| n.index != workload.publishers[k]) {
-            if let Some(r) = node.received(id) {
-                let ms = r.at.saturating_duration_since(published_at[k]).as_secs_f64() * 1000.0;
-                let entry = per_hop.entry(r.hop_count).or_default();
-                entry.0 += 1;
-                entry.1 += ms;
-                entry.2 = entry.2.max(ms);
-            }
-        }
+#[derive(Default)]
+struct ArrivalByHop {
+    /// hop count -> (deliveries, sum of ms, longest ms)
+    per_hop: std::collections::BTreeMap<u8, (u64, f64, f64)>,
+}
+
+impl ArrivalByHop {
+    fn add(&mut self, hop_count: u8, after_publish: Duration) {
+        let ms = after_publish.as_secs_f64() * 1000.0;
+        let entry = self.per_hop.entry(hop_count).or_default();
+        entry.0 += 1;
+        entry.1 += ms;
+        entry.2 = entry.2.max(ms);
     }
-    per_hop
-        .into_iter()
-        .map(|(hop, (deliveries, sum, max))| {
-            json!({
-                "hop_count": hop,
-                "deliveries": deliveries,
-                "mean_ms": sum / deliveries as f64,
-                "max_ms": max,
+
+    fn to_json(&self) -> serde_json::Value {
+        self.per_hop
+            .iter()
+            .map(|(hop, &(deliveries, sum, max))| {
+                json!({
+                    "hop_count": hop,
+                    "deliveries": deliveries,
+                    "mean_ms": sum / deliveries as f64,
+                    "max_ms": max,
+                })
             })
-        })
-        .collect()
+            .collect()
+    }
 }
