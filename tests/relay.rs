@@ -228,6 +228,47 @@ async fn a_duplicate_with_more_ttl_is_forwarded_again_but_not_delivered_twice() 
     Ok(())
 }
 
+/// A burst of frames on one link: the reader prepares frames on other tasks while it reads on
+/// (so a busy link keeps both cores checking signatures), and still hands them to the core in
+/// the order they came. Every message is delivered once and in order: an older message of the
+/// origin overtaken by a newer one would be dropped as `stale`. The forged ones in the middle
+/// are rejected and the rest are forwarded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_on_one_link_is_checked_in_parallel_and_delivered_in_order() -> anyhow::Result<()> {
+    const BURST: u64 = 400;
+    let net = TestNet::builder().nodes(3).topology(Topology::Line).build().await?;
+    let (sender, relay_peer) = (net.node(0).running()?, net.node(1).peer_id());
+    let p = provider(40);
+    let base = now_ms() - 10_000;
+    let mut ids = Vec::new();
+    for k in 0..BURST {
+        let mut envelope = price_batch(&p, k, base + k as i64, 50, 10)?;
+        if k % 100 == 50 {
+            envelope.signature = provider(41).sign_body(&envelope.body);
+        } else {
+            ids.push(envelope.message_id());
+        }
+        sender.send_raw_frame(relay_peer, encode_envelope(&envelope)?).await?;
+    }
+    let expected = ids.len();
+    eventually(WAIT, "the burst delivered by nodes 1 and 2", || {
+        net.node(1).received_count() == expected && net.node(2).received_count() == expected
+    })
+    .await?;
+
+    let relay = net.node(1).running()?.stats();
+    assert_eq!(relay.delivered, expected as u64, "{relay:?}");
+    assert_eq!(relay.rejected(RejectReason::BadSignature), 4, "{relay:?}");
+    assert_eq!(relay.rejected_total(), 4, "{relay:?}");
+    assert_eq!(relay.stale, 0, "no message overtook an older one: {relay:?}");
+    assert!(relay.prepared_in_parallel > 0, "frames waited behind others: {relay:?}");
+    let arrivals: Vec<_> = ids.iter().map(|id| net.node(1).received(id).unwrap()).collect();
+    assert!(arrivals.iter().all(|r| r.count == 1));
+    assert!(arrivals.windows(2).all(|w| w[0].at <= w[1].at), "delivered in order");
+    net.shutdown().await;
+    Ok(())
+}
+
 fn body_with(identity: &Identity, created_at_ms: i64, prices: Vec<PriceUpdate>) -> Body {
     Body::new(identity, created_at_ms, Payload::PriceBatch { round: 1, prices })
 }

@@ -34,6 +34,13 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
     Ok(())
 }
 
+/// Whether `buffered` begins with a whole frame, prefix and bytes: reading it needs no I/O.
+pub fn whole_frame_buffered(buffered: &[u8]) -> bool {
+    buffered
+        .first_chunk::<4>()
+        .is_some_and(|len| buffered.len() - 4 >= u32::from_be_bytes(*len) as usize)
+}
+
 /// Appends `frame` with its length prefix to `out`: a writer batches several frames into one
 /// buffer and one write, since every write on a yamux stream becomes a yamux frame (and, once
 /// flushed, a noise message) of its own.
@@ -76,5 +83,17 @@ mod tests {
             Err(ReadError::TooLarge(u32::MAX))
         ));
         assert!(buf.capacity() < 1024, "nothing allocated for a refused frame");
+    }
+
+    #[test]
+    fn a_whole_frame_is_seen_in_a_buffer() {
+        let mut out = Vec::new();
+        put_frame(&mut out, b"hello").unwrap();
+        assert!(whole_frame_buffered(&out));
+        assert!(!whole_frame_buffered(&out[..out.len() - 1]), "one byte short");
+        assert!(!whole_frame_buffered(&out[..3]), "prefix cut");
+        assert!(!whole_frame_buffered(&[]));
+        assert!(whole_frame_buffered(&[0, 0, 0, 0]), "an empty frame is whole");
+        assert!(!whole_frame_buffered(&u32::MAX.to_be_bytes()));
     }
 }

@@ -17,7 +17,7 @@
 //! - **writers**, one per peer, keep one outbound stream open (reopened with backoff) and
 //!   drain the peer's bounded queue into it; a full queue drops the frame and counts it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -789,6 +789,11 @@ struct Writer {
 /// its accept loop could not take in time (libp2p#5651), and the opener only learns of it from
 /// this byte (or its absence).
 const STREAM_READY: u8 = 0x01;
+/// Bytes a reader takes from its stream at once. A few frames of a busy link arrive together,
+/// and the reader can see that the next one is there before it prepares the current one.
+const READ_BUFFER: usize = 16 * 1024;
+/// Frames of one link being prepared on other tasks at most (while more wait in the buffer).
+const PIPELINE_DEPTH: usize = 8;
 /// How long a writer waits for [`STREAM_READY`].
 const READY_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -978,7 +983,8 @@ struct Reader {
 }
 
 impl Reader {
-    async fn run(self, mut stream: libp2p::Stream) {
+    async fn run(self, stream: libp2p::Stream) {
+        let mut stream = futures::io::BufReader::with_capacity(READ_BUFFER, stream);
         let mut buf = Vec::new();
         let ready = async {
             stream.write_all(&[STREAM_READY]).await?;
@@ -987,9 +993,20 @@ impl Reader {
         if ready.await.is_err() {
             return;
         }
+        // Frames handed to other tasks for preparation, oldest first.
+        let mut pipeline = VecDeque::new();
         let cancelled = self.token.cancelled();
         tokio::pin!(cancelled);
-        loop {
+        'read: loop {
+            // Before waiting on the stream, pass on what the pipeline holds: a frame never
+            // waits for the next one to arrive.
+            if !pipeline.is_empty() && !framing::whole_frame_buffered(stream.buffer()) {
+                while let Some(task) = pipeline.pop_front() {
+                    if !self.pass_on_spawned(task, cancelled.as_mut()).await {
+                        break 'read;
+                    }
+                }
+            }
             let read = tokio::select! {
                 () = &mut cancelled => break,
                 r = framing::read_frame(&mut stream, &mut buf) => r,
@@ -998,18 +1015,34 @@ impl Reader {
                 Ok(()) => {
                     let frame = std::mem::take(&mut buf);
                     let now = now_ms() + self.ctx.config.clock_offset_ms;
-                    let prepared = self.ctx.preparer.prepare(&frame, now).map(Box::new);
-                    CoreInput::Frame { peer: self.peer, frame, prepared }
+                    if framing::whole_frame_buffered(stream.buffer()) {
+                        // More frames wait behind this one: prepare it on another task, so
+                        // that a busy link keeps every core checking signatures, and read on.
+                        let (preparer, peer) = (self.ctx.preparer.clone(), self.peer);
+                        let task = async move { prepared_input(&preparer, peer, frame, now) };
+                        pipeline.push_back(self.ctx.tracker.spawn(task));
+                        bump(&self.ctx.stats.prepared_in_parallel);
+                        if pipeline.len() >= PIPELINE_DEPTH
+                            && let Some(task) = pipeline.pop_front()
+                            && !self.pass_on_spawned(task, cancelled.as_mut()).await
+                        {
+                            break;
+                        }
+                        continue;
+                    }
+                    prepared_input(&self.ctx.preparer, self.peer, frame, now)
                 }
                 Err(ReadError::TooLarge(_)) => CoreInput::Oversized { peer: self.peer },
                 Err(ReadError::Io(_)) => break,
             };
+            // In order: what the pipeline holds came first.
+            while let Some(task) = pipeline.pop_front() {
+                if !self.pass_on_spawned(task, cancelled.as_mut()).await {
+                    break 'read;
+                }
+            }
             let oversized = matches!(input, CoreInput::Oversized { .. });
-            let sent = tokio::select! {
-                () = &mut cancelled => break,
-                s = self.ctx.core_tx.send(input) => s,
-            };
-            if sent.is_err() || oversized {
+            if !self.pass_on(input, cancelled.as_mut()).await || oversized {
                 // After an oversized prefix the stream is out of step: drop it.
                 break;
             }
@@ -1020,6 +1053,41 @@ impl Reader {
             readers.remove(&self.peer);
         }
     }
+
+    /// Sends `input` to the core; `false` when the reader should stop.
+    async fn pass_on(
+        &self,
+        input: CoreInput,
+        cancelled: std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+    ) -> bool {
+        tokio::select! {
+            () = cancelled => false,
+            sent = self.ctx.core_tx.send(input) => sent.is_ok(),
+        }
+    }
+
+    /// Waits for a frame prepared on another task and sends it to the core.
+    async fn pass_on_spawned(
+        &self,
+        task: tokio::task::JoinHandle<CoreInput>,
+        cancelled: std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+    ) -> bool {
+        match task.await {
+            Ok(input) => self.pass_on(input, cancelled).await,
+            Err(e) => {
+                // Only a panic in the decoder or the checks gets here: drop the link, as for
+                // a broken stream.
+                warn!("preparing a frame failed: {e}");
+                false
+            }
+        }
+    }
+}
+
+/// Decodes and checks `frame` as far as a reader may ([`Preparer::prepare`]).
+fn prepared_input(preparer: &Preparer, peer: PeerId, frame: Vec<u8>, now_ms: i64) -> CoreInput {
+    let prepared = preparer.prepare(&frame, now_ms).map(Box::new);
+    CoreInput::Frame { peer, frame, prepared }
 }
 
 /// Answers peer-exchange requests with the current list of peers and their addresses.

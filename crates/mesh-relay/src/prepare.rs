@@ -2,7 +2,10 @@
 //! (one task) sees them: decoding, hashing, and for the first copy of a message from an origin
 //! the node has accepted messages from, the signature check. The core is then left with the
 //! seen check, the replay marks and the forwarding decisions, so one relay's throughput is no
-//! longer bounded by one core's signature checks.
+//! longer bounded by one core's signature checks. A reader that finds more whole frames
+//! waiting behind the one it has read runs this on a task of its own for that frame and reads
+//! on, so one busy link is spread over the cores too; it hands the results to the core in the
+//! order the frames came.
 //!
 //! Later copies of a message, and messages of unknown origins, are only decoded here: the core
 //! drops duplicates without a check, and checks the rest itself after the budget of unknown

@@ -31,6 +31,7 @@ pub struct Stats {
     pub(crate) streams_opened: AtomicU64,
     pub(crate) stream_open_failures: AtomicU64,
     pub(crate) inbound_streams_replaced: AtomicU64,
+    pub(crate) prepared_in_parallel: AtomicU64,
     pub(crate) bans: AtomicU64,
 }
 
@@ -85,6 +86,9 @@ pub struct StatsSnapshot {
     pub stream_open_failures: u64,
     /// Inbound streams that replaced an older one from the same peer.
     pub inbound_streams_replaced: u64,
+    /// Received frames decoded and checked on a task of their own, beside their reader,
+    /// because more frames of the same link were waiting behind them.
+    pub prepared_in_parallel: u64,
     /// Peers banned.
     pub bans: u64,
 }
@@ -148,6 +152,7 @@ impl Stats {
             streams_opened: get(&self.streams_opened),
             stream_open_failures: get(&self.stream_open_failures),
             inbound_streams_replaced: get(&self.inbound_streams_replaced),
+            prepared_in_parallel: get(&self.prepared_in_parallel),
             bans: get(&self.bans),
         }
     }

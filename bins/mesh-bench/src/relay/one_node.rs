@@ -232,6 +232,7 @@ async fn measure(
             "b_dropped_queue_full": stats.dropped_queue_full,
             "b_dropped_subscriber": stats.dropped_subscriber,
             "b_frames_sent": stats.frames_sent,
+            "b_prepared_in_parallel": stats.prepared_in_parallel,
         }),
     })
 }
