@@ -50,7 +50,7 @@ use crate::framing::{self, ReadError};
 use crate::lazy::{ControlFrame, Kept, Wanted};
 use crate::peer_manager::{Action, PeerManager};
 use crate::pex;
-use crate::prepare::{Preparer, RecentIds};
+use crate::prepare::{Preparer, RecentIds, Started};
 use crate::stats::{Stats, StatsSnapshot, add, bump};
 
 /// The relay protocol.
@@ -1015,22 +1015,39 @@ impl Reader {
                 Ok(()) => {
                     let frame = std::mem::take(&mut buf);
                     let now = now_ms() + self.ctx.config.clock_offset_ms;
-                    if framing::whole_frame_buffered(stream.buffer()) {
-                        // More frames wait behind this one: prepare it on another task, so
-                        // that a busy link keeps every core checking signatures, and read on.
-                        let (preparer, peer) = (self.ctx.preparer.clone(), self.peer);
-                        let task = async move { prepared_input(&preparer, peer, frame, now) };
-                        pipeline.push_back(self.ctx.tracker.spawn(task));
-                        bump(&self.ctx.stats.prepared_in_parallel);
-                        if pipeline.len() >= PIPELINE_DEPTH
-                            && let Some(task) = pipeline.pop_front()
-                            && !self.pass_on_spawned(task, cancelled.as_mut()).await
+                    match self.ctx.preparer.start(&frame) {
+                        Started::Done(prepared) => CoreInput::Frame {
+                            peer: self.peer,
+                            frame,
+                            prepared: prepared.map(Box::new),
+                        },
+                        Started::Claimed(identified)
+                            if framing::whole_frame_buffered(stream.buffer()) =>
                         {
-                            break;
+                            // More frames wait behind this first copy: check it on another
+                            // task, so that a busy link keeps every core checking signatures,
+                            // and read on.
+                            let (preparer, peer) = (self.ctx.preparer.clone(), self.peer);
+                            let task = async move {
+                                let prepared = Some(Box::new(preparer.finish(identified, now)));
+                                CoreInput::Frame { peer, frame, prepared }
+                            };
+                            pipeline.push_back(self.ctx.tracker.spawn(task));
+                            bump(&self.ctx.stats.prepared_in_parallel);
+                            if pipeline.len() >= PIPELINE_DEPTH
+                                && let Some(task) = pipeline.pop_front()
+                                && !self.pass_on_spawned(task, cancelled.as_mut()).await
+                            {
+                                break;
+                            }
+                            continue;
                         }
-                        continue;
+                        Started::Claimed(identified) => {
+                            let prepared =
+                                Some(Box::new(self.ctx.preparer.finish(identified, now)));
+                            CoreInput::Frame { peer: self.peer, frame, prepared }
+                        }
                     }
-                    prepared_input(&self.ctx.preparer, self.peer, frame, now)
                 }
                 Err(ReadError::TooLarge(_)) => CoreInput::Oversized { peer: self.peer },
                 Err(ReadError::Io(_)) => break,
@@ -1082,12 +1099,6 @@ impl Reader {
             }
         }
     }
-}
-
-/// Decodes and checks `frame` as far as a reader may ([`Preparer::prepare`]).
-fn prepared_input(preparer: &Preparer, peer: PeerId, frame: Vec<u8>, now_ms: i64) -> CoreInput {
-    let prepared = preparer.prepare(&frame, now_ms).map(Box::new);
-    CoreInput::Frame { peer, frame, prepared }
 }
 
 /// Answers peer-exchange requests with the current list of peers and their addresses.

@@ -3,8 +3,8 @@
 //! the node has accepted messages from, the signature check. The core is then left with the
 //! seen check, the replay marks and the forwarding decisions, so one relay's throughput is no
 //! longer bounded by one core's signature checks. A reader that finds more whole frames
-//! waiting behind the one it has read runs this on a task of its own for that frame and reads
-//! on, so one busy link is spread over the cores too; it hands the results to the core in the
+//! waiting behind a first copy it has read runs [`Preparer::finish`] for it on a task of its
+//! own and reads on, so one busy link is spread over the cores too; it hands the results to the core in the
 //! order the frames came.
 //!
 //! Later copies of a message, and messages of unknown origins, are only decoded here: the core
@@ -52,20 +52,39 @@ impl Preparer {
     }
 
     /// What can be done with `frame` off the core's task, at `now_ms`; `None` when it is not
-    /// an envelope (a control frame, or garbage the core rejects).
+    /// an envelope (a control frame, or garbage the core rejects). Readers run its two parts,
+    /// [`Preparer::start`] and [`Preparer::finish`], themselves.
+    #[cfg(test)]
     pub(crate) fn prepare(&self, frame: &[u8], now_ms: i64) -> Option<Result<Prepared, Rejection>> {
-        let identified = Identified::new(decode_frame(frame).ok()?);
+        match self.start(frame) {
+            Started::Done(prepared) => prepared,
+            Started::Claimed(identified) => Some(self.finish(identified, now_ms)),
+        }
+    }
+
+    /// The cheap first part of [`Preparer::prepare`]: decoding the envelope, hashing its body
+    /// and claiming its id.
+    pub(crate) fn start(&self, frame: &[u8]) -> Started {
+        let Ok(envelope) = decode_frame(frame) else { return Started::Done(None) };
+        let identified = Identified::new(envelope);
         if !self.claimed.claim(identified.id()) {
-            return Some(Ok(Prepared::Identified(identified)));
+            return Started::Done(Some(Ok(Prepared::Identified(identified))));
         }
-        let decoded = match identified.decode() {
-            Ok(decoded) => decoded,
-            Err(rejection) => return Some(Err(rejection)),
-        };
+        Started::Claimed(identified)
+    }
+
+    /// The rest of [`Preparer::prepare`] for a claimed first copy: decoding the body and, for
+    /// an origin the core has accepted messages from, the checks.
+    pub(crate) fn finish(
+        &self,
+        identified: Identified,
+        now_ms: i64,
+    ) -> Result<Prepared, Rejection> {
+        let decoded = identified.decode()?;
         if !self.is_known(&decoded.body().origin) {
-            return Some(Ok(Prepared::Decoded(decoded)));
+            return Ok(Prepared::Decoded(decoded));
         }
-        Some(self.validator.verify_decoded(decoded, now_ms).map(Prepared::Verified))
+        self.validator.verify_decoded(decoded, now_ms).map(Prepared::Verified)
     }
 
     /// The core accepted a message of `origin`.
@@ -83,6 +102,14 @@ impl Preparer {
     fn is_known(&self, origin: &NodeId) -> bool {
         self.known.read().unwrap_or_else(PoisonError::into_inner).contains(origin)
     }
+}
+
+/// How far [`Preparer::start`] got.
+pub(crate) enum Started {
+    /// As far as a reader goes: the result for the core (`None`: not an envelope).
+    Done(Option<Result<Prepared, Rejection>>),
+    /// The first copy of a message, claimed: [`Preparer::finish`] does the costly rest.
+    Claimed(Identified),
 }
 
 /// Message ids recorded lately, shared between tasks: a bounded seen cache behind a lock.

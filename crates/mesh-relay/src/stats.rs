@@ -86,8 +86,8 @@ pub struct StatsSnapshot {
     pub stream_open_failures: u64,
     /// Inbound streams that replaced an older one from the same peer.
     pub inbound_streams_replaced: u64,
-    /// Received frames decoded and checked on a task of their own, beside their reader,
-    /// because more frames of the same link were waiting behind them.
+    /// First copies of messages decoded and checked on a task of their own, beside their
+    /// reader, because more frames of the same link were waiting behind them.
     pub prepared_in_parallel: u64,
     /// Peers banned.
     pub bans: u64,
