@@ -9,7 +9,9 @@
 //!   newer one replaces the older;
 //! - **readers** cut frames out of inbound streams, decode them and, for the first copy of a
 //!   message from a known origin, check its signature (in parallel, off the core task: see
-//!   the `prepare` module), then queue them to the core;
+//!   the `prepare` module), then queue them to the core; a reader that has more whole frames
+//!   buffered behind a first copy checks that copy on a short **check task** of its own (at
+//!   most 8 per reader) and reads on, queueing the results in the order the frames came;
 //! - the **core task** owns the [`RelayCore`]: seen check, replay marks, the checks the
 //!   readers left (later copies, unknown origins after their budget), delivery, forwarding
 //!   (in full to a few peers, as an announced id to the others: [`crate::lazy`]), and the
