@@ -269,6 +269,47 @@ async fn a_burst_on_one_link_is_checked_in_parallel_and_delivered_in_order() -> 
     Ok(())
 }
 
+/// The hop-TTL trap under lazy push. X (1) first gets a copy with TTL 1: it delivers it but
+/// may not pass it on, so Z (2) gets nothing. Then Y (3), which only announces messages
+/// (`eager_peers` 0), gets a copy with TTL 5 and sends X a `HAVE`. X's copy is spent, so it
+/// asks Y for its copy, which carries more TTL, and forwards that one to Z.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_copy_does_not_hide_a_fresher_announced_one() -> anyhow::Result<()> {
+    // T = 0, X = 1, Z = 2, Y = 3: T - X - Z, T - Y - X.
+    let net = TestNet::builder()
+        .nodes(4)
+        .topology(Topology::Custom(vec![(0, 1), (1, 2), (0, 3), (3, 1)]))
+        .configure(|i, c| {
+            if i == 3 {
+                c.lazy.eager_peers = 0;
+            }
+        })
+        .build()
+        .await?;
+    let t = net.node(0).running()?;
+    let m = price_batch(&provider(60), 1, now_ms(), 2, 10)?;
+    let id = m.message_id();
+    let frame = encode_envelope(&m)?;
+
+    t.send_raw_frame(net.node(1).peer_id(), with_hops(&frame, 1, 9)).await?;
+    net.wait_delivered(&id, &[1]).await?;
+    barrier(&net, 1, 300).await?;
+    assert!(net.node(2).received(&id).is_none(), "TTL 1 stops at X");
+
+    let (x0, y0) = (net.node(1).running()?.stats(), net.node(3).running()?.stats());
+    t.send_raw_frame(net.node(3).peer_id(), with_hops(&frame, 5, 5)).await?;
+    net.wait_delivered(&id, &[2, 3]).await?;
+    let (x, y) = (net.node(1).running()?.stats(), net.node(3).running()?.stats());
+    assert_eq!(y.haves_sent - y0.haves_sent, 1, "Y only announced it: {y:?}");
+    assert_eq!(y.wants_served - y0.wants_served, 1, "and sent it when asked: {y:?}");
+    assert_eq!(x.wants_sent - x0.wants_sent, 1, "X asked Y for it: {x:?}");
+    assert_eq!(x.reforwarded - x0.reforwarded, 1, "{x:?}");
+    assert_eq!(net.node(1).received(&id).unwrap().count, 1, "X delivered it once");
+    assert_eq!(net.node(2).received(&id).unwrap().hop_count, 7);
+    net.shutdown().await;
+    Ok(())
+}
+
 fn body_with(identity: &Identity, created_at_ms: i64, prices: Vec<PriceUpdate>) -> Body {
     Body::new(identity, created_at_ms, Payload::PriceBatch { round: 1, prices })
 }

@@ -17,6 +17,12 @@
 //! next announcer is asked. Every random choice of eager peers thus has the whole
 //! neighbourhood as a fallback, and delivery stays complete.
 //!
+//! A node whose only copy of a message came with TTL 1 (delivered, but not passed on) treats a
+//! `HAVE` for it as one for an unseen id: the announcer's copy may carry more TTL, and then it
+//! is re-forwarded like any duplicate with more TTL. Without this, a nearly expired first copy
+//! would hide a fresher copy that was only announced, and nodes within the TTL's reach could
+//! miss the message.
+//!
 //! Control frames travel on the relay stream beside envelopes. They start with a tag byte that
 //! no envelope starts with (an envelope starts with its version, 1), then 1 to [`MAX_IDS`]
 //! message ids of 16 bytes. A malformed one is rejected as `malformed` and charged to the peer,

@@ -37,6 +37,7 @@ use libp2p_stream::{Control, IncomingStreams};
 use mesh_protocol::{
     Envelope, Identity, MessageId, NodeId, RejectReason, Rejection, VerifiedMessage,
 };
+use mesh_seen_cache::Lookup;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -1237,7 +1238,9 @@ impl CoreTask {
             if let Some(link) = read_links(&self.ctx.links).get(&peer) {
                 link.sent_us.record(id);
             }
-            self.wanted.arrived(&id);
+            if !self.holds_spent_copy(&id) {
+                self.wanted.arrived(&id);
+            }
         }
         match outcome {
             Outcome::Deliver { message, forward } => {
@@ -1378,7 +1381,8 @@ impl CoreTask {
     }
 
     /// A peer announced messages: it needs none of them from us, and the ones we have not
-    /// seen are asked of it later unless a copy comes first.
+    /// seen (or hold only with their TTL spent) are asked of it later unless a copy comes
+    /// first.
     fn on_have(&mut self, peer: PeerId, ids: &[MessageId]) {
         let stats = &self.ctx.stats;
         add(&stats.haves_received, ids.len() as u64);
@@ -1394,12 +1398,23 @@ impl CoreTask {
         let now = Instant::now();
         let delay = self.ctx.config.lazy.want_delay;
         for id in ids {
-            if !self.core.seen().contains(id)
-                && !self.wanted.announce(*id, &peer, now, delay, peers)
-            {
+            if self.could_use(id) && !self.wanted.announce(*id, &peer, now, delay, peers) {
                 bump(&stats.wanted_full);
             }
         }
+    }
+
+    /// Whether a peer's copy of `id` would be of use: we have none, or ours came with its TTL
+    /// spent, so we could not pass it on, and the peer's copy may carry more (the hop-TTL
+    /// trap: a nearly expired first copy would otherwise hide a fresher one that a neighbour
+    /// only announced, and nodes within the TTL's reach would miss the message).
+    fn could_use(&self, id: &MessageId) -> bool {
+        !self.core.seen().contains(id) || self.holds_spent_copy(id)
+    }
+
+    /// Whether our only copies of `id` came with TTL 1 (delivered, but not forwarded).
+    fn holds_spent_copy(&self, id: &MessageId) -> bool {
+        matches!(self.core.seen().lookup(id), Lookup::Seen { max_ttl } if max_ttl <= 1)
     }
 
     /// A peer asked for messages: each kept one is sent once to it.
@@ -1432,7 +1447,7 @@ impl CoreTask {
         let due = self.wanted.take_due(Instant::now(), self.ctx.config.lazy.want_timeout);
         let mut per_peer: HashMap<PeerId, Vec<MessageId>> = HashMap::new();
         for (peer, id) in due {
-            if !self.core.seen().contains(&id) {
+            if self.could_use(&id) {
                 per_peer.entry(peer).or_default().push(id);
             }
         }
