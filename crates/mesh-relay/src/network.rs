@@ -1000,15 +1000,14 @@ impl Reader {
         let mut pipeline = VecDeque::new();
         let cancelled = self.token.cancelled();
         tokio::pin!(cancelled);
-        'read: loop {
+        loop {
             // Before waiting on the stream, pass on what the pipeline holds: a frame never
             // waits for the next one to arrive.
-            if !pipeline.is_empty() && !framing::whole_frame_buffered(stream.buffer()) {
-                while let Some(task) = pipeline.pop_front() {
-                    if !self.pass_on_spawned(task, cancelled.as_mut()).await {
-                        break 'read;
-                    }
-                }
+            if !pipeline.is_empty()
+                && !framing::whole_frame_buffered(stream.buffer())
+                && !self.drain(&mut pipeline, cancelled.as_mut()).await
+            {
+                break;
             }
             let read = tokio::select! {
                 () = &mut cancelled => break,
@@ -1056,10 +1055,8 @@ impl Reader {
                 Err(ReadError::Io(_)) => break,
             };
             // In order: what the pipeline holds came first.
-            while let Some(task) = pipeline.pop_front() {
-                if !self.pass_on_spawned(task, cancelled.as_mut()).await {
-                    break 'read;
-                }
+            if !self.drain(&mut pipeline, cancelled.as_mut()).await {
+                break;
             }
             let oversized = matches!(input, CoreInput::Oversized { .. });
             if !self.pass_on(input, cancelled.as_mut()).await || oversized {
@@ -1084,6 +1081,20 @@ impl Reader {
             () = cancelled => false,
             sent = self.ctx.core_tx.send(input) => sent.is_ok(),
         }
+    }
+
+    /// Passes on everything in `pipeline`, oldest first; `false` when the reader should stop.
+    async fn drain(
+        &self,
+        pipeline: &mut VecDeque<tokio::task::JoinHandle<CoreInput>>,
+        mut cancelled: std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
+    ) -> bool {
+        while let Some(task) = pipeline.pop_front() {
+            if !self.pass_on_spawned(task, cancelled.as_mut()).await {
+                return false;
+            }
+        }
+        true
     }
 
     /// Waits for a frame prepared on another task and sends it to the core.
@@ -1409,7 +1420,10 @@ impl CoreTask {
     /// trap: a nearly expired first copy would otherwise hide a fresher one that a neighbour
     /// only announced, and nodes within the TTL's reach would miss the message).
     fn could_use(&self, id: &MessageId) -> bool {
-        !self.core.seen().contains(id) || self.holds_spent_copy(id)
+        match self.core.seen().lookup(id) {
+            Lookup::New => true,
+            Lookup::Seen { max_ttl } => max_ttl <= 1,
+        }
     }
 
     /// Whether our only copies of `id` came with TTL 1 (delivered, but not forwarded).

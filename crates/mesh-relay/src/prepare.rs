@@ -4,8 +4,8 @@
 //! seen check, the replay marks and the forwarding decisions, so one relay's throughput is no
 //! longer bounded by one core's signature checks. A reader that finds more whole frames
 //! waiting behind a first copy it has read runs [`Preparer::finish`] for it on a task of its
-//! own and reads on, so one busy link is spread over the cores too; it hands the results to the core in the
-//! order the frames came.
+//! own and reads on, so one busy link is spread over the cores too; it hands the results to
+//! the core in the order the frames came.
 //!
 //! Later copies of a message, and messages of unknown origins, are only decoded here: the core
 //! drops duplicates without a check, and checks the rest itself after the budget of unknown
