@@ -75,24 +75,21 @@ struct Entry {
 pub struct SeenCache<K> {
     config: Config,
     entries: HashMap<K, Entry>,
-    /// Ids in insertion order with their insertion number. An element whose number no
-    /// longer matches the entry (the id expired and was inserted again) is skipped.
-    order: VecDeque<(K, u64)>,
+    /// Ids in insertion order with their insertion number and expiry (so the purge reads
+    /// only this line until it meets an expired id). An element whose number no longer
+    /// matches the entry (the id expired and was inserted again) is skipped.
+    order: VecDeque<(K, u64, Instant)>,
     next_seq: u64,
     evicted: u64,
 }
 
 impl<K: Copy + Eq + Hash> SeenCache<K> {
-    /// An empty cache.
+    /// An empty cache. It grows with the ids it holds rather than reserving its capacity: a
+    /// relay keeps one per link besides its own, mostly far from full, and small tables keep
+    /// their lookups in the CPU's caches.
     pub fn new(config: Config) -> Self {
         let config = Config { capacity: config.capacity.max(1), ..config };
-        Self {
-            config,
-            entries: HashMap::with_capacity(config.capacity.min(1 << 16)),
-            order: VecDeque::with_capacity(config.capacity.min(1 << 16)),
-            next_seq: 0,
-            evicted: 0,
-        }
+        Self { config, entries: HashMap::new(), order: VecDeque::new(), next_seq: 0, evicted: 0 }
     }
 
     /// The settings.
@@ -164,7 +161,7 @@ impl<K: Copy + Eq + Hash> SeenCache<K> {
             }
         }
         self.next_seq += 1;
-        self.order.push_back((id, seq));
+        self.order.push_back((id, seq, expires));
         while self.entries.len() > self.config.capacity {
             if self.pop_oldest().is_some() {
                 self.evicted += 1;
@@ -200,14 +197,13 @@ impl<K: Copy + Eq + Hash> SeenCache<K> {
     /// lookups check expiry themselves and capacity bounds the memory.
     fn purge_expired_at(&mut self, now: Instant) -> usize {
         let mut purged = 0;
-        while let Some(&(id, seq)) = self.order.front() {
-            match self.entries.get(&id) {
-                Some(e) if e.seq == seq && e.expires > now => break,
-                Some(e) if e.seq == seq => {
-                    self.entries.remove(&id);
-                    purged += 1;
-                }
-                _ => {}
+        while let Some(&(id, seq, expires)) = self.order.front() {
+            if expires > now {
+                break;
+            }
+            if self.entries.get(&id).is_some_and(|e| e.seq == seq) {
+                self.entries.remove(&id);
+                purged += 1;
             }
             self.order.pop_front();
         }
@@ -216,7 +212,7 @@ impl<K: Copy + Eq + Hash> SeenCache<K> {
 
     /// Removes the oldest live entry; returns its id.
     fn pop_oldest(&mut self) -> Option<K> {
-        while let Some((id, seq)) = self.order.pop_front() {
+        while let Some((id, seq, _)) = self.order.pop_front() {
             if self.entries.get(&id).is_some_and(|e| e.seq == seq) {
                 self.entries.remove(&id);
                 return Some(id);
@@ -227,7 +223,7 @@ impl<K: Copy + Eq + Hash> SeenCache<K> {
 
     fn compact_order(&mut self) {
         let entries = &self.entries;
-        self.order.retain(|(id, seq)| entries.get(id).is_some_and(|e| e.seq == *seq));
+        self.order.retain(|(id, seq, _)| entries.get(id).is_some_and(|e| e.seq == *seq));
     }
 
     /// Every live id with its expiry, for persisting (order unspecified).
