@@ -1249,7 +1249,9 @@ impl CoreTask {
             if let Some(link) = read_links(&self.ctx.links).get(&peer) {
                 link.sent_us.record(id);
             }
-            if !self.holds_spent_copy(&id) {
+            // Only a copy we can pass on ends the wait for an announced id (the lookup is
+            // skipped in the common case of nothing announced and missing).
+            if !self.wanted.is_empty() && !self.holds_spent_copy(&id) {
                 self.wanted.arrived(&id);
             }
         }
@@ -1420,15 +1422,20 @@ impl CoreTask {
     /// trap: a nearly expired first copy would otherwise hide a fresher one that a neighbour
     /// only announced, and nodes within the TTL's reach would miss the message).
     fn could_use(&self, id: &MessageId) -> bool {
-        match self.core.seen().lookup(id) {
-            Lookup::New => true,
-            Lookup::Seen { max_ttl } => max_ttl <= 1,
-        }
+        self.seen_ttl(id).is_none_or(|ttl| ttl <= 1)
     }
 
     /// Whether our only copies of `id` came with TTL 1 (delivered, but not forwarded).
     fn holds_spent_copy(&self, id: &MessageId) -> bool {
-        matches!(self.core.seen().lookup(id), Lookup::Seen { max_ttl } if max_ttl <= 1)
+        self.seen_ttl(id).is_some_and(|ttl| ttl <= 1)
+    }
+
+    /// The highest TTL a copy of `id` came with, if we have seen it.
+    fn seen_ttl(&self, id: &MessageId) -> Option<u8> {
+        match self.core.seen().lookup(id) {
+            Lookup::New => None,
+            Lookup::Seen { max_ttl } => Some(max_ttl),
+        }
     }
 
     /// A peer asked for messages: each kept one is sent once to it.
