@@ -403,8 +403,13 @@ impl ReplaceText for Vec<u8> {
     }
 }
 
+/// The two load tests run one at a time: each measures this process's resident memory and
+/// tail latency, and both ends of thousands of connections live in it.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_clients_are_cut_off_and_never_starve_the_others() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     const SLOW: usize = 800;
     let header_read_timeout = Duration::from_secs(2);
     let node = NodeSocket::start(FakeNode::new(book())).await.unwrap();
@@ -513,6 +518,7 @@ async fn slow_clients_are_cut_off_and_never_starve_the_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_websocket_subscriptions_from_one_client_stay_within_the_limit() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     const ATTEMPTS: usize = 10_000;
     // Below the default (10,000) only to keep this process under its file-descriptor limit:
     // both ends of every connection live here.

