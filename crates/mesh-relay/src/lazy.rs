@@ -146,7 +146,7 @@ impl ControlFrame {
 /// Ids announced to us that we have not seen, with who announced them and when to ask.
 #[derive(Debug)]
 pub struct Wanted<P> {
-    entries: HashMap<MessageId, Entry<P>>,
+    entries: HashMap<MessageId, Entry<P>, foldhash::fast::RandomState>,
     due: BinaryHeap<Reverse<(Instant, MessageId)>>,
     capacity: usize,
 }
@@ -162,7 +162,7 @@ struct Entry<P> {
 impl<P: Clone + PartialEq> Wanted<P> {
     /// An empty set that holds at most `capacity` ids.
     pub fn new(capacity: usize) -> Self {
-        Self { entries: HashMap::new(), due: BinaryHeap::new(), capacity: capacity.max(1) }
+        Self { entries: HashMap::default(), due: BinaryHeap::new(), capacity: capacity.max(1) }
     }
 
     /// Ids waiting.
@@ -265,7 +265,7 @@ impl<P: Clone + PartialEq> Wanted<P> {
 /// Forwarded copies kept for a while to answer `WANT`s.
 #[derive(Debug)]
 pub struct Kept {
-    frames: HashMap<MessageId, Bytes>,
+    frames: HashMap<MessageId, Bytes, foldhash::fast::RandomState>,
     order: VecDeque<(Instant, MessageId)>,
     keep: Duration,
     capacity: usize,
@@ -274,7 +274,7 @@ pub struct Kept {
 impl Kept {
     /// Keeps at most `capacity` frames, each for at most `keep`.
     pub fn new(keep: Duration, capacity: usize) -> Self {
-        Self { frames: HashMap::new(), order: VecDeque::new(), keep, capacity }
+        Self { frames: HashMap::default(), order: VecDeque::new(), keep, capacity }
     }
 
     /// Frames kept.

@@ -325,6 +325,7 @@ impl Relay {
                 commands: swarm_rx,
                 status: status_tx,
                 exchange: exchange.clone(),
+                exchange_version: None,
                 is_provider: false,
                 ctx: ctx.clone(),
             }
@@ -509,6 +510,8 @@ struct SwarmTask {
     commands: mpsc::Receiver<SwarmCommand>,
     status: watch::Sender<Status>,
     exchange: Arc<Mutex<Vec<pex::Entry>>>,
+    /// [`PeerManager::exchange_version`] of the list in `exchange`.
+    exchange_version: Option<u64>,
     is_provider: bool,
     ctx: Context,
 }
@@ -544,8 +547,14 @@ impl SwarmTask {
         for action in actions {
             self.apply(action);
         }
-        let list = self.peers.exchange_list(pex::MAX_ENTRIES);
-        *self.exchange.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = list;
+        // Rebuilt only when it may have changed: a hundred relays in one process each did it
+        // every second, and it was most of their idle CPU time.
+        let version = self.peers.exchange_version();
+        if self.exchange_version != Some(version) {
+            self.exchange_version = Some(version);
+            let list = self.peers.exchange_list(pex::MAX_ENTRIES);
+            *self.exchange.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = list;
+        }
         self.publish_status();
     }
 
@@ -848,21 +857,26 @@ impl Writer {
             // closing (a reader replaced by a newer stream, or one that gave up on us).
             let (mut closed_by_peer, mut stream) = stream.split();
             let mut probe = [0u8; 1];
+            // One read for the stream's life, polled last: a frame that is ready is taken
+            // without touching the stream's read side (a lock and a yamux poll each time).
+            let closed = closed_by_peer.read(&mut probe);
+            tokio::pin!(closed);
             loop {
                 if pending.is_empty() {
                     let frame = tokio::select! {
-                        () = &mut cancelled => {
-                            let _ = stream.close().await;
-                            return;
-                        }
-                        _ = closed_by_peer.read(&mut probe) => {
-                            debug!("relay stream closed by the peer; reopening");
-                            break;
-                        }
+                        biased;
                         f = self.frames.recv() => match f {
                             Some(f) => f,
                             None => return,
                         },
+                        () = &mut cancelled => {
+                            let _ = stream.close().await;
+                            return;
+                        }
+                        _ = &mut closed => {
+                            debug!("relay stream closed by the peer; reopening");
+                            break;
+                        }
                     };
                     self.take(&mut pending, frame);
                     while pending.len() < Self::BATCH {
@@ -1009,9 +1023,12 @@ impl Reader {
             {
                 break;
             }
+            // Biased, the token last: it is checked under a lock, and on a busy link the
+            // frame is usually there already.
             let read = tokio::select! {
-                () = &mut cancelled => break,
+                biased;
                 r = framing::read_frame(&mut stream, &mut buf) => r,
+                () = &mut cancelled => break,
             };
             let input = match read {
                 Ok(()) => {
@@ -1078,8 +1095,9 @@ impl Reader {
         cancelled: std::pin::Pin<&mut tokio_util::sync::WaitForCancellationFuture<'_>>,
     ) -> bool {
         tokio::select! {
-            () = cancelled => false,
+            biased;
             sent = self.ctx.core_tx.send(input) => sent.is_ok(),
+            () = cancelled => false,
         }
     }
 
@@ -1180,17 +1198,20 @@ impl CoreTask {
                 timer.as_mut().reset(due.unwrap_or_else(far));
                 armed = due;
             }
+            // Biased: a due timer first (inputs never starve it), the token last (it is
+            // checked under a lock; once it fires the readers stop and the inputs run dry).
             let input = tokio::select! {
-                () = &mut cancelled => return,
-                i = self.inputs.recv() => match i {
-                    Some(i) => i,
-                    None => return,
-                },
+                biased;
                 () = &mut timer, if armed.is_some() => {
                     armed = None;
                     self.ask_for_wanted();
                     continue;
                 }
+                i = self.inputs.recv() => match i {
+                    Some(i) => i,
+                    None => return,
+                },
+                () = &mut cancelled => return,
             };
             match input {
                 CoreInput::Frame { peer, frame, prepared } => self.on_frame(peer, &frame, prepared),

@@ -116,6 +116,8 @@ pub struct PeerManager {
     explore_at: Option<Instant>,
     /// The peer an explore dialed at or above the target: once connected, an older link goes.
     replacing: Option<PeerId>,
+    /// See [`PeerManager::exchange_version`].
+    exchange_version: u64,
 }
 
 /// Most addresses remembered per peer.
@@ -135,7 +137,15 @@ impl PeerManager {
             bans_total: 0,
             explore_at: None,
             replacing: None,
+            exchange_version: 0,
         }
+    }
+
+    /// A number that changes whenever [`PeerManager::exchange_list`] may give another answer
+    /// (a peer connected or left, or addresses were added), so that callers rebuild the list
+    /// only then.
+    pub fn exchange_version(&self) -> u64 {
+        self.exchange_version
     }
 
     /// The peer count that exploring keeps: the midpoint between the minimum and the maximum
@@ -182,11 +192,14 @@ impl PeerManager {
 
     /// Addresses to hand out in peer exchange: connected and known peers with addresses.
     pub fn exchange_list(&self, limit: usize) -> Vec<(PeerId, Vec<Multiaddr>)> {
+        // Walks the few connected peers, not the (up to `max_known_peers`) known ones: this
+        // runs on every tick of every relay.
         let mut list: Vec<(PeerId, Vec<Multiaddr>)> = self
-            .known
-            .iter()
-            .filter(|(peer, k)| !k.addrs.is_empty() && self.connected.contains_key(peer))
-            .map(|(peer, k)| (*peer, k.addrs.clone()))
+            .connected
+            .keys()
+            .filter_map(|peer| self.known.get(peer).map(|k| (*peer, k)))
+            .filter(|(_, k)| !k.addrs.is_empty())
+            .map(|(peer, k)| (peer, k.addrs.clone()))
             .collect();
         list.shuffle(&mut rand::thread_rng());
         list.truncate(limit);
@@ -199,6 +212,7 @@ impl PeerManager {
         if peer == self.local {
             return;
         }
+        self.exchange_version += 1;
         if !self.known.contains_key(&peer) && self.known.len() >= self.config.max_known_peers {
             // Forget an unpinned, unconnected peer to make room.
             let victim = self
@@ -234,6 +248,7 @@ impl PeerManager {
 
     /// A connection to `peer` was established (the first one).
     pub fn on_connected(&mut self, peer: PeerId, now: Instant) {
+        self.exchange_version += 1;
         self.dialing.remove(&peer);
         if let Some(k) = self.known.get_mut(&peer) {
             k.failures = 0;
@@ -248,6 +263,7 @@ impl PeerManager {
 
     /// The last connection to `peer` closed.
     pub fn on_disconnected(&mut self, peer: &PeerId, now: Instant) {
+        self.exchange_version += 1;
         self.dialing.remove(peer);
         if let Some(c) = self.connected.remove(peer)
             && let Some(k) = self.known.get_mut(peer)
@@ -303,6 +319,7 @@ impl PeerManager {
             self.bans.insert(peer, now + self.config.ban_duration);
             self.bans_total += 1;
             self.connected.remove(&peer);
+            self.exchange_version += 1;
             self.dialing.remove(&peer);
             return Some(Action::Ban(peer));
         }
@@ -398,6 +415,7 @@ impl PeerManager {
         prunable.shuffle(&mut rand::thread_rng());
         for (peer, _) in prunable.into_iter().take(count) {
             self.connected.remove(&peer);
+            self.exchange_version += 1;
             actions.push(Action::Disconnect(peer));
         }
     }
@@ -730,5 +748,39 @@ mod tests {
         m.on_provider_hops(&b, 1);
         assert_eq!(m.own_distance(false), Some(1));
         assert_eq!(m.own_distance(true), Some(0));
+    }
+
+    /// The exchange list is rebuilt only when its version moves: every change to it must move
+    /// the version, and a tick that changes nothing must not.
+    #[tokio::test(start_paused = true)]
+    async fn the_exchange_version_moves_with_every_change_to_the_exchange_list() {
+        let mut m = manager(0, 2);
+        let (a, b, c) = (peer(), peer(), peer());
+        let mut last = m.exchange_version();
+        let mut moved = |m: &PeerManager| {
+            let v = m.exchange_version();
+            let moved = v != last;
+            last = v;
+            moved
+        };
+        m.add_addresses(a, vec![addr(1)], false);
+        assert!(moved(&m), "addresses added");
+        m.on_connected(a, Instant::now());
+        assert!(moved(&m), "a peer connected");
+        assert_eq!(m.exchange_list(10), vec![(a, vec![addr(1)])]);
+        assert!(m.tick(Instant::now()).is_empty());
+        assert!(!moved(&m), "a tick that changed nothing");
+        m.on_disconnected(&a, Instant::now());
+        assert!(moved(&m), "a peer left");
+        assert!(m.exchange_list(10).is_empty());
+        // Pruned above the maximum (2): one of three goes.
+        for p in [a, b, c] {
+            m.add_addresses(p, vec![addr(2)], false);
+            m.on_connected(p, Instant::now());
+        }
+        moved(&m);
+        assert_eq!(m.tick(Instant::now()).len(), 1);
+        assert!(moved(&m), "a peer pruned");
+        assert_eq!(m.exchange_list(10).len(), 2);
     }
 }
