@@ -208,7 +208,7 @@ impl<P: Clone + Eq + Hash> Budgets<P> {
 /// Who sent each recent message: bounded, oldest forgotten first.
 #[derive(Debug)]
 struct RecentSenders<P> {
-    senders: HashMap<MessageId, Vec<P>, foldhash::fast::RandomState>,
+    senders: crate::IdMap<Vec<P>>,
     order: VecDeque<MessageId>,
     capacity: usize,
 }
@@ -218,7 +218,7 @@ impl<P: Clone + PartialEq> RecentSenders<P> {
     const MAX_PER_MESSAGE: usize = 32;
 
     fn new(capacity: usize) -> Self {
-        Self { senders: HashMap::default(), order: VecDeque::new(), capacity: capacity.max(1) }
+        Self { senders: crate::IdMap::default(), order: VecDeque::new(), capacity: capacity.max(1) }
     }
 
     fn record(&mut self, id: MessageId, peer: &P) {

@@ -33,7 +33,7 @@
 //! `WANT`s ([`LazyPush::keep_frames`], each for at most [`LazyPush::keep`]).
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::collections::{BinaryHeap, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -150,7 +150,7 @@ impl ControlFrame {
 /// Ids announced to us that we have not seen, with who announced them and when to ask.
 #[derive(Debug)]
 pub struct Wanted<P> {
-    entries: HashMap<MessageId, Entry<P>, foldhash::fast::RandomState>,
+    entries: crate::IdMap<Entry<P>>,
     due: BinaryHeap<Reverse<(Instant, MessageId)>>,
     capacity: usize,
 }
@@ -166,7 +166,7 @@ struct Entry<P> {
 impl<P: Clone + PartialEq> Wanted<P> {
     /// An empty set that holds at most `capacity` ids.
     pub fn new(capacity: usize) -> Self {
-        Self { entries: HashMap::default(), due: BinaryHeap::new(), capacity: capacity.max(1) }
+        Self { entries: crate::IdMap::default(), due: BinaryHeap::new(), capacity: capacity.max(1) }
     }
 
     /// Ids waiting.
@@ -269,7 +269,7 @@ impl<P: Clone + PartialEq> Wanted<P> {
 /// Forwarded copies kept for a while to answer `WANT`s.
 #[derive(Debug)]
 pub struct Kept {
-    frames: HashMap<MessageId, Bytes, foldhash::fast::RandomState>,
+    frames: crate::IdMap<Bytes>,
     order: VecDeque<(Instant, MessageId)>,
     keep: Duration,
     capacity: usize,
@@ -278,7 +278,7 @@ pub struct Kept {
 impl Kept {
     /// Keeps at most `capacity` frames, each for at most `keep`.
     pub fn new(keep: Duration, capacity: usize) -> Self {
-        Self { frames: HashMap::default(), order: VecDeque::new(), keep, capacity }
+        Self { frames: crate::IdMap::default(), order: VecDeque::new(), keep, capacity }
     }
 
     /// Frames kept.

@@ -46,3 +46,8 @@ pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
 pub use network::{Delivery, Error, PeerStatus, Relay, Result, Status};
 pub use stats::StatsSnapshot;
+
+/// A table keyed by message id, hashed with seeded foldhash: the relay's per-message tables are
+/// looked up for every copy, and SipHash was a measurable part of a relay's CPU time.
+pub(crate) type IdMap<V> =
+    std::collections::HashMap<mesh_protocol::MessageId, V, foldhash::fast::RandomState>;

@@ -325,7 +325,7 @@ impl Relay {
                 commands: swarm_rx,
                 status: status_tx,
                 exchange: exchange.clone(),
-                exchange_version: None,
+                exchange_version: 0,
                 is_provider: false,
                 ctx: ctx.clone(),
             }
@@ -510,8 +510,9 @@ struct SwarmTask {
     commands: mpsc::Receiver<SwarmCommand>,
     status: watch::Sender<Status>,
     exchange: Arc<Mutex<Vec<pex::Entry>>>,
-    /// [`PeerManager::exchange_version`] of the list in `exchange`.
-    exchange_version: Option<u64>,
+    /// [`PeerManager::exchange_version`] of the list in `exchange` (0: the empty list of a
+    /// new manager).
+    exchange_version: u64,
     is_provider: bool,
     ctx: Context,
 }
@@ -550,8 +551,8 @@ impl SwarmTask {
         // Rebuilt only when it may have changed: every relay rebuilt it every second, the
         // largest item of an idle relay's own tasks in a profile of 100 nodes.
         let version = self.peers.exchange_version();
-        if self.exchange_version != Some(version) {
-            self.exchange_version = Some(version);
+        if self.exchange_version != version {
+            self.exchange_version = version;
             let list = self.peers.exchange_list(pex::MAX_ENTRIES);
             *self.exchange.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = list;
         }
