@@ -644,3 +644,110 @@ async fn one_bootstrap_address_leads_to_the_minimum_connections_through_peer_exc
     net.shutdown().await;
     Ok(())
 }
+
+/// A TCP forwarder on 127.0.0.1 that can go silent: once frozen it keeps both sockets open but
+/// reads and drops everything, like a link that died without closing anything. It records
+/// which side closed its socket.
+struct Blackhole {
+    addr: std::net::SocketAddr,
+    frozen: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    closed: std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>,
+}
+
+impl Blackhole {
+    async fn start(target: std::net::SocketAddr) -> anyhow::Result<Self> {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let hole = Self { addr, frozen: Default::default(), closed: Default::default() };
+        let (frozen, closed) = (hole.frozen.clone(), hole.closed.clone());
+        tokio::spawn(async move {
+            // One connection is all the test makes.
+            let Ok((client, _)) = listener.accept().await else { return };
+            let Ok(server) = tokio::net::TcpStream::connect(target).await else { return };
+            let (client_rx, client_tx) = client.into_split();
+            let (server_rx, server_tx) = server.into_split();
+            for (name, mut rx, mut tx) in
+                [("dialer", client_rx, server_tx), ("listener", server_rx, client_tx)]
+            {
+                let (frozen, closed) = (frozen.clone(), closed.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match rx.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) if !frozen.load(Ordering::SeqCst) => {
+                                if tx.write_all(&buf[..n]).await.is_err() {
+                                    break;
+                                }
+                            }
+                            Ok(_) => {}
+                        }
+                    }
+                    closed.lock().unwrap().push(name);
+                    // Keep the other direction's socket half open: only the peers may close.
+                    std::future::pending::<()>().await;
+                });
+            }
+        });
+        Ok(hole)
+    }
+
+    fn closed(&self) -> Vec<&'static str> {
+        self.closed.lock().unwrap().clone()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_whose_link_goes_silent_is_closed_after_two_missed_pings() -> anyhow::Result<()>
+{
+    use mesh_relay::{Multiaddr, Protocol, Relay};
+    use tokio_util::sync::CancellationToken;
+
+    let cancel = CancellationToken::new();
+    let config = || {
+        let mut c = mesh_testkit::test_config();
+        c.ping_interval = Duration::from_millis(300);
+        c.ping_timeout = Duration::from_millis(500);
+        c
+    };
+    let mut listening = config();
+    listening.listen_addrs = vec!["/ip4/127.0.0.1/tcp/0".parse()?];
+    let (b, _b_deliveries) = Relay::start(&Identity::generate(), listening, cancel.clone()).await?;
+    let (a, _a_deliveries) = Relay::start(&Identity::generate(), config(), cancel.clone()).await?;
+    let port = b
+        .listen_addrs()
+        .await?
+        .iter()
+        .flat_map(|addr| addr.iter())
+        .find_map(|p| if let Protocol::Tcp(port) = p { Some(port) } else { None })
+        .ok_or_else(|| anyhow::anyhow!("B listens on no TCP port"))?;
+    let hole = Blackhole::start(([127, 0, 0, 1], port).into()).await?;
+    let through: Multiaddr =
+        format!("/ip4/127.0.0.1/tcp/{}/p2p/{}", hole.addr.port(), b.peer_id()).parse()?;
+    a.dial(through).await?;
+    eventually(WAIT, "A and B connected through the forwarder", || {
+        a.connected_peers() == 1 && b.connected_peers() == 1
+    })
+    .await?;
+    // Pings pass while the link works.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(hole.closed().is_empty(), "closed while the link worked: {:?}", hole.closed());
+    assert_eq!((a.connected_peers(), b.connected_peers()), (1, 1));
+
+    hole.frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    // Nothing else notices: no frames are sent, TCP sees live sockets. Only the pings fail.
+    eventually(WAIT, "both ends closed the silent connection", || {
+        let closed = hole.closed();
+        closed.contains(&"dialer") && closed.contains(&"listener")
+    })
+    .await?;
+    eventually(WAIT, "neither lists the other as connected", || {
+        a.connected_peers() == 0 && b.connected_peers() == 0
+    })
+    .await?;
+    cancel.cancel();
+    Ok(())
+}

@@ -31,6 +31,14 @@ pub struct Config {
     pub inbound_queue_len: usize,
     /// A connection with no stream open is closed after this long.
     pub idle_connection_timeout: Duration,
+    /// How often each connection is pinged (libp2p ping). Each node stretches it by a random
+    /// share of up to a third, drawn once at start, so that connections opened at the same
+    /// moment (a mesh starting up) do not all ping in the same instant ever after.
+    pub ping_interval: Duration,
+    /// A ping not answered within this long fails (so does a ping stream that cannot be opened
+    /// within libp2p's 10 s); after two failures in a row the connection is closed (a peer that vanished without closing its TCP connection, or
+    /// whose link went dead), and the peer manager dials a replacement.
+    pub ping_timeout: Duration,
     /// How often the peer manager runs.
     pub tick_interval: Duration,
     /// First and longest wait between attempts to reopen a peer's relay stream.
@@ -60,6 +68,8 @@ impl Default for Config {
             delivery_queue_len: 4096,
             inbound_queue_len: 1024,
             idle_connection_timeout: Duration::from_secs(120),
+            ping_interval: Duration::from_secs(15),
+            ping_timeout: Duration::from_secs(20),
             tick_interval: Duration::from_secs(1),
             stream_backoff: (Duration::from_millis(50), Duration::from_secs(5)),
             peer_exchange: true,

@@ -212,6 +212,11 @@ fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
 
+/// `interval` stretched by a random share of up to a third of it.
+fn jittered(interval: Duration) -> Duration {
+    interval + interval.mul_f64(rand::random::<f64>() / 3.0)
+}
+
 fn build_swarm(identity: &Identity, config: &Config) -> Result<Swarm<Behaviour>> {
     let keypair = identity.libp2p_keypair();
     let transport_err = |e: &dyn std::fmt::Display| Error::Transport(e.to_string());
@@ -241,7 +246,11 @@ fn build_swarm(identity: &Identity, config: &Config) -> Result<Swarm<Behaviour>>
                     .with_agent_version(format!("mesh/{}", env!("CARGO_PKG_VERSION")))
                     .with_push_listen_addr_updates(true),
             ),
-            ping: ping::Behaviour::default(),
+            ping: ping::Behaviour::new(
+                ping::Config::new()
+                    .with_interval(jittered(config.ping_interval))
+                    .with_timeout(config.ping_timeout),
+            ),
             stream: libp2p_stream::Behaviour::new(),
         })
         .map_err(|e| transport_err(&e))?
@@ -762,6 +771,15 @@ impl SwarmTask {
                     self.swarm.add_peer_address(peer_id, a.clone());
                 }
                 self.peers.add_addresses(peer_id, addrs, false);
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(error),
+            })) => {
+                // libp2p's ping reports only the second failure in a row.
+                info!(%peer, %error, "peer stopped answering pings; closing the connection");
+                self.swarm.close_connection(connection);
             }
             _ => {}
         }
