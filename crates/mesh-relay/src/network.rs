@@ -776,8 +776,10 @@ impl SwarmTask {
                 peer,
                 connection,
                 result: Err(error),
-            })) => {
-                // libp2p's ping reports only the second failure in a row.
+            })) if !matches!(error, ping::Failure::Unsupported) => {
+                // libp2p's ping reports only the second failure in a row. A peer that does
+                // not speak ping at all (reported once) keeps its connection: it is no sign
+                // of a dead link.
                 info!(%peer, %error, "peer stopped answering pings; closing the connection");
                 self.swarm.close_connection(connection);
             }
