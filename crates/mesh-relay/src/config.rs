@@ -36,8 +36,9 @@ pub struct Config {
     /// moment (a mesh starting up) do not all ping in the same instant ever after.
     pub ping_interval: Duration,
     /// A ping not answered within this long fails (so does a ping stream that cannot be opened
-    /// within libp2p's 10 s); after two failures in a row the connection is closed (a peer that vanished without closing its TCP connection, or
-    /// whose link went dead), and the peer manager dials a replacement.
+    /// within libp2p's 10 s). After two failures in a row the connection is closed: the peer
+    /// vanished without closing its TCP connection, or the link went dead. Below the minimum
+    /// of peers, the peer manager then dials a replacement.
     pub ping_timeout: Duration,
     /// How often the peer manager runs.
     pub tick_interval: Duration,
