@@ -22,6 +22,7 @@ use mesh_protocol::{
 use mesh_relay::{Config, Multiaddr, PeerId, Relay, StatsSnapshot};
 use mesh_testkit::{LocalMesh, TestNet, Topology, WAIT, eventually, now_ms, price_batch};
 use mesh_tests::reliability::{ms, percentile, pick, report};
+use mesh_tests::tcp_addr;
 use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -379,17 +380,6 @@ impl Drop for Hostile {
     fn drop(&mut self) {
         self.cancel.cancel();
     }
-}
-
-/// `/ip4/127.0.0.1/tcp/<port>/p2p/<peer>` of a node.
-async fn tcp_addr(relay: &Relay) -> anyhow::Result<Multiaddr> {
-    let addr = relay
-        .listen_addrs()
-        .await?
-        .into_iter()
-        .find(|a| a.to_string().starts_with("/ip4/127.0.0.1/tcp/"))
-        .ok_or_else(|| anyhow::anyhow!("no TCP address"))?;
-    Ok(addr.with(mesh_relay::Protocol::P2p(relay.peer_id())))
 }
 
 fn frame_with(envelope: &Envelope, ttl: u8, hop_count: u8) -> Vec<u8> {

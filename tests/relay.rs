@@ -717,11 +717,9 @@ async fn a_connection_whose_link_goes_silent_is_closed_after_two_missed_pings() 
     listening.listen_addrs = vec!["/ip4/127.0.0.1/tcp/0".parse()?];
     let (b, _b_deliveries) = Relay::start(&Identity::generate(), listening, cancel.clone()).await?;
     let (a, _a_deliveries) = Relay::start(&Identity::generate(), config(), cancel.clone()).await?;
-    let port = b
-        .listen_addrs()
+    let port = mesh_tests::tcp_addr(&b)
         .await?
         .iter()
-        .flat_map(|addr| addr.iter())
         .find_map(|p| if let Protocol::Tcp(port) = p { Some(port) } else { None })
         .ok_or_else(|| anyhow::anyhow!("B listens on no TCP port"))?;
     let hole = Blackhole::start(([127, 0, 0, 1], port).into()).await?;

@@ -20,6 +20,17 @@ pub use eventually::eventually;
 pub use logs::LogCapture;
 pub use processes::{PgCluster, RedisServer, delete_redis_prefix, free_port};
 
+/// `/ip4/127.0.0.1/tcp/<port>/p2p/<peer>` of a relay listening on 127.0.0.1 over TCP.
+pub async fn tcp_addr(relay: &mesh_relay::Relay) -> anyhow::Result<mesh_relay::Multiaddr> {
+    let addr = relay
+        .listen_addrs()
+        .await?
+        .into_iter()
+        .find(|a| a.to_string().starts_with("/ip4/127.0.0.1/tcp/"))
+        .ok_or_else(|| anyhow::anyhow!("no TCP address"))?;
+    Ok(addr.with(mesh_relay::Protocol::P2p(relay.peer_id())))
+}
+
 /// Admin URL of the test PostgreSQL server.
 pub fn database_admin_url() -> String {
     std::env::var("MESH_TEST_DATABASE_URL")
