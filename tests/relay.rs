@@ -136,6 +136,112 @@ async fn with_one_eager_peer_every_node_still_delivers_every_message_once() -> a
     Ok(())
 }
 
+/// Tree push. The first message of an origin goes to a few random peers at each hop, and each
+/// copy a node did not need prunes its sender from the origin's tree, so what is left is the
+/// path each node's first copy took: a tree rooted at the origin. The origin's next messages
+/// travel along it: every node gets exactly one full copy, and the other links carry only
+/// ids. When a node's link to its parent is cut, it asks for the message (`WANT`), which
+/// makes it a child of the peer it asked, and the message after that needs no asking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_origins_messages_settle_on_a_tree_that_carries_one_copy_per_node() -> anyhow::Result<()>
+{
+    // A long wait before asking: no node asks for a message while the tree is whole. (Copies
+    // are kept longer than that, to be there when asked for.)
+    let lazy = mesh_relay::LazyPush {
+        want_delay: Duration::from_secs(1),
+        keep: Duration::from_secs(10),
+        ..mesh_relay::LazyPush::default()
+    };
+    assert!(lazy.tree, "tree push is the default");
+    let n = 30;
+    let net = TestNet::builder()
+        .nodes(n)
+        .topology(Topology::RandomRegular { degree: 6 })
+        .seed(9)
+        .configure(move |_, c| c.lazy = lazy)
+        .build()
+        .await?;
+    let stats = || -> Vec<StatsSnapshot> {
+        net.nodes().iter().map(|n| n.running().unwrap().stats()).collect()
+    };
+    let total =
+        |all: &[StatsSnapshot], f: fn(&StatsSnapshot) -> u64| all.iter().map(f).sum::<u64>();
+    let quiet = |what: &'static str| {
+        eventually(WAIT, what, move || {
+            let all = stats();
+            total(&all, |s| s.frames_queued)
+                == total(&all, |s| s.frames_sent + s.suppressed + s.dropped_stream_lost)
+        })
+    };
+    // One provider, publishing from node 0 as a provider node does.
+    let origin = provider(90);
+    let send = |round: u64| {
+        let (origin, net) = (&origin, &net);
+        async move {
+            let m = price_batch(origin, round, now_ms(), 5, 10)?;
+            net.publish(0, &m).await?;
+            net.wait_delivered_everywhere(&m.message_id()).await?;
+            anyhow::Ok(m.message_id())
+        }
+    };
+
+    // The first two messages: duplicates prune their senders. (A copy the writer dropped
+    // because the peer had sent us the message first is pruned only when the second message
+    // reaches that peer twice.)
+    for round in 0..2 {
+        send(round).await?;
+        quiet("the message and its PRUNEs were written").await?;
+        let prunes = total(&stats(), |s| s.prunes_sent);
+        eventually(WAIT, "every PRUNE arrived", || {
+            total(&stats(), |s| s.prunes_received) == prunes
+        })
+        .await?;
+    }
+    assert!(total(&stats(), |s| s.prunes_sent) > 0, "no copy was pruned");
+
+    // Five more: about one full copy per node, no asking.
+    let before = stats();
+    let mut ids = Vec::new();
+    for round in 2..=6u64 {
+        ids.push(send(round).await?);
+    }
+    quiet("the HAVEs were written").await?;
+    let after = stats();
+    let delta = |f: fn(&StatsSnapshot) -> u64| total(&after, f) - total(&before, f);
+    assert_eq!(delta(|s| s.delivered), 5 * (n as u64 - 1));
+    // (None in runs here, against about 90 in the first two messages; two frames crossing on a
+    // link where each end has the other as a child could still make one now and then.)
+    let extra = delta(|s| s.duplicates + s.reforwarded);
+    assert!(extra <= n as u64 / 2, "{extra} extra copies in 5 messages to {n} nodes");
+    assert_eq!(delta(|s| s.wants_sent), 0, "a node had to ask");
+    assert!(delta(|s| s.haves_sent) > 0, "no id was announced");
+    for node in net.nodes() {
+        for id in &ids {
+            assert_eq!(node.received(id).unwrap().count, 1, "node {} delivered {id}", node.index);
+        }
+    }
+
+    // Cut a node from the peer it got the last message from: it asks for the next one.
+    let node = n - 1;
+    let parent = net.index_of(&net.node(node).received(&ids[4]).unwrap().from.unwrap()).unwrap();
+    net.cut(node, parent).await?;
+    let before = stats();
+    let id = send(7).await?;
+    let after = stats();
+    let delta = |f: fn(&StatsSnapshot) -> u64| total(&after, f) - total(&before, f);
+    assert!(delta(|s| s.wants_sent) > 0, "no node asked: {after:?}");
+    assert!(delta(|s| s.grafts) > 0, "no node was grafted: {after:?}");
+    assert!(net.nodes().iter().all(|n| n.received(&id).unwrap().count == 1));
+    // The peer it asked sends it the next message in full.
+    let before = stats();
+    let id = send(8).await?;
+    let after = stats();
+    assert_eq!(total(&after, |s| s.wants_sent), total(&before, |s| s.wants_sent));
+    assert!(net.nodes().iter().all(|n| n.received(&id).unwrap().count == 1));
+    net.shutdown().await;
+    Ok(())
+}
+
 /// Line 0 - 1 - 2, node 0 playing a peer that speaks the lazy-push control frames by hand.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lazy_push_control_frames_are_answered_once_and_malformed_ones_charged()

@@ -73,6 +73,11 @@ pub struct Args {
     /// Batches published per second (all publishers together).
     #[arg(long, default_value_t = 50.0)]
     pub rate: f64,
+    /// Nodes that publish, each with its own provider key, in turn (0: every node). A mesh
+    /// has a few providers; every node publishing is the worst case for per-origin trees
+    /// (each origin's first message starts its tree).
+    #[arg(long, default_value_t = 0)]
+    pub publishers: usize,
     /// TTL of the published messages (ours; gossipsub carries the same bytes).
     #[arg(long, default_value_t = 10)]
     pub ttl: u8,
@@ -89,14 +94,9 @@ pub struct Args {
     /// Messages A sends through B in the one-node relay rate measurement.
     #[arg(long, default_value_t = 40_000)]
     pub relay_messages: usize,
-    /// Our relay: peers a relayed message goes to in full (the others get its id and ask for
-    /// it when no copy comes; lazy push). 0 floods: every peer gets every message.
-    #[arg(long, default_value_t = mesh_relay::LazyPush::default().eager_peers)]
-    pub eager_peers: usize,
-    /// Our relay: how long a node that got only `HAVE`s for a message waits for a copy before
-    /// it asks for one, in milliseconds (default: the relay's own).
-    #[arg(long)]
-    pub want_delay_ms: Option<u64>,
+    /// Our relay's lazy-push settings.
+    #[command(flatten)]
+    pub lazy: LazyArgs,
     /// Keep the CPUs from halting while nothing runs (a `SCHED_IDLE` spinner per CPU in a
     /// child process; see the `awake` module): measures the relays without the hypervisor's
     /// wake-up of idle virtual CPUs. Both systems run under it.
@@ -113,26 +113,69 @@ pub struct Args {
     pub skip_relay_rate: bool,
 }
 
-/// Our relay's lazy-push settings for this run: `--eager-peers` and `--want-delay-ms`.
-pub fn our_lazy_push(args: &Args) -> mesh_relay::LazyPush {
-    let mut lazy = lazy_push(args.eager_peers);
-    if let Some(ms) = args.want_delay_ms {
-        lazy.want_delay = Duration::from_millis(ms);
-    }
-    lazy
+/// Our relay's lazy-push options (the relay and scale benchmarks).
+#[derive(Debug, Clone, clap::Args)]
+pub struct LazyArgs {
+    /// Our relay: most peers a relayed message goes to in full (the others get its id and ask
+    /// for it when no copy comes). 0 floods: every peer gets every message. Default: every
+    /// peer on an eager link (tree push), or 4 with `--no-tree`.
+    #[arg(long)]
+    pub eager_peers: Option<usize>,
+    /// Our relay: no tree push; the peers that get a message in full are picked at random for
+    /// each message (the scheme before tree push, for comparison).
+    #[arg(long)]
+    pub no_tree: bool,
+    /// Our relay: how long `HAVE`s are held before they are sent, in milliseconds (default:
+    /// the relay's own).
+    #[arg(long)]
+    pub have_delay_ms: Option<u64>,
+    /// Our relay: how long a node that got only `HAVE`s for a message waits for a copy before
+    /// it asks for one, in milliseconds (default: the relay's own).
+    #[arg(long)]
+    pub want_delay_ms: Option<u64>,
 }
 
-/// Our relay's lazy-push settings for an `--eager-peers` option (0: flood).
-pub fn lazy_push(eager_peers: usize) -> mesh_relay::LazyPush {
-    match eager_peers {
-        0 => mesh_relay::LazyPush::FLOOD,
-        n => mesh_relay::LazyPush { eager_peers: n, ..mesh_relay::LazyPush::default() },
+impl LazyArgs {
+    /// The relay settings these options ask for.
+    pub fn lazy_push(&self) -> mesh_relay::LazyPush {
+        let mut lazy = mesh_relay::LazyPush::default();
+        if self.no_tree {
+            lazy.tree = false;
+            lazy.eager_peers = 4;
+        }
+        match self.eager_peers {
+            Some(0) => lazy = mesh_relay::LazyPush::FLOOD,
+            Some(n) => lazy.eager_peers = n,
+            None => {}
+        }
+        if let Some(ms) = self.have_delay_ms {
+            lazy.have_delay = Duration::from_millis(ms);
+        }
+        if let Some(ms) = self.want_delay_ms {
+            lazy.want_delay = Duration::from_millis(ms);
+        }
+        lazy
     }
-}
 
-/// An `--eager-peers` option as the report's parameters show it.
-pub fn eager_peers_param(eager_peers: usize) -> serde_json::Value {
-    if eager_peers == 0 { json!("all (flood)") } else { json!(eager_peers) }
+    /// The settings as the report's parameters show them.
+    pub fn params(&self) -> serde_json::Value {
+        let lazy = self.lazy_push();
+        let scheme = if !lazy.is_lazy() {
+            "flood"
+        } else if lazy.tree {
+            "tree push"
+        } else {
+            "random eager peers"
+        };
+        let eager =
+            if lazy.eager_peers == usize::MAX { json!("all") } else { json!(lazy.eager_peers) };
+        json!({
+            "scheme": scheme,
+            "eager_peers": eager,
+            "have_delay_ms": lazy.have_delay.as_millis() as u64,
+            "want_delay_ms": lazy.want_delay.as_millis() as u64,
+        })
+    }
 }
 
 /// The messages of one run: the same for both systems.
@@ -145,6 +188,9 @@ pub struct Workload {
     pub ids: Vec<MessageId>,
     /// Which node publishes each message.
     pub publishers: Vec<usize>,
+    /// Whether each message's publisher has published before (its origin is known to the
+    /// mesh: tree push has a tree for it).
+    pub repeat: Vec<bool>,
     /// Gap between two publishes.
     pub interval: Duration,
 }
@@ -159,7 +205,8 @@ impl Workload {
         let mut rng = StdRng::seed_from_u64(args.seed ^ 0x9e37_79b9_7f4a_7c15);
         let mut order: Vec<usize> = (0..n).collect();
         order.shuffle(&mut rng);
-        let publishers: Vec<usize> = (0..args.batches).map(|k| order[k % n]).collect();
+        let senders = if args.publishers == 0 { n } else { args.publishers.min(n) };
+        let publishers: Vec<usize> = (0..args.batches).map(|k| order[k % senders]).collect();
         let providers: Vec<Identity> = (0..n).map(|i| provider(args.seed, i)).collect();
         // Timestamps rise with the message index and stay in the past (receivers refuse
         // timestamps more than 5 s ahead).
@@ -182,6 +229,11 @@ impl Workload {
             envelopes,
             frames,
             ids,
+            repeat: publishers
+                .iter()
+                .enumerate()
+                .map(|(k, p)| publishers[..k].contains(p))
+                .collect(),
             publishers,
             interval: Duration::from_secs_f64(1.0 / args.rate),
         })
@@ -211,6 +263,8 @@ pub struct NetResult {
     pub expected: u64,
     /// Publish-to-last-node latency of every message that reached all nodes, in ms.
     pub latencies_ms: Vec<f64>,
+    /// The same, of the messages whose publisher had published before.
+    pub repeat_latencies_ms: Vec<f64>,
     /// Messages that did not reach every node before the timeout.
     pub incomplete: usize,
     /// Copies received by all nodes together, duplicates included.
@@ -235,6 +289,14 @@ impl NetResult {
 
     fn percentile(&self, q: f64) -> f64 {
         percentile(&self.latencies_ms, q)
+    }
+
+    /// Records message `k`'s latency.
+    pub fn record_latency(&mut self, workload: &Workload, k: usize, ms: f64) {
+        self.latencies_ms.push(ms);
+        if workload.repeat[k] {
+            self.repeat_latencies_ms.push(ms);
+        }
     }
 }
 
@@ -416,9 +478,9 @@ async fn measure(args: &Args) -> anyhow::Result<Report> {
             "frame_bytes": frame_bytes,
             "rate_batches_per_sec": args.rate,
             "ttl": args.ttl,
+            "publishers": if args.publishers == 0 { json!("every node") } else { json!(args.publishers.min(args.nodes)) },
             "seed": args.seed,
-            "ours_eager_peers": eager_peers_param(args.eager_peers),
-            "ours_want_delay_ms": our_lazy_push(args).want_delay.as_millis() as u64,
+            "ours_lazy_push": args.lazy.params(),
             "gossipsub": {
                 "mesh_n": args.mesh_n,
                 "mesh_n_low": gossipsub::mesh_params(args).0,
@@ -512,6 +574,13 @@ fn system_figures(system: System, r: &NetResult, args: &Args) -> Vec<Figure> {
         ],
     };
     figures.push(cpu);
+    if !r.repeat_latencies_ms.is_empty() {
+        let name = match system {
+            System::Ours => "ours_repeat_publisher_p99",
+            System::Gossipsub => "gossipsub_repeat_publisher_p99",
+        };
+        figures.push(Figure::plain(name, percentile(&r.repeat_latencies_ms, 0.99), "ms"));
+    }
     figures
 }
 

@@ -60,9 +60,9 @@ pub struct Args {
     /// How long to wait for the last deliveries after the last publish of a stream, seconds.
     #[arg(long, default_value_t = 30)]
     pub timeout_secs: u64,
-    /// Peers a relayed message goes to in full (the others get its id; lazy push). 0 floods.
-    #[arg(long, default_value_t = mesh_relay::LazyPush::default().eager_peers)]
-    pub eager_peers: usize,
+    /// Our relay's lazy-push settings.
+    #[command(flatten)]
+    pub lazy: crate::relay::LazyArgs,
 }
 
 /// Runs the benchmark.
@@ -129,7 +129,7 @@ async fn measure(args: &Args) -> anyhow::Result<Report> {
     let (diameter, eccentricities) = distances(args.nodes, &edges, &hosts);
     let rss_before = rss_bytes()?;
     let build_started = Instant::now();
-    let lazy = crate::relay::lazy_push(args.eager_peers);
+    let lazy = args.lazy.lazy_push();
     let net = TestNet::builder()
         .nodes(args.nodes)
         .topology(topology)
@@ -185,7 +185,7 @@ async fn measure(args: &Args) -> anyhow::Result<Report> {
             "prices_per_batch": args.prices,
             "rate_batches_per_sec": args.rate,
             "ttls": args.ttls,
-            "eager_peers": crate::relay::eager_peers_param(args.eager_peers),
+            "lazy_push": args.lazy.params(),
             "seed": args.seed,
             "transport": "libp2p memory transport + noise + yamux, one process",
             "cpu_counts": "whole process (all relays and this harness), user + system, \

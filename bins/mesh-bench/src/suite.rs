@@ -140,6 +140,26 @@ pub fn plan(quick: bool) -> Vec<Planned> {
         ),
         planned(
             "relay",
+            "Relay vs gossipsub, 100 nodes, 10 batches/s, 5 providers",
+            "the 100-node run with the batches of 5 providers, as a mesh has them, instead of one \
+             per node: tree push (one tree per origin) carries each provider's later batches \
+             with one copy per node; repeat_publisher_p99 leaves out each provider's first batch",
+            &q(
+                &["--nodes", "100", "--rate", "10", "--publishers", "5", "--skip-relay-rate"],
+                &["--batches", "60"],
+            ),
+        ),
+        planned(
+            "relay",
+            "Relay vs gossipsub, 300 nodes, 5 batches/s, 5 providers",
+            "the 300-node run with 5 providers",
+            &q(
+                &["--nodes", "300", "--rate", "5", "--publishers", "5", "--skip-relay-rate"],
+                &["--batches", "40"],
+            ),
+        ),
+        planned(
+            "relay",
             "Relay vs gossipsub, 100 nodes, 50 batches/s (stress: saturates two cores)",
             "the same comparison at the rate that saturates this machine",
             &q(&["--nodes", "100", "--rate", "50", "--skip-relay-rate"], &["--batches", "100"]),

@@ -20,6 +20,8 @@ use mesh_seen_cache::{Lookup, SeenCache};
 pub struct Forward<P> {
     /// The message id (the network layer skips peers that have sent it to us meanwhile).
     pub id: MessageId,
+    /// The message's origin (tree push keeps one tree per origin).
+    pub origin: NodeId,
     /// The frame with `ttl - 1` and `hop_count + 1` (body and signature unchanged).
     pub frame: Vec<u8>,
     /// Peers that must not get it: the senders of this message so far.
@@ -335,14 +337,18 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
                 }
                 // More TTL than any copy so far. The signature is outside the message id, so
                 // check this copy before sending it on under our name.
-                if let Err(rejection) = self.verify(prepared, now_ms) {
-                    return Outcome::Rejected(rejection);
-                }
+                let origin = match self.verify(prepared, now_ms) {
+                    Ok(message) => message.body.origin,
+                    Err(rejection) => return Outcome::Rejected(rejection),
+                };
                 self.seen.raise_ttl(&id, ttl);
                 match forwarded(frame, ttl) {
-                    Some(frame) => {
-                        Outcome::Reforward(Forward { id, frame, except: self.senders.get(&id) })
-                    }
+                    Some(frame) => Outcome::Reforward(Forward {
+                        id,
+                        origin,
+                        frame,
+                        except: self.senders.get(&id),
+                    }),
                     None => Outcome::Duplicate { id, hop_count },
                 }
             }
@@ -425,8 +431,12 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
         self.known.heard(origin);
         self.seen.insert(id, ttl);
         self.senders.record(id, from);
-        let forward =
-            forwarded(frame, ttl).map(|frame| Forward { id, frame, except: vec![from.clone()] });
+        let forward = forwarded(frame, ttl).map(|frame| Forward {
+            id,
+            origin,
+            frame,
+            except: vec![from.clone()],
+        });
         Outcome::Deliver { message, forward }
     }
 

@@ -2,11 +2,36 @@
 //!
 //! Flooding sends every message to every neighbour but the sender, so a node receives one copy
 //! per neighbour that got the message before it did: about `degree - 2` copies, all but one
-//! wasted, each one decrypted, framed and hashed for nothing. With lazy push a relay picks
-//! [`LazyPush::eager_peers`] of the peers that may still need the message at random and sends
-//! them the message; the rest get a `HAVE` control frame with the id (21 bytes on the wire
-//! instead of about 4 KB). The publisher itself always sends to every peer, so the first hop
-//! fans out fully.
+//! wasted, each one decrypted, framed and hashed for nothing. With lazy push some peers get
+//! the message and the rest get a `HAVE` control frame with its id (17 bytes on the wire
+//! instead of about 4 KB).
+//!
+//! **Tree push** ([`LazyPush::tree`], on by default) decides who gets the message, with one
+//! tree per origin (plumtree's eager and lazy links, kept per source):
+//!
+//! - The first message of an origin that a node relays goes in full to
+//!   [`LazyPush::eager_peers`] of the peers that may still need it, picked at random (the
+//!   publisher sends its own to every peer). They become the origin's children at this node
+//!   ([`Trees`]).
+//! - A node that gets a full copy it already had answers the sender with a `PRUNE`: the sender
+//!   drops it from that origin's children. A copy with more TTL than the first (a path with
+//!   fewer hops) prunes the sender of the first copy instead.
+//! - What is left after the first message is the path each node's copy took: a tree rooted at
+//!   the origin. The origin's next messages follow it, and each node gets one full copy.
+//! - A node that asks for a message (`WANT`, below) becomes a child of the peer it asked, so a
+//!   broken tree mends itself with the first message that had to be asked for.
+//!
+//! Trees are per origin, not one shared tree, because a shared tree is a shortest-path tree
+//! for at most one origin: paths from the others grow longer than the hop TTL allows (at 300
+//! nodes, TTL 10, a shared tree left nodes without the message until they asked, and each ask
+//! reshaped the tree for everyone). A mesh has a few providers, each publishing every round.
+//!
+//! Without tree push, each relayed message goes in full to `eager_peers` random peers.
+//!
+//! `HAVE`s of messages that follow a tree are held for [`LazyPush::have_delay`] and then sent
+//! together, one frame per peer, and not for ids the peer has announced or sent to us
+//! meanwhile: while the full copies spread, the CPUs are theirs. Those of an origin's first
+//! message go at once, since the nodes it does not reach in full can only ask.
 //!
 //! A node that gets a `HAVE` for an id it has not seen waits [`LazyPush::want_delay`] (a full
 //! copy is usually on its way from another neighbour), or not at all once every connected peer
@@ -14,8 +39,8 @@
 //! copy is coming), then asks the announcer with a `WANT`;
 //! the announcer answers with its forwarded copy (the same bytes an eager push would have sent,
 //! TTL already lowered). When that copy does not come within [`LazyPush::want_timeout`], the
-//! next announcer is asked. Every random choice of eager peers thus has the whole
-//! neighbourhood as a fallback, and delivery stays complete.
+//! next announcer is asked. Every choice of eager peers thus has the whole neighbourhood as a
+//! fallback, and delivery stays complete.
 //!
 //! A node whose only copy of a message came with TTL 1 (delivered, but not passed on) treats a
 //! `HAVE` for it as one for an unseen id: the announcer's copy may carry more TTL, and then it
@@ -29,21 +54,25 @@
 //! like any invalid frame.
 //!
 //! Everything here is bounded: the ids waiting to be asked for ([`LazyPush::max_wanted`]), the
-//! announcers remembered per id ([`MAX_ANNOUNCERS`]), and the forwarded copies kept to answer
-//! `WANT`s ([`LazyPush::keep_frames`], each for at most [`LazyPush::keep`]).
+//! announcers remembered per id ([`MAX_ANNOUNCERS`]), the forwarded copies kept to answer
+//! `WANT`s and `PRUNE`s ([`LazyPush::keep_frames`], each for at most [`LazyPush::keep`]), the
+//! `HAVE`s held (a frame's worth per peer) and the trees ([`LazyPush::max_trees`]).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
-use mesh_protocol::MessageId;
+use mesh_protocol::{MessageId, NodeId};
 use tokio::time::Instant;
 
 /// Tag byte of a `HAVE` frame: "I have these messages".
 pub const HAVE_TAG: u8 = 0xF1;
 /// Tag byte of a `WANT` frame: "send me these messages".
 pub const WANT_TAG: u8 = 0xF2;
+/// Tag byte of a `PRUNE` frame: "these messages reached me twice; send me only their ids from
+/// now on" (tree push).
+pub const PRUNE_TAG: u8 = 0xF3;
 /// Most ids in one control frame.
 pub const MAX_IDS: usize = 64;
 /// Most announcers remembered for one id (asked one after the other).
@@ -53,9 +82,27 @@ pub const MAX_ANNOUNCERS: usize = 4;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LazyPush {
     /// How many peers a relayed message is sent to in full, chosen at random among the peers
-    /// that have not sent it to us; the others get its id. `usize::MAX` floods (every peer
-    /// gets the message, nobody gets an id).
+    /// that have not sent it to us; the others get its id. Under tree push this is for the
+    /// first message of an origin only; its tree decides for the next. `usize::MAX` without
+    /// tree push floods (every peer gets the message, nobody gets an id).
     pub eager_peers: usize,
+    /// Tree push: one tree per origin. The first message of an origin a node relays goes in
+    /// full to [`LazyPush::eager_peers`] random peers (the publisher: to all), and those peers
+    /// become the origin's children at this node. A child that gets a full copy it already had
+    /// answers with a `PRUNE` and gets only ids of that origin's messages from then on; one that
+    /// asks for a message (`WANT`) becomes a child again. A copy with more TTL than the first
+    /// prunes the sender of the first. Each node then gets one full copy of each message, over
+    /// the path with the fewest hops. Off: each message goes in full to `eager_peers` peers
+    /// picked at random.
+    pub tree: bool,
+    /// Most origins a tree is kept for (the oldest is forgotten first; its next message starts
+    /// a new tree).
+    pub max_trees: usize,
+    /// How long `HAVE`s of messages that follow a tree are held before they are sent, so that
+    /// they do not compete with the full copies still spreading for the CPU, and so that ids
+    /// of messages a peer announced to us in the meantime are not announced back. The ids held
+    /// for one peer go out in one frame. Zero sends each `HAVE` at once.
+    pub have_delay: Duration,
     /// How long a node waits after a `HAVE` for an unseen id before it asks for the message.
     /// Most waits end with a copy from an eager neighbour, which can lag the `HAVE` by the
     /// time a burst of relaying keeps the CPUs busy: at 300 nodes on two cores, 20 ms sent
@@ -68,16 +115,19 @@ pub struct LazyPush {
     pub max_wanted: usize,
     /// How long a forwarded copy is kept to answer `WANT`s.
     pub keep: Duration,
-    /// Most forwarded copies kept to answer `WANT`s.
+    /// Most forwarded copies kept to answer `WANT`s (and to tell a `PRUNE`'s origin).
     pub keep_frames: usize,
 }
 
 impl LazyPush {
     /// Flooding: every peer gets every message in full.
-    pub const FLOOD: Self = Self { eager_peers: usize::MAX, ..Self::DEFAULT };
+    pub const FLOOD: Self = Self { eager_peers: usize::MAX, tree: false, ..Self::DEFAULT };
 
     const DEFAULT: Self = Self {
         eager_peers: 4,
+        tree: true,
+        max_trees: 1024,
+        have_delay: Duration::from_millis(20),
         want_delay: Duration::from_millis(50),
         want_timeout: Duration::from_millis(250),
         max_wanted: 4096,
@@ -87,13 +137,13 @@ impl LazyPush {
 
     /// Whether some peers get ids instead of messages.
     pub fn is_lazy(&self) -> bool {
-        self.eager_peers != usize::MAX
+        self.tree || self.eager_peers != usize::MAX
     }
 }
 
 impl Default for LazyPush {
-    /// Four eager peers, a `WANT` 50 ms after the first `HAVE`, the next announcer 250 ms
-    /// later, copies kept 2 s.
+    /// Tree push (a new origin's first message to 4 random peers), `HAVE`s held 20 ms, a `WANT` 50 ms after the first `HAVE`, the next
+    /// announcer 250 ms later, copies kept 2 s.
     fn default() -> Self {
         Self::DEFAULT
     }
@@ -104,8 +154,12 @@ impl Default for LazyPush {
 pub enum ControlFrame {
     /// The sender has these messages.
     Have(Vec<MessageId>),
-    /// The sender asks for these messages.
+    /// The sender asks for these messages (and, under tree push, for full copies of their
+    /// origins' messages from now on).
     Want(Vec<MessageId>),
+    /// The sender got these messages from us after it had them (tree push: send it only ids
+    /// of their origins' messages).
+    Prune(Vec<MessageId>),
 }
 
 impl ControlFrame {
@@ -114,7 +168,7 @@ impl ControlFrame {
     #[allow(clippy::result_unit_err)]
     pub fn parse(frame: &[u8]) -> Option<Result<Self, ()>> {
         let (&tag, rest) = frame.split_first()?;
-        if tag != HAVE_TAG && tag != WANT_TAG {
+        if !matches!(tag, HAVE_TAG | WANT_TAG | PRUNE_TAG) {
             return None;
         }
         if rest.is_empty() || rest.len() % 16 != 0 || rest.len() / 16 > MAX_IDS {
@@ -128,7 +182,11 @@ impl ControlFrame {
                 MessageId::from_uuid(uuid::Uuid::from_bytes(bytes))
             })
             .collect();
-        Some(Ok(if tag == HAVE_TAG { Self::Have(ids) } else { Self::Want(ids) }))
+        Some(Ok(match tag {
+            HAVE_TAG => Self::Have(ids),
+            WANT_TAG => Self::Want(ids),
+            _ => Self::Prune(ids),
+        }))
     }
 
     /// Encodes the frame (at most [`MAX_IDS`] ids are written).
@@ -136,6 +194,7 @@ impl ControlFrame {
         let (tag, ids) = match self {
             Self::Have(ids) => (HAVE_TAG, ids),
             Self::Want(ids) => (WANT_TAG, ids),
+            Self::Prune(ids) => (PRUNE_TAG, ids),
         };
         let ids = &ids[..ids.len().min(MAX_IDS)];
         let mut out = Vec::with_capacity(1 + 16 * ids.len());
@@ -266,10 +325,118 @@ impl<P: Clone + PartialEq> Wanted<P> {
     }
 }
 
-/// Forwarded copies kept for a while to answer `WANT`s.
+/// `HAVE`s held back for a while, per peer ([`LazyPush::have_delay`]).
+#[derive(Debug)]
+pub struct HeldHaves<P> {
+    ids: std::collections::HashMap<P, Vec<MessageId>>,
+    due: Option<Instant>,
+}
+
+impl<P: Clone + Eq + std::hash::Hash> Default for HeldHaves<P> {
+    fn default() -> Self {
+        Self { ids: std::collections::HashMap::new(), due: None }
+    }
+}
+
+impl<P: Clone + Eq + std::hash::Hash> HeldHaves<P> {
+    /// Holds `id` for `peer` until `now + delay` (or the due time of ids held before it).
+    /// Returns the peer's ids to send at once when they fill a frame ([`MAX_IDS`]), which
+    /// bounds what is held.
+    pub fn hold(
+        &mut self,
+        peer: &P,
+        id: MessageId,
+        now: Instant,
+        delay: Duration,
+    ) -> Option<Vec<MessageId>> {
+        self.due.get_or_insert(now + delay);
+        let ids = self.ids.entry(peer.clone()).or_default();
+        ids.push(id);
+        (ids.len() >= MAX_IDS).then(|| std::mem::take(ids))
+    }
+
+    /// When the held ids are due, if any are held.
+    pub fn due(&self) -> Option<Instant> {
+        self.due
+    }
+
+    /// Takes every held id, per peer.
+    pub fn take(&mut self) -> Vec<(P, Vec<MessageId>)> {
+        self.due = None;
+        self.ids.drain().filter(|(_, ids)| !ids.is_empty()).collect()
+    }
+}
+
+/// Tree push: per origin, the peers that get its messages in full from this node.
+#[derive(Debug)]
+pub struct Trees<P> {
+    children: std::collections::HashMap<NodeId, Vec<P>>,
+    order: VecDeque<NodeId>,
+    capacity: usize,
+}
+
+impl<P: Clone + PartialEq> Trees<P> {
+    /// Keeps the trees of at most `capacity` origins.
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            children: std::collections::HashMap::new(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Origins with a tree.
+    pub fn len(&self) -> usize {
+        self.children.len()
+    }
+
+    /// Whether no tree is kept.
+    pub fn is_empty(&self) -> bool {
+        self.children.is_empty()
+    }
+
+    /// The origin's children, if it has a tree here.
+    pub fn children(&self, origin: &NodeId) -> Option<&[P]> {
+        self.children.get(origin).map(Vec::as_slice)
+    }
+
+    /// Starts the origin's tree with these children, forgetting the oldest tree when full.
+    pub fn plant(&mut self, origin: NodeId, children: Vec<P>) {
+        if !self.children.contains_key(&origin) {
+            if self.children.len() >= self.capacity
+                && let Some(old) = self.order.pop_front()
+            {
+                self.children.remove(&old);
+            }
+            self.order.push_back(origin);
+        }
+        self.children.insert(origin, children);
+    }
+
+    /// The peer gets only ids of the origin's messages. Whether it was a child.
+    pub fn prune(&mut self, origin: &NodeId, peer: &P) -> bool {
+        let Some(children) = self.children.get_mut(origin) else { return false };
+        let before = children.len();
+        children.retain(|c| c != peer);
+        children.len() != before
+    }
+
+    /// The peer gets the origin's messages in full again (when the origin has a tree here).
+    /// Whether it was not a child.
+    pub fn graft(&mut self, origin: &NodeId, peer: &P) -> bool {
+        let Some(children) = self.children.get_mut(origin) else { return false };
+        if children.contains(peer) {
+            return false;
+        }
+        children.push(peer.clone());
+        true
+    }
+}
+
+/// Forwarded copies kept for a while to answer `WANT`s, with their origins.
 #[derive(Debug)]
 pub struct Kept {
-    frames: crate::IdMap<Bytes>,
+    frames: crate::IdMap<(NodeId, Bytes)>,
     order: VecDeque<(Instant, MessageId)>,
     keep: Duration,
     capacity: usize,
@@ -292,7 +459,7 @@ impl Kept {
     }
 
     /// Keeps `frame`, forgetting expired ones and, when full, the oldest.
-    pub fn insert(&mut self, id: MessageId, frame: Bytes, now: Instant) {
+    pub fn insert(&mut self, id: MessageId, origin: NodeId, frame: Bytes, now: Instant) {
         if self.capacity == 0 {
             return;
         }
@@ -302,13 +469,13 @@ impl Kept {
         {
             self.frames.remove(&old);
         }
-        if self.frames.insert(id, frame).is_none() {
+        if self.frames.insert(id, (origin, frame)).is_none() {
             self.order.push_back((now, id));
         }
     }
 
-    /// The kept copy of `id`, if it is still kept.
-    pub fn get(&mut self, id: &MessageId, now: Instant) -> Option<Bytes> {
+    /// The kept copy of `id` and its origin, if it is still kept.
+    pub fn get(&mut self, id: &MessageId, now: Instant) -> Option<(NodeId, Bytes)> {
         self.expire(now);
         self.frames.get(id).cloned()
     }
@@ -332,6 +499,36 @@ mod tests {
         MessageId::of_body(&[n])
     }
 
+    fn origin(n: u8) -> NodeId {
+        mesh_protocol::Identity::from_seed([n; 32]).node_id()
+    }
+
+    #[test]
+    fn trees_are_kept_per_origin_pruned_grafted_and_bounded() {
+        let mut trees = Trees::new(2);
+        let (a, b, c) = (origin(1), origin(2), origin(3));
+        assert_eq!(trees.children(&a), None);
+        trees.plant(a, vec![1, 2, 3]);
+        trees.plant(b, vec![1]);
+        assert!(trees.prune(&a, &2));
+        assert!(!trees.prune(&a, &2), "pruned already");
+        assert_eq!(trees.children(&a), Some(&[1, 3][..]));
+        assert_eq!(trees.children(&b), Some(&[1][..]), "other origins keep their trees");
+        assert!(trees.graft(&a, &2));
+        assert!(!trees.graft(&a, &2), "a child already");
+        assert_eq!(trees.children(&a), Some(&[1, 3, 2][..]));
+        assert!(!trees.graft(&c, &1), "no tree to graft onto");
+        assert_eq!(trees.children(&c), None);
+        // A third origin makes room by forgetting the oldest tree.
+        trees.plant(c, vec![4]);
+        assert_eq!(trees.len(), 2);
+        assert_eq!(trees.children(&a), None);
+        assert_eq!(trees.children(&c), Some(&[4][..]));
+        // Planting again replaces the children without forgetting another tree.
+        trees.plant(c, vec![5]);
+        assert_eq!((trees.len(), trees.children(&b).is_some()), (2, true));
+    }
+
     #[test]
     fn control_frames_round_trip_and_malformed_ones_are_refused() {
         let have = ControlFrame::Have(vec![id(1), id(2)]);
@@ -340,6 +537,10 @@ mod tests {
         assert_eq!(ControlFrame::parse(&bytes), Some(Ok(have)));
         let want = ControlFrame::Want(vec![id(3)]);
         assert_eq!(ControlFrame::parse(&want.encode()), Some(Ok(want)));
+        let prune = ControlFrame::Prune(vec![id(4)]);
+        assert_eq!(prune.encode()[0], PRUNE_TAG);
+        assert_eq!(ControlFrame::parse(&prune.encode()), Some(Ok(prune)));
+        assert_eq!(ControlFrame::parse(&[PRUNE_TAG, 1]), Some(Err(())));
 
         // An envelope (version 1 first) is not a control frame; an empty frame neither.
         assert_eq!(ControlFrame::parse(&[1, 10, 0]), None);
@@ -415,15 +616,41 @@ mod tests {
     }
 
     #[test]
+    fn held_haves_go_out_together_when_due_or_when_a_frame_is_full() {
+        let t0 = Instant::now();
+        let delay = Duration::from_millis(20);
+        let mut held = HeldHaves::default();
+        assert_eq!(held.due(), None);
+        assert_eq!(held.hold(&"a", id(1), t0, delay), None);
+        assert_eq!(held.hold(&"b", id(1), t0 + Duration::from_millis(5), delay), None);
+        assert_eq!(held.hold(&"a", id(2), t0 + Duration::from_millis(9), delay), None);
+        assert_eq!(held.due(), Some(t0 + delay), "due with the first id held");
+        let mut taken = held.take();
+        taken.sort();
+        assert_eq!(taken, vec![("a", vec![id(1), id(2)]), ("b", vec![id(1)])]);
+        assert_eq!(held.due(), None);
+        assert!(held.take().is_empty());
+        // A full frame's worth for one peer is handed back at once.
+        let full: Vec<_> = (0..MAX_IDS as u8).map(|n| held.hold(&"c", id(n), t0, delay)).collect();
+        assert!(full[..MAX_IDS - 1].iter().all(Option::is_none));
+        assert_eq!(full[MAX_IDS - 1].as_ref().map(Vec::len), Some(MAX_IDS));
+        assert!(held.take().is_empty(), "nothing left held");
+    }
+
+    #[test]
     fn kept_copies_expire_and_are_bounded() {
         let t0 = Instant::now();
         let mut kept = Kept::new(Duration::from_secs(2), 2);
-        kept.insert(id(1), Bytes::from_static(b"one"), t0);
-        kept.insert(id(2), Bytes::from_static(b"two"), t0 + Duration::from_secs(1));
-        kept.insert(id(3), Bytes::from_static(b"three"), t0 + Duration::from_secs(1));
+        let o = origin(1);
+        kept.insert(id(1), o, Bytes::from_static(b"one"), t0);
+        kept.insert(id(2), o, Bytes::from_static(b"two"), t0 + Duration::from_secs(1));
+        kept.insert(id(3), o, Bytes::from_static(b"three"), t0 + Duration::from_secs(1));
         assert_eq!(kept.len(), 2, "the oldest made room");
         assert_eq!(kept.get(&id(1), t0 + Duration::from_secs(1)), None);
-        assert_eq!(kept.get(&id(2), t0 + Duration::from_secs(1)), Some(Bytes::from_static(b"two")));
+        assert_eq!(
+            kept.get(&id(2), t0 + Duration::from_secs(1)),
+            Some((o, Bytes::from_static(b"two")))
+        );
         assert_eq!(kept.get(&id(3), t0 + Duration::from_secs(3)), None, "expired");
         assert!(kept.is_empty());
     }

@@ -50,7 +50,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::config::Config;
 use crate::core::{Forward, Outcome, Prepared, RelayCore};
 use crate::framing::{self, ReadError};
-use crate::lazy::{ControlFrame, Kept, Wanted};
+use crate::lazy::{ControlFrame, HeldHaves, Kept, Trees, Wanted};
 use crate::peer_manager::{Action, PeerManager};
 use crate::pex;
 use crate::prepare::{Preparer, RecentIds, Started};
@@ -358,6 +358,8 @@ impl Relay {
                 hops_reset: Instant::now(),
                 wanted: Wanted::new(ctx.config.lazy.max_wanted),
                 kept: Kept::new(ctx.config.lazy.keep, ctx.config.lazy.keep_frames),
+                held: HeldHaves::default(),
+                trees: Trees::new(ctx.config.lazy.max_trees),
                 rng: StdRng::from_entropy(),
                 inputs: core_rx,
                 deliveries: delivery_tx,
@@ -1198,6 +1200,10 @@ struct CoreTask {
     wanted: Wanted<PeerId>,
     /// Forwarded copies kept to answer `WANT`s.
     kept: Kept,
+    /// `HAVE`s held back before they are sent.
+    held: HeldHaves<PeerId>,
+    /// Tree push: per origin, the peers that get its messages in full.
+    trees: Trees<PeerId>,
     /// Picks the eager peers of each relayed message.
     rng: StdRng,
     inputs: mpsc::Receiver<CoreInput>,
@@ -1212,6 +1218,10 @@ impl CoreTask {
         let timer = tokio::time::sleep_until(far());
         tokio::pin!(timer);
         let mut armed: Option<Instant> = None;
+        // A second one for the held `HAVE`s.
+        let have_timer = tokio::time::sleep_until(far());
+        tokio::pin!(have_timer);
+        let mut have_armed: Option<Instant> = None;
         let cancelled = self.ctx.cancel.clone().cancelled_owned();
         tokio::pin!(cancelled);
         loop {
@@ -1219,6 +1229,11 @@ impl CoreTask {
             if due != armed {
                 timer.as_mut().reset(due.unwrap_or_else(far));
                 armed = due;
+            }
+            let have_due = self.held.due();
+            if have_due != have_armed {
+                have_timer.as_mut().reset(have_due.unwrap_or_else(far));
+                have_armed = have_due;
             }
             // Biased: a due timer first (inputs never starve it), the token last (it is
             // checked under a lock; tokio's task budget makes `recv` yield now and then, so
@@ -1228,6 +1243,11 @@ impl CoreTask {
                 () = &mut timer, if armed.is_some() => {
                     armed = None;
                     self.ask_for_wanted();
+                    continue;
+                }
+                () = &mut have_timer, if have_armed.is_some() => {
+                    have_armed = None;
+                    self.send_held_haves();
                     continue;
                 }
                 i = self.inputs.recv() => match i {
@@ -1269,6 +1289,7 @@ impl CoreTask {
             None => {}
             Some(Ok(ControlFrame::Have(ids))) => return self.on_have(peer, &ids),
             Some(Ok(ControlFrame::Want(ids))) => return self.on_want(peer, &ids),
+            Some(Ok(ControlFrame::Prune(ids))) => return self.on_prune(peer, &ids),
             Some(Err(())) => {
                 return self.reject(
                     peer,
@@ -1320,13 +1341,24 @@ impl CoreTask {
                 bump(&self.ctx.stats.reforwarded);
                 metrics::counter!("mesh_relay_messages_total", "outcome" => "reforwarded")
                     .increment(1);
+                // Tree push: this path has fewer hops than the one the first copy took, so the
+                // first copy's sender is told to send only ids of this origin's messages.
+                if self.ctx.config.lazy.tree
+                    && let Some(&first) = forward.except.first()
+                    && first != peer
+                {
+                    self.prune(first, forward.id);
+                }
                 self.relay(forward);
             }
-            Outcome::Duplicate { hop_count, .. } => {
+            Outcome::Duplicate { id, hop_count } => {
                 bump(&self.ctx.stats.duplicates);
                 metrics::counter!("mesh_relay_messages_total", "outcome" => "duplicate")
                     .increment(1);
                 self.report_hops(peer, hop_count);
+                if self.ctx.config.lazy.tree {
+                    self.prune(peer, id);
+                }
             }
             Outcome::Stale { id } => {
                 debug!(%peer, %id, "older than a message already accepted from its origin; dropped");
@@ -1377,31 +1409,60 @@ impl CoreTask {
         }
     }
 
-    /// Queues `frame` to every peer but the excluded and those that have sent us the message,
-    /// except that only `eager` of them, picked at random, get the frame and the others a
-    /// `HAVE` (lazy push; `usize::MAX` sends the frame to all). Returns how many took the frame.
+    /// Queues `frame` to every peer but the excluded and those that have sent us the message:
+    /// in full to `eager` of them picked at random, or under tree push to the origin's children
+    /// once it has a tree here, and as a `HAVE` to the others (lazy push; `usize::MAX` sends
+    /// the frame to all). Returns how many took the frame.
     fn send_to_peers(
         &mut self,
         id: MessageId,
+        origin: NodeId,
         frame: Bytes,
         except: &[PeerId],
         eager: usize,
     ) -> u64 {
+        let lazy = self.ctx.config.lazy;
         let links = read_links(&self.ctx.links);
-        let mut candidates: Vec<&Link> = links
+        let mut candidates: Vec<(&PeerId, &Link)> = links
             .iter()
             .filter(|(peer, link)| !except.contains(peer) && !link.sent_us.contains(&id))
-            .map(|(_, link)| link)
             .collect();
-        let eager = eager.min(candidates.len());
-        let have = if eager < candidates.len() {
-            candidates.partial_shuffle(&mut self.rng, eager);
+        let tree = if lazy.tree { self.trees.children(&origin) } else { None };
+        // `HAVE`s are held only behind a tree's copies: nodes that a new origin's first
+        // message does not reach in full learn of it at once.
+        let hold = tree.is_some() && !lazy.have_delay.is_zero();
+        let eager = match tree {
+            Some(children) => {
+                candidates.sort_by_key(|(peer, _)| !children.contains(peer));
+                candidates.iter().take_while(|(peer, _)| children.contains(peer)).count()
+            }
+            None => {
+                let eager = eager.min(candidates.len());
+                if eager < candidates.len() {
+                    candidates.partial_shuffle(&mut self.rng, eager);
+                }
+                if lazy.tree {
+                    let children = candidates[..eager].iter().map(|(peer, _)| **peer).collect();
+                    self.trees.plant(origin, children);
+                }
+                eager
+            }
+        };
+        let now = Instant::now();
+        let have = if eager < candidates.len() && !hold {
             Bytes::from(ControlFrame::Have(vec![id]).encode())
         } else {
             Bytes::new()
         };
         let (mut queued, mut announced) = (0u64, 0u64);
-        for (i, link) in candidates.iter().enumerate() {
+        let mut full = Vec::new();
+        for (i, (peer, link)) in candidates.iter().enumerate() {
+            if i >= eager && hold {
+                if let Some(ids) = self.held.hold(peer, id, now, lazy.have_delay) {
+                    full.push((**peer, ids));
+                }
+                continue;
+            }
             let (frame, count) = if i < eager {
                 (frame.clone(), &mut queued)
             } else {
@@ -1414,11 +1475,74 @@ impl CoreTask {
         }
         let stats = &self.ctx.stats;
         add(&stats.frames_queued, queued + announced);
-        if announced > 0 {
-            add(&stats.haves_sent, announced);
-            metrics::counter!("mesh_relay_lazy_total", "event" => "have_sent").increment(announced);
+        self.count_haves(announced);
+        for (peer, ids) in full {
+            if let Some(link) = links.get(&peer) {
+                self.send_haves(link, ids);
+            }
         }
         queued
+    }
+
+    fn count_haves(&self, announced: u64) {
+        if announced > 0 {
+            add(&self.ctx.stats.haves_sent, announced);
+            metrics::counter!("mesh_relay_lazy_total", "event" => "have_sent").increment(announced);
+        }
+    }
+
+    /// Sends a peer one `HAVE` with those of `ids` it has not sent or announced to us
+    /// meanwhile.
+    fn send_haves(&self, link: &Link, mut ids: Vec<MessageId>) {
+        ids.retain(|id| !link.sent_us.contains(id));
+        if ids.is_empty() {
+            return;
+        }
+        let frame = Bytes::from(ControlFrame::Have(ids.clone()).encode());
+        if link.queue.try_send((None, frame)).is_ok() {
+            bump(&self.ctx.stats.frames_queued);
+            self.count_haves(ids.len() as u64);
+        } else {
+            self.count_queue_full();
+        }
+    }
+
+    /// Sends the `HAVE`s held back.
+    fn send_held_haves(&mut self) {
+        let held = self.held.take();
+        let links = read_links(&self.ctx.links);
+        for (peer, ids) in held {
+            if let Some(link) = links.get(&peer) {
+                self.send_haves(link, ids);
+            }
+        }
+    }
+
+    /// Tree push: `peer` sent us a copy of `id` we did not need, so it is asked to send only
+    /// ids of that origin's messages (`PRUNE`).
+    fn prune(&self, peer: PeerId, id: MessageId) {
+        let links = read_links(&self.ctx.links);
+        let Some(link) = links.get(&peer) else { return };
+        let frame = Bytes::from(ControlFrame::Prune(vec![id]).encode());
+        if link.queue.try_send((None, frame)).is_ok() {
+            bump(&self.ctx.stats.frames_queued);
+            bump(&self.ctx.stats.prunes_sent);
+            metrics::counter!("mesh_relay_lazy_total", "event" => "prune_sent").increment(1);
+        } else {
+            self.count_queue_full();
+        }
+    }
+
+    /// A peer needed no full copies of these messages: it leaves their origins' trees here.
+    /// (Ids we no longer keep are ignored: their origins are unknown by then.)
+    fn on_prune(&mut self, peer: PeerId, ids: &[MessageId]) {
+        add(&self.ctx.stats.prunes_received, ids.len() as u64);
+        let now = Instant::now();
+        for id in ids {
+            if let Some((origin, _)) = self.kept.get(id, now) {
+                self.trees.prune(&origin, &peer);
+            }
+        }
     }
 
     fn count_queue_full(&self) {
@@ -1432,9 +1556,9 @@ impl CoreTask {
         let lazy = self.ctx.config.lazy;
         let frame = Bytes::from(forward.frame);
         if lazy.is_lazy() {
-            self.kept.insert(forward.id, frame.clone(), Instant::now());
+            self.kept.insert(forward.id, forward.origin, frame.clone(), Instant::now());
         }
-        self.send_to_peers(forward.id, frame, &forward.except, lazy.eager_peers);
+        self.send_to_peers(forward.id, forward.origin, frame, &forward.except, lazy.eager_peers);
     }
 
     /// A peer announced messages: it needs none of them from us, and the ones we have not
@@ -1482,7 +1606,8 @@ impl CoreTask {
         }
     }
 
-    /// A peer asked for messages: each kept one is sent once to it.
+    /// A peer asked for messages: each kept one is sent once to it, and under tree push the
+    /// peer gets the messages of its origin in full from now on.
     fn on_want(&mut self, peer: PeerId, ids: &[MessageId]) {
         let links = read_links(&self.ctx.links);
         let Some(link) = links.get(&peer) else { return };
@@ -1492,10 +1617,14 @@ impl CoreTask {
             if link.sent_us.contains(id) {
                 continue;
             }
-            let Some(frame) = self.kept.get(id, now) else {
+            let Some((origin, frame)) = self.kept.get(id, now) else {
                 bump(&self.ctx.stats.wants_unknown);
                 continue;
             };
+            if self.ctx.config.lazy.tree && self.trees.graft(&origin, &peer) {
+                bump(&self.ctx.stats.grafts);
+                metrics::counter!("mesh_relay_lazy_total", "event" => "graft").increment(1);
+            }
             link.sent_us.record(*id);
             if link.queue.try_send((None, frame)).is_ok() {
                 bump(&self.ctx.stats.frames_queued);
@@ -1535,7 +1664,13 @@ impl CoreTask {
         let now = now_ms() + self.ctx.config.clock_offset_ms;
         let message = self.core.publish(&frame, now).map_err(Error::Rejected)?;
         bump(&self.ctx.stats.published);
-        let queued = self.send_to_peers(message.id, Bytes::from(frame), &[], usize::MAX) as usize;
+        let frame = Bytes::from(frame);
+        let origin = message.body.origin;
+        if self.ctx.config.lazy.tree {
+            // Peers outside the origin's tree get a `HAVE` and may ask for the message.
+            self.kept.insert(message.id, origin, frame.clone(), Instant::now());
+        }
+        let queued = self.send_to_peers(message.id, origin, frame, &[], usize::MAX) as usize;
         self.deliver(Delivery { message, from: None, received_at: Instant::now() });
         Ok(queued)
     }

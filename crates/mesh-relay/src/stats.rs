@@ -26,6 +26,9 @@ pub struct Stats {
     pub(crate) wants_served: AtomicU64,
     pub(crate) wants_unknown: AtomicU64,
     pub(crate) wanted_full: AtomicU64,
+    pub(crate) prunes_sent: AtomicU64,
+    pub(crate) prunes_received: AtomicU64,
+    pub(crate) grafts: AtomicU64,
     pub(crate) dropped_subscriber: AtomicU64,
     pub(crate) dropped_stream_lost: AtomicU64,
     pub(crate) streams_opened: AtomicU64,
@@ -76,6 +79,12 @@ pub struct StatsSnapshot {
     pub wants_unknown: u64,
     /// Announcements ignored because too many ids were already waiting.
     pub wanted_full: u64,
+    /// Tree push: links we pruned because a peer sent us a message we already had (`PRUNE`).
+    pub prunes_sent: u64,
+    /// Tree push: `PRUNE`s peers sent us.
+    pub prunes_received: u64,
+    /// Tree push: pruned links made eager again by a `WANT` either way.
+    pub grafts: u64,
     /// Deliveries dropped because the local subscriber was not keeping up.
     pub dropped_subscriber: u64,
     /// Frames lost when a stream broke.
@@ -147,6 +156,9 @@ impl Stats {
             wants_served: get(&self.wants_served),
             wants_unknown: get(&self.wants_unknown),
             wanted_full: get(&self.wanted_full),
+            prunes_sent: get(&self.prunes_sent),
+            prunes_received: get(&self.prunes_received),
+            grafts: get(&self.grafts),
             dropped_subscriber: get(&self.dropped_subscriber),
             dropped_stream_lost: get(&self.dropped_stream_lost),
             streams_opened: get(&self.streams_opened),

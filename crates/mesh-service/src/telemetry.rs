@@ -173,7 +173,8 @@ fn describe() {
     describe_counter!(
         "mesh_relay_lazy_total",
         "Lazy push: ids announced instead of sent (have_sent), announced messages asked for \
-         (want_sent), messages sent on request (want_served)"
+         (want_sent), messages sent on request (want_served), copies answered with a PRUNE \
+         (prune_sent), peers made children of an origin's tree again by a WANT (graft)"
     );
     describe_counter!("mesh_relay_frames_sent_total", "Relay frames sent to peers");
     describe_counter!("mesh_relay_bytes_sent_total", "Relay bytes sent to peers");

@@ -32,6 +32,8 @@ pub struct Received {
     pub hop_count: u8,
     /// When it was first delivered.
     pub at: tokio::time::Instant,
+    /// The peer the first delivery came from (`None`: published here).
+    pub from: Option<PeerId>,
 }
 
 #[derive(Debug, Default)]
@@ -426,6 +428,7 @@ async fn collect(mut deliveries: mpsc::Receiver<Delivery>, record: Arc<Mutex<Rec
             count: 1,
             hop_count: d.message.envelope.hop_count,
             at: d.received_at,
+            from: d.from,
         });
     }
 }

@@ -392,9 +392,11 @@ async fn measure(
             }
         }
         match latest {
-            Some(l) => result
-                .latencies_ms
-                .push(l.saturating_duration_since(published_at[k]).as_secs_f64() * 1000.0),
+            Some(l) => result.record_latency(
+                workload,
+                k,
+                l.saturating_duration_since(published_at[k]).as_secs_f64() * 1000.0,
+            ),
             None => result.incomplete += 1,
         }
     }

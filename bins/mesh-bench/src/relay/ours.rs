@@ -26,7 +26,7 @@ fn copies_received(s: &StatsSnapshot) -> u64 {
 /// Builds the net, publishes the workload, waits for every delivery and collects the figures.
 pub async fn run(args: &Args, workload: &Workload) -> anyhow::Result<(NetResult, Memory)> {
     let rss_before = rss_bytes()?;
-    let lazy = super::our_lazy_push(args);
+    let lazy = args.lazy.lazy_push();
     let net = TestNet::builder()
         .nodes(args.nodes)
         .topology(Topology::RandomRegular { degree: args.degree })
@@ -103,9 +103,11 @@ pub async fn run(args: &Args, workload: &Workload) -> anyhow::Result<(NetResult,
             }
         }
         match last {
-            Some(last) => result
-                .latencies_ms
-                .push(last.saturating_duration_since(published_at[k]).as_secs_f64() * 1000.0),
+            Some(last) => result.record_latency(
+                workload,
+                k,
+                last.saturating_duration_since(published_at[k]).as_secs_f64() * 1000.0,
+            ),
             None => result.incomplete += 1,
         }
     }
@@ -126,6 +128,8 @@ pub async fn run(args: &Args, workload: &Workload) -> anyhow::Result<(NetResult,
         "wants_served": sum(|s| s.wants_served),
         "wants_unknown": sum(|s| s.wants_unknown),
         "wanted_full": sum(|s| s.wanted_full),
+        "prunes_sent": sum(|s| s.prunes_sent),
+        "grafts": sum(|s| s.grafts),
         "dropped_queue_full": sum(|s| s.dropped_queue_full),
         "dropped_subscriber": sum(|s| s.dropped_subscriber),
         "dropped_stream_lost": sum(|s| s.dropped_stream_lost),
