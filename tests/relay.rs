@@ -136,19 +136,20 @@ async fn with_one_eager_peer_every_node_still_delivers_every_message_once() -> a
     Ok(())
 }
 
-/// Tree push. The first message of an origin goes to a few random peers at each hop, and each
-/// copy a node did not need prunes its sender from the origin's tree, so what is left is the
-/// path each node's first copy took: a tree rooted at the origin. The origin's next messages
-/// travel along it: every node gets exactly one full copy, and the other links carry only
-/// ids. When a node's link to its parent is cut, it asks for the message (`WANT`), which
-/// makes it a child of the peer it asked, and the message after that needs no asking.
+/// Tree push. The first message of an origin goes to a few random peers at each hop, and from
+/// the second on each copy a node did not need prunes its sender from the origin's tree, so
+/// what is left is the path each node's first copy took: a tree rooted at the origin. The
+/// origin's next messages travel along it: every node gets about one full copy, and the other
+/// links carry only ids.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_origins_messages_settle_on_a_tree_that_carries_one_copy_per_node() -> anyhow::Result<()>
 {
     // A long wait before asking: no node asks for a message while the tree is whole. (Copies
-    // are kept longer than that, to be there when asked for.)
+    // are kept longer than that, to be there when asked for.) `PRUNE`s and `HAVE`s go at
+    // once, so that the test sees when every `PRUNE` has arrived.
     let lazy = mesh_relay::LazyPush {
         want_delay: Duration::from_secs(1),
+        have_delay: Duration::ZERO,
         keep: Duration::from_secs(10),
         ..mesh_relay::LazyPush::default()
     };
@@ -174,21 +175,20 @@ async fn an_origins_messages_settle_on_a_tree_that_carries_one_copy_per_node() -
         })
     };
     // One provider, publishing from node 0 as a provider node does.
-    let origin = provider(90);
+    let (origin, base) = (provider(90), now_ms());
     let send = |round: u64| {
         let (origin, net) = (&origin, &net);
         async move {
-            let m = price_batch(origin, round, now_ms(), 5, 10)?;
+            let m = price_batch(origin, round, base + round as i64, 5, 10)?;
             net.publish(0, &m).await?;
             net.wait_delivered_everywhere(&m.message_id()).await?;
             anyhow::Ok(m.message_id())
         }
     };
 
-    // The first two messages: duplicates prune their senders. (A copy the writer dropped
-    // because the peer had sent us the message first is pruned only when the second message
-    // reaches that peer twice.)
-    for round in 0..2 {
+    // Three messages first. Copies of an origin's first message are not pruned (many origins
+    // publish once); those of the next ones prune their senders.
+    for round in 0..3 {
         send(round).await?;
         quiet("the message and its PRUNEs were written").await?;
         let prunes = total(&stats(), |s| s.prunes_sent);
@@ -202,17 +202,18 @@ async fn an_origins_messages_settle_on_a_tree_that_carries_one_copy_per_node() -
     // Five more: about one full copy per node, no asking.
     let before = stats();
     let mut ids = Vec::new();
-    for round in 2..=6u64 {
+    for round in 3..=7u64 {
         ids.push(send(round).await?);
     }
     quiet("the HAVEs were written").await?;
     let after = stats();
     let delta = |f: fn(&StatsSnapshot) -> u64| total(&after, f) - total(&before, f);
     assert_eq!(delta(|s| s.delivered), 5 * (n as u64 - 1));
-    // (None in runs here, against about 90 in the first two messages; two frames crossing on a
-    // link where each end has the other as a child could still make one now and then.)
+    // A copy the writer dropped because the peer had sent us the message first is pruned
+    // only when a later message reaches that peer twice: a few such copies are left (4 to 17
+    // in runs here, against about 120 in the first three messages).
     let extra = delta(|s| s.duplicates + s.reforwarded);
-    assert!(extra <= n as u64 / 2, "{extra} extra copies in 5 messages to {n} nodes");
+    assert!(extra <= n as u64, "{extra} extra copies in 5 messages to {n} nodes");
     assert_eq!(delta(|s| s.wants_sent), 0, "a node had to ask");
     assert!(delta(|s| s.haves_sent) > 0, "no id was announced");
     for node in net.nodes() {
@@ -221,23 +222,66 @@ async fn an_origins_messages_settle_on_a_tree_that_carries_one_copy_per_node() -
         }
     }
 
-    // Cut a node from the peer it got the last message from: it asks for the next one.
-    let node = n - 1;
-    let parent = net.index_of(&net.node(node).received(&ids[4]).unwrap().from.unwrap()).unwrap();
-    net.cut(node, parent).await?;
-    let before = stats();
-    let id = send(7).await?;
-    let after = stats();
-    let delta = |f: fn(&StatsSnapshot) -> u64| total(&after, f) - total(&before, f);
-    assert!(delta(|s| s.wants_sent) > 0, "no node asked: {after:?}");
-    assert!(delta(|s| s.grafts) > 0, "no node was grafted: {after:?}");
-    assert!(net.nodes().iter().all(|n| n.received(&id).unwrap().count == 1));
-    // The peer it asked sends it the next message in full.
-    let before = stats();
-    let id = send(8).await?;
-    let after = stats();
-    assert_eq!(total(&after, |s| s.wants_sent), total(&before, |s| s.wants_sent));
-    assert!(net.nodes().iter().all(|n| n.received(&id).unwrap().count == 1));
+    net.shutdown().await;
+    Ok(())
+}
+
+/// Tree push mends itself. Triangle 0 - 1 - 2 - 0, provider at node 0: once the tree has
+/// settled, node 2 gets each message in full from one peer (its parent) and only a `HAVE`
+/// from the other. With the link to its parent cut, node 2 asks the other for the message
+/// (`WANT`), and that makes it the other's child: the next message reaches it in full
+/// without asking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_from_its_tree_parent_asks_once_and_is_grafted() -> anyhow::Result<()> {
+    let lazy =
+        mesh_relay::LazyPush { have_delay: Duration::ZERO, ..mesh_relay::LazyPush::default() };
+    let net = TestNet::builder()
+        .nodes(3)
+        .topology(Topology::Custom(vec![(0, 1), (1, 2), (0, 2)]))
+        .configure(move |_, c| c.lazy = lazy)
+        .build()
+        .await?;
+    let stats = |i: usize| net.node(i).running().unwrap().stats();
+    let (origin, base) = (provider(95), now_ms());
+    let send = |round: u64| {
+        let (origin, net) = (&origin, &net);
+        async move {
+            // Timestamps rise with the round even within one millisecond.
+            let m = price_batch(origin, round, base + round as i64, 2, 10)?;
+            net.publish(0, &m).await?;
+            net.wait_delivered_everywhere(&m.message_id()).await?;
+            anyhow::Ok(m.message_id())
+        }
+    };
+    let dups = || (1..3).map(stats).map(|s| s.duplicates + s.reforwarded).sum::<u64>();
+    // Until two messages in a row reach 1 and 2 once each (1 and 2 are then no longer each
+    // other's children). A late copy of one message shows by the end of the next.
+    let (mut round, mut clean) = (0, 0);
+    while clean < 2 {
+        anyhow::ensure!(round < 12, "the tree did not settle in 12 messages");
+        let before = dups();
+        send(round).await?;
+        round += 1;
+        eventually(WAIT, "every frame written", || {
+            (0..3).map(stats).all(|s| s.frames_queued == s.frames_sent + s.suppressed)
+        })
+        .await?;
+        clean = if round > 1 && dups() == before { clean + 1 } else { 0 };
+    }
+    // Node 2's parent: 0, or 1 when the copy over 1 came first when the tree formed.
+    let id = send(round).await?;
+    let parent = net.index_of(&net.node(2).received(&id).unwrap().from.unwrap()).unwrap();
+    let other = 1 - parent;
+
+    net.cut(parent, 2).await?;
+    let (w, g) = (stats(2).wants_sent, stats(other).grafts);
+    let id = send(round + 1).await?;
+    assert_eq!(stats(2).wants_sent, w + 1, "node 2 asked once: {:?}", stats(2));
+    assert_eq!(stats(other).grafts, g + 1, "node {other} took node 2 as its child");
+    assert_eq!(net.node(2).received(&id).unwrap().count, 1);
+    let id = send(round + 2).await?;
+    assert_eq!(stats(2).wants_sent, w + 1, "no asking for the next message");
+    assert_eq!(net.node(2).received(&id).unwrap().from, Some(net.node(other).peer_id()));
     net.shutdown().await;
     Ok(())
 }

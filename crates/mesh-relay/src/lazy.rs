@@ -15,9 +15,11 @@
 //!   ([`Trees`]).
 //! - A node that gets a full copy it already had answers the sender with a `PRUNE`: the sender
 //!   drops it from that origin's children. A copy with more TTL than the first (a path with
-//!   fewer hops) prunes the sender of the first copy instead.
-//! - What is left after the first message is the path each node's copy took: a tree rooted at
-//!   the origin. The origin's next messages follow it, and each node gets one full copy.
+//!   fewer hops) prunes the sender of the first copy instead. Copies of the first message of
+//!   an origin a node relays are not pruned: many origins publish once (a flood of them would
+//!   cost two `PRUNE`s per node per message for nothing), and a provider publishes again.
+//! - What is left after the second message is the path each node's copy took: a tree rooted
+//!   at the origin. The origin's next messages follow it, and each node gets one full copy.
 //! - A node that asks for a message (`WANT`, below) becomes a child of the peer it asked, so a
 //!   broken tree mends itself with the first message that had to be asked for.
 //!
@@ -31,7 +33,8 @@
 //! `HAVE`s of messages that follow a tree are held for [`LazyPush::have_delay`] and then sent
 //! together, one frame per peer, and not for ids the peer has announced or sent to us
 //! meanwhile: while the full copies spread, the CPUs are theirs. Those of an origin's first
-//! message go at once, since the nodes it does not reach in full can only ask.
+//! message go at once, since the nodes it does not reach in full can only ask. `PRUNE`s are
+//! held the same way.
 //!
 //! A node that gets a `HAVE` for an id it has not seen waits [`LazyPush::want_delay`] (a full
 //! copy is usually on its way from another neighbour), or not at all once every connected peer
@@ -98,10 +101,10 @@ pub struct LazyPush {
     /// Most origins a tree is kept for (the oldest is forgotten first; its next message starts
     /// a new tree).
     pub max_trees: usize,
-    /// How long `HAVE`s of messages that follow a tree are held before they are sent, so that
-    /// they do not compete with the full copies still spreading for the CPU, and so that ids
-    /// of messages a peer announced to us in the meantime are not announced back. The ids held
-    /// for one peer go out in one frame. Zero sends each `HAVE` at once.
+    /// How long `HAVE`s of messages that follow a tree, and `PRUNE`s, are held before they are
+    /// sent, so that they do not compete with the full copies still spreading for the CPU,
+    /// and so that ids of messages a peer announced to us in the meantime are not announced
+    /// back. The ids held for one peer go out in one frame. Zero sends each at once.
     pub have_delay: Duration,
     /// How long a node waits after a `HAVE` for an unseen id before it asks for the message.
     /// Most waits end with a copy from an eager neighbour, which can lag the `HAVE` by the
@@ -142,8 +145,9 @@ impl LazyPush {
 }
 
 impl Default for LazyPush {
-    /// Tree push (a new origin's first message to 4 random peers), `HAVE`s held 20 ms, a `WANT` 50 ms after the first `HAVE`, the next
-    /// announcer 250 ms later, copies kept 2 s.
+    /// Tree push (a new origin's first message to 4 random peers), `HAVE`s and `PRUNE`s held
+    /// 20 ms, a `WANT` 50 ms after the first `HAVE`, the next announcer 250 ms later, copies
+    /// kept 2 s.
     fn default() -> Self {
         Self::DEFAULT
     }
@@ -325,20 +329,20 @@ impl<P: Clone + PartialEq> Wanted<P> {
     }
 }
 
-/// `HAVE`s held back for a while, per peer ([`LazyPush::have_delay`]).
+/// Ids of `HAVE`s (or of `PRUNE`s) held back for a while, per peer ([`LazyPush::have_delay`]).
 #[derive(Debug)]
-pub struct HeldHaves<P> {
+pub struct HeldIds<P> {
     ids: std::collections::HashMap<P, Vec<MessageId>>,
     due: Option<Instant>,
 }
 
-impl<P: Clone + Eq + std::hash::Hash> Default for HeldHaves<P> {
+impl<P: Clone + Eq + std::hash::Hash> Default for HeldIds<P> {
     fn default() -> Self {
         Self { ids: std::collections::HashMap::new(), due: None }
     }
 }
 
-impl<P: Clone + Eq + std::hash::Hash> HeldHaves<P> {
+impl<P: Clone + Eq + std::hash::Hash> HeldIds<P> {
     /// Holds `id` for `peer` until `now + delay` (or the due time of ids held before it).
     /// Returns the peer's ids to send at once when they fill a frame ([`MAX_IDS`]), which
     /// bounds what is held.
@@ -433,10 +437,11 @@ impl<P: Clone + PartialEq> Trees<P> {
     }
 }
 
-/// Forwarded copies kept for a while to answer `WANT`s, with their origins.
+/// Forwarded copies kept for a while to answer `WANT`s, with their origins and whether each
+/// was the first of its origin that this node relayed.
 #[derive(Debug)]
 pub struct Kept {
-    frames: crate::IdMap<(NodeId, Bytes)>,
+    frames: crate::IdMap<(NodeId, Bytes, bool)>,
     order: VecDeque<(Instant, MessageId)>,
     keep: Duration,
     capacity: usize,
@@ -458,8 +463,16 @@ impl Kept {
         self.frames.is_empty()
     }
 
-    /// Keeps `frame`, forgetting expired ones and, when full, the oldest.
-    pub fn insert(&mut self, id: MessageId, origin: NodeId, frame: Bytes, now: Instant) {
+    /// Keeps `frame`, forgetting expired ones and, when full, the oldest. `first`: the first
+    /// message of its origin this node relays.
+    pub fn insert(
+        &mut self,
+        id: MessageId,
+        origin: NodeId,
+        frame: Bytes,
+        first: bool,
+        now: Instant,
+    ) {
         if self.capacity == 0 {
             return;
         }
@@ -469,7 +482,7 @@ impl Kept {
         {
             self.frames.remove(&old);
         }
-        if self.frames.insert(id, (origin, frame)).is_none() {
+        if self.frames.insert(id, (origin, frame, first)).is_none() {
             self.order.push_back((now, id));
         }
     }
@@ -477,7 +490,12 @@ impl Kept {
     /// The kept copy of `id` and its origin, if it is still kept.
     pub fn get(&mut self, id: &MessageId, now: Instant) -> Option<(NodeId, Bytes)> {
         self.expire(now);
-        self.frames.get(id).cloned()
+        self.frames.get(id).map(|(origin, frame, _)| (*origin, frame.clone()))
+    }
+
+    /// Whether `id` is kept as the first message of its origin this node relayed.
+    pub fn is_first(&self, id: &MessageId) -> bool {
+        self.frames.get(id).is_some_and(|(_, _, first)| *first)
     }
 
     fn expire(&mut self, now: Instant) {
@@ -619,7 +637,7 @@ mod tests {
     fn held_haves_go_out_together_when_due_or_when_a_frame_is_full() {
         let t0 = Instant::now();
         let delay = Duration::from_millis(20);
-        let mut held = HeldHaves::default();
+        let mut held = HeldIds::default();
         assert_eq!(held.due(), None);
         assert_eq!(held.hold(&"a", id(1), t0, delay), None);
         assert_eq!(held.hold(&"b", id(1), t0 + Duration::from_millis(5), delay), None);
@@ -642,9 +660,10 @@ mod tests {
         let t0 = Instant::now();
         let mut kept = Kept::new(Duration::from_secs(2), 2);
         let o = origin(1);
-        kept.insert(id(1), o, Bytes::from_static(b"one"), t0);
-        kept.insert(id(2), o, Bytes::from_static(b"two"), t0 + Duration::from_secs(1));
-        kept.insert(id(3), o, Bytes::from_static(b"three"), t0 + Duration::from_secs(1));
+        kept.insert(id(1), o, Bytes::from_static(b"one"), true, t0);
+        kept.insert(id(2), o, Bytes::from_static(b"two"), true, t0 + Duration::from_secs(1));
+        kept.insert(id(3), o, Bytes::from_static(b"three"), false, t0 + Duration::from_secs(1));
+        assert!(kept.is_first(&id(2)) && !kept.is_first(&id(3)));
         assert_eq!(kept.len(), 2, "the oldest made room");
         assert_eq!(kept.get(&id(1), t0 + Duration::from_secs(1)), None);
         assert_eq!(

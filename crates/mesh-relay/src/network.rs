@@ -50,7 +50,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::config::Config;
 use crate::core::{Forward, Outcome, Prepared, RelayCore};
 use crate::framing::{self, ReadError};
-use crate::lazy::{ControlFrame, HeldHaves, Kept, Trees, Wanted};
+use crate::lazy::{ControlFrame, HeldIds, Kept, Trees, Wanted};
 use crate::peer_manager::{Action, PeerManager};
 use crate::pex;
 use crate::prepare::{Preparer, RecentIds, Started};
@@ -358,7 +358,8 @@ impl Relay {
                 hops_reset: Instant::now(),
                 wanted: Wanted::new(ctx.config.lazy.max_wanted),
                 kept: Kept::new(ctx.config.lazy.keep, ctx.config.lazy.keep_frames),
-                held: HeldHaves::default(),
+                held: HeldIds::default(),
+                held_prunes: HeldIds::default(),
                 trees: Trees::new(ctx.config.lazy.max_trees),
                 rng: StdRng::from_entropy(),
                 inputs: core_rx,
@@ -1201,7 +1202,9 @@ struct CoreTask {
     /// Forwarded copies kept to answer `WANT`s.
     kept: Kept,
     /// `HAVE`s held back before they are sent.
-    held: HeldHaves<PeerId>,
+    held: HeldIds<PeerId>,
+    /// `PRUNE`s held back before they are sent.
+    held_prunes: HeldIds<PeerId>,
     /// Tree push: per origin, the peers that get its messages in full.
     trees: Trees<PeerId>,
     /// Picks the eager peers of each relayed message.
@@ -1218,7 +1221,7 @@ impl CoreTask {
         let timer = tokio::time::sleep_until(far());
         tokio::pin!(timer);
         let mut armed: Option<Instant> = None;
-        // A second one for the held `HAVE`s.
+        // A second one for the held `HAVE`s and `PRUNE`s.
         let have_timer = tokio::time::sleep_until(far());
         tokio::pin!(have_timer);
         let mut have_armed: Option<Instant> = None;
@@ -1230,7 +1233,10 @@ impl CoreTask {
                 timer.as_mut().reset(due.unwrap_or_else(far));
                 armed = due;
             }
-            let have_due = self.held.due();
+            let have_due = match (self.held.due(), self.held_prunes.due()) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             if have_due != have_armed {
                 have_timer.as_mut().reset(have_due.unwrap_or_else(far));
                 have_armed = have_due;
@@ -1248,6 +1254,7 @@ impl CoreTask {
                 () = &mut have_timer, if have_armed.is_some() => {
                     have_armed = None;
                     self.send_held_haves();
+                    self.send_held_prunes();
                     continue;
                 }
                 i = self.inputs.recv() => match i {
@@ -1356,7 +1363,8 @@ impl CoreTask {
                 metrics::counter!("mesh_relay_messages_total", "outcome" => "duplicate")
                     .increment(1);
                 self.report_hops(peer, hop_count);
-                if self.ctx.config.lazy.tree {
+                // Not for the first message of an origin (see `crate::lazy`).
+                if self.ctx.config.lazy.tree && !self.kept.is_first(&id) {
                     self.prune(peer, id);
                 }
             }
@@ -1519,17 +1527,38 @@ impl CoreTask {
     }
 
     /// Tree push: `peer` sent us a copy of `id` we did not need, so it is asked to send only
-    /// ids of that origin's messages (`PRUNE`).
-    fn prune(&self, peer: PeerId, id: MessageId) {
+    /// ids of that origin's messages (`PRUNE`, held like `HAVE`s).
+    fn prune(&mut self, peer: PeerId, id: MessageId) {
+        let delay = self.ctx.config.lazy.have_delay;
+        let ids = if delay.is_zero() {
+            vec![id]
+        } else {
+            match self.held_prunes.hold(&peer, id, Instant::now(), delay) {
+                Some(ids) => ids,
+                None => return,
+            }
+        };
+        self.send_prunes(peer, ids);
+    }
+
+    fn send_prunes(&self, peer: PeerId, ids: Vec<MessageId>) {
         let links = read_links(&self.ctx.links);
         let Some(link) = links.get(&peer) else { return };
-        let frame = Bytes::from(ControlFrame::Prune(vec![id]).encode());
+        let n = ids.len() as u64;
+        let frame = Bytes::from(ControlFrame::Prune(ids).encode());
         if link.queue.try_send((None, frame)).is_ok() {
             bump(&self.ctx.stats.frames_queued);
-            bump(&self.ctx.stats.prunes_sent);
-            metrics::counter!("mesh_relay_lazy_total", "event" => "prune_sent").increment(1);
+            add(&self.ctx.stats.prunes_sent, n);
+            metrics::counter!("mesh_relay_lazy_total", "event" => "prune_sent").increment(n);
         } else {
             self.count_queue_full();
+        }
+    }
+
+    /// Sends the `PRUNE`s held back.
+    fn send_held_prunes(&mut self) {
+        for (peer, ids) in self.held_prunes.take() {
+            self.send_prunes(peer, ids);
         }
     }
 
@@ -1556,7 +1585,8 @@ impl CoreTask {
         let lazy = self.ctx.config.lazy;
         let frame = Bytes::from(forward.frame);
         if lazy.is_lazy() {
-            self.kept.insert(forward.id, forward.origin, frame.clone(), Instant::now());
+            let first = lazy.tree && self.trees.children(&forward.origin).is_none();
+            self.kept.insert(forward.id, forward.origin, frame.clone(), first, Instant::now());
         }
         self.send_to_peers(forward.id, forward.origin, frame, &forward.except, lazy.eager_peers);
     }
@@ -1668,7 +1698,8 @@ impl CoreTask {
         let origin = message.body.origin;
         if self.ctx.config.lazy.tree {
             // Peers outside the origin's tree get a `HAVE` and may ask for the message.
-            self.kept.insert(message.id, origin, frame.clone(), Instant::now());
+            let first = self.trees.children(&origin).is_none();
+            self.kept.insert(message.id, origin, frame.clone(), first, Instant::now());
         }
         let queued = self.send_to_peers(message.id, origin, frame, &[], usize::MAX) as usize;
         self.deliver(Delivery { message, from: None, received_at: Instant::now() });

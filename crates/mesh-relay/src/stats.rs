@@ -79,9 +79,9 @@ pub struct StatsSnapshot {
     pub wants_unknown: u64,
     /// Announcements ignored because too many ids were already waiting.
     pub wanted_full: u64,
-    /// Tree push: links we pruned because a peer sent us a message we already had (`PRUNE`).
+    /// Tree push: ids sent in `PRUNE`s (copies of messages we already had).
     pub prunes_sent: u64,
-    /// Tree push: `PRUNE`s peers sent us.
+    /// Tree push: ids peers sent us in `PRUNE`s.
     pub prunes_received: u64,
     /// Tree push: pruned links made eager again by a `WANT` either way.
     pub grafts: u64,
