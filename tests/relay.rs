@@ -233,12 +233,9 @@ async fn an_origins_messages_settle_on_a_tree_that_carries_one_copy_per_node() -
 /// without asking.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_cut_from_its_tree_parent_asks_once_and_is_grafted() -> anyhow::Result<()> {
-    let lazy =
-        mesh_relay::LazyPush { have_delay: Duration::ZERO, ..mesh_relay::LazyPush::default() };
     let net = TestNet::builder()
         .nodes(3)
         .topology(Topology::Custom(vec![(0, 1), (1, 2), (0, 2)]))
-        .configure(move |_, c| c.lazy = lazy)
         .build()
         .await?;
     let stats = |i: usize| net.node(i).running().unwrap().stats();
@@ -253,12 +250,15 @@ async fn a_node_cut_from_its_tree_parent_asks_once_and_is_grafted() -> anyhow::R
             anyhow::Ok(m.message_id())
         }
     };
-    let dups = || (1..3).map(stats).map(|s| s.duplicates + s.reforwarded).sum::<u64>();
+    // Copies that reached 1 or 2 twice, or that a writer dropped because the peer had the
+    // message already (that peer is still a child and does not know it).
+    let dups =
+        || (1..3).map(stats).map(|s| s.duplicates + s.reforwarded + s.suppressed).sum::<u64>();
     // Until two messages in a row reach 1 and 2 once each (1 and 2 are then no longer each
     // other's children). A late copy of one message shows by the end of the next.
     let (mut round, mut clean) = (0, 0);
     while clean < 2 {
-        anyhow::ensure!(round < 12, "the tree did not settle in 12 messages");
+        anyhow::ensure!(round < 20, "the tree did not settle in 20 messages");
         let before = dups();
         send(round).await?;
         round += 1;

@@ -10,9 +10,10 @@
 //! tree per origin (plumtree's eager and lazy links, kept per source):
 //!
 //! - The first message of an origin that a node relays goes in full to
-//!   [`LazyPush::eager_peers`] of the peers that may still need it, picked at random (the
-//!   publisher sends its own to every peer). They become the origin's children at this node
-//!   ([`Trees`]).
+//!   [`LazyPush::eager_peers`] of the peers that may still need it, picked at random. They
+//!   become the origin's children at this node ([`Trees`]). The publisher sends each of its
+//!   own messages in full to every peer: all its peers are its tree's first hop, a peer that
+//!   connects later included.
 //! - A node that gets a full copy it already had answers the sender with a `PRUNE`: the sender
 //!   drops it from that origin's children. A copy with more TTL than the first (a path with
 //!   fewer hops) prunes the sender of the first copy instead. Copies of the first message of

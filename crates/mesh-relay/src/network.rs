@@ -1419,23 +1419,27 @@ impl CoreTask {
 
     /// Queues `frame` to every peer but the excluded and those that have sent us the message:
     /// in full to `eager` of them picked at random, or under tree push to the origin's children
-    /// once it has a tree here, and as a `HAVE` to the others (lazy push; `usize::MAX` sends
-    /// the frame to all). Returns how many took the frame.
+    /// once it has a tree here, and as a `HAVE` to the others (lazy push). `None` sends the
+    /// frame to all (a publisher's own message). Returns how many took the frame.
     fn send_to_peers(
         &mut self,
         id: MessageId,
         origin: NodeId,
         frame: Bytes,
         except: &[PeerId],
-        eager: usize,
+        eager: Option<usize>,
     ) -> u64 {
         let lazy = self.ctx.config.lazy;
+        let (eager, tree_push) = match eager {
+            Some(eager) => (eager, lazy.tree),
+            None => (usize::MAX, false),
+        };
         let links = read_links(&self.ctx.links);
         let mut candidates: Vec<(&PeerId, &Link)> = links
             .iter()
             .filter(|(peer, link)| !except.contains(peer) && !link.sent_us.contains(&id))
             .collect();
-        let tree = if lazy.tree { self.trees.children(&origin) } else { None };
+        let tree = if tree_push { self.trees.children(&origin) } else { None };
         // `HAVE`s are held only behind a tree's copies: nodes that a new origin's first
         // message does not reach in full learn of it at once.
         let hold = tree.is_some() && !lazy.have_delay.is_zero();
@@ -1449,7 +1453,7 @@ impl CoreTask {
                 if eager < candidates.len() {
                     candidates.partial_shuffle(&mut self.rng, eager);
                 }
-                if lazy.tree {
+                if tree_push {
                     let children = candidates[..eager].iter().map(|(peer, _)| **peer).collect();
                     self.trees.plant(origin, children);
                 }
@@ -1588,7 +1592,8 @@ impl CoreTask {
             let first = lazy.tree && self.trees.children(&forward.origin).is_none();
             self.kept.insert(forward.id, forward.origin, frame.clone(), first, Instant::now());
         }
-        self.send_to_peers(forward.id, forward.origin, frame, &forward.except, lazy.eager_peers);
+        let eager = Some(lazy.eager_peers);
+        self.send_to_peers(forward.id, forward.origin, frame, &forward.except, eager);
     }
 
     /// A peer announced messages: it needs none of them from us, and the ones we have not
@@ -1696,12 +1701,12 @@ impl CoreTask {
         bump(&self.ctx.stats.published);
         let frame = Bytes::from(frame);
         let origin = message.body.origin;
+        // Every peer gets the message in full: each is a child of the origin's tree (and the
+        // copy is kept for a peer whose copy is lost with its stream and that asks).
         if self.ctx.config.lazy.tree {
-            // Peers outside the origin's tree get a `HAVE` and may ask for the message.
-            let first = self.trees.children(&origin).is_none();
-            self.kept.insert(message.id, origin, frame.clone(), first, Instant::now());
+            self.kept.insert(message.id, origin, frame.clone(), false, Instant::now());
         }
-        let queued = self.send_to_peers(message.id, origin, frame, &[], usize::MAX) as usize;
+        let queued = self.send_to_peers(message.id, origin, frame, &[], None) as usize;
         self.deliver(Delivery { message, from: None, received_at: Instant::now() });
         Ok(queued)
     }
