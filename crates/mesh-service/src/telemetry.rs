@@ -30,9 +30,9 @@ impl<'writer> tracing_subscriber::fmt::FormatFields<'writer> for PlainFields {
     }
 }
 
-/// Keeps the log file writer alive; drop it last (it flushes).
+/// Keeps the log file writers alive; drop it last (it flushes).
 #[derive(Debug)]
-pub struct LogGuard(#[allow(dead_code)] Option<tracing_appender::non_blocking::WorkerGuard>);
+pub struct LogGuard(#[allow(dead_code)] Vec<tracing_appender::non_blocking::WorkerGuard>);
 
 /// Errors of setting up logs or metrics.
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +77,7 @@ pub fn init_logs(level: &str, log_dir: Option<&Path>) -> Result<LogGuard, Error>
                 .with(file)
                 .try_init()
                 .map_err(|e| Error::Install(e.to_string()))?;
-            Ok(LogGuard(Some(guard)))
+            Ok(LogGuard(vec![guard]))
         }
         None => {
             tracing_subscriber::registry()
@@ -85,9 +85,122 @@ pub fn init_logs(level: &str, log_dir: Option<&Path>) -> Result<LogGuard, Error>
                 .with(stdout)
                 .try_init()
                 .map_err(|e| Error::Install(e.to_string()))?;
-            Ok(LogGuard(None))
+            Ok(LogGuard(Vec::new()))
         }
     }
+}
+
+/// Name of the span that marks everything one node of a multi-node process does: enter it
+/// (or instrument the node's start with it) with an `index` field, and
+/// [`init_logs_per_node`] writes that node's events to its own file.
+pub const NODE_SPAN: &str = "node";
+
+/// The index of the [`NODE_SPAN`] a span belongs to, kept in the span's extensions.
+#[derive(Debug, Clone, Copy)]
+struct NodeIndex(usize);
+
+/// Records the `index` of each [`NODE_SPAN`] when the span is made.
+struct NodeTagger;
+
+impl<S> tracing_subscriber::Layer<S> for NodeTagger
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    fn on_new_span(
+        &self,
+        attrs: &tracing::span::Attributes<'_>,
+        id: &tracing::span::Id,
+        ctx: tracing_subscriber::layer::Context<'_, S>,
+    ) {
+        if attrs.metadata().name() != NODE_SPAN {
+            return;
+        }
+        struct Index(Option<usize>);
+        impl tracing::field::Visit for Index {
+            fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+                if field.name() == "index" {
+                    self.0 = usize::try_from(value).ok();
+                }
+            }
+            fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+                if field.name() == "index" {
+                    self.0 = usize::try_from(value).ok();
+                }
+            }
+            fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+        }
+        let mut index = Index(None);
+        attrs.record(&mut index);
+        if let (Some(index), Some(span)) = (index.0, ctx.span(id)) {
+            span.extensions_mut().insert(NodeIndex(index));
+        }
+    }
+}
+
+/// The node whose span the current event is in, if any.
+fn current_node<S>(ctx: &tracing_subscriber::layer::Context<'_, S>) -> Option<usize>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    let span = ctx.lookup_current()?;
+    span.scope().find_map(|s| s.extensions().get::<NodeIndex>().map(|n| n.0))
+}
+
+/// Logs of a process that runs several nodes (the demo): the events of node `i` (those inside
+/// its [`NODE_SPAN`]) go to `node_dirs[i]/app.log`, everything else to `shared_dir/app.log`,
+/// and to stdout as well only when `terminal` is set. `RUST_LOG` overrides `level`.
+pub fn init_logs_per_node(
+    level: &str,
+    node_dirs: &[std::path::PathBuf],
+    shared_dir: &Path,
+    terminal: bool,
+) -> Result<LogGuard, Error> {
+    use tracing_subscriber::Layer;
+    use tracing_subscriber::filter::DynFilterFn;
+
+    type Base = tracing_subscriber::layer::Layered<EnvFilter, tracing_subscriber::Registry>;
+    type Boxed = Box<dyn Layer<Base> + Send + Sync>;
+
+    let filter = match std::env::var("RUST_LOG") {
+        Ok(f) if !f.is_empty() => EnvFilter::try_new(f),
+        _ if !level.contains('=') => EnvFilter::try_new(format!("{level},{QUIET}")),
+        _ => EnvFilter::try_new(level),
+    }
+    .map_err(|e| Error::Filter(e.to_string()))?;
+    let mut guards = Vec::new();
+    let mut layers: Vec<Boxed> = vec![NodeTagger.boxed()];
+    let targets = node_dirs.iter().map(Some).chain(std::iter::once(None));
+    for (i, dir) in targets.enumerate() {
+        let node = dir.map(|_| i);
+        let dir = dir.map(|d| d.as_path()).unwrap_or(shared_dir);
+        std::fs::create_dir_all(dir).map_err(|e| Error::LogDir(dir.display().to_string(), e))?;
+        let (writer, guard) =
+            tracing_appender::non_blocking(tracing_appender::rolling::never(dir, "app.log"));
+        guards.push(guard);
+        // Spans pass every file's filter (a span filtered out of a layer would hide the node
+        // it belongs to from that layer); events go to their node's file only.
+        let only_this_node =
+            DynFilterFn::new(move |meta, ctx| meta.is_span() || current_node(ctx) == node);
+        layers.push(
+            tracing_subscriber::fmt::layer()
+                .with_ansi(false)
+                .with_target(false)
+                .fmt_fields(PlainFields::default())
+                .with_writer(writer)
+                .with_filter(only_this_node)
+                .boxed(),
+        );
+    }
+    if terminal {
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        layers.push(tracing_subscriber::fmt::layer().with_target(false).with_ansi(ansi).boxed());
+    }
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(layers)
+        .try_init()
+        .map_err(|e| Error::Install(e.to_string()))?;
+    Ok(LogGuard(guards))
 }
 
 /// Installs the Prometheus recorder; with `listen`, also serves `/metrics` there. Must be

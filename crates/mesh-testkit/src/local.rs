@@ -8,6 +8,7 @@ use std::time::Duration;
 use birdeye_sim::{Simulator, SimulatorHandle};
 use mesh_relay::Multiaddr;
 use mesh_service::{Node, NodeConfig, StartOptions};
+use tracing::Instrument;
 
 /// The key every simulator of a [`LocalMesh`] accepts.
 pub const DEMO_API_KEY: &str = "demo-key";
@@ -293,7 +294,12 @@ impl LocalMesh {
         if let Some(f) = &self.configure {
             f(i, &mut config);
         }
-        let node = Node::start(config, StartOptions { metrics, ..StartOptions::default() }).await?;
+        // Everything the node does runs inside its span, so a process running several nodes
+        // can keep one log file per node (`telemetry::init_logs_per_node`).
+        let span = tracing::info_span!(mesh_service::telemetry::NODE_SPAN, index = i);
+        let node = Node::start(config, StartOptions { metrics, ..StartOptions::default() })
+            .instrument(span)
+            .await?;
         let addrs = node.relay().listen_addrs().await?;
         if self.listen[i].is_none() {
             self.listen[i] =
@@ -305,8 +311,9 @@ impl LocalMesh {
 
     /// Stops node `i` (its data directory, key and port are kept).
     pub async fn stop(&mut self, i: usize) -> anyhow::Result<()> {
+        let span = tracing::info_span!(mesh_service::telemetry::NODE_SPAN, index = i);
         if let Some(node) = self.nodes[i].take()
-            && let Some(reason) = node.shutdown(Duration::from_secs(10)).await
+            && let Some(reason) = node.shutdown(Duration::from_secs(10)).instrument(span).await
         {
             anyhow::bail!("node {i} stopped with a failure: {reason}");
         }
