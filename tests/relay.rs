@@ -478,8 +478,10 @@ fn sealed(identity: &Identity, body: &Body) -> Vec<u8> {
     encode_envelope(&Envelope::seal(identity, body, 10).unwrap()).unwrap()
 }
 
-/// Every kind of bad message from a hostile peer is rejected with its reason, not forwarded,
-/// and charged; past its budget the peer is banned and cannot reconnect until the ban ends.
+/// Every kind of bad message from a hostile peer is rejected with its reason and not
+/// forwarded; those only the sender can have caused are charged (a future timestamp and a
+/// replay depend on the victim's clock and memory: not charged); past its budget the peer is
+/// banned and cannot reconnect until the ban ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_messages_are_rejected_not_forwarded_charged_and_the_sender_banned()
 -> anyhow::Result<()> {
@@ -546,6 +548,7 @@ async fn hostile_messages_are_rejected_not_forwarded_charged_and_the_sender_bann
     let s: StatsSnapshot = victim.stats();
     assert_eq!(s.delivered, 1, "only the one valid message was delivered: {s:?}");
     assert_eq!(s.rejected_total(), 6);
+    assert_eq!(s.charged, 4, "the forgery, the mismatch, the negative price and the TTL");
 
     // The oversized frame ends the stream (the writer reopens it).
     hostile.send_raw_frame(victim_peer, oversized).await?;
@@ -559,7 +562,8 @@ async fn hostile_messages_are_rejected_not_forwarded_charged_and_the_sender_bann
     assert_eq!(net.node(2).running()?.stats().rejected_total(), 0);
     assert_eq!(net.node(2).received_count(), 2, "the valid message and the barrier");
 
-    // 7 charges so far: the budget is 7, so more bad messages get the hostile peer banned.
+    // 5 charges so far (with the oversized frame): the budget is 7, so more bad messages get
+    // the hostile peer banned.
     // (The oversized frame made the victim drop the stream; frames sent right after it can be
     // lost until the hostile writer notices and reopens, so keep sending.)
     let h0 = net.node(0).peer_id();
@@ -897,5 +901,57 @@ async fn a_connection_whose_link_goes_silent_is_closed_after_two_missed_pings() 
     })
     .await?;
     cancel.cancel();
+    Ok(())
+}
+
+/// Whether nodes `a` and `b` of `net` are linked, as `a` sees it.
+fn linked(net: &TestNet, a: usize, b: usize) -> bool {
+    let pb = net.node(b).peer_id();
+    net.node(a).running().unwrap().status().peers.iter().any(|p| p.peer_id == pb)
+}
+
+/// Honest nodes whose clocks sit at the two ends of the allowed skew, and a relay configured
+/// with a wider skew between them: node 0 runs 5 s ahead and publishes, node 1 is on time
+/// with `MESH_MAX_CLOCK_SKEW_SECS=10` (so it accepts and forwards node 0's messages), node 2
+/// runs 5 s behind, so every message of node 0 is 10 s in its future, whoever brings it.
+/// Node 2 rejects them all as `future_timestamp`, but that depends on its own clock: it
+/// charges nobody, and no link drops (before, past 20 such messages in a minute, it banned
+/// both neighbours).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn honest_nodes_at_the_ends_of_the_allowed_skew_never_ban_each_other() -> anyhow::Result<()> {
+    let net = TestNet::builder()
+        .nodes(3)
+        .topology(Topology::Ring)
+        .configure(|i, c| match i {
+            0 => c.clock_offset_ms = 5_000,
+            1 => c.core.validation.max_clock_skew_secs = 10,
+            _ => c.clock_offset_ms = -5_000,
+        })
+        .build()
+        .await?;
+    let p = provider(1);
+    // Well past the default budget of 20 charges a minute.
+    let count = 40u64;
+    for round in 0..count {
+        let m = price_batch(&p, round, now_ms() + 5_000 + round as i64, 3, 10)?;
+        net.publish(0, &m).await?;
+        net.wait_delivered(&m.message_id(), &[0, 1]).await?;
+    }
+    eventually(WAIT, "node 2 rejected every message as future-dated", || {
+        net.node(2).running().unwrap().stats().rejected(RejectReason::FutureTimestamp) >= count
+    })
+    .await?;
+    // Node 2's own messages still reach both (for them they are 5 and 10 s old).
+    let m = price_batch(&provider(2), 1, now_ms() - 5_000, 3, 10)?;
+    net.publish(2, &m).await?;
+    net.wait_delivered_everywhere(&m.message_id()).await?;
+    for i in 0..3 {
+        let s = net.node(i).running()?.stats();
+        assert_eq!((s.charged, s.bans), (0, 0), "node {i}: {s:?}");
+    }
+    for (a, b) in [(0, 1), (1, 2), (2, 0)] {
+        assert!(linked(&net, a, b) && linked(&net, b, a), "link {a}-{b} dropped");
+    }
+    net.shutdown().await;
     Ok(())
 }

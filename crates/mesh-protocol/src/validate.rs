@@ -81,6 +81,39 @@ impl RejectReason {
         Self::Replay,
     ];
 
+    /// Whether the peer that sent the message alone can have caused this rejection, so that
+    /// it may be charged for it (and banned past its budget).
+    ///
+    /// The rule: a fault is the sender's when every honest node applies the same check with
+    /// the same result, so an honest relay, which forwards only what passed its own checks,
+    /// can never pass such a message on. That holds for the frame, its encoding, the TTL
+    /// bounds, the signature, the origin/key match and the payload rules, all protocol
+    /// constants. It does not hold for a rejection that depends on this node's clock
+    /// ([`RejectReason::FutureTimestamp`]: clocks differ by up to the allowed skew, and the
+    /// skew setting itself differs between nodes), on its configuration
+    /// ([`RejectReason::UntrustedProvider`]: a neighbour without the same allow-list
+    /// forwards other providers honestly) or on what it remembers
+    /// ([`RejectReason::Replay`]: a restarted neighbour, or one whose seen cache forgot
+    /// sooner, accepts a message this node has newer marks for). Those are counted and
+    /// logged, never charged.
+    pub const fn is_senders_fault(self) -> bool {
+        match self {
+            Self::FrameTooLarge
+            | Self::Malformed
+            | Self::UnsupportedVersion
+            | Self::TtlOutOfBounds
+            | Self::BadSignature
+            | Self::OriginKeyMismatch
+            | Self::NonPositivePrice
+            | Self::BadAsset
+            | Self::BadBlockchain
+            | Self::TooManyPrices
+            | Self::EmptyBatch
+            | Self::DuplicateAsset => true,
+            Self::UntrustedProvider | Self::FutureTimestamp | Self::Replay => false,
+        }
+    }
+
     /// The label used in logs and in `mesh_validation_failures_total{reason}`.
     pub const fn as_str(self) -> &'static str {
         match self {

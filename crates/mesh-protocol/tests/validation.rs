@@ -361,3 +361,14 @@ fn stage_one_needs_no_key() {
     let decoded = decode_frame(&frame_of(&env)).unwrap();
     assert_eq!(decoded, env);
 }
+
+#[test]
+fn only_faults_every_honest_node_would_catch_are_the_senders() {
+    // Clock, allow-list and replay marks are this node's own: an honest neighbour can pass
+    // such a message on, so it is never charged for it.
+    let not_charged =
+        [RejectReason::FutureTimestamp, RejectReason::UntrustedProvider, RejectReason::Replay];
+    for reason in RejectReason::ALL {
+        assert_eq!(reason.is_senders_fault(), !not_charged.contains(&reason), "{reason}");
+    }
+}
