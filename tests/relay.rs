@@ -955,3 +955,51 @@ async fn honest_nodes_at_the_ends_of_the_allowed_skew_never_ban_each_other() -> 
     net.shutdown().await;
     Ok(())
 }
+
+/// A signed batch of `count` assets named `{prefix}{i}` from `key`, all stamped `ts`.
+fn wide_batch(key: &Identity, prefix: &str, count: usize, ts: i64) -> anyhow::Result<Envelope> {
+    let prices = (0..count).map(|i| update(&format!("{prefix}{i:04}"), "1.5", ts)).collect();
+    Ok(Envelope::seal(key, &body_with(key, ts, prices), 10)?)
+}
+
+/// Replay marks are kept per origin: a key that sends 60 batches of 1,000 new assets stamped
+/// ahead of time (60,000 marks, more than the 50,000 a node holds) evicts only its own, and
+/// an honest provider's next batch is accepted on every node. (With one eviction floor for
+/// all origins, the floor rose to the attacker's timestamps and every node dropped the
+/// honest batch as a replay.) The attacker stamps 25 s ahead, with a skew of 30 s allowed,
+/// so that however slowly this machine relays the flood, the honest batch after it is still
+/// older than the attacker's stamps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_marks_stamped_ahead_does_not_stop_an_honest_provider() -> anyhow::Result<()> {
+    let net = TestNet::builder()
+        .nodes(5)
+        .topology(Topology::Ring)
+        .configure(|_, c| c.core.validation.max_clock_skew_secs = 30)
+        .build()
+        .await?;
+    let honest = provider(1);
+    let first = price_batch(&honest, 1, now_ms(), 9, 10)?;
+    net.publish(0, &first).await?;
+    net.wait_delivered_everywhere(&first.message_id()).await?;
+
+    let hostile = provider(66);
+    let (mut last, mut ts) = (None, 0);
+    for b in 0..60 {
+        ts = (now_ms() + 25_000).max(ts + 1);
+        let m = wide_batch(&hostile, &format!("X{b:02}-"), 1_000, ts)?;
+        net.publish(2, &m).await?;
+        last = Some(m.message_id());
+    }
+    if let Some(id) = last {
+        net.wait_delivered_everywhere(&id).await?;
+    }
+    let next = price_batch(&honest, 2, now_ms(), 9, 10)?;
+    net.publish(0, &next).await?;
+    net.wait_delivered_everywhere(&next.message_id()).await?;
+    for i in 0..5 {
+        let s = net.node(i).running()?.stats();
+        assert_eq!(s.rejected(RejectReason::Replay) + s.stale, 0, "node {i}: {s:?}");
+    }
+    net.shutdown().await;
+    Ok(())
+}

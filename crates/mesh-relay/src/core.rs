@@ -410,7 +410,7 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
             Err(rejection) => return Outcome::Rejected(rejection),
         };
         let ttl = message.envelope.ttl;
-        if let Err(rejection) = self.marks.admit(&message) {
+        if let Err(rejection) = self.marks.admit(&message, now_ms) {
             // A replay older than the seen-cache lifetime is an attack (a captured message
             // sent again once the cache forgot it); a younger one lost a race.
             let window_ms = i64::try_from(self.seen.config().ttl.as_millis()).unwrap_or(i64::MAX);
@@ -456,7 +456,7 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
     pub fn publish(&mut self, frame: &[u8], now_ms: i64) -> Result<VerifiedMessage, Rejection> {
         let envelope = decode_frame(frame)?;
         let message = self.validator.verify(envelope, now_ms)?;
-        self.marks.admit(&message)?;
+        self.marks.admit(&message, now_ms)?;
         self.known.heard(message.body.origin);
         self.seen.insert(message.id, message.envelope.ttl);
         Ok(message)
