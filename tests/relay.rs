@@ -480,7 +480,7 @@ fn sealed(identity: &Identity, body: &Body) -> Vec<u8> {
 
 /// Every kind of bad message from a hostile peer is rejected with its reason and not
 /// forwarded; those only the sender can have caused are charged (a future timestamp and a
-/// replay depend on the victim's clock and memory: not charged); past its budget the peer is
+/// message too old depend on the victim's clock: not charged); past its budget the peer is
 /// banned and cannot reconnect until the ban ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_messages_are_rejected_not_forwarded_charged_and_the_sender_banned()
@@ -527,8 +527,7 @@ async fn hostile_messages_are_rejected_not_forwarded_charged_and_the_sender_bann
         RejectReason::TtlOutOfBounds,
         with_hops(&sealed(&p, &body_with(&p, now, vec![update("E", "1", now)])), 255, 1),
     ));
-    // Replayed older timestamp: first a valid message, then a captured one from two hours ago
-    // for the same asset (the seen cache no longer knows it).
+    // A captured message from two hours ago: older than the maximum message age.
     let valid = sealed(&p, &body_with(&p, now, vec![update("F", "1", now)]));
     let two_hours_ago = now - 7_200_000;
     let older = sealed(&p, &body_with(&p, two_hours_ago, vec![update("F", "2", two_hours_ago)]));
@@ -542,7 +541,7 @@ async fn hostile_messages_are_rejected_not_forwarded_charged_and_the_sender_bann
     hostile.send_raw_frame(victim_peer, older).await?;
     eventually(WAIT, "victim rejected every bad message", || {
         let s = victim.stats();
-        cases.iter().all(|(r, _)| s.rejected(*r) >= 1) && s.rejected(RejectReason::Replay) >= 1
+        cases.iter().all(|(r, _)| s.rejected(*r) >= 1) && s.rejected(RejectReason::TooOld) >= 1
     })
     .await?;
     let s: StatsSnapshot = victim.stats();
@@ -1000,6 +999,73 @@ async fn a_flood_of_marks_stamped_ahead_does_not_stop_an_honest_provider() -> an
         let s = net.node(i).running()?.stats();
         assert_eq!(s.rejected(RejectReason::Replay) + s.stale, 0, "node {i}: {s:?}");
     }
+    net.shutdown().await;
+    Ok(())
+}
+
+/// A restarted node has lost its replay marks. Captured traffic fed to it by a hostile peer
+/// (batches older than the maximum message age, and recent ones its neighbours accepted
+/// already) must not get it banned by its honest neighbours: the old batches are refused by
+/// age before they are forwarded, and what it does forward honestly (the recent ones, which
+/// its neighbours judge by their replay marks since their seen caches are tiny) is not
+/// charged. (Before: the restarted node accepted and forwarded the old batches, and both
+/// neighbours charged it one replay each and banned it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_fed_old_captured_traffic_is_not_banned_by_its_neighbours()
+-> anyhow::Result<()> {
+    // 0, 1, 2: an honest triangle; 3, the hostile peer, is linked to 1 only. Flooding, so
+    // that a barrier behind the frames on a link comes after all of them.
+    let mut net = TestNet::builder()
+        .nodes(4)
+        .topology(Topology::Custom(vec![(0, 1), (1, 2), (0, 2), (1, 3)]))
+        .configure(|i, c| {
+            c.lazy = mesh_relay::LazyPush::FLOOD;
+            if i == 0 || i == 2 {
+                c.core.seen.capacity = 4;
+            }
+        })
+        .build()
+        .await?;
+    let p = provider(1);
+    let count = 30;
+    let old_base = now_ms() - mesh_protocol::MAX_MESSAGE_AGE_MS - 60_000;
+    let mut captured = Vec::new();
+    for r in 0..count {
+        captured.push(price_batch(&p, r, old_base + r as i64, 3, 10)?);
+    }
+    for r in 0..count {
+        let m = price_batch(&p, 100 + r, now_ms() - 60_000 + r as i64, 3, 10)?;
+        net.publish(0, &m).await?;
+        net.wait_delivered(&m.message_id(), &[0, 1, 2]).await?;
+        captured.push(m);
+    }
+
+    net.stop(1).await?;
+    net.start(1).await?;
+    let restarted = net.node(1).running()?.clone();
+    let hostile = net.node(3).running()?;
+    let before = restarted.stats();
+    for m in &captured {
+        hostile.send_raw_frame(net.node(1).peer_id(), encode_envelope(m)?).await?;
+    }
+    eventually(WAIT, "the restarted node judged every captured frame", || {
+        let s = restarted.stats();
+        let judged = s.delivered + s.rejected_total() + s.stale + s.duplicates;
+        judged >= before.delivered + before.rejected_total() + 2 * count
+    })
+    .await?;
+    barrier(&net, 1, 999).await?;
+    for i in 0..3 {
+        let s = net.node(i).running()?.stats();
+        assert_eq!((s.charged, s.bans), (0, 0), "node {i}: {s:?}");
+        if i != 1 {
+            assert_eq!(s.rejected(RejectReason::TooOld), 0, "node {i} got an old batch: {s:?}");
+        }
+    }
+    for (a, b) in [(0, 1), (1, 2)] {
+        assert!(linked(&net, a, b) && linked(&net, b, a), "link {a}-{b} dropped");
+    }
+    assert_eq!(restarted.stats().rejected(RejectReason::TooOld), count);
     net.shutdown().await;
     Ok(())
 }

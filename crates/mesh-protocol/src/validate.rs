@@ -3,8 +3,13 @@
 //!
 //! A relay runs the stages separately so it can look the message id up in its seen cache
 //! between them: [`decode_frame`] (frame size, decode, version, TTL bounds), then
-//! [`Validator::verify`] (signature, origin/key, allow-list, clock, payload rules), then
-//! [`HighWaterMarks::admit`] (replays). [`Validator::validate`] runs all three in order.
+//! [`Validator::verify`] (signature, origin/key, allow-list, clock: no timestamp later than
+//! now plus the allowed skew nor earlier than now minus [`MAX_MESSAGE_AGE_MS`], payload
+//! rules), then [`HighWaterMarks::admit`] (replays). [`Validator::validate`] runs all three
+//! in order.
+//!
+//! Which rejections are the sending peer's fault, and so charged to it, is decided once, in
+//! [`RejectReason::is_senders_fault`].
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -25,8 +30,11 @@ pub const MAX_BLOCKCHAIN_LEN: usize = 50;
 /// Default tolerance for clocks that run ahead (`MESH_MAX_CLOCK_SKEW_SECS`).
 pub const DEFAULT_MAX_CLOCK_SKEW_SECS: u32 = 5;
 /// The oldest a message may be, in milliseconds: 10 minutes, the seen cache's default
-/// lifetime. A protocol constant rather than a setting, so that every node applies the same
-/// bound and none forwards what its neighbours refuse.
+/// lifetime. `created_at` and every price timestamp must be at least now minus this, checked
+/// before a message is forwarded. A protocol constant rather than a setting, so that every
+/// node applies the same bound and none forwards what its neighbours refuse: a restarted
+/// node, whose replay marks are gone, refuses captured old messages instead of passing them
+/// on. It also bounds what a store holds (no timestamp too old for its columns).
 pub const MAX_MESSAGE_AGE_MS: i64 = 600_000;
 
 /// Why a message was rejected: one variant per validation rule.
@@ -48,6 +56,8 @@ pub enum RejectReason {
     UntrustedProvider,
     /// `created_at` or a price timestamp is later than now plus the allowed clock skew.
     FutureTimestamp,
+    /// `created_at` or a price timestamp is earlier than now minus [`MAX_MESSAGE_AGE_MS`].
+    TooOld,
     /// A price is zero or negative.
     NonPositivePrice,
     /// An asset is empty, longer than 255 characters or not printable ASCII.
@@ -67,7 +77,7 @@ pub enum RejectReason {
 
 impl RejectReason {
     /// Every reason, for documentation and for pre-registering metric labels.
-    pub const ALL: [RejectReason; 15] = [
+    pub const ALL: [RejectReason; 16] = [
         Self::FrameTooLarge,
         Self::Malformed,
         Self::UnsupportedVersion,
@@ -76,6 +86,7 @@ impl RejectReason {
         Self::OriginKeyMismatch,
         Self::UntrustedProvider,
         Self::FutureTimestamp,
+        Self::TooOld,
         Self::NonPositivePrice,
         Self::BadAsset,
         Self::BadBlockchain,
@@ -93,8 +104,9 @@ impl RejectReason {
     /// can never pass such a message on. That holds for the frame, its encoding, the TTL
     /// bounds, the signature, the origin/key match and the payload rules, all protocol
     /// constants. It does not hold for a rejection that depends on this node's clock
-    /// ([`RejectReason::FutureTimestamp`]: clocks differ by up to the allowed skew, and the
-    /// skew setting itself differs between nodes), on its configuration
+    /// ([`RejectReason::FutureTimestamp`] and [`RejectReason::TooOld`]: clocks differ by up to
+    /// the allowed skew, the skew setting itself differs between nodes, and a message that
+    /// left a neighbour just in time arrives here a moment too old), on its configuration
     /// ([`RejectReason::UntrustedProvider`]: a neighbour without the same allow-list
     /// forwards other providers honestly) or on what it remembers
     /// ([`RejectReason::Replay`]: a restarted neighbour, or one whose seen cache forgot
@@ -114,7 +126,7 @@ impl RejectReason {
             | Self::TooManyPrices
             | Self::EmptyBatch
             | Self::DuplicateAsset => true,
-            Self::UntrustedProvider | Self::FutureTimestamp | Self::Replay => false,
+            Self::UntrustedProvider | Self::FutureTimestamp | Self::TooOld | Self::Replay => false,
         }
     }
 
@@ -129,6 +141,7 @@ impl RejectReason {
             Self::OriginKeyMismatch => "origin_key_mismatch",
             Self::UntrustedProvider => "untrusted_provider",
             Self::FutureTimestamp => "future_timestamp",
+            Self::TooOld => "too_old",
             Self::NonPositivePrice => "non_positive_price",
             Self::BadAsset => "bad_asset",
             Self::BadBlockchain => "bad_blockchain",
@@ -393,11 +406,18 @@ impl Validator {
         }
 
         let latest_ms = now_ms.saturating_add(i64::from(self.config.max_clock_skew_secs) * 1000);
+        let earliest_ms = now_ms.saturating_sub(MAX_MESSAGE_AGE_MS);
         if body.created_at_ms > latest_ms {
             return Err(reject(RejectReason::FutureTimestamp));
         }
+        if body.created_at_ms < earliest_ms {
+            return Err(reject(RejectReason::TooOld));
+        }
         if let Payload::PriceBatch { prices, .. } = &body.payload {
             check_prices(prices, latest_ms).map_err(reject)?;
+            if prices.iter().any(|p| p.timestamp_ms < earliest_ms) {
+                return Err(reject(RejectReason::TooOld));
+            }
         }
         Ok(VerifiedMessage { id: digest.message_id(), envelope, body })
     }

@@ -197,6 +197,27 @@ fn future_timestamps_beyond_the_skew() {
 }
 
 #[test]
+fn timestamps_older_than_the_maximum_age() {
+    let age = mesh_protocol::MAX_MESSAGE_AGE_MS;
+    // created_at too old.
+    let mut body = batch(vec![price("SOL", "1", NOW)]);
+    body.created_at_ms = NOW - age - 1;
+    assert_eq!(reason(&sealed(&body)), Some(RejectReason::TooOld));
+    body.created_at_ms = NOW - age;
+    assert_eq!(reason(&sealed(&body)), None, "exactly at the age is allowed");
+    // One price timestamp too old.
+    let body = batch(vec![price("SOL", "1", NOW), price("JUP", "0.4", NOW - age - 1)]);
+    assert_eq!(reason(&sealed(&body)), Some(RejectReason::TooOld));
+    // An announce too.
+    let announce = Body::new(
+        &provider(),
+        NOW - age - 1,
+        Payload::ProviderAnnounce { fetch_interval_secs: 30, assets: 9, round: 1 },
+    );
+    assert_eq!(reason(&sealed(&announce)), Some(RejectReason::TooOld));
+}
+
+#[test]
 fn non_positive_prices() {
     for bad in ["-1", "0", "-0.000001", "0.000"] {
         let body = batch(vec![price("SOL", "1", NOW), price("JUP", bad, NOW)]);
@@ -366,8 +387,12 @@ fn stage_one_needs_no_key() {
 fn only_faults_every_honest_node_would_catch_are_the_senders() {
     // Clock, allow-list and replay marks are this node's own: an honest neighbour can pass
     // such a message on, so it is never charged for it.
-    let not_charged =
-        [RejectReason::FutureTimestamp, RejectReason::UntrustedProvider, RejectReason::Replay];
+    let not_charged = [
+        RejectReason::FutureTimestamp,
+        RejectReason::TooOld,
+        RejectReason::UntrustedProvider,
+        RejectReason::Replay,
+    ];
     for reason in RejectReason::ALL {
         assert_eq!(reason.is_senders_fault(), !not_charged.contains(&reason), "{reason}");
     }

@@ -591,11 +591,12 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn replays_after_the_seen_cache_forgot_are_rejected() {
         let mut c = RelayCore::<u32>::new(CoreConfig {
-            seen: mesh_seen_cache::Config { capacity: 1, ..Default::default() },
+            seen: mesh_seen_cache::Config { capacity: 1, ttl: std::time::Duration::from_secs(60) },
             ..Default::default()
         });
-        // A message created two hours ago (a captured one) and a newer one.
-        let old = frame_created(5, NOW - 7_200_000, NOW - 7_200_000);
+        // A message created five minutes ago (a captured one, older than the seen window,
+        // within the maximum age) and a newer one.
+        let old = frame_created(5, NOW - 300_000, NOW - 300_000);
         assert!(matches!(c.on_frame(&1, &old, NOW), Outcome::Deliver { .. }));
         assert!(matches!(c.on_frame(&1, &frame(5, NOW - 5), NOW), Outcome::Deliver { .. }));
         // `old` was evicted from the seen cache (capacity 1) but is still a replay.
@@ -603,6 +604,22 @@ pub(crate) mod tests {
             c.on_frame(&2, &old, NOW),
             Outcome::Rejected(r) if r.reason == RejectReason::Replay
         ));
+    }
+
+    #[tokio::test]
+    async fn messages_older_than_the_maximum_age_are_refused_before_forwarding() {
+        let mut c = core();
+        let age = mesh_protocol::MAX_MESSAGE_AGE_MS;
+        // Created too long ago, or created recently with a price too old.
+        for (created, ts) in [(NOW - age - 1, NOW - age - 1), (NOW, NOW - age - 1)] {
+            assert!(matches!(
+                c.on_frame(&1, &frame_created(5, created, ts), NOW),
+                Outcome::Rejected(r) if r.reason == RejectReason::TooOld
+            ));
+        }
+        // Just within it: delivered and forwarded.
+        let edge = frame_created(5, NOW - age, NOW - age);
+        assert!(matches!(c.on_frame(&1, &edge, NOW), Outcome::Deliver { forward: Some(_), .. }));
     }
 
     #[tokio::test]
