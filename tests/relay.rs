@@ -1069,3 +1069,81 @@ async fn a_restarted_node_fed_old_captured_traffic_is_not_banned_by_its_neighbou
     net.shutdown().await;
     Ok(())
 }
+
+/// A consumer whose clock is 10 s behind finds every message of the mesh in its future
+/// (beyond the 5 s skew). It refuses them as `future_timestamp`, which depends on its own
+/// clock: it charges nobody and keeps its links. It remembers the ids it refused, so the
+/// `HAVE`s its other neighbours send for them are ignored and it asks for none of them more
+/// than once (before, it asked each announcer in turn, and each answer was refused again).
+/// A full copy is still checked when it comes, so messages that are no longer in its future
+/// (here one stamped 10 s ago) are delivered as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_10_s_behind_keeps_its_links_and_does_not_ask_again() -> anyhow::Result<()> {
+    // Node 0 publishes; node 4 (10 s behind) is linked to 1, 2 and 3, not to 0. Each relay
+    // sends a message in full to one peer and its id to the others, so node 4 gets `HAVE`s.
+    let mut edges = Vec::new();
+    for a in 0..5 {
+        for b in a + 1..5 {
+            if (a, b) != (0, 4) {
+                edges.push((a, b));
+            }
+        }
+    }
+    let net = TestNet::builder()
+        .nodes(5)
+        .topology(Topology::Custom(edges))
+        .configure(|i, c| {
+            c.lazy = mesh_relay::LazyPush { eager_peers: 1, tree: false, ..Default::default() };
+            if i == 4 {
+                c.clock_offset_ms = -10_000;
+                // Short waits, so that asking in turn would show within the quiet period below.
+                c.lazy.want_delay = Duration::from_millis(10);
+                c.lazy.want_timeout = Duration::from_millis(50);
+            }
+        })
+        .build()
+        .await?;
+    let p = provider(1);
+    let count = 30u64;
+    let mut ts = 0;
+    for round in 0..count {
+        ts = now_ms().max(ts + 1);
+        let m = price_batch(&p, round, ts, 3, 10)?;
+        net.publish(0, &m).await?;
+        net.wait_delivered(&m.message_id(), &[0, 1, 2, 3]).await?;
+    }
+    let behind = net.node(4).running()?;
+    eventually(WAIT, "node 4 refused every message", || {
+        behind.stats().rejected(RejectReason::FutureTimestamp) >= count
+    })
+    .await?;
+    // Not in its future: delivered.
+    let past = price_batch(&provider(2), 1, now_ms() - 10_000, 3, 10)?;
+    net.publish(0, &past).await?;
+    net.wait_delivered_everywhere(&past.message_id()).await?;
+    // Until node 4 has neither asked nor refused anything for 300 ms (six of its want
+    // timeouts, longer than asking three announcers in turn).
+    let mut last = (u64::MAX, u64::MAX, tokio::time::Instant::now());
+    eventually(WAIT, "node 4 quiet", || {
+        let s = behind.stats();
+        let now = (s.wants_sent, s.rejected_total());
+        if now != (last.0, last.1) {
+            last = (now.0, now.1, tokio::time::Instant::now());
+        }
+        last.2.elapsed() >= Duration::from_millis(300)
+    })
+    .await?;
+
+    let s = behind.stats();
+    assert!(s.haves_received >= count / 2, "node 4 got few HAVEs: {s:?}");
+    assert!(s.wants_sent <= count, "node 4 asked again for refused messages: {s:?}");
+    for i in 0..5 {
+        let s = net.node(i).running()?.stats();
+        assert_eq!((s.charged, s.bans), (0, 0), "node {i}: {s:?}");
+    }
+    for a in 1..4 {
+        assert!(linked(&net, a, 4) && linked(&net, 4, a), "link {a}-4 dropped");
+    }
+    net.shutdown().await;
+    Ok(())
+}

@@ -15,6 +15,8 @@ use mesh_protocol::{
 };
 use mesh_seen_cache::{Lookup, SeenCache};
 
+use crate::lazy::RejectedIds;
+
 /// What to send on: the forwarded copy of a frame and the peers not to send it to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forward<P> {
@@ -279,6 +281,7 @@ pub struct RelayCore<P> {
     senders: RecentSenders<P>,
     known: KnownOrigins,
     budgets: Option<Budgets<P>>,
+    rejected: RejectedIds,
 }
 
 impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
@@ -294,6 +297,7 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
             budgets: config
                 .unknown_origins
                 .map(|budget| Budgets { budget, buckets: HashMap::new() }),
+            rejected: RejectedIds::new(RejectedIds::DEFAULT_CAPACITY),
         }
     }
 
@@ -318,6 +322,29 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
     /// what came of `frame`, and a [`Prepared::Verified`] or a rejection must come from a
     /// [`Validator`] with this core's settings.
     pub fn on_prepared(
+        &mut self,
+        from: &P,
+        frame: &[u8],
+        prepared: Result<Prepared, Rejection>,
+        now_ms: i64,
+    ) -> Outcome<P> {
+        let id = prepared.as_ref().ok().map(|p| p.header().0);
+        let outcome = self.judge(from, frame, prepared, now_ms);
+        if let (Outcome::Rejected(rejection), Some(id)) = (&outcome, id)
+            && RejectedIds::binds_the_id(rejection.reason)
+        {
+            self.rejected.insert(id);
+        }
+        outcome
+    }
+
+    /// Whether a message with this id was rejected lately for a reason every copy of it
+    /// shares ([`RejectedIds`]): a `HAVE` for it is not worth a `WANT`.
+    pub fn was_rejected(&self, id: &MessageId) -> bool {
+        self.rejected.contains(id)
+    }
+
+    fn judge(
         &mut self,
         from: &P,
         frame: &[u8],
@@ -604,6 +631,27 @@ pub(crate) mod tests {
             c.on_frame(&2, &old, NOW),
             Outcome::Rejected(r) if r.reason == RejectReason::Replay
         ));
+    }
+
+    #[tokio::test]
+    async fn ids_rejected_for_their_body_are_remembered_those_of_broken_copies_are_not() {
+        let mut c = core();
+        let future = frame_created(5, NOW + 60_000, NOW);
+        let id = decode_frame(&future).unwrap().digest().message_id();
+        assert!(matches!(c.on_frame(&1, &future, NOW), Outcome::Rejected(_)));
+        assert!(c.was_rejected(&id));
+        // A copy of an honest message with a broken signature: the id stays open.
+        let honest = frame(5, NOW);
+        let mut forged = honest.clone();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        let honest_id = decode_frame(&honest).unwrap().digest().message_id();
+        assert!(matches!(
+            c.on_frame(&2, &forged, NOW),
+            Outcome::Rejected(r) if r.reason == RejectReason::BadSignature
+        ));
+        assert!(!c.was_rejected(&honest_id));
+        assert!(matches!(c.on_frame(&3, &honest, NOW), Outcome::Deliver { .. }));
     }
 
     #[tokio::test]

@@ -1680,9 +1680,10 @@ impl CoreTask {
     /// Whether a peer's copy of `id` would be of use: we have none, or ours came with its TTL
     /// spent, so we could not pass it on, and the peer's copy may carry more (the hop-TTL
     /// trap: a nearly expired first copy would otherwise hide a fresher one that a neighbour
-    /// only announced, and nodes within the TTL's reach would miss the message).
+    /// only announced, and nodes within the TTL's reach would miss the message); and we did
+    /// not reject a copy of it for a reason every copy shares ([`crate::lazy::RejectedIds`]).
     fn could_use(&self, id: &MessageId) -> bool {
-        self.seen_ttl(id).is_none_or(|ttl| ttl <= 1)
+        self.seen_ttl(id).is_none_or(|ttl| ttl <= 1) && !self.core.was_rejected(id)
     }
 
     /// Whether our only copies of `id` came with TTL 1 (delivered, but not forwarded).
