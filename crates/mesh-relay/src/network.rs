@@ -1769,3 +1769,23 @@ impl CoreTask {
         Ok(queued)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn uncharged_rejections_are_logged_once_a_period_per_reason_with_a_count() {
+        let mut log = UnchargedLog::default();
+        let t0 = Instant::now();
+        assert_eq!(log.due(RejectReason::FutureTimestamp, t0), Some(0));
+        for _ in 0..5 {
+            assert_eq!(log.due(RejectReason::FutureTimestamp, t0), None);
+        }
+        assert_eq!(log.due(RejectReason::Replay, t0), Some(0), "each reason has its own line");
+        let later = t0 + UNCHARGED_LOG_PERIOD;
+        assert_eq!(log.due(RejectReason::FutureTimestamp, later), Some(5));
+        assert_eq!(log.due(RejectReason::FutureTimestamp, later), None);
+        assert!(log.last.len() <= RejectReason::ALL.len());
+    }
+}
