@@ -317,16 +317,18 @@ async fn a_validly_signed_flood_from_throwaway_keys_is_throttled_at_the_first_ho
     assert!(accepted <= 2 * budget, "{accepted} junk messages accepted, budget {budget} each");
 }
 
+/// `untrusted_provider` depends on the victim's own allow-list (an honest neighbour without
+/// the same list forwards such messages): it is not charged, so the flood is not banned, but
+/// each message costs the victim a decode, never a signature check, and goes no further.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_an_allow_list_a_flood_of_unlisted_keys_is_banned_and_never_forwarded() {
+async fn with_an_allow_list_a_flood_of_unlisted_keys_is_dropped_unchecked_and_never_forwarded() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let run = flood_run("flood_throwaway_keys_allow_list", Junk::ThrowawayKeys, true).await;
     assert_honest_traffic_flows(&run);
-    for b in &run.banned {
-        assert!(b.is_some_and(|t| t < Duration::from_secs(5)), "ban times {:?}", run.banned);
-    }
+    assert!(run.banned.iter().all(Option::is_none), "ban times {:?}", run.banned);
     assert_eq!(run.junk_delivered.iter().sum::<usize>(), 0, "an unlisted provider was accepted");
     for (i, s) in run.stats.iter().enumerate() {
+        assert_eq!(s.charged, 0, "node {i}: {s:?}");
         if VICTIMS.contains(&i) {
             assert!(s.rejected(RejectReason::UntrustedProvider) > 20, "victim {i}: {s:?}");
         } else {
@@ -811,6 +813,8 @@ async fn unlisted_providers_are_neither_accepted_nor_forwarded() -> anyhow::Resu
     })
     .await?;
     let first_hop = net.node(1).running()?.stats();
+    // Node 0 forwarded them honestly (it has no list): it is not charged for them.
+    assert_eq!((first_hop.charged, first_hop.bans), (0, 0), "{first_hop:?}");
     let beyond: Vec<u64> =
         (2..4).map(|i| net.node(i).running().unwrap().stats().rejected_total()).collect();
     let reached: Vec<usize> = unlisted.iter().flat_map(|id| net.delivered_by(id)).collect();

@@ -478,8 +478,10 @@ fn sealed(identity: &Identity, body: &Body) -> Vec<u8> {
     encode_envelope(&Envelope::seal(identity, body, 10).unwrap()).unwrap()
 }
 
-/// Every kind of bad message from a hostile peer is rejected with its reason, not forwarded,
-/// and charged; past its budget the peer is banned and cannot reconnect until the ban ends.
+/// Every kind of bad message from a hostile peer is rejected with its reason and not
+/// forwarded; those only the sender can have caused are charged (a future timestamp and a
+/// message too old depend on the victim's clock: not charged); past its budget the peer is
+/// banned and cannot reconnect until the ban ends.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_messages_are_rejected_not_forwarded_charged_and_the_sender_banned()
 -> anyhow::Result<()> {
@@ -525,8 +527,7 @@ async fn hostile_messages_are_rejected_not_forwarded_charged_and_the_sender_bann
         RejectReason::TtlOutOfBounds,
         with_hops(&sealed(&p, &body_with(&p, now, vec![update("E", "1", now)])), 255, 1),
     ));
-    // Replayed older timestamp: first a valid message, then a captured one from two hours ago
-    // for the same asset (the seen cache no longer knows it).
+    // A captured message from two hours ago: older than the maximum message age.
     let valid = sealed(&p, &body_with(&p, now, vec![update("F", "1", now)]));
     let two_hours_ago = now - 7_200_000;
     let older = sealed(&p, &body_with(&p, two_hours_ago, vec![update("F", "2", two_hours_ago)]));
@@ -540,12 +541,13 @@ async fn hostile_messages_are_rejected_not_forwarded_charged_and_the_sender_bann
     hostile.send_raw_frame(victim_peer, older).await?;
     eventually(WAIT, "victim rejected every bad message", || {
         let s = victim.stats();
-        cases.iter().all(|(r, _)| s.rejected(*r) >= 1) && s.rejected(RejectReason::Replay) >= 1
+        cases.iter().all(|(r, _)| s.rejected(*r) >= 1) && s.rejected(RejectReason::TooOld) >= 1
     })
     .await?;
     let s: StatsSnapshot = victim.stats();
     assert_eq!(s.delivered, 1, "only the one valid message was delivered: {s:?}");
     assert_eq!(s.rejected_total(), 6);
+    assert_eq!(s.charged, 4, "the forgery, the mismatch, the negative price and the TTL");
 
     // The oversized frame ends the stream (the writer reopens it).
     hostile.send_raw_frame(victim_peer, oversized).await?;
@@ -559,7 +561,8 @@ async fn hostile_messages_are_rejected_not_forwarded_charged_and_the_sender_bann
     assert_eq!(net.node(2).running()?.stats().rejected_total(), 0);
     assert_eq!(net.node(2).received_count(), 2, "the valid message and the barrier");
 
-    // 7 charges so far: the budget is 7, so more bad messages get the hostile peer banned.
+    // 5 charges so far (with the oversized frame): the budget is 7, so more bad messages get
+    // the hostile peer banned.
     // (The oversized frame made the victim drop the stream; frames sent right after it can be
     // lost until the hostile writer notices and reopens, so keep sending.)
     let h0 = net.node(0).peer_id();
@@ -897,5 +900,250 @@ async fn a_connection_whose_link_goes_silent_is_closed_after_two_missed_pings() 
     })
     .await?;
     cancel.cancel();
+    Ok(())
+}
+
+/// Whether nodes `a` and `b` of `net` are linked, as `a` sees it.
+fn linked(net: &TestNet, a: usize, b: usize) -> bool {
+    let pb = net.node(b).peer_id();
+    net.node(a).running().unwrap().status().peers.iter().any(|p| p.peer_id == pb)
+}
+
+/// Honest nodes whose clocks sit at the two ends of the allowed skew, and a relay configured
+/// with a wider skew between them: node 0 runs 5 s ahead and publishes, node 1 is on time
+/// with `MESH_MAX_CLOCK_SKEW_SECS=10` (so it accepts and forwards node 0's messages), node 2
+/// runs 5 s behind, so every message of node 0 is 10 s in its future, whoever brings it.
+/// Node 2 rejects them all as `future_timestamp`, but that depends on its own clock: it
+/// charges nobody, and no link drops (before, past 20 such messages in a minute, it banned
+/// both neighbours).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn honest_nodes_at_the_ends_of_the_allowed_skew_never_ban_each_other() -> anyhow::Result<()> {
+    let net = TestNet::builder()
+        .nodes(3)
+        .topology(Topology::Ring)
+        .configure(|i, c| match i {
+            0 => c.clock_offset_ms = 5_000,
+            1 => c.core.validation.max_clock_skew_secs = 10,
+            _ => c.clock_offset_ms = -5_000,
+        })
+        .build()
+        .await?;
+    let p = provider(1);
+    // Well past the default budget of 20 charges a minute.
+    let count = 40u64;
+    for round in 0..count {
+        let m = price_batch(&p, round, now_ms() + 5_000 + round as i64, 3, 10)?;
+        net.publish(0, &m).await?;
+        net.wait_delivered(&m.message_id(), &[0, 1]).await?;
+    }
+    eventually(WAIT, "node 2 rejected every message as future-dated", || {
+        net.node(2).running().unwrap().stats().rejected(RejectReason::FutureTimestamp) >= count
+    })
+    .await?;
+    // Node 2's own messages still reach both (for them they are 5 and 10 s old).
+    let m = price_batch(&provider(2), 1, now_ms() - 5_000, 3, 10)?;
+    net.publish(2, &m).await?;
+    net.wait_delivered_everywhere(&m.message_id()).await?;
+    for i in 0..3 {
+        let s = net.node(i).running()?.stats();
+        assert_eq!((s.charged, s.bans), (0, 0), "node {i}: {s:?}");
+    }
+    for (a, b) in [(0, 1), (1, 2), (2, 0)] {
+        assert!(linked(&net, a, b) && linked(&net, b, a), "link {a}-{b} dropped");
+    }
+    net.shutdown().await;
+    Ok(())
+}
+
+/// A signed batch of `count` assets named `{prefix}{i}` from `key`, all stamped `ts`.
+fn wide_batch(key: &Identity, prefix: &str, count: usize, ts: i64) -> anyhow::Result<Envelope> {
+    let prices = (0..count).map(|i| update(&format!("{prefix}{i:04}"), "1.5", ts)).collect();
+    Ok(Envelope::seal(key, &body_with(key, ts, prices), 10)?)
+}
+
+/// Replay marks are kept per origin: a key that sends 60 batches of 1,000 new assets stamped
+/// ahead of time (60,000 marks, more than the 50,000 a node holds) evicts only its own, and
+/// an honest provider's next batch is accepted on every node. (With one eviction floor for
+/// all origins, the floor rose to the attacker's timestamps and every node dropped the
+/// honest batch as a replay.) The attacker stamps 25 s ahead, with a skew of 30 s allowed,
+/// so that however slowly this machine relays the flood, the honest batch after it is still
+/// older than the attacker's stamps.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_marks_stamped_ahead_does_not_stop_an_honest_provider() -> anyhow::Result<()> {
+    let net = TestNet::builder()
+        .nodes(5)
+        .topology(Topology::Ring)
+        .configure(|_, c| c.core.validation.max_clock_skew_secs = 30)
+        .build()
+        .await?;
+    let honest = provider(1);
+    let first = price_batch(&honest, 1, now_ms(), 9, 10)?;
+    net.publish(0, &first).await?;
+    net.wait_delivered_everywhere(&first.message_id()).await?;
+
+    let hostile = provider(66);
+    let (mut last, mut ts) = (None, 0);
+    for b in 0..60 {
+        ts = (now_ms() + 25_000).max(ts + 1);
+        let m = wide_batch(&hostile, &format!("X{b:02}-"), 1_000, ts)?;
+        net.publish(2, &m).await?;
+        last = Some(m.message_id());
+    }
+    if let Some(id) = last {
+        net.wait_delivered_everywhere(&id).await?;
+    }
+    let next = price_batch(&honest, 2, now_ms(), 9, 10)?;
+    net.publish(0, &next).await?;
+    net.wait_delivered_everywhere(&next.message_id()).await?;
+    for i in 0..5 {
+        let s = net.node(i).running()?.stats();
+        assert_eq!(s.rejected(RejectReason::Replay) + s.stale, 0, "node {i}: {s:?}");
+    }
+    net.shutdown().await;
+    Ok(())
+}
+
+/// A restarted node has lost its replay marks. Captured traffic fed to it by a hostile peer
+/// (batches older than the maximum message age, and recent ones its neighbours accepted
+/// already) must not get it banned by its honest neighbours: the old batches are refused by
+/// age before they are forwarded, and what it does forward honestly (the recent ones, which
+/// its neighbours judge by their replay marks since their seen caches are tiny) is not
+/// charged. (Before: the restarted node accepted and forwarded the old batches, and both
+/// neighbours charged it one replay each and banned it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_node_fed_old_captured_traffic_is_not_banned_by_its_neighbours()
+-> anyhow::Result<()> {
+    // 0, 1, 2: an honest triangle; 3, the hostile peer, is linked to 1 only. Flooding, so
+    // that a barrier behind the frames on a link comes after all of them.
+    let mut net = TestNet::builder()
+        .nodes(4)
+        .topology(Topology::Custom(vec![(0, 1), (1, 2), (0, 2), (1, 3)]))
+        .configure(|i, c| {
+            c.lazy = mesh_relay::LazyPush::FLOOD;
+            if i == 0 || i == 2 {
+                c.core.seen.capacity = 4;
+            }
+        })
+        .build()
+        .await?;
+    let p = provider(1);
+    let count = 30;
+    let old_base = now_ms() - mesh_protocol::MAX_MESSAGE_AGE_MS - 60_000;
+    let mut captured = Vec::new();
+    for r in 0..count {
+        captured.push(price_batch(&p, r, old_base + r as i64, 3, 10)?);
+    }
+    for r in 0..count {
+        let m = price_batch(&p, 100 + r, now_ms() - 60_000 + r as i64, 3, 10)?;
+        net.publish(0, &m).await?;
+        net.wait_delivered(&m.message_id(), &[0, 1, 2]).await?;
+        captured.push(m);
+    }
+
+    net.stop(1).await?;
+    net.start(1).await?;
+    let restarted = net.node(1).running()?.clone();
+    let hostile = net.node(3).running()?;
+    let before = restarted.stats();
+    for m in &captured {
+        hostile.send_raw_frame(net.node(1).peer_id(), encode_envelope(m)?).await?;
+    }
+    eventually(WAIT, "the restarted node judged every captured frame", || {
+        let s = restarted.stats();
+        let judged = s.delivered + s.rejected_total() + s.stale + s.duplicates;
+        judged >= before.delivered + before.rejected_total() + 2 * count
+    })
+    .await?;
+    barrier(&net, 1, 999).await?;
+    for i in 0..3 {
+        let s = net.node(i).running()?.stats();
+        assert_eq!((s.charged, s.bans), (0, 0), "node {i}: {s:?}");
+        if i != 1 {
+            assert_eq!(s.rejected(RejectReason::TooOld), 0, "node {i} got an old batch: {s:?}");
+        }
+    }
+    for (a, b) in [(0, 1), (1, 2)] {
+        assert!(linked(&net, a, b) && linked(&net, b, a), "link {a}-{b} dropped");
+    }
+    assert_eq!(restarted.stats().rejected(RejectReason::TooOld), count);
+    net.shutdown().await;
+    Ok(())
+}
+
+/// A consumer whose clock is 10 s behind finds every message of the mesh in its future
+/// (beyond the 5 s skew). It refuses them as `future_timestamp`, which depends on its own
+/// clock: it charges nobody and keeps its links. It remembers the ids it refused, so the
+/// `HAVE`s its other neighbours send for them are ignored and it asks for none of them more
+/// than once (before, it asked each announcer in turn, and each answer was refused again).
+/// A full copy is still checked when it comes, so messages that are no longer in its future
+/// (here one stamped 10 s ago) are delivered as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_10_s_behind_keeps_its_links_and_does_not_ask_again() -> anyhow::Result<()> {
+    // Node 0 publishes; node 4 (10 s behind) is linked to 1, 2 and 3, not to 0. Each relay
+    // sends a message in full to one peer and its id to the others, so node 4 gets `HAVE`s.
+    let mut edges = Vec::new();
+    for a in 0..5 {
+        for b in a + 1..5 {
+            if (a, b) != (0, 4) {
+                edges.push((a, b));
+            }
+        }
+    }
+    let net = TestNet::builder()
+        .nodes(5)
+        .topology(Topology::Custom(edges))
+        .configure(|i, c| {
+            c.lazy = mesh_relay::LazyPush { eager_peers: 1, tree: false, ..Default::default() };
+            if i == 4 {
+                c.clock_offset_ms = -10_000;
+                // Short waits, so that asking in turn would show within the quiet period below.
+                c.lazy.want_delay = Duration::from_millis(10);
+                c.lazy.want_timeout = Duration::from_millis(50);
+            }
+        })
+        .build()
+        .await?;
+    let p = provider(1);
+    let count = 30u64;
+    let mut ts = 0;
+    for round in 0..count {
+        ts = now_ms().max(ts + 1);
+        let m = price_batch(&p, round, ts, 3, 10)?;
+        net.publish(0, &m).await?;
+        net.wait_delivered(&m.message_id(), &[0, 1, 2, 3]).await?;
+    }
+    let behind = net.node(4).running()?;
+    eventually(WAIT, "node 4 refused every message", || {
+        behind.stats().rejected(RejectReason::FutureTimestamp) >= count
+    })
+    .await?;
+    // Not in its future: delivered.
+    let past = price_batch(&provider(2), 1, now_ms() - 10_000, 3, 10)?;
+    net.publish(0, &past).await?;
+    net.wait_delivered_everywhere(&past.message_id()).await?;
+    // Until node 4 has neither asked nor refused anything for 300 ms (six of its want
+    // timeouts, longer than asking three announcers in turn).
+    let mut last = (u64::MAX, u64::MAX, tokio::time::Instant::now());
+    eventually(WAIT, "node 4 quiet", || {
+        let s = behind.stats();
+        let now = (s.wants_sent, s.rejected_total());
+        if now != (last.0, last.1) {
+            last = (now.0, now.1, tokio::time::Instant::now());
+        }
+        last.2.elapsed() >= Duration::from_millis(300)
+    })
+    .await?;
+
+    let s = behind.stats();
+    assert!(s.haves_received >= count / 2, "node 4 got few HAVEs: {s:?}");
+    assert!(s.wants_sent <= count, "node 4 asked again for refused messages: {s:?}");
+    for i in 0..5 {
+        let s = net.node(i).running()?.stats();
+        assert_eq!((s.charged, s.bans), (0, 0), "node {i}: {s:?}");
+    }
+    for a in 1..4 {
+        assert!(linked(&net, a, 4) && linked(&net, 4, a), "link {a}-4 dropped");
+    }
+    net.shutdown().await;
     Ok(())
 }

@@ -241,7 +241,9 @@ fn check_accepted(envelope: &Envelope, body: &Body, id: MessageId, now_ms: i64, 
         assert_eq!(body.origin, keys().identities[0].node_id(), "untrusted origin accepted");
     }
     let latest = now_ms.saturating_add(SKEW_MS);
+    let earliest = now_ms.saturating_sub(mesh_protocol::MAX_MESSAGE_AGE_MS);
     assert!(body.created_at_ms <= latest, "future created_at accepted");
+    assert!(body.created_at_ms >= earliest, "created_at older than the maximum age accepted");
     if let Payload::PriceBatch { prices, .. } = &body.payload {
         assert!(prices.len() <= MAX_PRICES_PER_BATCH);
         assert!(!prices.is_empty(), "empty price batch accepted");
@@ -249,6 +251,7 @@ fn check_accepted(envelope: &Envelope, body: &Body, id: MessageId, now_ms: i64, 
         for p in prices {
             assert!(p.price.is_positive(), "non-positive price {} accepted", p.price);
             assert!(p.timestamp_ms <= latest, "future price timestamp accepted");
+            assert!(p.timestamp_ms >= earliest, "price older than the maximum age accepted");
             for (text, max) in [(&p.asset, MAX_ASSET_LEN), (&p.blockchain, MAX_BLOCKCHAIN_LEN)] {
                 assert!(!text.is_empty() && text.len() <= max, "bad name {text:?} accepted");
                 assert!(text.bytes().all(|b| b.is_ascii_graphic()), "bad name {text:?} accepted");

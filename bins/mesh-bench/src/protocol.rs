@@ -25,7 +25,8 @@ pub struct Args {
 const NOW_MS: i64 = 1_750_000_000_000;
 
 fn body(identity: &Identity, n: usize, prices: usize) -> anyhow::Result<Body> {
-    let ts = NOW_MS - 1_000_000 + n as i64;
+    // Within the maximum message age (10 minutes) for up to 500,000 batches.
+    let ts = NOW_MS - 500_000 + n as i64;
     let prices = (0..prices)
         .map(|i| {
             Ok(PriceUpdate {

@@ -45,6 +45,6 @@ pub use message::{
     Payload, PriceUpdate,
 };
 pub use validate::{
-    Decoded, HighWaterMarks, Identified, RejectReason, Rejection, Validator, VerifiedMessage,
-    decode_frame,
+    Decoded, HighWaterMarks, Identified, MAX_MESSAGE_AGE_MS, RejectReason, Rejection, Validator,
+    VerifiedMessage, decode_frame,
 };

@@ -3,8 +3,13 @@
 //!
 //! A relay runs the stages separately so it can look the message id up in its seen cache
 //! between them: [`decode_frame`] (frame size, decode, version, TTL bounds), then
-//! [`Validator::verify`] (signature, origin/key, allow-list, clock, payload rules), then
-//! [`HighWaterMarks::admit`] (replays). [`Validator::validate`] runs all three in order.
+//! [`Validator::verify`] (signature, origin/key, allow-list, clock: no timestamp later than
+//! now plus the allowed skew nor earlier than now minus [`MAX_MESSAGE_AGE_MS`], payload
+//! rules), then [`HighWaterMarks::admit`] (replays). [`Validator::validate`] runs all three
+//! in order.
+//!
+//! Which rejections are the sending peer's fault, and so charged to it, is decided once, in
+//! [`RejectReason::is_senders_fault`].
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
@@ -24,6 +29,13 @@ pub const MAX_ASSET_LEN: usize = 255;
 pub const MAX_BLOCKCHAIN_LEN: usize = 50;
 /// Default tolerance for clocks that run ahead (`MESH_MAX_CLOCK_SKEW_SECS`).
 pub const DEFAULT_MAX_CLOCK_SKEW_SECS: u32 = 5;
+/// The oldest a message may be, in milliseconds: 10 minutes, the seen cache's default
+/// lifetime. `created_at` and every price timestamp must be at least now minus this, checked
+/// before a message is forwarded. A protocol constant rather than a setting, so that every
+/// node applies the same bound and none forwards what its neighbours refuse: a restarted
+/// node, whose replay marks are gone, refuses captured old messages instead of passing them
+/// on. It also bounds what a store holds (no timestamp too old for its columns).
+pub const MAX_MESSAGE_AGE_MS: i64 = 600_000;
 
 /// Why a message was rejected: one variant per validation rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -44,6 +56,8 @@ pub enum RejectReason {
     UntrustedProvider,
     /// `created_at` or a price timestamp is later than now plus the allowed clock skew.
     FutureTimestamp,
+    /// `created_at` or a price timestamp is earlier than now minus [`MAX_MESSAGE_AGE_MS`].
+    TooOld,
     /// A price is zero or negative.
     NonPositivePrice,
     /// An asset is empty, longer than 255 characters or not printable ASCII.
@@ -63,7 +77,7 @@ pub enum RejectReason {
 
 impl RejectReason {
     /// Every reason, for documentation and for pre-registering metric labels.
-    pub const ALL: [RejectReason; 15] = [
+    pub const ALL: [RejectReason; 16] = [
         Self::FrameTooLarge,
         Self::Malformed,
         Self::UnsupportedVersion,
@@ -72,6 +86,7 @@ impl RejectReason {
         Self::OriginKeyMismatch,
         Self::UntrustedProvider,
         Self::FutureTimestamp,
+        Self::TooOld,
         Self::NonPositivePrice,
         Self::BadAsset,
         Self::BadBlockchain,
@@ -80,6 +95,40 @@ impl RejectReason {
         Self::DuplicateAsset,
         Self::Replay,
     ];
+
+    /// Whether the peer that sent the message alone can have caused this rejection, so that
+    /// it may be charged for it (and banned past its budget).
+    ///
+    /// The rule: a fault is the sender's when every honest node applies the same check with
+    /// the same result, so an honest relay, which forwards only what passed its own checks,
+    /// can never pass such a message on. That holds for the frame, its encoding, the TTL
+    /// bounds, the signature, the origin/key match and the payload rules, all protocol
+    /// constants. It does not hold for a rejection that depends on this node's clock
+    /// ([`RejectReason::FutureTimestamp`] and [`RejectReason::TooOld`]: clocks differ by up to
+    /// the allowed skew, the skew setting itself differs between nodes, and a message that
+    /// left a neighbour just in time arrives here a moment too old), on its configuration
+    /// ([`RejectReason::UntrustedProvider`]: a neighbour without the same allow-list
+    /// forwards other providers honestly) or on what it remembers
+    /// ([`RejectReason::Replay`]: a restarted neighbour, or one whose seen cache forgot
+    /// sooner, accepts a message this node has newer marks for). Those are counted and
+    /// logged, never charged.
+    pub const fn is_senders_fault(self) -> bool {
+        match self {
+            Self::FrameTooLarge
+            | Self::Malformed
+            | Self::UnsupportedVersion
+            | Self::TtlOutOfBounds
+            | Self::BadSignature
+            | Self::OriginKeyMismatch
+            | Self::NonPositivePrice
+            | Self::BadAsset
+            | Self::BadBlockchain
+            | Self::TooManyPrices
+            | Self::EmptyBatch
+            | Self::DuplicateAsset => true,
+            Self::UntrustedProvider | Self::FutureTimestamp | Self::TooOld | Self::Replay => false,
+        }
+    }
 
     /// The label used in logs and in `mesh_validation_failures_total{reason}`.
     pub const fn as_str(self) -> &'static str {
@@ -92,6 +141,7 @@ impl RejectReason {
             Self::OriginKeyMismatch => "origin_key_mismatch",
             Self::UntrustedProvider => "untrusted_provider",
             Self::FutureTimestamp => "future_timestamp",
+            Self::TooOld => "too_old",
             Self::NonPositivePrice => "non_positive_price",
             Self::BadAsset => "bad_asset",
             Self::BadBlockchain => "bad_blockchain",
@@ -314,7 +364,7 @@ impl Validator {
     ) -> Result<VerifiedMessage, Rejection> {
         let envelope = decode_frame(frame)?;
         let verified = self.verify(envelope, now_ms)?;
-        marks.admit(&verified)?;
+        marks.admit(&verified, now_ms)?;
         Ok(verified)
     }
 
@@ -356,11 +406,18 @@ impl Validator {
         }
 
         let latest_ms = now_ms.saturating_add(i64::from(self.config.max_clock_skew_secs) * 1000);
+        let earliest_ms = now_ms.saturating_sub(MAX_MESSAGE_AGE_MS);
         if body.created_at_ms > latest_ms {
             return Err(reject(RejectReason::FutureTimestamp));
         }
+        if body.created_at_ms < earliest_ms {
+            return Err(reject(RejectReason::TooOld));
+        }
         if let Payload::PriceBatch { prices, .. } = &body.payload {
             check_prices(prices, latest_ms).map_err(reject)?;
+            if prices.iter().any(|p| p.timestamp_ms < earliest_ms) {
+                return Err(reject(RejectReason::TooOld));
+            }
         }
         Ok(VerifiedMessage { id: digest.message_id(), envelope, body })
     }
@@ -418,42 +475,116 @@ fn chain_runs(prices: &[crate::PriceUpdate]) -> impl Iterator<Item = &[crate::Pr
     prices.chunk_by(|a, b| a.blockchain == b.blockchain)
 }
 
-/// Marks of one origin: blockchain -> asset -> newest accepted timestamp. Nested maps let the
-/// hot path look keys up by `&str` without copying them.
-type OriginMarks = HashMap<String, HashMap<String, i64>>;
+/// Marks of one origin: blockchain -> asset -> newest accepted timestamp (nested maps let the
+/// hot path look keys up by `&str` without copying them), and the origin's own floor.
+#[derive(Debug, Clone)]
+struct OriginMarks {
+    chains: HashMap<String, HashMap<String, i64>>,
+    len: usize,
+    /// Newest timestamp among this origin's evicted marks: a key of this origin that is not
+    /// held must be newer. It holds only this origin's own (accepted, so not future-dated)
+    /// timestamps, so it can only ever hold back this origin's replays.
+    floor_ms: i64,
+    /// When this origin last had a message admitted (a counter, not a clock).
+    last_admitted: u64,
+}
+
+impl OriginMarks {
+    fn new(floor_ms: i64) -> Self {
+        Self { chains: HashMap::new(), len: 0, floor_ms, last_admitted: 0 }
+    }
+
+    fn newest(&self) -> i64 {
+        self.chains.values().flat_map(|c| c.values().copied()).fold(self.floor_ms, i64::max)
+    }
+
+    /// Evicts the older half of this origin's marks and raises its floor; how many went.
+    fn evict_older_half(&mut self) -> usize {
+        let mut stamps: Vec<i64> = self.chains.values().flat_map(|c| c.values().copied()).collect();
+        if stamps.is_empty() {
+            return 0;
+        }
+        let middle = stamps.len() / 2;
+        let (_, cutoff, _) = stamps.select_nth_unstable(middle);
+        let cutoff = *cutoff;
+        let mut kept = 0;
+        for assets in self.chains.values_mut() {
+            assets.retain(|_, ts| *ts > cutoff);
+            kept += assets.len();
+        }
+        self.chains.retain(|_, assets| !assets.is_empty());
+        let evicted = self.len - kept;
+        self.len = kept;
+        self.floor_ms = self.floor_ms.max(cutoff);
+        evicted
+    }
+}
 
 /// Per (origin, blockchain, asset), the newest timestamp accepted so far.
 ///
-/// A message whose timestamps are not all newer is a replay. Memory is bounded: past
-/// `capacity` keys the older half is evicted, and every key not present must then be newer
-/// than the newest evicted timestamp, so eviction never re-opens the door to old messages.
+/// A message whose timestamps are not all newer is a replay. Memory is bounded, and one
+/// origin cannot push out another's marks:
+/// - each origin holds at most `per_origin` keys; past that it evicts the older half of its
+///   own, and its keys not held must then be newer than its own floor (the newest evicted
+///   timestamp), so eviction never re-opens the door to its old messages;
+/// - past `capacity` keys in all, the origin holding the most evicts the older half of its
+///   own the same way;
+/// - at most `max_origins` origins are held; past that the one admitted least recently is
+///   forgotten whole. An origin not held (new or forgotten) must be newer than the newest
+///   mark of the forgotten ones, but that floor is never taken above `now` minus
+///   [`MAX_MESSAGE_AGE_MS`]: what is older is refused by age anyway, and a flood of keys
+///   stamping their messages ahead of time cannot lift it over honest messages.
+///
 /// A provider's announces are marked by their `created_at` under the empty blockchain name.
 #[derive(Debug, Clone)]
 pub struct HighWaterMarks {
     marks: HashMap<NodeId, OriginMarks>,
     len: usize,
     capacity: usize,
-    evicted_floor_ms: i64,
+    per_origin: usize,
+    max_origins: usize,
+    /// Newest mark of the origins forgotten whole (applied capped, see the type's docs).
+    forgotten_floor_ms: i64,
+    admitted: u64,
     evicted: u64,
 }
 
 impl Default for HighWaterMarks {
     fn default() -> Self {
-        Self::with_capacity(Self::DEFAULT_CAPACITY)
+        Self::with_limits(
+            Self::DEFAULT_CAPACITY,
+            Self::DEFAULT_PER_ORIGIN,
+            Self::DEFAULT_MAX_ORIGINS,
+        )
     }
 }
 
 impl HighWaterMarks {
-    /// Default number of keys kept.
+    /// Default number of keys kept in all.
     pub const DEFAULT_CAPACITY: usize = 50_000;
+    /// Default number of keys kept per origin (a provider covering more assets loses only the
+    /// precision of its own oldest marks).
+    pub const DEFAULT_PER_ORIGIN: usize = 10_000;
+    /// Default number of origins held.
+    pub const DEFAULT_MAX_ORIGINS: usize = 1_024;
 
-    /// An empty set of marks holding at most `capacity` keys (at least 2).
+    /// An empty set of marks holding at most `capacity` keys (at least 2), of any one origin
+    /// too, and the default number of origins.
     pub fn with_capacity(capacity: usize) -> Self {
+        Self::with_limits(capacity, capacity, Self::DEFAULT_MAX_ORIGINS)
+    }
+
+    /// An empty set of marks holding at most `capacity` keys in all, `per_origin` of one
+    /// origin and `max_origins` origins (each at least 1, `capacity` at least 2).
+    pub fn with_limits(capacity: usize, per_origin: usize, max_origins: usize) -> Self {
         Self {
             marks: HashMap::new(),
             len: 0,
             capacity: capacity.max(2),
-            evicted_floor_ms: i64::MIN,
+            per_origin: per_origin.max(1),
+            max_origins: max_origins.max(1),
+            forgotten_floor_ms: i64::MIN,
+            admitted: 0,
             evicted: 0,
         }
     }
@@ -468,30 +599,34 @@ impl HighWaterMarks {
         self.len == 0
     }
 
-    /// Keys evicted so far to stay within capacity.
+    /// Number of origins held.
+    pub fn origins(&self) -> usize {
+        self.marks.len()
+    }
+
+    /// Keys evicted so far to stay within the limits (forgotten origins included).
     pub fn evicted(&self) -> u64 {
         self.evicted
     }
 
-    fn last(&self, origin: &NodeId, blockchain: &str, asset: &str) -> i64 {
-        self.marks
-            .get(origin)
-            .and_then(|o| o.get(blockchain))
-            .and_then(|c| c.get(asset))
-            .copied()
-            .unwrap_or(self.evicted_floor_ms)
+    /// The floor for keys of `origin` that are not held.
+    fn floor(&self, origin: &NodeId, now_ms: i64) -> i64 {
+        match self.marks.get(origin) {
+            Some(o) => o.floor_ms,
+            None => self.forgotten_floor_ms.min(now_ms.saturating_sub(MAX_MESSAGE_AGE_MS)),
+        }
     }
 
     /// Whether any price is not newer than its mark. The origin is looked up once and each
     /// run of prices on the same chain shares one chain lookup (a batch is usually one chain),
     /// which halves the hashing of a 50-price batch.
-    fn any_replayed(&self, origin: &NodeId, prices: &[crate::PriceUpdate]) -> bool {
-        let floor = self.evicted_floor_ms;
-        let Some(chains) = self.marks.get(origin) else {
+    fn any_replayed(&self, origin: &NodeId, prices: &[crate::PriceUpdate], now_ms: i64) -> bool {
+        let floor = self.floor(origin, now_ms);
+        let Some(marks) = self.marks.get(origin) else {
             return prices.iter().any(|p| p.timestamp_ms <= floor);
         };
         chain_runs(prices).any(|run| {
-            let assets = chains.get(run[0].blockchain.as_str());
+            let assets = marks.chains.get(run[0].blockchain.as_str());
             run.iter().any(|p| {
                 let last = assets.and_then(|a| a.get(p.asset.as_str())).copied();
                 p.timestamp_ms <= last.unwrap_or(floor)
@@ -499,77 +634,109 @@ impl HighWaterMarks {
         })
     }
 
+    /// The marks of `origin`, made (at `floor_ms`) when it has none; forgets the origin
+    /// admitted least recently when a new one would be one too many.
+    fn origin_mut(&mut self, origin: NodeId, floor_ms: i64) -> &mut OriginMarks {
+        if !self.marks.contains_key(&origin) && self.marks.len() >= self.max_origins {
+            self.forget_least_recent();
+        }
+        self.admitted += 1;
+        let admitted = self.admitted;
+        let marks = self.marks.entry(origin).or_insert_with(|| OriginMarks::new(floor_ms));
+        marks.last_admitted = admitted;
+        marks
+    }
+
+    fn forget_least_recent(&mut self) {
+        let Some(oldest) =
+            self.marks.iter().min_by_key(|(_, o)| o.last_admitted).map(|(id, _)| *id)
+        else {
+            return;
+        };
+        if let Some(gone) = self.marks.remove(&oldest) {
+            self.forgotten_floor_ms = self.forgotten_floor_ms.max(gone.newest());
+            self.len -= gone.len;
+            self.evicted += gone.len as u64;
+        }
+    }
+
     /// Sets the marks of every price (after [`HighWaterMarks::any_replayed`] said none is old).
-    fn set_all(&mut self, origin: NodeId, prices: &[crate::PriceUpdate]) {
-        let chains = self.marks.entry(origin).or_default();
+    fn set_all(&mut self, origin: NodeId, prices: &[crate::PriceUpdate], floor_ms: i64) {
+        let marks = self.origin_mut(origin, floor_ms);
         let mut added = 0;
         for run in chain_runs(prices) {
             let chain = run[0].blockchain.as_str();
-            let assets = match chains.get_mut(chain) {
+            let assets = match marks.chains.get_mut(chain) {
                 Some(assets) => assets,
-                None => chains.entry(chain.to_owned()).or_default(),
+                None => marks.chains.entry(chain.to_owned()).or_default(),
             };
             added += run.iter().filter(|p| mark(assets, &p.asset, p.timestamp_ms)).count();
         }
+        marks.len += added;
         self.len += added;
     }
 
-    fn set(&mut self, origin: NodeId, blockchain: &str, asset: &str, ts: i64) {
-        let chains = self.marks.entry(origin).or_default();
-        let assets = match chains.get_mut(blockchain) {
+    fn set(&mut self, origin: NodeId, blockchain: &str, asset: &str, ts: i64, floor_ms: i64) {
+        let marks = self.origin_mut(origin, floor_ms);
+        let assets = match marks.chains.get_mut(blockchain) {
             Some(assets) => assets,
-            None => chains.entry(blockchain.to_owned()).or_default(),
+            None => marks.chains.entry(blockchain.to_owned()).or_default(),
         };
         if mark(assets, asset, ts) {
+            marks.len += 1;
             self.len += 1;
         }
     }
 
-    /// Stage 3: rejects a replay, otherwise records the message's timestamps.
-    pub fn admit(&mut self, message: &VerifiedMessage) -> Result<(), Rejection> {
+    /// Stage 3: rejects a replay, otherwise records the message's timestamps. `now_ms` (Unix
+    /// ms) caps the floor that applies to origins not held.
+    pub fn admit(&mut self, message: &VerifiedMessage, now_ms: i64) -> Result<(), Rejection> {
         let origin = message.body.origin;
         let replay = Rejection::from(RejectReason::Replay, origin);
+        let floor = self.floor(&origin, now_ms);
         match &message.body.payload {
             Payload::PriceBatch { prices, .. } => {
-                if self.any_replayed(&origin, prices) {
+                if self.any_replayed(&origin, prices, now_ms) {
                     return Err(replay);
                 }
-                self.set_all(origin, prices);
+                self.set_all(origin, prices, floor);
             }
             Payload::ProviderAnnounce { .. } => {
-                if message.body.created_at_ms <= self.last(&origin, "", "") {
+                let last = self
+                    .marks
+                    .get(&origin)
+                    .and_then(|o| o.chains.get(""))
+                    .and_then(|c| c.get(""))
+                    .copied()
+                    .unwrap_or(floor);
+                if message.body.created_at_ms <= last {
                     return Err(replay);
                 }
-                self.set(origin, "", "", message.body.created_at_ms);
+                self.set(origin, "", "", message.body.created_at_ms, floor);
             }
         }
-        if self.len > self.capacity {
-            self.evict_older_half();
-        }
+        self.enforce_limits(&origin);
         Ok(())
     }
 
-    fn evict_older_half(&mut self) {
-        let mut stamps: Vec<i64> = self
-            .marks
-            .values()
-            .flat_map(|o| o.values())
-            .flat_map(|c| c.values().copied())
-            .collect();
-        let middle = stamps.len() / 2;
-        let (_, cutoff, _) = stamps.select_nth_unstable(middle);
-        let cutoff = *cutoff;
-        let mut kept = 0;
-        for chains in self.marks.values_mut() {
-            for assets in chains.values_mut() {
-                assets.retain(|_, ts| *ts > cutoff);
-                kept += assets.len();
-            }
-            chains.retain(|_, assets| !assets.is_empty());
+    /// Evicts within `origin` past its own limit, then within the largest origin while the
+    /// total is over capacity.
+    fn enforce_limits(&mut self, origin: &NodeId) {
+        if let Some(marks) = self.marks.get_mut(origin)
+            && marks.len > self.per_origin
+        {
+            let evicted = marks.evict_older_half();
+            self.len -= evicted;
+            self.evicted += evicted as u64;
         }
-        self.marks.retain(|_, chains| !chains.is_empty());
-        self.evicted += (self.len - kept) as u64;
-        self.len = kept;
-        self.evicted_floor_ms = self.evicted_floor_ms.max(cutoff);
+        while self.len > self.capacity {
+            let Some(largest) = self.marks.values_mut().max_by_key(|o| o.len) else { break };
+            let evicted = largest.evict_older_half();
+            if evicted == 0 {
+                break;
+            }
+            self.len -= evicted;
+            self.evicted += evicted as u64;
+        }
     }
 }

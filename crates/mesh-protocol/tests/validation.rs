@@ -197,6 +197,27 @@ fn future_timestamps_beyond_the_skew() {
 }
 
 #[test]
+fn timestamps_older_than_the_maximum_age() {
+    let age = mesh_protocol::MAX_MESSAGE_AGE_MS;
+    // created_at too old.
+    let mut body = batch(vec![price("SOL", "1", NOW)]);
+    body.created_at_ms = NOW - age - 1;
+    assert_eq!(reason(&sealed(&body)), Some(RejectReason::TooOld));
+    body.created_at_ms = NOW - age;
+    assert_eq!(reason(&sealed(&body)), None, "exactly at the age is allowed");
+    // One price timestamp too old.
+    let body = batch(vec![price("SOL", "1", NOW), price("JUP", "0.4", NOW - age - 1)]);
+    assert_eq!(reason(&sealed(&body)), Some(RejectReason::TooOld));
+    // An announce too.
+    let announce = Body::new(
+        &provider(),
+        NOW - age - 1,
+        Payload::ProviderAnnounce { fetch_interval_secs: 30, assets: 9, round: 1 },
+    );
+    assert_eq!(reason(&sealed(&announce)), Some(RejectReason::TooOld));
+}
+
+#[test]
 fn non_positive_prices() {
     for bad in ["-1", "0", "-0.000001", "0.000"] {
         let body = batch(vec![price("SOL", "1", NOW), price("JUP", bad, NOW)]);
@@ -361,3 +382,92 @@ fn stage_one_needs_no_key() {
     let decoded = decode_frame(&frame_of(&env)).unwrap();
     assert_eq!(decoded, env);
 }
+
+#[test]
+fn only_faults_every_honest_node_would_catch_are_the_senders() {
+    // Clock, allow-list and replay marks are this node's own: an honest neighbour can pass
+    // such a message on, so it is never charged for it.
+    let not_charged = [
+        RejectReason::FutureTimestamp,
+        RejectReason::TooOld,
+        RejectReason::UntrustedProvider,
+        RejectReason::Replay,
+    ];
+    for reason in RejectReason::ALL {
+        assert_eq!(reason.is_senders_fault(), !not_charged.contains(&reason), "{reason}");
+    }
+}
+
+/// A signed batch of `count` assets named `{prefix}{i}` from `key`, all stamped `ts`.
+fn wide_batch(key: &Identity, prefix: &str, count: usize, ts: i64) -> Vec<u8> {
+    let prices = (0..count).map(|i| price(&format!("{prefix}{i}"), "1", ts)).collect();
+    let body = Body::new(key, ts.min(NOW), Payload::PriceBatch { round: 1, prices });
+    frame_of(&Envelope::seal(key, &body, 10).unwrap())
+}
+
+#[test]
+fn a_flood_of_marks_stamped_ahead_evicts_only_its_own_origin() {
+    let validator = Validator::default();
+    let mut marks = HighWaterMarks::default();
+    let honest = provider();
+    validator.validate(&wide_batch(&honest, "H", 9, NOW - 30_000), NOW, &mut marks).unwrap();
+    // 60 batches of 1,000 new assets, 3 s ahead (within the skew): 60,000 marks, more than
+    // the 50,000 held in all. Before marks were kept per origin, the older half of all marks
+    // went and every origin's floor rose to the attacker's timestamps.
+    let hostile = Identity::from_seed([66; 32]);
+    for b in 0..60 {
+        let frame = wide_batch(&hostile, &format!("X{b}-"), 1_000, NOW + 3_000 + b);
+        validator.validate(&frame, NOW, &mut marks).unwrap();
+    }
+    assert!(marks.len() <= HighWaterMarks::DEFAULT_PER_ORIGIN + 9, "{} marks", marks.len());
+    assert!(marks.evicted() >= 50_000);
+    // The honest provider's next batch is newer than its own marks: accepted.
+    validator.validate(&wide_batch(&honest, "H", 9, NOW - 20_000), NOW, &mut marks).unwrap();
+    // Its marks were kept: an older one is still a replay.
+    let err = validator.validate(&wide_batch(&honest, "H", 9, NOW - 25_000), NOW, &mut marks);
+    assert_eq!(err.unwrap_err().reason, RejectReason::Replay);
+    // The attacker's own evicted assets stay closed to its old timestamps.
+    let err = validator.validate(&wide_batch(&hostile, "X0-", 1, NOW + 3_000), NOW, &mut marks);
+    assert_eq!(err.unwrap_err().reason, RejectReason::Replay);
+}
+
+#[test]
+fn past_the_total_the_largest_origin_evicts_its_own() {
+    let validator = Validator::default();
+    let mut marks = HighWaterMarks::with_limits(20, 20, 10);
+    let honest = provider();
+    validator.validate(&wide_batch(&honest, "H", 5, NOW - 30_000), NOW, &mut marks).unwrap();
+    let hostile = Identity::from_seed([66; 32]);
+    for b in 0..10 {
+        let frame = wide_batch(&hostile, &format!("X{b}-"), 4, NOW + 1_000 + b);
+        validator.validate(&frame, NOW, &mut marks).unwrap();
+    }
+    assert!(marks.len() <= 20);
+    // The honest marks are still held: the same timestamps are a replay, newer ones pass.
+    let err = validator.validate(&wide_batch(&honest, "H", 5, NOW - 30_000), NOW, &mut marks);
+    assert_eq!(err.unwrap_err().reason, RejectReason::Replay);
+    validator.validate(&wide_batch(&honest, "H", 5, NOW - 29_999), NOW, &mut marks).unwrap();
+}
+
+#[test]
+fn forgotten_origins_fall_back_to_a_floor_no_newer_than_the_age_limit() {
+    let validator = Validator::default();
+    let mut marks = HighWaterMarks::with_limits(1_000, 100, 4);
+    // Throwaway keys stamping ahead of time fill the origin table over and over.
+    for k in 0..20u8 {
+        let key = Identity::from_seed([100 + k; 32]);
+        validator.validate(&wide_batch(&key, "X", 10, NOW + 4_000), NOW, &mut marks).unwrap();
+        assert!(marks.origins() <= 4);
+    }
+    // A new (or forgotten) honest origin is not held back by their timestamps.
+    let honest = provider();
+    validator.validate(&wide_batch(&honest, "H", 3, NOW - 60_000), NOW, &mut marks).unwrap();
+    // A forgotten origin's messages older than the age limit stay closed.
+    let first = Identity::from_seed([100; 32]);
+    let old = wide_batch(&first, "X", 10, NOW - HIGH_AGE);
+    let old = validator.verify(decode_frame(&old).unwrap(), NOW - HIGH_AGE).unwrap();
+    assert_eq!(marks.admit(&old, NOW).unwrap_err().reason, RejectReason::Replay);
+}
+
+/// Older than the maximum message age.
+const HIGH_AGE: i64 = mesh_protocol::MAX_MESSAGE_AGE_MS + 1;

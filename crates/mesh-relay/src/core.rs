@@ -15,6 +15,8 @@ use mesh_protocol::{
 };
 use mesh_seen_cache::{Lookup, SeenCache};
 
+use crate::lazy::RejectedIds;
+
 /// What to send on: the forwarded copy of a frame and the peers not to send it to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Forward<P> {
@@ -279,6 +281,7 @@ pub struct RelayCore<P> {
     senders: RecentSenders<P>,
     known: KnownOrigins,
     budgets: Option<Budgets<P>>,
+    rejected: RejectedIds,
 }
 
 impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
@@ -294,6 +297,7 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
             budgets: config
                 .unknown_origins
                 .map(|budget| Budgets { budget, buckets: HashMap::new() }),
+            rejected: RejectedIds::new(RejectedIds::DEFAULT_CAPACITY),
         }
     }
 
@@ -318,6 +322,29 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
     /// what came of `frame`, and a [`Prepared::Verified`] or a rejection must come from a
     /// [`Validator`] with this core's settings.
     pub fn on_prepared(
+        &mut self,
+        from: &P,
+        frame: &[u8],
+        prepared: Result<Prepared, Rejection>,
+        now_ms: i64,
+    ) -> Outcome<P> {
+        let id = prepared.as_ref().ok().map(|p| p.header().0);
+        let outcome = self.judge(from, frame, prepared, now_ms);
+        if let (Outcome::Rejected(rejection), Some(id)) = (&outcome, id)
+            && RejectedIds::binds_the_id(rejection.reason)
+        {
+            self.rejected.insert(id);
+        }
+        outcome
+    }
+
+    /// Whether a message with this id was rejected lately for a reason every copy of it
+    /// shares ([`RejectedIds`]): a `HAVE` for it is not worth a `WANT`.
+    pub fn was_rejected(&self, id: &MessageId) -> bool {
+        self.rejected.contains(id)
+    }
+
+    fn judge(
         &mut self,
         from: &P,
         frame: &[u8],
@@ -410,7 +437,7 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
             Err(rejection) => return Outcome::Rejected(rejection),
         };
         let ttl = message.envelope.ttl;
-        if let Err(rejection) = self.marks.admit(&message) {
+        if let Err(rejection) = self.marks.admit(&message, now_ms) {
             // A replay older than the seen-cache lifetime is an attack (a captured message
             // sent again once the cache forgot it); a younger one lost a race.
             let window_ms = i64::try_from(self.seen.config().ttl.as_millis()).unwrap_or(i64::MAX);
@@ -456,7 +483,7 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
     pub fn publish(&mut self, frame: &[u8], now_ms: i64) -> Result<VerifiedMessage, Rejection> {
         let envelope = decode_frame(frame)?;
         let message = self.validator.verify(envelope, now_ms)?;
-        self.marks.admit(&message)?;
+        self.marks.admit(&message, now_ms)?;
         self.known.heard(message.body.origin);
         self.seen.insert(message.id, message.envelope.ttl);
         Ok(message)
@@ -591,11 +618,12 @@ pub(crate) mod tests {
     #[tokio::test]
     async fn replays_after_the_seen_cache_forgot_are_rejected() {
         let mut c = RelayCore::<u32>::new(CoreConfig {
-            seen: mesh_seen_cache::Config { capacity: 1, ..Default::default() },
+            seen: mesh_seen_cache::Config { capacity: 1, ttl: std::time::Duration::from_secs(60) },
             ..Default::default()
         });
-        // A message created two hours ago (a captured one) and a newer one.
-        let old = frame_created(5, NOW - 7_200_000, NOW - 7_200_000);
+        // A message created five minutes ago (a captured one, older than the seen window,
+        // within the maximum age) and a newer one.
+        let old = frame_created(5, NOW - 300_000, NOW - 300_000);
         assert!(matches!(c.on_frame(&1, &old, NOW), Outcome::Deliver { .. }));
         assert!(matches!(c.on_frame(&1, &frame(5, NOW - 5), NOW), Outcome::Deliver { .. }));
         // `old` was evicted from the seen cache (capacity 1) but is still a replay.
@@ -603,6 +631,43 @@ pub(crate) mod tests {
             c.on_frame(&2, &old, NOW),
             Outcome::Rejected(r) if r.reason == RejectReason::Replay
         ));
+    }
+
+    #[tokio::test]
+    async fn ids_rejected_for_their_body_are_remembered_those_of_broken_copies_are_not() {
+        let mut c = core();
+        let future = frame_created(5, NOW + 60_000, NOW);
+        let id = decode_frame(&future).unwrap().digest().message_id();
+        assert!(matches!(c.on_frame(&1, &future, NOW), Outcome::Rejected(_)));
+        assert!(c.was_rejected(&id));
+        // A copy of an honest message with a broken signature: the id stays open.
+        let honest = frame(5, NOW);
+        let mut forged = honest.clone();
+        let last = forged.len() - 1;
+        forged[last] ^= 1;
+        let honest_id = decode_frame(&honest).unwrap().digest().message_id();
+        assert!(matches!(
+            c.on_frame(&2, &forged, NOW),
+            Outcome::Rejected(r) if r.reason == RejectReason::BadSignature
+        ));
+        assert!(!c.was_rejected(&honest_id));
+        assert!(matches!(c.on_frame(&3, &honest, NOW), Outcome::Deliver { .. }));
+    }
+
+    #[tokio::test]
+    async fn messages_older_than_the_maximum_age_are_refused_before_forwarding() {
+        let mut c = core();
+        let age = mesh_protocol::MAX_MESSAGE_AGE_MS;
+        // Created too long ago, or created recently with a price too old.
+        for (created, ts) in [(NOW - age - 1, NOW - age - 1), (NOW, NOW - age - 1)] {
+            assert!(matches!(
+                c.on_frame(&1, &frame_created(5, created, ts), NOW),
+                Outcome::Rejected(r) if r.reason == RejectReason::TooOld
+            ));
+        }
+        // Just within it: delivered and forwarded.
+        let edge = frame_created(5, NOW - age, NOW - age);
+        assert!(matches!(c.on_frame(&1, &edge, NOW), Outcome::Deliver { forward: Some(_), .. }));
     }
 
     #[tokio::test]

@@ -57,17 +57,23 @@
 //! message ids of 16 bytes. A malformed one is rejected as `malformed` and charged to the peer,
 //! like any invalid frame.
 //!
+//! A message this node rejected for a reason bound to its id ([`RejectedIds`]: a timestamp in
+//! its future, a replay, a broken price rule...) is remembered, and `HAVE`s for it are
+//! ignored: asking every announcer in turn for a message that will be rejected again was a
+//! loop of `WANT`s for a node whose clock is behind.
+//!
 //! Everything here is bounded: the ids waiting to be asked for ([`LazyPush::max_wanted`]), the
 //! announcers remembered per id ([`MAX_ANNOUNCERS`]), the forwarded copies kept to answer
 //! `WANT`s and `PRUNE`s ([`LazyPush::keep_frames`], each for at most [`LazyPush::keep`]), the
-//! `HAVE`s held (a frame's worth per peer) and the trees ([`LazyPush::max_trees`]).
+//! `HAVE`s held (a frame's worth per peer), the trees ([`LazyPush::max_trees`]) and the
+//! rejected ids ([`RejectedIds::DEFAULT_CAPACITY`]).
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
-use mesh_protocol::{MessageId, NodeId};
+use mesh_protocol::{MessageId, NodeId, RejectReason};
 use tokio::time::Instant;
 
 /// Tag byte of a `HAVE` frame: "I have these messages".
@@ -330,6 +336,81 @@ impl<P: Clone + PartialEq> Wanted<P> {
     }
 }
 
+/// Ids of messages this node rejected for a reason that every copy shares, so that a `HAVE`
+/// for one is ignored and it is never asked for (`WANT`) again: without this, each neighbour
+/// that announced a message this node finds in its future (its clock is behind) or a replay
+/// was asked for it in turn, and each answer was checked and rejected again.
+///
+/// Only reasons bound to the message id, that is to the signed body, count
+/// ([`RejectedIds::binds_the_id`]): a bad signature or TTL sits outside the body, so a peer
+/// could otherwise send a broken copy of an honest message first and have its id ignored.
+/// A full copy pushed later is still checked (a message in our future may no longer be).
+/// Bounded: the oldest id is forgotten first (a forgotten one costs at most one more `WANT`).
+#[derive(Debug)]
+pub struct RejectedIds {
+    ids: crate::IdMap<()>,
+    order: VecDeque<MessageId>,
+    capacity: usize,
+}
+
+impl RejectedIds {
+    /// Ids remembered by default.
+    pub const DEFAULT_CAPACITY: usize = 4096;
+
+    /// An empty memory of at most `capacity` ids.
+    pub fn new(capacity: usize) -> Self {
+        Self { ids: crate::IdMap::default(), order: VecDeque::new(), capacity: capacity.max(1) }
+    }
+
+    /// Whether a rejection for `reason` holds for every copy of the message: the reason
+    /// depends only on the signed body (and on this node's clock, list or marks), not on the
+    /// envelope the copy came in.
+    pub fn binds_the_id(reason: RejectReason) -> bool {
+        matches!(
+            reason,
+            RejectReason::OriginKeyMismatch
+                | RejectReason::UntrustedProvider
+                | RejectReason::FutureTimestamp
+                | RejectReason::TooOld
+                | RejectReason::NonPositivePrice
+                | RejectReason::BadAsset
+                | RejectReason::BadBlockchain
+                | RejectReason::TooManyPrices
+                | RejectReason::EmptyBatch
+                | RejectReason::DuplicateAsset
+                | RejectReason::Replay
+        )
+    }
+
+    /// Remembers `id`, forgetting the oldest one when full.
+    pub fn insert(&mut self, id: MessageId) {
+        if self.ids.insert(id, ()).is_some() {
+            return;
+        }
+        self.order.push_back(id);
+        while self.order.len() > self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.ids.remove(&old);
+            }
+        }
+    }
+
+    /// Whether `id` was rejected (and is still remembered).
+    pub fn contains(&self, id: &MessageId) -> bool {
+        self.ids.contains_key(id)
+    }
+
+    /// Ids remembered.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Whether no id is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
 /// Ids of `HAVE`s (or of `PRUNE`s) held back for a while, per peer ([`LazyPush::have_delay`]).
 #[derive(Debug)]
 pub struct HeldIds<P> {
@@ -520,6 +601,30 @@ mod tests {
 
     fn origin(n: u8) -> NodeId {
         mesh_protocol::Identity::from_seed([n; 32]).node_id()
+    }
+
+    #[test]
+    fn rejected_ids_are_bounded_and_only_for_reasons_bound_to_the_body() {
+        let mut rejected = RejectedIds::new(2);
+        rejected.insert(id(1));
+        rejected.insert(id(1));
+        rejected.insert(id(2));
+        assert!(rejected.contains(&id(1)) && rejected.contains(&id(2)));
+        rejected.insert(id(3));
+        assert_eq!(rejected.len(), 2);
+        assert!(!rejected.contains(&id(1)), "the oldest is forgotten first");
+        // Outside the signed body, or no id at all: a copy could differ.
+        for reason in [
+            RejectReason::FrameTooLarge,
+            RejectReason::Malformed,
+            RejectReason::UnsupportedVersion,
+            RejectReason::TtlOutOfBounds,
+            RejectReason::BadSignature,
+        ] {
+            assert!(!RejectedIds::binds_the_id(reason), "{reason}");
+        }
+        assert!(RejectedIds::binds_the_id(RejectReason::FutureTimestamp));
+        assert!(RejectedIds::binds_the_id(RejectReason::Replay));
     }
 
     #[test]

@@ -354,6 +354,7 @@ impl Relay {
         tracker.spawn(
             CoreTask {
                 core,
+                uncharged_log: UnchargedLog::default(),
                 hops_reported: HashMap::new(),
                 hops_reset: Instant::now(),
                 wanted: Wanted::new(ctx.config.lazy.max_wanted),
@@ -1193,8 +1194,43 @@ async fn answer_peer_exchange(
 /// How long a reported hop distance stands before a longer one is reported again (paths change).
 const HOP_REPORT_PERIOD: Duration = Duration::from_secs(30);
 
+/// How often a rejection that is not charged ([`RejectReason::is_senders_fault`]) is logged
+/// at `warn`, per reason.
+const UNCHARGED_LOG_PERIOD: Duration = Duration::from_secs(60);
+
+/// When each uncharged reason was last logged, and how many came since: one table entry per
+/// reason, so it cannot grow.
+#[derive(Debug, Default)]
+struct UnchargedLog {
+    last: HashMap<RejectReason, (Instant, u64)>,
+}
+
+impl UnchargedLog {
+    /// `Some(count since the last line)` when a line is due for `reason`.
+    fn due(&mut self, reason: RejectReason, now: Instant) -> Option<u64> {
+        match self.last.get_mut(&reason) {
+            Some((at, since)) if now.duration_since(*at) < UNCHARGED_LOG_PERIOD => {
+                *since += 1;
+                None
+            }
+            Some((at, since)) => {
+                let count = *since;
+                *at = now;
+                *since = 0;
+                Some(count)
+            }
+            None => {
+                self.last.insert(reason, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
 struct CoreTask {
     core: RelayCore<PeerId>,
+    /// Rate limit of the log lines of uncharged rejections.
+    uncharged_log: UnchargedLog,
     hops_reported: HashMap<PeerId, u8>,
     hops_reset: Instant,
     /// Announced ids not seen yet (lazy push).
@@ -1397,16 +1433,37 @@ impl CoreTask {
         }
     }
 
-    fn reject(&self, peer: PeerId, rejection: &Rejection) {
+    /// Counts and logs a rejection, and charges the peer only when the fault is its own
+    /// ([`RejectReason::is_senders_fault`]). A rejection that depends on this node's clock,
+    /// configuration or memory can come from an honest neighbour, many times a second (a
+    /// node whose clock is behind finds every message in its future): it is logged at
+    /// most once per reason per [`UNCHARGED_LOG_PERIOD`], with how many came since.
+    fn reject(&mut self, peer: PeerId, rejection: &Rejection) {
         let reason = rejection.reason.as_str();
-        match rejection.source_node_id {
-            Some(source) => warn!(%peer, reason, source_node_id = %source, "validation failed"),
-            None => warn!(%peer, reason, source_node_id = "unknown", "validation failed"),
+        let charged = rejection.reason.is_senders_fault();
+        let source = rejection.source_node_id.map(|s| s.to_string());
+        let source = source.as_deref().unwrap_or("unknown");
+        if charged {
+            warn!(%peer, reason, source_node_id = %source, "validation failed");
+        } else if let Some(since) = self.uncharged_log.due(rejection.reason, Instant::now()) {
+            warn!(
+                %peer,
+                reason,
+                same_reason_since_last_line = since,
+                charged = false,
+                source_node_id = %source,
+                "validation failed"
+            );
+        } else {
+            debug!(%peer, reason, charged = false, source_node_id = %source, "validation failed");
         }
         self.ctx.stats.reject(rejection.reason);
         metrics::counter!("mesh_validation_failures_total", "reason" => reason).increment(1);
         metrics::counter!("mesh_relay_messages_total", "outcome" => "rejected").increment(1);
-        let _ = self.ctx.swarm_tx.try_send(SwarmCommand::Charge(peer));
+        if charged {
+            bump(&self.ctx.stats.charged);
+            let _ = self.ctx.swarm_tx.try_send(SwarmCommand::Charge(peer));
+        }
     }
 
     fn deliver(&self, delivery: Delivery) {
@@ -1623,9 +1680,10 @@ impl CoreTask {
     /// Whether a peer's copy of `id` would be of use: we have none, or ours came with its TTL
     /// spent, so we could not pass it on, and the peer's copy may carry more (the hop-TTL
     /// trap: a nearly expired first copy would otherwise hide a fresher one that a neighbour
-    /// only announced, and nodes within the TTL's reach would miss the message).
+    /// only announced, and nodes within the TTL's reach would miss the message); and we did
+    /// not reject a copy of it for a reason every copy shares ([`crate::lazy::RejectedIds`]).
     fn could_use(&self, id: &MessageId) -> bool {
-        self.seen_ttl(id).is_none_or(|ttl| ttl <= 1)
+        self.seen_ttl(id).is_none_or(|ttl| ttl <= 1) && !self.core.was_rejected(id)
     }
 
     /// Whether our only copies of `id` came with TTL 1 (delivered, but not forwarded).
@@ -1709,5 +1767,25 @@ impl CoreTask {
         let queued = self.send_to_peers(message.id, origin, frame, &[], None) as usize;
         self.deliver(Delivery { message, from: None, received_at: Instant::now() });
         Ok(queued)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn uncharged_rejections_are_logged_once_a_period_per_reason_with_a_count() {
+        let mut log = UnchargedLog::default();
+        let t0 = Instant::now();
+        assert_eq!(log.due(RejectReason::FutureTimestamp, t0), Some(0));
+        for _ in 0..5 {
+            assert_eq!(log.due(RejectReason::FutureTimestamp, t0), None);
+        }
+        assert_eq!(log.due(RejectReason::Replay, t0), Some(0), "each reason has its own line");
+        let later = t0 + UNCHARGED_LOG_PERIOD;
+        assert_eq!(log.due(RejectReason::FutureTimestamp, later), Some(5));
+        assert_eq!(log.due(RejectReason::FutureTimestamp, later), None);
+        assert!(log.last.len() <= RejectReason::ALL.len());
     }
 }

@@ -35,6 +35,7 @@ pub struct Stats {
     pub(crate) stream_open_failures: AtomicU64,
     pub(crate) inbound_streams_replaced: AtomicU64,
     pub(crate) prepared_in_parallel: AtomicU64,
+    pub(crate) charged: AtomicU64,
     pub(crate) bans: AtomicU64,
 }
 
@@ -98,6 +99,9 @@ pub struct StatsSnapshot {
     /// First copies of messages decoded and checked on a task of their own, beside their
     /// reader, because more frames of the same link were waiting behind them.
     pub prepared_in_parallel: u64,
+    /// Rejections charged to the peer that sent them (only faults it alone can have caused:
+    /// [`RejectReason::is_senders_fault`]).
+    pub charged: u64,
     /// Peers banned.
     pub bans: u64,
 }
@@ -165,6 +169,7 @@ impl Stats {
             stream_open_failures: get(&self.stream_open_failures),
             inbound_streams_replaced: get(&self.inbound_streams_replaced),
             prepared_in_parallel: get(&self.prepared_in_parallel),
+            charged: get(&self.charged),
             bans: get(&self.bans),
         }
     }
