@@ -1190,6 +1190,21 @@ async fn answer_peer_exchange(
     }
 }
 
+/// What a verified first copy that `peer` sent tells of the peer's distance to a provider, as a
+/// hop count. Every message is a provider's (a price batch or an announce). The hop fields are
+/// outside the signature, so any sender can lower them; a copy claiming to come straight from
+/// its origin (hop count 1, or an impossible 0) is taken as such only from the origin itself,
+/// and from anyone else as one hop further (the nearest such a peer can honestly be).
+fn provider_hops(peer: &PeerId, message: &VerifiedMessage) -> u8 {
+    let hops = message.envelope.hop_count;
+    if hops > 1 {
+        return hops;
+    }
+    let origin = libp2p::identity::ed25519::PublicKey::try_from_bytes(&message.body.origin_key)
+        .map(|key| libp2p::identity::PublicKey::from(key).to_peer_id());
+    if origin.is_ok_and(|origin| origin == *peer) { 1 } else { 2 }
+}
+
 /// How long a reported hop distance stands before a longer one is reported again (paths change).
 const HOP_REPORT_PERIOD: Duration = Duration::from_secs(30);
 
@@ -1329,8 +1344,9 @@ impl CoreTask {
         }
         match outcome {
             Outcome::Deliver { message, forward } => {
-                let hop_count = message.envelope.hop_count;
-                self.report_hops(peer, hop_count);
+                // Distance is learned only here, from verified first copies: the hop fields are
+                // not signed, and a duplicate is not verified at all.
+                self.report_hops(peer, provider_hops(&peer, &message));
                 let latency_ms = (now - message.body.created_at_ms).max(0);
                 metrics::histogram!("mesh_message_propagation_latency_seconds")
                     .record(latency_ms as f64 / 1000.0);
@@ -1358,11 +1374,10 @@ impl CoreTask {
                 }
                 self.relay(forward);
             }
-            Outcome::Duplicate { id, hop_count } => {
+            Outcome::Duplicate { id, .. } => {
                 bump(&self.ctx.stats.duplicates);
                 metrics::counter!("mesh_relay_messages_total", "outcome" => "duplicate")
                     .increment(1);
-                self.report_hops(peer, hop_count);
                 // Not for the first message of an origin (see `crate::lazy`).
                 if self.ctx.config.lazy.tree && !self.kept.is_first(&id) {
                     self.prune(peer, id);
