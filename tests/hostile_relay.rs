@@ -4,8 +4,14 @@
 //! are relays of the same net that send raw frames.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use mesh_protocol::{Envelope, encode_envelope};
+use std::time::Duration;
+
+use mesh_protocol::{Envelope, Identity, MessageId, encode_envelope};
+use mesh_relay::OriginRate;
 use mesh_testkit::{TestNet, Topology, WAIT, eventually, now_ms, price_batch};
+use mesh_tests::reliability::report;
+use serde_json::json;
+use tokio::time::Instant;
 
 fn frame_with(envelope: &Envelope, ttl: u8, hop_count: u8) -> Vec<u8> {
     let mut f = encode_envelope(envelope).unwrap();
@@ -79,6 +85,122 @@ async fn five_peers_claiming_hop_zero_do_not_displace_honest_links() -> anyhow::
         }
     }
     assert_eq!(status.own_distance, Some(2), "{status:?}");
+    net.shutdown().await;
+    Ok(())
+}
+
+/// Resident memory of this process, in KiB (Linux).
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Fifty throwaway keys, each accepted once (within the budget of unknown origins), then
+/// publishing as fast as one hostile peer can send: each is held to its rate at the first hop,
+/// every honest message still reaches every honest node, and the victim's tables stay within
+/// their bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_known_keys_flooding_are_held_to_their_rate() -> anyhow::Result<()> {
+    const HONEST: usize = 10;
+    const VICTIM: usize = 0;
+    const PUBLISHER: usize = 5;
+    const HOSTILE: usize = HONEST;
+    const KEYS: usize = 50;
+    const PER_KEY: usize = 200;
+    let rate = OriginRate { messages_per_sec: 5.0, message_burst: 20.0, ..OriginRate::default() };
+    let mut edges = Topology::RandomRegular { degree: 4 }.edges(HONEST, 5)?;
+    edges.push((VICTIM, HOSTILE));
+    let net = TestNet::builder()
+        .nodes(HONEST + 1)
+        .topology(Topology::Custom(edges))
+        .configure(move |_, c| c.core.origin_rate = Some(rate))
+        .build()
+        .await?;
+    let victim = net.node(VICTIM).running()?.clone();
+    let hostile = net.node(HOSTILE).running()?.clone();
+    let vp = victim.peer_id();
+
+    // The keys and their messages (signing is CPU work: on the blocking pool).
+    let base = now_ms() - 5_000;
+    let (firsts, flood, junk) = tokio::task::spawn_blocking(move || {
+        let keys: Vec<Identity> = (0..KEYS).map(|_| Identity::generate()).collect();
+        let mut junk: Vec<MessageId> = Vec::new();
+        let mut frame = |key: &Identity, k: usize| {
+            let m = price_batch(key, k as u64, base + k as i64, 1, 10).unwrap();
+            junk.push(m.message_id());
+            encode_envelope(&m).unwrap()
+        };
+        let firsts: Vec<Vec<u8>> = keys.iter().map(|key| frame(key, 0)).collect();
+        let mut flood = Vec::with_capacity(KEYS * PER_KEY);
+        for k in 1..=PER_KEY {
+            for key in &keys {
+                flood.push(frame(key, k));
+            }
+        }
+        (firsts, flood, junk)
+    })
+    .await?;
+
+    // Each key is accepted once: they are known origins from now on.
+    for f in firsts {
+        hostile.send_raw_frame(vp, f).await?;
+    }
+    eventually(WAIT, "the fifty keys accepted", || victim.stats().delivered >= KEYS as u64).await?;
+
+    let rss_before = rss_kib();
+    let before = victim.stats();
+    let started = Instant::now();
+    let sender = tokio::spawn(async move {
+        for f in flood {
+            if hostile.send_raw_frame(vp, f).await.is_err() {
+                break;
+            }
+        }
+    });
+    // Honest traffic meanwhile: two batches a second for three seconds.
+    let provider = net.node(PUBLISHER).identity.clone();
+    let mut honest = Vec::new();
+    for round in 0..6u64 {
+        let m = price_batch(&provider, round, now_ms(), 20, 10)?;
+        net.publish(PUBLISHER, &m).await?;
+        honest.push(m.message_id());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    sender.await?;
+    let flood_secs = started.elapsed().as_secs_f64();
+    for id in &honest {
+        net.wait_delivered(id, &(0..HONEST).collect::<Vec<_>>()).await?;
+    }
+    let after = victim.stats();
+    let accepted = junk.iter().filter(|id| net.node(VICTIM).received(id).is_some()).count();
+    // What the rate allows each key through the one hostile link: its first message, a
+    // burst, and five a second for the flood (and the waits after it).
+    let allowed = KEYS as f64
+        * (1.0 + rate.message_burst + rate.messages_per_sec * started.elapsed().as_secs_f64());
+    let rss_growth_kib = rss_kib().saturating_sub(rss_before);
+    report(
+        "flood_known_keys",
+        json!({
+            "keys": KEYS,
+            "junk_sent": KEYS * (PER_KEY + 1),
+            "flood_s": flood_secs,
+            "junk_accepted_at_victim": accepted,
+            "allowed_by_rate": allowed,
+            "rate_limited_at_victim": after.rate_limited - before.rate_limited,
+            "honest_messages": honest.len(),
+            "process_rss_growth_kib": rss_growth_kib,
+        }),
+    );
+    assert!(after.rate_limited - before.rate_limited > 1_000, "{after:?}");
+    assert!(accepted as f64 <= allowed, "{accepted} junk messages accepted, {allowed} allowed");
+    // The rate tables: at most 64 peers x 1,025 buckets of some 50 bytes (3 MiB) by
+    // construction; the whole process (eleven relays and the attacker's 10,050 frames) grows
+    // by far less than this loose bound.
+    assert!(rss_growth_kib < 256 * 1024, "grew by {rss_growth_kib} KiB");
     net.shutdown().await;
     Ok(())
 }

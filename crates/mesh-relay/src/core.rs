@@ -6,14 +6,18 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use mesh_protocol::codec::forward_in_place;
 use mesh_protocol::validate::{self, Validator};
 use mesh_protocol::{
-    Decoded, HighWaterMarks, Identified, MessageId, NodeId, RejectReason, Rejection,
+    Decoded, HighWaterMarks, Identified, MessageId, NodeId, Payload, RejectReason, Rejection,
     VerifiedMessage, decode_frame,
 };
 use mesh_seen_cache::{Lookup, SeenCache};
+
+pub use crate::rates::OriginRate;
+use crate::rates::OriginRates;
 
 /// What to send on: the forwarded copy of a frame and the peers not to send it to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -63,6 +67,13 @@ pub enum Outcome<P> {
         /// The id.
         id: MessageId,
     },
+    /// A new message of an origin that the sender has brought faster than the origin's rate
+    /// ([`OriginRate`]): dropped before its signature is checked, not remembered, not
+    /// charged.
+    RateLimited {
+        /// The id.
+        id: MessageId,
+    },
     /// An invalid message: drop it and charge the sender.
     Rejected(Rejection),
 }
@@ -103,6 +114,8 @@ pub struct CoreConfig {
     pub unknown_origins: Option<OriginBudget>,
     /// How many origins are remembered as known (the least recently heard is forgotten).
     pub known_origins: usize,
+    /// Rate of every origin's messages and prices per peer (`None`: unlimited).
+    pub origin_rate: Option<OriginRate>,
 }
 
 impl Default for CoreConfig {
@@ -113,6 +126,7 @@ impl Default for CoreConfig {
             sender_memory: 4096,
             unknown_origins: Some(OriginBudget::default()),
             known_origins: 10_000,
+            origin_rate: Some(OriginRate::default()),
         }
     }
 }
@@ -254,7 +268,8 @@ pub enum Prepared {
     Identified(Identified),
     /// Body decoded too (the claimed origin is known), not verified.
     Decoded(Decoded),
-    /// Passed [`Validator::verify`].
+    /// Passed [`Validator::verify`], with the origin's rate ([`OriginRate`]) taken from the
+    /// sender's share by whoever verified it.
     Verified(VerifiedMessage),
 }
 
@@ -279,6 +294,8 @@ pub struct RelayCore<P> {
     senders: RecentSenders<P>,
     known: KnownOrigins,
     budgets: Option<Budgets<P>>,
+    /// Shared with the readers, which check it before the signatures they check.
+    rates: Option<Arc<Mutex<OriginRates<P>>>>,
 }
 
 impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
@@ -294,7 +311,14 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
             budgets: config
                 .unknown_origins
                 .map(|budget| Budgets { budget, buckets: HashMap::new() }),
+            rates: config.origin_rate.map(|rate| Arc::new(Mutex::new(OriginRates::new(rate)))),
         }
+    }
+
+    /// The per-origin rates, for the readers that check signatures before the core sees a
+    /// frame (they take from the same buckets).
+    pub(crate) fn origin_rates(&self) -> Option<Arc<Mutex<OriginRates<P>>>> {
+        self.rates.clone()
     }
 
     /// The seen cache (for reloading ids and reporting its size).
@@ -373,7 +397,9 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
         let allow_list = self.validator.config().trusted_providers.is_some();
         let budget_in_use = self.budgets.as_ref().is_some_and(|b| !b.is_full(from, now_ms));
         let prepared = match prepared {
-            Prepared::Identified(identified) if allow_list || budget_in_use => {
+            Prepared::Identified(identified)
+                if allow_list || budget_in_use || self.rates.is_some() =>
+            {
                 match identified.decode() {
                     Ok(decoded) => Prepared::Decoded(decoded),
                     Err(rejection) => return Outcome::Rejected(rejection),
@@ -403,6 +429,22 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
                     return Outcome::Throttled { id };
                 }
                 token_taken = true;
+            }
+        }
+        // The origin's rate through this peer, before the signature check. A message the
+        // reader verified was charged there already.
+        if let (Prepared::Decoded(decoded), Some(rates)) = (&prepared, &self.rates) {
+            let prices = match &decoded.body().payload {
+                Payload::PriceBatch { prices, .. } => prices.len(),
+                Payload::ProviderAnnounce { .. } => 0,
+            };
+            let origin = decoded.body().origin;
+            if !rates
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(from, origin, prices, now_ms)
+            {
+                return Outcome::RateLimited { id };
             }
         }
         let message = match self.verify(prepared, now_ms) {
@@ -736,6 +778,49 @@ pub(crate) mod tests {
         for seed in 20..30 {
             assert!(matches!(
                 open.on_frame(&1, &frame_of(seed, NOW), NOW),
+                Outcome::Deliver { .. }
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn every_origin_has_a_rate_per_peer_checked_before_the_signature() {
+        let mut c = RelayCore::<u32>::new(CoreConfig {
+            origin_rate: Some(OriginRate {
+                messages_per_sec: 1.0,
+                message_burst: 3.0,
+                ..OriginRate::default()
+            }),
+            ..CoreConfig::default()
+        });
+        // A known origin (accepted once) publishing without limit through peer 1.
+        for ts in 0..3 {
+            assert!(matches!(
+                c.on_frame(&1, &frame_of(10, NOW + ts), NOW),
+                Outcome::Deliver { .. }
+            ));
+        }
+        assert!(matches!(c.on_frame(&1, &frame_of(10, NOW + 3), NOW), Outcome::RateLimited { .. }));
+        // Unchecked: forgeries in its name beyond the rate are dropped, not charged.
+        assert!(matches!(
+            c.on_frame(&1, &broken(frame_of(10, NOW + 4)), NOW),
+            Outcome::RateLimited { .. }
+        ));
+        // Forgeries through peer 1 used only peer 1's share: peer 2 still brings the origin's
+        // messages (the rate-limited one too: it was not remembered).
+        assert!(matches!(c.on_frame(&2, &frame_of(10, NOW + 3), NOW), Outcome::Deliver { .. }));
+        // Other origins through peer 1 are not affected; tokens come back with time.
+        assert!(matches!(c.on_frame(&1, &frame_of(11, NOW), NOW), Outcome::Deliver { .. }));
+        assert!(matches!(
+            c.on_frame(&1, &frame_of(10, NOW + 5), NOW + 1000),
+            Outcome::Deliver { .. }
+        ));
+        // Without a rate nothing is limited.
+        let mut open =
+            RelayCore::<u32>::new(CoreConfig { origin_rate: None, ..CoreConfig::default() });
+        for ts in 0..500 {
+            assert!(matches!(
+                open.on_frame(&1, &frame_of(10, NOW + ts), NOW),
                 Outcome::Deliver { .. }
             ));
         }

@@ -313,8 +313,12 @@ impl Relay {
             capacity: config.core.seen.capacity.min(16_384),
             ttl: config.core.seen.ttl.min(Duration::from_secs(60)),
         };
-        let preparer =
-            Preparer::new(config.core.validation.clone(), claims, config.core.known_origins);
+        let preparer = Preparer::new(
+            config.core.validation.clone(),
+            claims,
+            config.core.known_origins,
+            core.origin_rates(),
+        );
         let ctx = Context {
             preparer: Arc::new(preparer),
             control: control.clone(),
@@ -1073,7 +1077,8 @@ impl Reader {
                             // and read on.
                             let (preparer, peer) = (self.ctx.preparer.clone(), self.peer);
                             let task = async move {
-                                let prepared = Some(Box::new(preparer.finish(identified, now)));
+                                let prepared =
+                                    Some(Box::new(preparer.finish(&peer, identified, now)));
                                 CoreInput::Frame { peer, frame, prepared }
                             };
                             pipeline.push_back(self.ctx.tracker.spawn(task));
@@ -1087,8 +1092,9 @@ impl Reader {
                             continue;
                         }
                         Started::Claimed(identified) => {
-                            let prepared =
-                                Some(Box::new(self.ctx.preparer.finish(identified, now)));
+                            let prepared = Some(Box::new(
+                                self.ctx.preparer.finish(&self.peer, identified, now),
+                            ));
                             CoreInput::Frame { peer: self.peer, frame, prepared }
                         }
                     }
@@ -1327,9 +1333,10 @@ impl CoreTask {
         let id = match &outcome {
             Outcome::Deliver { message, .. } => Some(message.id),
             Outcome::Reforward(f) => Some(f.id),
-            Outcome::Duplicate { id, .. } | Outcome::Stale { id } | Outcome::Throttled { id } => {
-                Some(*id)
-            }
+            Outcome::Duplicate { id, .. }
+            | Outcome::Stale { id }
+            | Outcome::Throttled { id }
+            | Outcome::RateLimited { id } => Some(*id),
             Outcome::Rejected(_) => None,
         };
         if let Some(id) = id {
@@ -1392,6 +1399,12 @@ impl CoreTask {
                 debug!(%peer, %id, "unknown origin beyond the peer's budget; dropped unchecked");
                 bump(&self.ctx.stats.throttled);
                 metrics::counter!("mesh_relay_dropped_total", "reason" => "origin_budget")
+                    .increment(1);
+            }
+            Outcome::RateLimited { id } => {
+                debug!(%peer, %id, "origin beyond its rate through this peer; dropped unchecked");
+                bump(&self.ctx.stats.rate_limited);
+                metrics::counter!("mesh_relay_dropped_total", "reason" => "origin_rate")
                     .increment(1);
             }
             Outcome::Rejected(rejection) => self.reject(peer, &rejection),

@@ -14,6 +14,7 @@ pub struct Stats {
     pub(crate) reforwarded: AtomicU64,
     pub(crate) stale: AtomicU64,
     pub(crate) throttled: AtomicU64,
+    pub(crate) rate_limited: AtomicU64,
     pub(crate) rejected: [AtomicU64; RejectReason::ALL.len()],
     pub(crate) frames_queued: AtomicU64,
     pub(crate) frames_sent: AtomicU64,
@@ -54,6 +55,9 @@ pub struct StatsSnapshot {
     /// New messages of unknown origins dropped unchecked because their sender had used up its
     /// budget of them (not charged).
     pub throttled: u64,
+    /// New messages dropped unchecked because their sender brought their origin's messages
+    /// faster than its rate ([`crate::OriginRate`]; not charged).
+    pub rate_limited: u64,
     /// Rejections per reason (label, count), reasons with a zero count left out.
     pub rejected: Vec<(&'static str, u64)>,
     /// Frames put on peer queues (messages and lazy-push control frames); each is later
@@ -139,6 +143,7 @@ impl Stats {
             reforwarded: get(&self.reforwarded),
             stale: get(&self.stale),
             throttled: get(&self.throttled),
+            rate_limited: get(&self.rate_limited),
             rejected: RejectReason::ALL
                 .iter()
                 .zip(&self.rejected)
