@@ -12,6 +12,7 @@ use mesh_testkit::{TestNet, Topology, WAIT, eventually, now_ms, price_batch};
 use mesh_tests::reliability::report;
 use serde_json::json;
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 fn frame_with(envelope: &Envelope, ttl: u8, hop_count: u8) -> Vec<u8> {
     let mut f = encode_envelope(envelope).unwrap();
@@ -201,6 +202,105 @@ async fn fifty_known_keys_flooding_are_held_to_their_rate() -> anyhow::Result<()
     // construction; the whole process (eleven relays and the attacker's 10,050 frames) grows
     // by far less than this loose bound.
     assert!(rss_growth_kib < 256 * 1024, "grew by {rss_growth_kib} KiB");
+    net.shutdown().await;
+    Ok(())
+}
+
+/// A hostile peer announces 10,000 ids it never serves, again and again, and replays copies of
+/// honest messages with rising TTLs. The victim hears of honest messages only through
+/// announcements (its honest neighbours send ids, never messages), so an announcement table
+/// full of the attacker's ids would lose them. The attacker fills only its share, is charged
+/// for what it does not serve, and each honest id is re-forwarded at most once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_announcements_and_rising_ttls_do_not_cost_honest_messages() -> anyhow::Result<()> {
+    // 0 = the publisher, 2 and 3 announce only, 1 = the victim, 4 beyond it, 5 hostile.
+    const VICTIM: usize = 1;
+    const HOSTILE: usize = 5;
+    let edges = vec![(0, 2), (0, 3), (2, VICTIM), (3, VICTIM), (VICTIM, 4), (VICTIM, HOSTILE)];
+    let net = TestNet::builder()
+        .nodes(6)
+        .topology(Topology::Custom(edges))
+        .configure(|i, c| {
+            if i == 2 || i == 3 {
+                c.lazy.tree = false;
+                c.lazy.eager_peers = 0;
+            }
+        })
+        .build()
+        .await?;
+    let victim = net.node(VICTIM).running()?.clone();
+    let hostile = net.node(HOSTILE).running()?.clone();
+    let vp = victim.peer_id();
+    let provider = net.node(0).identity.clone();
+    let honest_nodes = [1usize, 2, 3, 4];
+
+    // Rising TTLs: each honest message, once the victim has it, comes back from the hostile
+    // peer with every TTL up to the highest.
+    let mut ids = Vec::new();
+    let before = victim.stats();
+    for round in 0..3u64 {
+        let m = price_batch(&provider, round, now_ms(), 5, 10)?;
+        net.publish(0, &m).await?;
+        net.wait_delivered(&m.message_id(), &honest_nodes).await?;
+        for ttl in 2..=mesh_protocol::MAX_TTL {
+            hostile.send_raw_frame(vp, frame_with(&m, ttl, 1)).await?;
+        }
+        ids.push(m.message_id());
+    }
+    eventually(WAIT, "the victim took every replayed copy", || {
+        let s = victim.stats();
+        s.duplicates + s.reforwarded >= before.duplicates + before.reforwarded + 3 * 19
+    })
+    .await?;
+    let reforwarded = victim.stats().reforwarded - before.reforwarded;
+    assert!(reforwarded <= 3, "{reforwarded} re-forwards for 3 ids");
+
+    // Fake announcements, 10,000 new ids every 100 ms, while honest messages flow.
+    let flooding = CancellationToken::new();
+    let stop = flooding.clone();
+    let announcer = hostile.clone();
+    let flood = tokio::spawn(async move {
+        let mut sent = 0usize;
+        while !stop.is_cancelled() && sent < 200_000 {
+            let fake: Vec<MessageId> =
+                (0..10_000).map(|_| MessageId::of_body(uuid::Uuid::new_v4().as_bytes())).collect();
+            for chunk in fake.chunks(mesh_relay::lazy::MAX_IDS) {
+                let frame = mesh_relay::lazy::ControlFrame::Have(chunk.to_vec()).encode();
+                if announcer.send_raw_frame(vp, frame).await.is_err() {
+                    return sent;
+                }
+            }
+            sent += fake.len();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        sent
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for round in 10..20u64 {
+        let m = price_batch(&provider, round, now_ms(), 5, 10)?;
+        net.publish(0, &m).await?;
+        ids.push(m.message_id());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for id in &ids {
+        net.wait_delivered(id, &honest_nodes).await?;
+    }
+    flooding.cancel();
+    let announced = flood.await?;
+    let after = victim.stats();
+    report(
+        "fake_announcements_and_rising_ttls",
+        json!({
+            "fake_ids_announced": announced,
+            "honest_messages": ids.len(),
+            "reforwards_for_3_replayed_ids": reforwarded,
+            "wanted_full_at_victim": after.wanted_full - before.wanted_full,
+            "unserved_at_victim": after.wants_unserved - before.wants_unserved,
+            "victim_bans": after.bans,
+        }),
+    );
+    assert!(after.wants_unserved - before.wants_unserved >= 16, "{after:?}");
+    assert!(after.bans >= 1, "the announcer of ids it never serves is banned: {after:?}");
     net.shutdown().await;
     Ok(())
 }

@@ -361,6 +361,7 @@ impl Relay {
                 hops_reported: HashMap::new(),
                 hops_reset: Instant::now(),
                 wanted: Wanted::new(ctx.config.lazy.max_wanted),
+                unserved: HashMap::new(),
                 kept: Kept::new(ctx.config.lazy.keep, ctx.config.lazy.keep_frames),
                 held: HeldIds::default(),
                 held_prunes: HeldIds::default(),
@@ -1211,6 +1212,11 @@ fn provider_hops(peer: &PeerId, message: &VerifiedMessage) -> u8 {
     if origin.is_ok_and(|origin| origin == *peer) { 1 } else { 2 }
 }
 
+/// Announced ids a peer did not send when asked, per charge ([`CoreTask::unserved`]).
+const UNSERVED_PER_CHARGE: u32 = 16;
+/// Peers whose unserved asks are counted at once (the counts start over beyond it).
+const MAX_UNSERVED_PEERS: usize = 1024;
+
 /// How long a reported hop distance stands before a longer one is reported again (paths change).
 const HOP_REPORT_PERIOD: Duration = Duration::from_secs(30);
 
@@ -1220,6 +1226,8 @@ struct CoreTask {
     hops_reset: Instant,
     /// Announced ids not seen yet (lazy push).
     wanted: Wanted<PeerId>,
+    /// Per peer, asks it did not serve since its last charge.
+    unserved: HashMap<PeerId, u32>,
     /// Forwarded copies kept to answer `WANT`s.
     kept: Kept,
     /// `HAVE`s held back before they are sent.
@@ -1371,14 +1379,9 @@ impl CoreTask {
                 bump(&self.ctx.stats.reforwarded);
                 metrics::counter!("mesh_relay_messages_total", "outcome" => "reforwarded")
                     .increment(1);
-                // Tree push: this path has fewer hops than the one the first copy took, so the
-                // first copy's sender is told to send only ids of this origin's messages.
-                if self.ctx.config.lazy.tree
-                    && let Some(&first) = forward.except.first()
-                    && first != peer
-                {
-                    self.prune(first, forward.id);
-                }
+                // Nobody is pruned for it: the TTL is not signed, so any peer can send such a
+                // copy, and pruning the first copy's sender would cut us from an honest tree
+                // parent.
                 self.relay(forward);
             }
             Outcome::Duplicate { id, .. } => {
@@ -1702,6 +1705,9 @@ impl CoreTask {
     /// Asks announcers for the announced messages still missing, one `WANT` per peer.
     fn ask_for_wanted(&mut self) {
         let due = self.wanted.take_due(Instant::now(), self.ctx.config.lazy.want_timeout);
+        for peer in self.wanted.take_unserved() {
+            self.unserved(peer);
+        }
         let mut per_peer: HashMap<PeerId, Vec<MessageId>> = HashMap::new();
         for (peer, id) in due {
             if self.could_use(&id) {
@@ -1720,6 +1726,25 @@ impl CoreTask {
                     metrics::counter!("mesh_relay_lazy_total", "event" => "want_sent").increment(n);
                 }
             }
+        }
+    }
+
+    /// A peer announced an id and did not send the message when asked: counted, and charged
+    /// once per [`UNSERVED_PER_CHARGE`] (an honest peer can fail now and then, when its kept
+    /// copy was forgotten or its queue was full; one announcing ids it never serves is banned
+    /// within a few hundred).
+    fn unserved(&mut self, peer: PeerId) {
+        bump(&self.ctx.stats.wants_unserved);
+        metrics::counter!("mesh_relay_lazy_total", "event" => "want_unserved").increment(1);
+        if self.unserved.len() >= MAX_UNSERVED_PEERS && !self.unserved.contains_key(&peer) {
+            self.unserved.clear();
+        }
+        let count = self.unserved.entry(peer).or_default();
+        *count += 1;
+        if *count >= UNSERVED_PER_CHARGE {
+            *count = 0;
+            debug!(%peer, "announced messages it did not send when asked; charged");
+            let _ = self.ctx.swarm_tx.try_send(SwarmCommand::Charge(peer));
         }
     }
 

@@ -26,6 +26,7 @@ pub struct Stats {
     pub(crate) wants_sent: AtomicU64,
     pub(crate) wants_served: AtomicU64,
     pub(crate) wants_unknown: AtomicU64,
+    pub(crate) wants_unserved: AtomicU64,
     pub(crate) wanted_full: AtomicU64,
     pub(crate) prunes_sent: AtomicU64,
     pub(crate) prunes_received: AtomicU64,
@@ -81,6 +82,8 @@ pub struct StatsSnapshot {
     pub wants_served: u64,
     /// Asked-for messages we no longer had (or never had).
     pub wants_unknown: u64,
+    /// Messages we asked a peer for that it announced but did not send within the timeout.
+    pub wants_unserved: u64,
     /// Announcements ignored because too many ids were already waiting.
     pub wanted_full: u64,
     /// Tree push: ids sent in `PRUNE`s (copies of messages we already had).
@@ -160,6 +163,7 @@ impl Stats {
             wants_sent: get(&self.wants_sent),
             wants_served: get(&self.wants_served),
             wants_unknown: get(&self.wants_unknown),
+            wants_unserved: get(&self.wants_unserved),
             wanted_full: get(&self.wanted_full),
             prunes_sent: get(&self.prunes_sent),
             prunes_received: get(&self.prunes_received),
