@@ -386,7 +386,13 @@ async fn a_duplicate_with_more_ttl_is_forwarded_again_but_not_delivered_twice() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_on_one_link_is_checked_in_parallel_and_delivered_in_order() -> anyhow::Result<()> {
     const BURST: u64 = 400;
-    let net = TestNet::builder().nodes(3).topology(Topology::Line).build().await?;
+    // One origin at full speed: more than its rate allows ([`mesh_relay::OriginRate`]).
+    let net = TestNet::builder()
+        .nodes(3)
+        .topology(Topology::Line)
+        .configure(|_, c| c.core.origin_rate = None)
+        .build()
+        .await?;
     let (sender, relay_peer) = (net.node(0).running()?, net.node(1).peer_id());
     let p = provider(40);
     let base = now_ms() - 10_000;

@@ -6,16 +6,19 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use mesh_protocol::codec::forward_in_place;
 use mesh_protocol::validate::{self, Validator};
 use mesh_protocol::{
-    Decoded, HighWaterMarks, Identified, MessageId, NodeId, RejectReason, Rejection,
+    Decoded, HighWaterMarks, Identified, MessageId, NodeId, Payload, RejectReason, Rejection,
     VerifiedMessage, decode_frame,
 };
 use mesh_seen_cache::{Lookup, SeenCache};
 
 use crate::lazy::RejectedIds;
+pub use crate::rates::OriginRate;
+use crate::rates::OriginRates;
 
 /// What to send on: the forwarded copy of a frame and the peers not to send it to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -40,8 +43,9 @@ pub enum Outcome<P> {
         /// The copy to forward (`None` when its TTL is used up).
         forward: Option<Forward<P>>,
     },
-    /// A duplicate that carries more remaining TTL than any copy seen so far: forward it again
-    /// (it is not delivered twice).
+    /// A duplicate that carries more remaining TTL than any copy seen so far, the first such
+    /// for its id: forward it again (it is not delivered twice; later copies are duplicates
+    /// whatever their TTL).
     Reforward(Forward<P>),
     /// A duplicate: drop it.
     Duplicate {
@@ -62,6 +66,13 @@ pub enum Outcome<P> {
     /// signature is checked, not remembered, not charged (an honest relay may be passing on
     /// someone else's flood).
     Throttled {
+        /// The id.
+        id: MessageId,
+    },
+    /// A new message of an origin that the sender has brought faster than the origin's rate
+    /// ([`OriginRate`]): dropped before its signature is checked, not remembered, not
+    /// charged.
+    RateLimited {
         /// The id.
         id: MessageId,
     },
@@ -105,6 +116,8 @@ pub struct CoreConfig {
     pub unknown_origins: Option<OriginBudget>,
     /// How many origins are remembered as known (the least recently heard is forgotten).
     pub known_origins: usize,
+    /// Rate of every origin's messages and prices per peer (`None`: unlimited).
+    pub origin_rate: Option<OriginRate>,
 }
 
 impl Default for CoreConfig {
@@ -115,6 +128,7 @@ impl Default for CoreConfig {
             sender_memory: 4096,
             unknown_origins: Some(OriginBudget::default()),
             known_origins: 10_000,
+            origin_rate: Some(OriginRate::default()),
         }
     }
 }
@@ -256,7 +270,8 @@ pub enum Prepared {
     Identified(Identified),
     /// Body decoded too (the claimed origin is known), not verified.
     Decoded(Decoded),
-    /// Passed [`Validator::verify`].
+    /// Passed [`Validator::verify`], with the origin's rate ([`OriginRate`]) taken from the
+    /// sender's share by whoever verified it.
     Verified(VerifiedMessage),
 }
 
@@ -282,6 +297,8 @@ pub struct RelayCore<P> {
     known: KnownOrigins,
     budgets: Option<Budgets<P>>,
     rejected: RejectedIds,
+    /// Shared with the readers, which check it before the signatures they check.
+    rates: Option<Arc<Mutex<OriginRates<P>>>>,
 }
 
 impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
@@ -298,7 +315,14 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
                 .unknown_origins
                 .map(|budget| Budgets { budget, buckets: HashMap::new() }),
             rejected: RejectedIds::new(RejectedIds::DEFAULT_CAPACITY),
+            rates: config.origin_rate.map(|rate| Arc::new(Mutex::new(OriginRates::new(rate)))),
         }
+    }
+
+    /// The per-origin rates, for the readers that check signatures before the core sees a
+    /// frame (they take from the same buckets).
+    pub(crate) fn origin_rates(&self) -> Option<Arc<Mutex<OriginRates<P>>>> {
+        self.rates.clone()
     }
 
     /// The seen cache (for reloading ids and reporting its size).
@@ -368,7 +392,11 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
                     Ok(message) => message.body.origin,
                     Err(rejection) => return Outcome::Rejected(rejection),
                 };
-                self.seen.raise_ttl(&id, ttl);
+                // Once per id: one re-forward gets a message past a nearly spent first copy
+                // (the hop-TTL trap), and copies replayed with rising TTLs would otherwise
+                // cost a signature check and a mesh-wide re-flood per TTL step. No copy
+                // beats the highest TTL there is.
+                self.seen.raise_ttl(&id, mesh_protocol::MAX_TTL.max(ttl));
                 match forwarded(frame, ttl) {
                     Some(frame) => Outcome::Reforward(Forward {
                         id,
@@ -400,7 +428,9 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
         let allow_list = self.validator.config().trusted_providers.is_some();
         let budget_in_use = self.budgets.as_ref().is_some_and(|b| !b.is_full(from, now_ms));
         let prepared = match prepared {
-            Prepared::Identified(identified) if allow_list || budget_in_use => {
+            Prepared::Identified(identified)
+                if allow_list || budget_in_use || self.rates.is_some() =>
+            {
                 match identified.decode() {
                     Ok(decoded) => Prepared::Decoded(decoded),
                     Err(rejection) => return Outcome::Rejected(rejection),
@@ -430,6 +460,22 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
                     return Outcome::Throttled { id };
                 }
                 token_taken = true;
+            }
+        }
+        // The origin's rate through this peer, before the signature check. A message the
+        // reader verified was charged there already.
+        if let (Prepared::Decoded(decoded), Some(rates)) = (&prepared, &self.rates) {
+            let prices = match &decoded.body().payload {
+                Payload::PriceBatch { prices, .. } => prices.len(),
+                Payload::ProviderAnnounce { .. } => 0,
+            };
+            let origin = decoded.body().origin;
+            if !rates
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .take(from, origin, prices, now_ms)
+            {
+                return Outcome::RateLimited { id };
             }
         }
         let message = match self.verify(prepared, now_ms) {
@@ -564,8 +610,13 @@ pub(crate) mod tests {
             }
             other => panic!("unexpected {other:?}"),
         }
-        // Once raised, the same TTL again is a plain duplicate.
+        // Once re-forwarded, any copy is a plain duplicate, a higher TTL too (unchecked: a
+        // broken signature is not even noticed).
         assert!(matches!(c.on_frame(&5, &with_hops(&f, 6, 5), NOW), Outcome::Duplicate { .. }));
+        assert!(matches!(
+            c.on_frame(&6, &broken(with_hops(&f, 9, 2)), NOW),
+            Outcome::Duplicate { .. }
+        ));
     }
 
     #[tokio::test]
@@ -682,9 +733,10 @@ pub(crate) mod tests {
 
     /// Every arrival order of five copies of one message (different peers, different remaining
     /// TTLs, 120 orders): delivered exactly once, forwarded once for the first copy and once
-    /// more for each copy that beats every TTL seen before, never with a copy's lower TTL.
+    /// more for the first copy that beats its TTL, never again whatever the TTL (copies
+    /// replayed with rising TTLs cost one re-forward per id), never with a copy's lower TTL.
     #[tokio::test]
-    async fn every_arrival_order_delivers_once_and_reforwards_only_higher_ttls() {
+    async fn every_arrival_order_delivers_once_and_reforwards_a_higher_ttl_once() {
         let f = frame(10, NOW);
         let copies: Vec<(u32, u8)> = vec![(1, 3), (2, 7), (3, 7), (4, 2), (5, 9)];
         let mut orders = vec![vec![]];
@@ -705,6 +757,7 @@ pub(crate) mod tests {
         for order in orders {
             let mut c = core();
             let (mut delivered, mut forwards, mut best) = (0, 0, 0u8);
+            let mut reforwarded = false;
             for (peer, ttl) in &order {
                 match c.on_frame(peer, &with_hops(&f, *ttl, 11 - ttl), NOW) {
                     Outcome::Deliver { forward, .. } => {
@@ -715,32 +768,28 @@ pub(crate) mod tests {
                     }
                     Outcome::Reforward(fwd) => {
                         forwards += 1;
+                        assert!(!reforwarded, "re-forwarded twice: {order:?}");
                         assert!(*ttl > best, "re-forwarded a copy with no more TTL: {order:?}");
                         assert_eq!(fwd.frame[1], ttl - 1);
                         assert!(fwd.except.contains(peer));
+                        reforwarded = true;
                         best = *ttl;
                     }
                     Outcome::Duplicate { .. } => {
-                        assert!(*ttl <= best, "dropped a better copy: {order:?}")
+                        assert!(*ttl <= best || reforwarded, "dropped a better copy: {order:?}")
                     }
                     other => panic!("unexpected {other:?} in {order:?}"),
                 }
             }
             assert_eq!(delivered, 1, "{order:?}");
-            let records = order
-                .iter()
-                .scan(0u8, |max, (_, ttl)| {
-                    let record = *ttl > *max;
-                    *max = (*max).max(*ttl);
-                    Some(record)
-                })
-                .filter(|r| *r)
-                .count();
-            assert_eq!(forwards, records, "{order:?}");
+            let first = order[0].1;
+            let beaten = order.iter().any(|(_, ttl)| *ttl > first);
+            assert_eq!(forwards, 1 + usize::from(beaten), "{order:?}");
+            let max_ttl = if beaten { mesh_protocol::MAX_TTL } else { first };
             assert_eq!(
                 c.seen()
                     .lookup(&MessageId::of_body(&mesh_protocol::decode_envelope(&f).unwrap().body)),
-                mesh_seen_cache::Lookup::Seen { max_ttl: 9 }
+                mesh_seen_cache::Lookup::Seen { max_ttl }
             );
         }
     }
@@ -801,6 +850,49 @@ pub(crate) mod tests {
         for seed in 20..30 {
             assert!(matches!(
                 open.on_frame(&1, &frame_of(seed, NOW), NOW),
+                Outcome::Deliver { .. }
+            ));
+        }
+    }
+
+    #[tokio::test]
+    async fn every_origin_has_a_rate_per_peer_checked_before_the_signature() {
+        let mut c = RelayCore::<u32>::new(CoreConfig {
+            origin_rate: Some(OriginRate {
+                messages_per_sec: 1.0,
+                message_burst: 3.0,
+                ..OriginRate::default()
+            }),
+            ..CoreConfig::default()
+        });
+        // A known origin (accepted once) publishing without limit through peer 1.
+        for ts in 0..3 {
+            assert!(matches!(
+                c.on_frame(&1, &frame_of(10, NOW + ts), NOW),
+                Outcome::Deliver { .. }
+            ));
+        }
+        assert!(matches!(c.on_frame(&1, &frame_of(10, NOW + 3), NOW), Outcome::RateLimited { .. }));
+        // Unchecked: forgeries in its name beyond the rate are dropped, not charged.
+        assert!(matches!(
+            c.on_frame(&1, &broken(frame_of(10, NOW + 4)), NOW),
+            Outcome::RateLimited { .. }
+        ));
+        // Forgeries through peer 1 used only peer 1's share: peer 2 still brings the origin's
+        // messages (the rate-limited one too: it was not remembered).
+        assert!(matches!(c.on_frame(&2, &frame_of(10, NOW + 3), NOW), Outcome::Deliver { .. }));
+        // Other origins through peer 1 are not affected; tokens come back with time.
+        assert!(matches!(c.on_frame(&1, &frame_of(11, NOW), NOW), Outcome::Deliver { .. }));
+        assert!(matches!(
+            c.on_frame(&1, &frame_of(10, NOW + 5), NOW + 1000),
+            Outcome::Deliver { .. }
+        ));
+        // Without a rate nothing is limited.
+        let mut open =
+            RelayCore::<u32>::new(CoreConfig { origin_rate: None, ..CoreConfig::default() });
+        for ts in 0..500 {
+            assert!(matches!(
+                open.on_frame(&1, &frame_of(10, NOW + ts), NOW),
                 Outcome::Deliver { .. }
             ));
         }

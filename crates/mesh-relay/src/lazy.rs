@@ -15,8 +15,9 @@
 //!   own messages in full to every peer: all its peers are its tree's first hop, a peer that
 //!   connects later included.
 //! - A node that gets a full copy it already had answers the sender with a `PRUNE`: the sender
-//!   drops it from that origin's children. A copy with more TTL than the first (a path with
-//!   fewer hops) prunes the sender of the first copy instead. Copies of the first message of
+//!   drops it from that origin's children. A copy with more TTL than the first is re-forwarded
+//!   (once per id) but prunes nobody: the hop fields are not signed, so any peer could send
+//!   such a copy and cut a node from its honest tree parent. Copies of the first message of
 //!   an origin a node relays are not pruned: many origins publish once (a flood of them would
 //!   cost two `PRUNE`s per node per message for nothing), and a provider publishes again.
 //! - What is left after the second message is the path each node's copy took: a tree rooted
@@ -44,7 +45,10 @@
 //! the announcer answers with its forwarded copy (the same bytes an eager push would have sent,
 //! TTL already lowered). When that copy does not come within [`LazyPush::want_timeout`], the
 //! next announcer is asked. Every choice of eager peers thus has the whole neighbourhood as a
-//! fallback, and delivery stays complete.
+//! fallback, and delivery stays complete. Each peer has an equal share of the ids waiting
+//! ([`Wanted`]), so one announcing ids it never serves cannot crowd out honest announcements,
+//! and an announcer that does not send what it was asked for is counted
+//! (`mesh_relay_lazy_total{event="want_unserved"}`) and charged once per 16 such asks.
 //!
 //! A node whose only copy of a message came with TTL 1 (delivered, but not passed on) treats a
 //! `HAVE` for it as one for an unseen id: the announcer's copy may carry more TTL, and then it
@@ -100,10 +104,9 @@ pub struct LazyPush {
     /// full to [`LazyPush::eager_peers`] random peers (the publisher: to all), and those peers
     /// become the origin's children at this node. A child that gets a full copy it already had
     /// answers with a `PRUNE` and gets only ids of that origin's messages from then on; one that
-    /// asks for a message (`WANT`) becomes a child again. A copy with more TTL than the first
-    /// prunes the sender of the first. Each node then gets one full copy of each message, over
-    /// the path with the fewest hops. Off: each message goes in full to `eager_peers` peers
-    /// picked at random.
+    /// asks for a message (`WANT`) becomes a child again. Each node then gets one full copy of
+    /// each message, over the path its copies came first. Off: each message goes in full to
+    /// `eager_peers` peers picked at random.
     pub tree: bool,
     /// Most origins a tree is kept for (the oldest is forgotten first; its next message starts
     /// a new tree).
@@ -121,7 +124,8 @@ pub struct LazyPush {
     pub want_delay: Duration,
     /// How long a node waits for an asked-for message before it asks the next announcer.
     pub want_timeout: Duration,
-    /// Most ids waiting to be asked for; `HAVE`s beyond it are ignored (and counted).
+    /// Most ids waiting to be asked for; `HAVE`s beyond it, or beyond the announcer's share
+    /// of it (an equal share per connected peer), are ignored (and counted).
     pub max_wanted: usize,
     /// How long a forwarded copy is kept to answer `WANT`s.
     pub keep: Duration,
@@ -218,11 +222,21 @@ impl ControlFrame {
 }
 
 /// Ids announced to us that we have not seen, with who announced them and when to ask.
+///
+/// Each peer has a fair share of the set: the ids it was the first to announce count against
+/// it, and past `capacity / peers` its new ids are ignored, so a peer announcing ids it never
+/// serves fills only its own share and honest announcements still get in. An announcer that
+/// was asked for an id and did not send it within the timeout is reported
+/// ([`Wanted::take_unserved`]) so the relay can charge it.
 #[derive(Debug)]
 pub struct Wanted<P> {
     entries: crate::IdMap<Entry<P>>,
     due: BinaryHeap<Reverse<(Instant, MessageId)>>,
     capacity: usize,
+    /// Ids waiting per first announcer.
+    owned: std::collections::HashMap<P, usize>,
+    /// Announcers asked for an id that did not send it in time.
+    unserved: Vec<P>,
 }
 
 #[derive(Debug)]
@@ -231,12 +245,40 @@ struct Entry<P> {
     /// `HAVE`s received for the id (each peer sends one, or the message itself).
     heard: usize,
     due: Instant,
+    /// The first announcer: the id counts against its share.
+    owner: P,
+    /// The announcer asked last, while the answer is awaited.
+    asked: Option<P>,
 }
 
-impl<P: Clone + PartialEq> Wanted<P> {
+impl<P: Clone + Eq + std::hash::Hash> Wanted<P> {
     /// An empty set that holds at most `capacity` ids.
     pub fn new(capacity: usize) -> Self {
-        Self { entries: crate::IdMap::default(), due: BinaryHeap::new(), capacity: capacity.max(1) }
+        Self {
+            entries: crate::IdMap::default(),
+            due: BinaryHeap::new(),
+            capacity: capacity.max(1),
+            owned: std::collections::HashMap::new(),
+            unserved: Vec::new(),
+        }
+    }
+
+    /// Announcers asked for an id that did not send it within the timeout, one item per id,
+    /// since the last call.
+    pub fn take_unserved(&mut self) -> Vec<P> {
+        std::mem::take(&mut self.unserved)
+    }
+
+    /// Removes `id`, and its count from its owner's share.
+    fn remove(&mut self, id: &MessageId) -> Option<Entry<P>> {
+        let entry = self.entries.remove(id)?;
+        if let Some(n) = self.owned.get_mut(&entry.owner) {
+            *n -= 1;
+            if *n == 0 {
+                self.owned.remove(&entry.owner);
+            }
+        }
+        Some(entry)
     }
 
     /// Ids waiting.
@@ -252,7 +294,8 @@ impl<P: Clone + PartialEq> Wanted<P> {
     /// Records that `peer` has `id`: a new id is asked for at `now + delay`, or at once when
     /// `peers` announcements have come (every peer sends a message once, in full or as a
     /// `HAVE`: when all of them announced it, no copy is on its way and waiting is pointless).
-    /// `false` when the set is full and the id was not recorded.
+    /// `false` when the set, or the peer's share of it (`capacity / peers`), is full and the
+    /// id was not recorded.
     pub fn announce(
         &mut self,
         id: MessageId,
@@ -272,13 +315,17 @@ impl<P: Clone + PartialEq> Wanted<P> {
                 entry
             }
             None => {
-                if self.entries.len() >= self.capacity {
+                let share = (self.capacity / peers.max(1)).max(1);
+                let owned = self.owned.get(peer).copied().unwrap_or(0);
+                if self.entries.len() >= self.capacity || owned >= share {
                     return false;
                 }
+                *self.owned.entry(peer.clone()).or_default() += 1;
                 let due = now + delay;
                 self.due.push(Reverse((due, id)));
                 let announcers = VecDeque::from([peer.clone()]);
-                self.entries.entry(id).or_insert(Entry { announcers, heard: 1, due })
+                let entry = Entry { announcers, heard: 1, due, owner: peer.clone(), asked: None };
+                self.entries.entry(id).or_insert(entry)
             }
         };
         if entry.heard >= peers && entry.due > now {
@@ -290,7 +337,7 @@ impl<P: Clone + PartialEq> Wanted<P> {
 
     /// Forgets `id` (the message arrived). Whether it was waiting.
     pub fn arrived(&mut self, id: &MessageId) -> bool {
-        self.entries.remove(id).is_some()
+        self.remove(id).is_some()
     }
 
     /// When the next id is due, if any.
@@ -321,14 +368,18 @@ impl<P: Clone + PartialEq> Wanted<P> {
             if entry.due != due {
                 continue;
             }
+            if let Some(asked) = entry.asked.take() {
+                self.unserved.push(asked);
+            }
             match entry.announcers.pop_front() {
                 Some(peer) => {
-                    asks.push((peer, id));
+                    asks.push((peer.clone(), id));
+                    entry.asked = Some(peer);
                     entry.due = now + timeout;
                     self.due.push(Reverse((entry.due, id)));
                 }
                 None => {
-                    self.entries.remove(&id);
+                    self.remove(&id);
                 }
             }
         }
@@ -727,16 +778,51 @@ mod tests {
         let delay = Duration::from_millis(20);
         let mut wanted = Wanted::new(2);
         assert!(wanted.announce(id(1), &1u32, t0, delay, usize::MAX));
-        assert!(wanted.announce(id(2), &1u32, t0, delay, usize::MAX));
-        assert!(!wanted.announce(id(3), &1u32, t0, delay, usize::MAX), "full");
+        assert!(wanted.announce(id(2), &2u32, t0, delay, usize::MAX));
+        assert!(!wanted.announce(id(3), &3u32, t0, delay, usize::MAX), "full");
         assert!(wanted.arrived(&id(1)));
         assert!(!wanted.arrived(&id(1)));
-        assert_eq!(wanted.take_due(t0 + delay, delay), vec![(1, id(2))]);
+        assert_eq!(wanted.take_due(t0 + delay, delay), vec![(2, id(2))]);
         assert_eq!(wanted.len(), 1);
         for n in 0..MAX_ANNOUNCERS as u32 + 3 {
             wanted.announce(id(2), &(n + 10), t0, delay, usize::MAX);
         }
         assert!(wanted.entries[&id(2)].announcers.len() <= MAX_ANNOUNCERS);
+    }
+
+    #[test]
+    fn each_peer_fills_only_its_share_and_unserved_asks_are_reported() {
+        let t0 = Instant::now();
+        let (delay, timeout) = (Duration::from_millis(20), Duration::from_millis(250));
+        let mut wanted = Wanted::new(8);
+        // Two peers: four ids each. The hostile one announces 100 it will never serve.
+        let mut taken = 0;
+        for n in 0..100u8 {
+            taken += usize::from(wanted.announce(id(n), &"hostile", t0, delay, 2));
+        }
+        assert_eq!(taken, 4);
+        for n in 100..104u8 {
+            assert!(wanted.announce(id(n), &"honest", t0, delay, 2), "honest id {n}");
+        }
+        assert!(!wanted.announce(id(104), &"honest", t0, delay, 2), "its share is full too");
+        // Announcing an id another peer owns costs no share.
+        assert!(wanted.announce(id(0), &"honest", t0, delay, 2));
+        // Every id asked of its first announcer; the honest ones arrive.
+        let asks = wanted.take_due(t0 + delay, timeout);
+        assert_eq!(asks.len(), 8);
+        for n in 100..104u8 {
+            assert!(wanted.arrived(&id(n)));
+        }
+        assert!(wanted.take_unserved().is_empty(), "nothing is late yet");
+        // The hostile peer's four are late: reported once each; id 0 goes to its next announcer.
+        let asks = wanted.take_due(t0 + delay + timeout, timeout);
+        assert_eq!(asks, vec![("honest", id(0))]);
+        assert_eq!(wanted.take_unserved(), vec!["hostile"; 4]);
+        // The given-up ids left the hostile peer's share: it may announce again.
+        assert!(wanted.announce(id(200), &"hostile", t0, delay, 2));
+        assert!(wanted.arrived(&id(0)), "served by the honest peer");
+        assert!(wanted.take_due(t0 + delay + 2 * timeout, timeout).len() <= 1);
+        assert!(wanted.take_unserved().is_empty());
     }
 
     #[test]

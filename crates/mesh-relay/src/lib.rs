@@ -37,10 +37,11 @@ pub mod network;
 pub mod peer_manager;
 pub mod pex;
 mod prepare;
+mod rates;
 pub mod stats;
 
 pub use config::Config;
-pub use core::{CoreConfig, Forward, OriginBudget, Outcome, Prepared, RelayCore};
+pub use core::{CoreConfig, Forward, OriginBudget, OriginRate, Outcome, Prepared, RelayCore};
 pub use lazy::LazyPush;
 pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};

@@ -313,8 +313,12 @@ impl Relay {
             capacity: config.core.seen.capacity.min(16_384),
             ttl: config.core.seen.ttl.min(Duration::from_secs(60)),
         };
-        let preparer =
-            Preparer::new(config.core.validation.clone(), claims, config.core.known_origins);
+        let preparer = Preparer::new(
+            config.core.validation.clone(),
+            claims,
+            config.core.known_origins,
+            core.origin_rates(),
+        );
         let ctx = Context {
             preparer: Arc::new(preparer),
             control: control.clone(),
@@ -358,6 +362,7 @@ impl Relay {
                 hops_reported: HashMap::new(),
                 hops_reset: Instant::now(),
                 wanted: Wanted::new(ctx.config.lazy.max_wanted),
+                unserved: HashMap::new(),
                 kept: Kept::new(ctx.config.lazy.keep, ctx.config.lazy.keep_frames),
                 held: HeldIds::default(),
                 held_prunes: HeldIds::default(),
@@ -1074,7 +1079,8 @@ impl Reader {
                             // and read on.
                             let (preparer, peer) = (self.ctx.preparer.clone(), self.peer);
                             let task = async move {
-                                let prepared = Some(Box::new(preparer.finish(identified, now)));
+                                let prepared =
+                                    Some(Box::new(preparer.finish(&peer, identified, now)));
                                 CoreInput::Frame { peer, frame, prepared }
                             };
                             pipeline.push_back(self.ctx.tracker.spawn(task));
@@ -1088,8 +1094,9 @@ impl Reader {
                             continue;
                         }
                         Started::Claimed(identified) => {
-                            let prepared =
-                                Some(Box::new(self.ctx.preparer.finish(identified, now)));
+                            let prepared = Some(Box::new(
+                                self.ctx.preparer.finish(&self.peer, identified, now),
+                            ));
                             CoreInput::Frame { peer: self.peer, frame, prepared }
                         }
                     }
@@ -1191,6 +1198,26 @@ async fn answer_peer_exchange(
     }
 }
 
+/// What a verified first copy that `peer` sent tells of the peer's distance to a provider, as a
+/// hop count. Every message is a provider's (a price batch or an announce). The hop fields are
+/// outside the signature, so any sender can lower them; a copy claiming to come straight from
+/// its origin (hop count 1, or an impossible 0) is taken as such only from the origin itself,
+/// and from anyone else as one hop further (the nearest such a peer can honestly be).
+fn provider_hops(peer: &PeerId, message: &VerifiedMessage) -> u8 {
+    let hops = message.envelope.hop_count;
+    if hops > 1 {
+        return hops;
+    }
+    let origin = libp2p::identity::ed25519::PublicKey::try_from_bytes(&message.body.origin_key)
+        .map(|key| libp2p::identity::PublicKey::from(key).to_peer_id());
+    if origin.is_ok_and(|origin| origin == *peer) { 1 } else { 2 }
+}
+
+/// Announced ids a peer did not send when asked, per charge ([`CoreTask::unserved`]).
+const UNSERVED_PER_CHARGE: u32 = 16;
+/// Peers whose unserved asks are counted at once (the counts start over beyond it).
+const MAX_UNSERVED_PEERS: usize = 1024;
+
 /// How long a reported hop distance stands before a longer one is reported again (paths change).
 const HOP_REPORT_PERIOD: Duration = Duration::from_secs(30);
 
@@ -1235,6 +1262,8 @@ struct CoreTask {
     hops_reset: Instant,
     /// Announced ids not seen yet (lazy push).
     wanted: Wanted<PeerId>,
+    /// Per peer, asks it did not serve since its last charge.
+    unserved: HashMap<PeerId, u32>,
     /// Forwarded copies kept to answer `WANT`s.
     kept: Kept,
     /// `HAVE`s held back before they are sent.
@@ -1348,9 +1377,10 @@ impl CoreTask {
         let id = match &outcome {
             Outcome::Deliver { message, .. } => Some(message.id),
             Outcome::Reforward(f) => Some(f.id),
-            Outcome::Duplicate { id, .. } | Outcome::Stale { id } | Outcome::Throttled { id } => {
-                Some(*id)
-            }
+            Outcome::Duplicate { id, .. }
+            | Outcome::Stale { id }
+            | Outcome::Throttled { id }
+            | Outcome::RateLimited { id } => Some(*id),
             Outcome::Rejected(_) => None,
         };
         if let Some(id) = id {
@@ -1365,8 +1395,9 @@ impl CoreTask {
         }
         match outcome {
             Outcome::Deliver { message, forward } => {
-                let hop_count = message.envelope.hop_count;
-                self.report_hops(peer, hop_count);
+                // Distance is learned only here, from verified first copies: the hop fields are
+                // not signed, and a duplicate is not verified at all.
+                self.report_hops(peer, provider_hops(&peer, &message));
                 let latency_ms = (now - message.body.created_at_ms).max(0);
                 metrics::histogram!("mesh_message_propagation_latency_seconds")
                     .record(latency_ms as f64 / 1000.0);
@@ -1384,21 +1415,15 @@ impl CoreTask {
                 bump(&self.ctx.stats.reforwarded);
                 metrics::counter!("mesh_relay_messages_total", "outcome" => "reforwarded")
                     .increment(1);
-                // Tree push: this path has fewer hops than the one the first copy took, so the
-                // first copy's sender is told to send only ids of this origin's messages.
-                if self.ctx.config.lazy.tree
-                    && let Some(&first) = forward.except.first()
-                    && first != peer
-                {
-                    self.prune(first, forward.id);
-                }
+                // Nobody is pruned for it: the TTL is not signed, so any peer can send such a
+                // copy, and pruning the first copy's sender would cut us from an honest tree
+                // parent.
                 self.relay(forward);
             }
-            Outcome::Duplicate { id, hop_count } => {
+            Outcome::Duplicate { id, .. } => {
                 bump(&self.ctx.stats.duplicates);
                 metrics::counter!("mesh_relay_messages_total", "outcome" => "duplicate")
                     .increment(1);
-                self.report_hops(peer, hop_count);
                 // Not for the first message of an origin (see `crate::lazy`).
                 if self.ctx.config.lazy.tree && !self.kept.is_first(&id) {
                     self.prune(peer, id);
@@ -1413,6 +1438,12 @@ impl CoreTask {
                 debug!(%peer, %id, "unknown origin beyond the peer's budget; dropped unchecked");
                 bump(&self.ctx.stats.throttled);
                 metrics::counter!("mesh_relay_dropped_total", "reason" => "origin_budget")
+                    .increment(1);
+            }
+            Outcome::RateLimited { id } => {
+                debug!(%peer, %id, "origin beyond its rate through this peer; dropped unchecked");
+                bump(&self.ctx.stats.rate_limited);
+                metrics::counter!("mesh_relay_dropped_total", "reason" => "origin_rate")
                     .increment(1);
             }
             Outcome::Rejected(rejection) => self.reject(peer, &rejection),
@@ -1732,6 +1763,9 @@ impl CoreTask {
     /// Asks announcers for the announced messages still missing, one `WANT` per peer.
     fn ask_for_wanted(&mut self) {
         let due = self.wanted.take_due(Instant::now(), self.ctx.config.lazy.want_timeout);
+        for peer in self.wanted.take_unserved() {
+            self.unserved(peer);
+        }
         let mut per_peer: HashMap<PeerId, Vec<MessageId>> = HashMap::new();
         for (peer, id) in due {
             if self.could_use(&id) {
@@ -1750,6 +1784,25 @@ impl CoreTask {
                     metrics::counter!("mesh_relay_lazy_total", "event" => "want_sent").increment(n);
                 }
             }
+        }
+    }
+
+    /// A peer announced an id and did not send the message when asked: counted, and charged
+    /// once per [`UNSERVED_PER_CHARGE`] (an honest peer can fail now and then, when its kept
+    /// copy was forgotten or its queue was full; one announcing ids it never serves is banned
+    /// within a few hundred).
+    fn unserved(&mut self, peer: PeerId) {
+        bump(&self.ctx.stats.wants_unserved);
+        metrics::counter!("mesh_relay_lazy_total", "event" => "want_unserved").increment(1);
+        if self.unserved.len() >= MAX_UNSERVED_PEERS && !self.unserved.contains_key(&peer) {
+            self.unserved.clear();
+        }
+        let count = self.unserved.entry(peer).or_default();
+        *count += 1;
+        if *count >= UNSERVED_PER_CHARGE {
+            *count = 0;
+            debug!(%peer, "announced messages it did not send when asked; charged");
+            let _ = self.ctx.swarm_tx.try_send(SwarmCommand::Charge(peer));
         }
     }
 

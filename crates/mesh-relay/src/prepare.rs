@@ -18,11 +18,15 @@ use std::collections::HashSet;
 use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use libp2p::PeerId;
 use mesh_protocol::validate::{self, Validator};
-use mesh_protocol::{Identified, MessageId, NodeId, Rejection, decode_frame};
+use mesh_protocol::{Identified, MessageId, NodeId, Payload, Rejection, decode_frame};
 use mesh_seen_cache::SeenCache;
 
 use crate::core::Prepared;
+use crate::rates::OriginRates;
 
 /// Shared by the readers of one relay and its core.
 #[derive(Debug)]
@@ -33,6 +37,9 @@ pub(crate) struct Preparer {
     /// Origins the core has accepted messages from (cleared when full).
     known: RwLock<HashSet<NodeId>>,
     known_capacity: usize,
+    /// The core's per-origin rates: a first copy beyond its origin's rate through its peer is
+    /// left to the core unchecked (it drops it).
+    rates: Option<Arc<Mutex<OriginRates<PeerId>>>>,
 }
 
 impl Preparer {
@@ -42,12 +49,14 @@ impl Preparer {
         validation: validate::Config,
         claims: mesh_seen_cache::Config,
         known_capacity: usize,
+        rates: Option<Arc<Mutex<OriginRates<PeerId>>>>,
     ) -> Self {
         Self {
             validator: Validator::new(validation),
             claimed: RecentIds::new(claims),
             known: RwLock::default(),
             known_capacity: known_capacity.max(1),
+            rates,
         }
     }
 
@@ -55,10 +64,15 @@ impl Preparer {
     /// an envelope (a control frame, or garbage the core rejects). Readers run its two parts,
     /// [`Preparer::start`] and [`Preparer::finish`], themselves.
     #[cfg(test)]
-    pub(crate) fn prepare(&self, frame: &[u8], now_ms: i64) -> Option<Result<Prepared, Rejection>> {
+    pub(crate) fn prepare(
+        &self,
+        peer: &PeerId,
+        frame: &[u8],
+        now_ms: i64,
+    ) -> Option<Result<Prepared, Rejection>> {
         match self.start(frame) {
             Started::Done(prepared) => prepared,
-            Started::Claimed(identified) => Some(self.finish(identified, now_ms)),
+            Started::Claimed(identified) => Some(self.finish(peer, identified, now_ms)),
         }
     }
 
@@ -73,16 +87,34 @@ impl Preparer {
         Started::Claimed(identified)
     }
 
-    /// The rest of [`Preparer::prepare`] for a claimed first copy: decoding the body and, for
-    /// an origin the core has accepted messages from, the checks.
+    /// The rest of [`Preparer::prepare`] for a claimed first copy from `peer`: decoding the
+    /// body and, for an origin the core has accepted messages from and within its rate
+    /// through `peer`, the checks.
     pub(crate) fn finish(
         &self,
+        peer: &PeerId,
         identified: Identified,
         now_ms: i64,
     ) -> Result<Prepared, Rejection> {
         let decoded = identified.decode()?;
-        if !self.is_known(&decoded.body().origin) {
+        let body = decoded.body();
+        if !self.is_known(&body.origin) {
             return Ok(Prepared::Decoded(decoded));
+        }
+        if let Some(rates) = &self.rates {
+            let prices = match &body.payload {
+                Payload::PriceBatch { prices, .. } => prices.len(),
+                Payload::ProviderAnnounce { .. } => 0,
+            };
+            let taken = rates.lock().unwrap_or_else(PoisonError::into_inner).take(
+                peer,
+                body.origin,
+                prices,
+                now_ms,
+            );
+            if !taken {
+                return Ok(Prepared::Decoded(decoded));
+            }
         }
         self.validator.verify_decoded(decoded, now_ms).map(Prepared::Verified)
     }
@@ -158,9 +190,10 @@ mod tests {
     use crate::core::tests::frame_created;
 
     const NOW: i64 = 1_750_000_000_000;
+    static PEER: std::sync::LazyLock<PeerId> = std::sync::LazyLock::new(PeerId::random);
 
     fn preparer() -> Preparer {
-        Preparer::new(validate::Config::default(), mesh_seen_cache::Config::default(), 2)
+        Preparer::new(validate::Config::default(), mesh_seen_cache::Config::default(), 2, None)
     }
 
     #[test]
@@ -168,10 +201,10 @@ mod tests {
         let p = preparer();
         let first = frame_created(5, NOW, NOW);
         // Origin not heard yet: decoded, left to the core and its budget.
-        assert!(matches!(p.prepare(&first, NOW), Some(Ok(Prepared::Decoded(_)))));
+        assert!(matches!(p.prepare(&PEER, &first, NOW), Some(Ok(Prepared::Decoded(_)))));
         p.heard(Identity::from_seed([4; 32]).node_id());
         let second = frame_created(5, NOW + 1, NOW + 1);
-        match p.prepare(&second, NOW + 1) {
+        match p.prepare(&PEER, &second, NOW + 1) {
             Some(Ok(Prepared::Verified(m))) => assert_eq!(m.body.created_at_ms, NOW + 1),
             other => panic!("unexpected {other:?}"),
         }
@@ -179,7 +212,7 @@ mod tests {
         let mut copy = second.clone();
         copy[1] = 4;
         copy[2] = 2;
-        assert!(matches!(p.prepare(&copy, NOW + 1), Some(Ok(Prepared::Identified(_)))));
+        assert!(matches!(p.prepare(&PEER, &copy, NOW + 1), Some(Ok(Prepared::Identified(_)))));
     }
 
     #[test]
@@ -189,18 +222,18 @@ mod tests {
         let mut forged = frame_created(5, NOW, NOW);
         let last = forged.len() - 1;
         forged[last] ^= 1;
-        match p.prepare(&forged, NOW) {
+        match p.prepare(&PEER, &forged, NOW) {
             Some(Err(rejection)) => assert_eq!(rejection.reason, RejectReason::BadSignature),
             other => panic!("unexpected {other:?}"),
         }
         // A future timestamp is checked against the clock given.
         let future = frame_created(5, NOW + 60_000, NOW);
-        match p.prepare(&future, NOW) {
+        match p.prepare(&PEER, &future, NOW) {
             Some(Err(rejection)) => assert_eq!(rejection.reason, RejectReason::FutureTimestamp),
             other => panic!("unexpected {other:?}"),
         }
-        assert!(p.prepare(&[0xF1, 0, 0], NOW).is_none());
-        assert!(p.prepare(b"not a frame", NOW).is_none());
+        assert!(p.prepare(&PEER, &[0xF1, 0, 0], NOW).is_none());
+        assert!(p.prepare(&PEER, b"not a frame", NOW).is_none());
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub struct Stats {
     pub(crate) reforwarded: AtomicU64,
     pub(crate) stale: AtomicU64,
     pub(crate) throttled: AtomicU64,
+    pub(crate) rate_limited: AtomicU64,
     pub(crate) rejected: [AtomicU64; RejectReason::ALL.len()],
     pub(crate) frames_queued: AtomicU64,
     pub(crate) frames_sent: AtomicU64,
@@ -25,6 +26,7 @@ pub struct Stats {
     pub(crate) wants_sent: AtomicU64,
     pub(crate) wants_served: AtomicU64,
     pub(crate) wants_unknown: AtomicU64,
+    pub(crate) wants_unserved: AtomicU64,
     pub(crate) wanted_full: AtomicU64,
     pub(crate) prunes_sent: AtomicU64,
     pub(crate) prunes_received: AtomicU64,
@@ -55,6 +57,9 @@ pub struct StatsSnapshot {
     /// New messages of unknown origins dropped unchecked because their sender had used up its
     /// budget of them (not charged).
     pub throttled: u64,
+    /// New messages dropped unchecked because their sender brought their origin's messages
+    /// faster than its rate ([`crate::OriginRate`]; not charged).
+    pub rate_limited: u64,
     /// Rejections per reason (label, count), reasons with a zero count left out.
     pub rejected: Vec<(&'static str, u64)>,
     /// Frames put on peer queues (messages and lazy-push control frames); each is later
@@ -78,6 +83,8 @@ pub struct StatsSnapshot {
     pub wants_served: u64,
     /// Asked-for messages we no longer had (or never had).
     pub wants_unknown: u64,
+    /// Messages we asked a peer for that it announced but did not send within the timeout.
+    pub wants_unserved: u64,
     /// Announcements ignored because too many ids were already waiting.
     pub wanted_full: u64,
     /// Tree push: ids sent in `PRUNE`s (copies of messages we already had).
@@ -143,6 +150,7 @@ impl Stats {
             reforwarded: get(&self.reforwarded),
             stale: get(&self.stale),
             throttled: get(&self.throttled),
+            rate_limited: get(&self.rate_limited),
             rejected: RejectReason::ALL
                 .iter()
                 .zip(&self.rejected)
@@ -159,6 +167,7 @@ impl Stats {
             wants_sent: get(&self.wants_sent),
             wants_served: get(&self.wants_served),
             wants_unknown: get(&self.wants_unknown),
+            wants_unserved: get(&self.wants_unserved),
             wanted_full: get(&self.wanted_full),
             prunes_sent: get(&self.prunes_sent),
             prunes_received: get(&self.prunes_received),

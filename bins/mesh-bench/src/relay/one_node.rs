@@ -152,7 +152,13 @@ pub async fn run(args: &Args) -> anyhow::Result<RelayRate> {
 
     let cancel = CancellationToken::new();
     let (sink_addr, sink) = start_sink(&cancel)?;
-    let net = TestNet::builder().nodes(2).topology(Topology::Line).build().await?;
+    // One origin at full speed is what is measured: B's per-origin rate is off.
+    let net = TestNet::builder()
+        .nodes(2)
+        .topology(Topology::Line)
+        .configure(|_, c| c.core.origin_rate = None)
+        .build()
+        .await?;
     let result = measure(&net, frames, &ids, &sink_addr, &sink).await;
     net.shutdown().await;
     cancel.cancel();

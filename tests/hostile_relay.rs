@@ -1,0 +1,306 @@
+//! Hostile peers against the relay's own tables (issue 31, items 4, 6 and 7): hop counts that
+//! lie, origins that publish without limit, announcements never served and copies replayed
+//! with rising TTLs. Real relays on the memory transport, in this process; the hostile peers
+//! are relays of the same net that send raw frames.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use mesh_protocol::{Envelope, Identity, MessageId, encode_envelope};
+use mesh_relay::OriginRate;
+use mesh_testkit::{TestNet, Topology, WAIT, eventually, now_ms, price_batch};
+use mesh_tests::reliability::report;
+use serde_json::json;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+fn frame_with(envelope: &Envelope, ttl: u8, hop_count: u8) -> Vec<u8> {
+    let mut f = encode_envelope(envelope).unwrap();
+    f[1] = ttl;
+    f[2] = hop_count;
+    f
+}
+
+/// Five peers claim to be next to every provider (hop count 0) with copies of the provider's
+/// messages, duplicates and a first copy alike. The victim's view of who is near a provider,
+/// which decides the peers it keeps above its maximum, stays that of its honest links.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_peers_claiming_hop_zero_do_not_displace_honest_links() -> anyhow::Result<()> {
+    // 0 = the provider, 1..=3 its honest neighbours, 4 the victim (linked to 1..=3), 5..=9 the
+    // hostile peers (linked to the victim only).
+    const VICTIM: usize = 4;
+    let hostile: Vec<usize> = (5..10).collect();
+    let mut edges = vec![(0, 1), (0, 2), (0, 3), (1, VICTIM), (2, VICTIM), (3, VICTIM)];
+    edges.extend(hostile.iter().map(|&h| (VICTIM, h)));
+    let net = TestNet::builder().nodes(10).topology(Topology::Custom(edges)).build().await?;
+    let provider = net.node(0).identity.clone();
+    let victim = net.node(VICTIM).running()?.clone();
+
+    // An honest message: the victim learns its honest peers are one hop from the provider,
+    // and the hostile peers get a copy to play with.
+    let honest = price_batch(&provider, 1, now_ms(), 2, 10)?;
+    net.publish(0, &honest).await?;
+    net.wait_delivered_everywhere(&honest.message_id()).await?;
+    let before = victim.stats();
+    // Duplicates claiming hop 0, and one first copy of a new provider message claiming it too.
+    let fresh = price_batch(&provider, 2, now_ms(), 2, 10)?;
+    for &h in &hostile {
+        let relay = net.node(h).running()?;
+        relay.send_raw_frame(victim.peer_id(), frame_with(&honest, 1, 0)).await?;
+    }
+    net.node(hostile[0])
+        .running()?
+        .send_raw_frame(victim.peer_id(), frame_with(&fresh, 9, 0))
+        .await?;
+    net.wait_delivered(&fresh.message_id(), &[VICTIM]).await?;
+    eventually(WAIT, "the victim took every hostile copy", || {
+        victim.stats().duplicates >= before.duplicates + hostile.len() as u64
+    })
+    .await?;
+    // The peer manager hears of distances on the swarm task: one more message through the
+    // honest links, and a status refresh, come after the hostile copies.
+    let barrier = price_batch(&provider, 3, now_ms(), 2, 10)?;
+    net.publish(0, &barrier).await?;
+    net.wait_delivered(&barrier.message_id(), &[VICTIM]).await?;
+    // Only first copies teach a distance: under tree push, the honest peer the provider's
+    // messages come through (at least one of the three).
+    let honest_peers: Vec<_> = (1..=3).map(|i| net.node(i).peer_id()).collect();
+    eventually(WAIT, "the victim's distances", || {
+        let status = victim.status();
+        status.peers.len() == 8
+            && status
+                .peers
+                .iter()
+                .any(|p| honest_peers.contains(&p.peer_id) && p.provider_distance == Some(1))
+    })
+    .await?;
+    let status = victim.status();
+    for p in &status.peers {
+        if let Some(i) = hostile.iter().find(|&&h| net.node(h).peer_id() == p.peer_id) {
+            // Never nearer than the honest links: unknown (duplicates teach nothing), or one
+            // hop (a first copy from a peer that is not its origin).
+            assert!(
+                p.provider_distance.is_none_or(|d| d >= 1),
+                "hostile node {i} ranks nearer than the honest links: {status:?}"
+            );
+        }
+    }
+    assert_eq!(status.own_distance, Some(2), "{status:?}");
+    net.shutdown().await;
+    Ok(())
+}
+
+/// Resident memory of this process, in KiB (Linux).
+fn rss_kib() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Fifty throwaway keys, each accepted once (within the budget of unknown origins), then
+/// publishing as fast as one hostile peer can send: each is held to its rate at the first hop,
+/// every honest message still reaches every honest node, and the victim's tables stay within
+/// their bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_known_keys_flooding_are_held_to_their_rate() -> anyhow::Result<()> {
+    const HONEST: usize = 10;
+    const VICTIM: usize = 0;
+    const PUBLISHER: usize = 5;
+    const HOSTILE: usize = HONEST;
+    const KEYS: usize = 50;
+    const PER_KEY: usize = 200;
+    let rate = OriginRate { messages_per_sec: 5.0, message_burst: 20.0, ..OriginRate::default() };
+    let mut edges = Topology::RandomRegular { degree: 4 }.edges(HONEST, 5)?;
+    edges.push((VICTIM, HOSTILE));
+    let net = TestNet::builder()
+        .nodes(HONEST + 1)
+        .topology(Topology::Custom(edges))
+        .configure(move |_, c| c.core.origin_rate = Some(rate))
+        .build()
+        .await?;
+    let victim = net.node(VICTIM).running()?.clone();
+    let hostile = net.node(HOSTILE).running()?.clone();
+    let vp = victim.peer_id();
+
+    // The keys and their messages (signing is CPU work: on the blocking pool).
+    let base = now_ms() - 5_000;
+    let (firsts, flood, junk) = tokio::task::spawn_blocking(move || {
+        let keys: Vec<Identity> = (0..KEYS).map(|_| Identity::generate()).collect();
+        let mut junk: Vec<MessageId> = Vec::new();
+        let mut frame = |key: &Identity, k: usize| {
+            let m = price_batch(key, k as u64, base + k as i64, 1, 10).unwrap();
+            junk.push(m.message_id());
+            encode_envelope(&m).unwrap()
+        };
+        let firsts: Vec<Vec<u8>> = keys.iter().map(|key| frame(key, 0)).collect();
+        let mut flood = Vec::with_capacity(KEYS * PER_KEY);
+        for k in 1..=PER_KEY {
+            for key in &keys {
+                flood.push(frame(key, k));
+            }
+        }
+        (firsts, flood, junk)
+    })
+    .await?;
+
+    // Each key is accepted once: they are known origins from now on.
+    for f in firsts {
+        hostile.send_raw_frame(vp, f).await?;
+    }
+    eventually(WAIT, "the fifty keys accepted", || victim.stats().delivered >= KEYS as u64).await?;
+
+    let rss_before = rss_kib();
+    let before = victim.stats();
+    let started = Instant::now();
+    let sender = tokio::spawn(async move {
+        for f in flood {
+            if hostile.send_raw_frame(vp, f).await.is_err() {
+                break;
+            }
+        }
+    });
+    // Honest traffic meanwhile: two batches a second for three seconds.
+    let provider = net.node(PUBLISHER).identity.clone();
+    let mut honest = Vec::new();
+    for round in 0..6u64 {
+        let m = price_batch(&provider, round, now_ms(), 20, 10)?;
+        net.publish(PUBLISHER, &m).await?;
+        honest.push(m.message_id());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    sender.await?;
+    let flood_secs = started.elapsed().as_secs_f64();
+    for id in &honest {
+        net.wait_delivered(id, &(0..HONEST).collect::<Vec<_>>()).await?;
+    }
+    let after = victim.stats();
+    let accepted = junk.iter().filter(|id| net.node(VICTIM).received(id).is_some()).count();
+    // What the rate allows each key through the one hostile link: its first message, a
+    // burst, and five a second for the flood (and the waits after it).
+    let allowed = KEYS as f64
+        * (1.0 + rate.message_burst + rate.messages_per_sec * started.elapsed().as_secs_f64());
+    let rss_growth_kib = rss_kib().saturating_sub(rss_before);
+    report(
+        "flood_known_keys",
+        json!({
+            "keys": KEYS,
+            "junk_sent": KEYS * (PER_KEY + 1),
+            "flood_s": flood_secs,
+            "junk_accepted_at_victim": accepted,
+            "allowed_by_rate": allowed,
+            "rate_limited_at_victim": after.rate_limited - before.rate_limited,
+            "honest_messages": honest.len(),
+            "process_rss_growth_kib": rss_growth_kib,
+        }),
+    );
+    assert!(after.rate_limited - before.rate_limited > 1_000, "{after:?}");
+    assert!(accepted as f64 <= allowed, "{accepted} junk messages accepted, {allowed} allowed");
+    // The rate tables: at most 64 peers x 1,025 buckets of some 50 bytes (3 MiB) by
+    // construction; the whole process (eleven relays and the attacker's 10,050 frames) grows
+    // by far less than this loose bound.
+    assert!(rss_growth_kib < 256 * 1024, "grew by {rss_growth_kib} KiB");
+    net.shutdown().await;
+    Ok(())
+}
+
+/// A hostile peer announces 10,000 ids it never serves, again and again, and replays copies of
+/// honest messages with rising TTLs. The victim hears of honest messages only through
+/// announcements (its honest neighbours send ids, never messages), so an announcement table
+/// full of the attacker's ids would lose them. The attacker fills only its share, is charged
+/// for what it does not serve, and each honest id is re-forwarded at most once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fake_announcements_and_rising_ttls_do_not_cost_honest_messages() -> anyhow::Result<()> {
+    // 0 = the publisher, 2 and 3 announce only, 1 = the victim, 4 beyond it, 5 hostile.
+    const VICTIM: usize = 1;
+    const HOSTILE: usize = 5;
+    let edges = vec![(0, 2), (0, 3), (2, VICTIM), (3, VICTIM), (VICTIM, 4), (VICTIM, HOSTILE)];
+    let net = TestNet::builder()
+        .nodes(6)
+        .topology(Topology::Custom(edges))
+        .configure(|i, c| {
+            if i == 2 || i == 3 {
+                c.lazy.tree = false;
+                c.lazy.eager_peers = 0;
+            }
+        })
+        .build()
+        .await?;
+    let victim = net.node(VICTIM).running()?.clone();
+    let hostile = net.node(HOSTILE).running()?.clone();
+    let vp = victim.peer_id();
+    let provider = net.node(0).identity.clone();
+    let honest_nodes = [1usize, 2, 3, 4];
+
+    // Rising TTLs: each honest message, once the victim has it, comes back from the hostile
+    // peer with every TTL up to the highest.
+    let mut ids = Vec::new();
+    let before = victim.stats();
+    for round in 0..3u64 {
+        let m = price_batch(&provider, round, now_ms(), 5, 10)?;
+        net.publish(0, &m).await?;
+        net.wait_delivered(&m.message_id(), &honest_nodes).await?;
+        for ttl in 2..=mesh_protocol::MAX_TTL {
+            hostile.send_raw_frame(vp, frame_with(&m, ttl, 1)).await?;
+        }
+        ids.push(m.message_id());
+    }
+    eventually(WAIT, "the victim took every replayed copy", || {
+        let s = victim.stats();
+        s.duplicates + s.reforwarded >= before.duplicates + before.reforwarded + 3 * 19
+    })
+    .await?;
+    let reforwarded = victim.stats().reforwarded - before.reforwarded;
+    assert!(reforwarded <= 3, "{reforwarded} re-forwards for 3 ids");
+
+    // Fake announcements, 10,000 new ids every 100 ms, while honest messages flow.
+    let flooding = CancellationToken::new();
+    let stop = flooding.clone();
+    let announcer = hostile.clone();
+    let flood = tokio::spawn(async move {
+        let mut sent = 0usize;
+        while !stop.is_cancelled() && sent < 200_000 {
+            let fake: Vec<MessageId> =
+                (0..10_000).map(|_| MessageId::of_body(uuid::Uuid::new_v4().as_bytes())).collect();
+            for chunk in fake.chunks(mesh_relay::lazy::MAX_IDS) {
+                let frame = mesh_relay::lazy::ControlFrame::Have(chunk.to_vec()).encode();
+                if announcer.send_raw_frame(vp, frame).await.is_err() {
+                    return sent;
+                }
+            }
+            sent += fake.len();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        sent
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for round in 10..20u64 {
+        let m = price_batch(&provider, round, now_ms(), 5, 10)?;
+        net.publish(0, &m).await?;
+        ids.push(m.message_id());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for id in &ids {
+        net.wait_delivered(id, &honest_nodes).await?;
+    }
+    flooding.cancel();
+    let announced = flood.await?;
+    let after = victim.stats();
+    report(
+        "fake_announcements_and_rising_ttls",
+        json!({
+            "fake_ids_announced": announced,
+            "honest_messages": ids.len(),
+            "reforwards_for_3_replayed_ids": reforwarded,
+            "wanted_full_at_victim": after.wanted_full - before.wanted_full,
+            "unserved_at_victim": after.wants_unserved - before.wants_unserved,
+            "victim_bans": after.bans,
+        }),
+    );
+    assert!(after.wants_unserved - before.wants_unserved >= 16, "{after:?}");
+    assert!(after.bans >= 1, "the announcer of ids it never serves is banned: {after:?}");
+    net.shutdown().await;
+    Ok(())
+}
