@@ -29,6 +29,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod addr_book;
 pub mod config;
 pub mod core;
 pub mod framing;
@@ -39,11 +40,13 @@ pub mod pex;
 mod prepare;
 pub mod stats;
 
+pub use addr_book::AddrBook;
 pub use config::Config;
 pub use core::{CoreConfig, Forward, OriginBudget, Outcome, Prepared, RelayCore};
 pub use lazy::LazyPush;
 pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
+pub use mesh_protocol::AddrFilter;
 pub use network::{Delivery, Error, PeerStatus, Relay, Result, Status};
 pub use stats::StatsSnapshot;
 
