@@ -14,7 +14,9 @@ use libp2p::{SwarmBuilder, identify, noise, tcp, yamux};
 use mesh_relay::network::{IDENTIFY_PROTOCOL, PEX_PROTOCOL};
 use mesh_relay::{AddrFilter, Multiaddr, PeerId, Protocol, framing, pex};
 use mesh_testkit::{TestNet, Topology, Transport, WAIT, eventually};
+use mesh_tests::reliability::report;
 use mesh_tests::tcp_addr;
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 #[derive(NetworkBehaviour)]
@@ -182,6 +184,7 @@ async fn addresses_pushed_through_peer_exchange_and_identify_are_not_dialed_by_d
     let redis = CountingListener::bind("127.0.0.2").await?;
     let (net, liar) = pushed_at(AddrFilter::lab(), &redis).await?;
     eventually(WAIT, "a node connected to the pushed address", || redis.accepted() > 0).await?;
+    let lab_accepts = redis.accepted();
     drop(liar);
     net.shutdown().await;
 
@@ -193,11 +196,21 @@ async fn addresses_pushed_through_peer_exchange_and_identify_are_not_dialed_by_d
     let peers: Vec<PeerId> = net.nodes().iter().map(|n| n.peer_id()).collect();
     eventually(WAIT, "three answers at every node", || peers.iter().all(|p| liar.answered(p) >= 3))
         .await?;
+    let known: Vec<usize> =
+        net.nodes().iter().map(|n| n.relay().map_or(0, |r| r.status().known_peers)).collect();
+    report(
+        "pushed_private_addresses",
+        json!({
+            "nodes": 3,
+            "entries_per_answer": 32,
+            "answers_per_node": peers.iter().map(|p| liar.answered(p)).collect::<Vec<_>>(),
+            "accepts_in_a_lab": lab_accepts,
+            "accepts_by_default": redis.accepted(),
+            "known_peers_by_default": known,
+        }),
+    );
     assert_eq!(redis.accepted(), 0, "a node dialed an address a peer pushed");
-    for node in net.nodes() {
-        let known = node.running()?.status().known_peers;
-        assert!(known <= 3, "made-up peers entered the known table: {known}");
-    }
+    assert!(known.iter().all(|k| *k <= 3), "made-up peers entered the known table: {known:?}");
     drop(liar);
     net.shutdown().await;
     Ok(())
@@ -249,8 +262,17 @@ async fn a_flood_of_answers_about_a_bootstrap_peer_does_not_cost_its_address() -
     let asked = liar.answered(&victim_peer);
     eventually(WAIT, "another answer while it is away", || liar.answered(&victim_peer) > asked)
         .await?;
+    let restarted = tokio::time::Instant::now();
     net.start(0).await?;
     eventually(WAIT, "the victim is back with its bootstrap peer", || linked(&victim)).await?;
+    report(
+        "bootstrap_address_flood",
+        json!({
+            "addresses_per_answer": 128,
+            "answers": liar.answered(&victim_peer),
+            "reconnected_ms": restarted.elapsed().as_millis() as u64,
+        }),
+    );
     drop(liar);
     net.shutdown().await;
     Ok(())
