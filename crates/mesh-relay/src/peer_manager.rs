@@ -995,6 +995,73 @@ mod tests {
         assert_eq!(m.own_distance(true), Some(0));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn dials_to_one_ip_are_bounded() {
+        let mut m = manager(6, 10);
+        let ip_addr =
+            |port: u16| -> Multiaddr { format!("/ip4/11.9.9.9/tcp/{port}").parse().unwrap() };
+        // Five peers at one IP (a peer-exchange answer steering the mesh at one host) and one
+        // elsewhere.
+        let crowd: Vec<PeerId> = (0..5).map(|_| peer()).collect();
+        for (i, p) in crowd.iter().enumerate() {
+            m.add_addresses(*p, vec![ip_addr(4000 + i as u16)], false);
+        }
+        let other = peer();
+        m.add_addresses(other, vec![addr(1)], false);
+        let dialed: Vec<PeerId> = m
+            .tick(Instant::now())
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Dial(p, _) => Some(p),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(dialed.iter().filter(|p| crowd.contains(p)).count(), 2, "{dialed:?}");
+        assert!(dialed.contains(&other));
+        // One finishes: one more to that IP.
+        let first = *dialed.iter().find(|p| crowd.contains(p)).unwrap();
+        m.on_dial_failed(&first, Instant::now());
+        let next = m.tick(Instant::now());
+        assert_eq!(next.len(), 1, "{next:?}");
+        // Loopback is not bounded (a lab, where every node shares it).
+        let mut lab = PeerManager::new(
+            peer(),
+            Config { min_peers: 6, addr_filter: AddrFilter::lab(), ..Config::default() },
+        );
+        for i in 0..5 {
+            let a: Multiaddr = format!("/ip4/127.0.0.1/tcp/{}", 4000 + i).parse().unwrap();
+            lab.add_addresses(peer(), vec![a], false);
+        }
+        assert_eq!(lab.tick(Instant::now()).len(), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_dialed_in_is_passed_on_only_once_a_dial_reached_it() {
+        let mut m = manager(0, 10);
+        let p = peer();
+        m.on_connected(p, Instant::now());
+        let refused = m.on_identify(p, vec![addr(1), "/ip4/10.0.0.1/tcp/1".parse().unwrap()]);
+        assert_eq!(refused, 1, "a private address is refused by default");
+        assert!(m.exchange_list(10).is_empty(), "reported, not reached");
+        let actions = m.tick(Instant::now());
+        assert_eq!(actions, vec![Action::Confirm(p, addr(1))]);
+        assert!(m.tick(Instant::now()).is_empty(), "one confirming dial at a time per peer");
+        m.on_confirm_result(p, addr(1), true);
+        assert_eq!(m.exchange_list(10), vec![(p, vec![addr(1)])]);
+        assert!(m.tick(Instant::now()).is_empty(), "confirmed: no more dials");
+        // A peer whose reported address does not answer is not passed on, and is tried a
+        // bounded number of times per connection.
+        let q = peer();
+        m.on_connected(q, Instant::now());
+        m.on_identify(q, vec![addr(2)]);
+        for _ in 0..CONFIRMS_PER_PEER {
+            assert_eq!(m.tick(Instant::now()), vec![Action::Confirm(q, addr(2))]);
+            m.on_confirm_result(q, addr(2), false);
+        }
+        assert!(m.tick(Instant::now()).is_empty());
+        assert_eq!(m.exchange_list(10).len(), 1);
+    }
+
     /// The exchange list is rebuilt only when its version moves: every change to it must move
     /// the version, and a tick that changes nothing must not.
     #[tokio::test(start_paused = true)]
