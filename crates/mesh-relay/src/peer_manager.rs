@@ -256,17 +256,20 @@ impl PeerManager {
     /// hand), kept, never filtered and retried forever; others came from local discovery
     /// (mDNS, BLE), claims anyone on the link can make, filtered and bounded.
     pub fn add_addresses(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, pinned: bool) {
-        if peer == self.local || !self.make_room(peer) {
+        if peer == self.local {
             return;
         }
         if pinned {
+            if !self.make_room(peer) {
+                return;
+            }
             self.book.configure(peer, addrs);
             self.known.entry(peer).or_default().pinned = true;
+            self.sync_known(peer);
         } else {
             self.book.claim(Claimant::Lan, self.local, [(peer, addrs)]);
-            self.known.entry(peer).or_default();
+            self.admit(peer);
         }
-        self.sync_known(peer);
     }
 
     /// `peer` said (identify) where it listens. Returns how many addresses the filter refused.
@@ -287,21 +290,28 @@ impl PeerManager {
         from: PeerId,
         entries: Vec<(PeerId, Vec<Multiaddr>)>,
     ) -> ClaimOutcome {
-        let mut fresh = Vec::with_capacity(entries.len());
-        for (peer, addrs) in entries {
-            if peer != self.local && self.make_room(peer) {
-                fresh.push((peer, addrs));
-            }
-        }
-        let peers: Vec<PeerId> = fresh.iter().map(|(p, _)| *p).collect();
-        let outcome = self.book.claim(Claimant::Peer(from), self.local, fresh);
+        let peers: Vec<PeerId> = entries.iter().map(|(p, _)| *p).collect();
+        let outcome = self.book.claim(Claimant::Peer(from), self.local, entries);
         for peer in peers {
-            if self.book.has_addrs(&peer) {
-                self.known.entry(peer).or_default();
+            if peer != self.local {
+                self.admit(peer);
             }
-            self.sync_known(peer);
         }
         outcome
+    }
+
+    /// After claims about `peer`: a new peer with an address that passed the filter enters
+    /// the known table when there is room (else its claims go); filtered-out or repeated
+    /// entries never push a known peer out.
+    fn admit(&mut self, peer: PeerId) {
+        if !self.known.contains_key(&peer) && self.book.has_addrs(&peer) {
+            if self.make_room(peer) {
+                self.known.insert(peer, Known::default());
+            } else {
+                self.book.forget(&peer);
+            }
+        }
+        self.sync_known(peer);
     }
 
     /// We dialed `peer` at `addr` and it answered with its key: the address is confirmed.
@@ -1060,6 +1070,23 @@ mod tests {
         }
         assert!(m.tick(Instant::now()).is_empty());
         assert_eq!(m.exchange_list(10).len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_or_repeated_entries_push_no_known_peer_out() {
+        let mut m = PeerManager::new(peer(), Config { max_known_peers: 2, ..Config::default() });
+        let (a, b) = (peer(), peer());
+        m.add_addresses(a, vec![addr(1)], false);
+        m.add_addresses(b, vec![addr(2)], false);
+        let from = peer();
+        let private: Vec<(PeerId, Vec<Multiaddr>)> =
+            (0..32).map(|_| (peer(), vec!["/ip4/10.0.0.1/tcp/6379".parse().unwrap()])).collect();
+        let outcome = m.on_exchange_answer(from, private);
+        assert_eq!(outcome.refused, 32);
+        let repeated: Vec<(PeerId, Vec<Multiaddr>)> = (0..32).map(|_| (a, vec![addr(1)])).collect();
+        assert_eq!(m.on_exchange_answer(from, repeated).kept, 0);
+        assert_eq!(m.known_count(), 2);
+        assert!(m.book().has_addrs(&a) && m.book().has_addrs(&b));
     }
 
     /// The exchange list is rebuilt only when its version moves: every change to it must move
