@@ -12,6 +12,10 @@
 //!   signatures of new messages in parallel ([`RelayCore::on_prepared`]),
 //!   the peer manager (dial below the minimum, prune above the maximum, ban peers past their
 //!   misbehaviour budget) and peer exchange (`/mesh/pex/1.0.0`).
+//! - [`AddrBook`] keeps where peers are, by source (operator, the peer itself, a successful
+//!   dial, third parties), bounded per claimant; every learned address passes [`AddrFilter`]
+//!   (public only unless `MESH_ALLOW_PRIVATE_ADDRS`), and peer exchange passes on only
+//!   addresses a dial reached.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {

@@ -462,8 +462,11 @@ impl Relay {
         answer.await.map_err(|_| Error::Stopped)?
     }
 
-    /// Tells the peer manager about a peer's addresses (from discovery). `distance` is the
-    /// peer's advertised hop distance to a provider.
+    /// Tells the peer manager about a peer's addresses (from local discovery: mDNS, BLE).
+    /// They are claims anyone on the link can make: filtered ([`crate::AddrFilter`], private LAN
+    /// addresses allowed), bounded, and never displacing what the operator or the peer itself
+    /// said ([`crate::AddrBook`]). `distance` is the peer's advertised hop distance to a
+    /// provider.
     pub async fn add_peer_addresses(
         &self,
         peer: PeerId,
