@@ -11,8 +11,8 @@
 //! - **claimed** by third parties (a peer-exchange answer, an mDNS or BLE record, whose
 //!   `peer_id` nobody vouches for): at most [`MAX_CLAIMS_PER_PEER`] per peer, of which one
 //!   claimant holds at most [`MAX_CLAIMS_PER_CLAIMANT_AND_PEER`], and at most
-//!   [`MAX_CLAIMS_PER_CLAIMANT`] over all peers, so that one claimant only ever evicts its own
-//!   claims (Bitcoin Core's addrman keeps addresses in buckets per source for the same reason).
+//!   [`MAX_CLAIMS_PER_CLAIMANT`] over all peers ([`MAX_LAN_CLAIMS`] for local discovery), so
+//!   that one claimant only ever evicts its own claims (Bitcoin Core's addrman keeps addresses in buckets per source for the same reason).
 //!
 //! Dials try confirmed addresses first, then configured, reported and claimed ones. Every
 //! address learned from the network passes the node's [`AddrFilter`] first. Sans-I/O, and no
@@ -34,6 +34,9 @@ pub const MAX_CLAIMS_PER_CLAIMANT_AND_PEER: usize = 4;
 /// Most claims one claimant holds over all peers (one full peer-exchange answer: 32 peers with
 /// 4 addresses each).
 pub const MAX_CLAIMS_PER_CLAIMANT: usize = 128;
+/// Most claims local discovery (mDNS and BLE together, one claimant) holds over all peers: a
+/// LAN may hold more nodes than one peer-exchange answer names.
+pub const MAX_LAN_CLAIMS: usize = 512;
 /// Most addresses handed to one dial.
 pub const MAX_DIAL_ADDRS: usize = 8;
 
@@ -244,7 +247,11 @@ impl AddrBook {
         let list = self.by_claimant.entry(by).or_default();
         list.push_back((peer, addr));
         // Over the claimant's bound: its own oldest claim goes.
-        if list.len() > MAX_CLAIMS_PER_CLAIMANT
+        let bound = match by {
+            Claimant::Peer(_) => MAX_CLAIMS_PER_CLAIMANT,
+            Claimant::Lan => MAX_LAN_CLAIMS,
+        };
+        if list.len() > bound
             && let Some((old_peer, old_addr)) = list.pop_front()
         {
             if let Some(e) = self.entries.get_mut(&old_peer) {
@@ -435,6 +442,10 @@ mod tests {
         assert_eq!(book.len(), MAX_CLAIMS_PER_CLAIMANT, "peers known only through it go too");
         book.forget_claims_by(by);
         assert!(book.is_empty());
+        for i in 0..1000 {
+            book.claim(Claimant::Lan, local, [(PeerId::random(), vec![public(i)])]);
+        }
+        assert_eq!(book.claims_by(Claimant::Lan), MAX_LAN_CLAIMS);
     }
 
     #[test]
