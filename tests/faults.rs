@@ -518,6 +518,7 @@ async fn a_provider_killed_with_sigkill_and_restarted() -> anyhow::Result<()> {
                 format!("/ip4/127.0.0.1/tcp/{}", mesh_tests::free_port()?),
             ),
             ("MESH_BOOTSTRAP_PEERS".into(), bootstrap.join(",")),
+            ("MESH_ALLOW_PRIVATE_ADDRS".into(), "true".into()),
             ("MESH_BIRDEYE_BASE_URL".into(), sim.base_url()),
             ("BIRDEYE_API_KEY".into(), mesh_testkit::DEMO_API_KEY.into()),
             ("MESH_PROVIDER_FETCH_INTERVAL_SECS".into(), INTERVAL.to_string()),

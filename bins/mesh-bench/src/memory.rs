@@ -140,6 +140,7 @@ async fn with_relay(
         .env("MESH_NODE_SOCKET", &socket)
         .env("MESH_LOG_DIR", dir.join("logs"))
         .env("MESH_LISTEN_ADDRS", "/ip4/127.0.0.1/tcp/0")
+        .env("MESH_ALLOW_PRIVATE_ADDRS", "true")
         .env("MESH_BOOTSTRAP_PEERS", addr.to_string())
         .env("MESH_MDNS_ENABLED", "false")
         .env("MESH_METRICS_LISTEN", "off")

@@ -253,6 +253,8 @@ async fn measure_in(
             .env("MESH_NODE_SOCKET", data.join("node.sock"))
             .env("MESH_LOG_DIR", data.join("logs"))
             .env("MESH_LISTEN_ADDRS", format!("/ip4/0.0.0.0/tcp/{NODE_PORT}"))
+            // The namespaces' addresses are private ones.
+            .env("MESH_ALLOW_PRIVATE_ADDRS", "true")
             .env("MESH_BOOTSTRAP_PEERS", bootstrap.join(","))
             .env("MESH_MDNS_ENABLED", "false")
             .env("MESH_METRICS_LISTEN", "off")

@@ -134,6 +134,7 @@ fn idle_rss_mb() -> anyhow::Result<f64> {
         .env("MESH_DATA_DIR", dir.path())
         .env("MESH_LOG_DIR", dir.path().join("logs"))
         .env("MESH_LISTEN_ADDRS", format!("/ip4/127.0.0.1/tcp/{port}"))
+        .env("MESH_ALLOW_PRIVATE_ADDRS", "true")
         .env("MESH_MDNS_ENABLED", "false")
         .env("MESH_METRICS_LISTEN", "off")
         .stdout(std::process::Stdio::null())

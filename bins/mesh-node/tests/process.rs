@@ -22,6 +22,7 @@ fn node(dir: &Path, port: u16, sim_url: &str) -> Command {
         .env("MESH_LOG_DIR", dir.join("logs"))
         .env("MESH_NODE_SOCKET", dir.join("node.sock"))
         .env("MESH_LISTEN_ADDRS", format!("/ip4/127.0.0.1/tcp/{port}"))
+        .env("MESH_ALLOW_PRIVATE_ADDRS", "true")
         .env("MESH_MDNS_ENABLED", "false")
         .env("MESH_METRICS_LISTEN", "off")
         .env("MESH_BIRDEYE_BASE_URL", sim_url)

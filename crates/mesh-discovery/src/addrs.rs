@@ -4,12 +4,15 @@
 //! replaced by the concrete addresses of the interfaces discovery runs on. Received addresses
 //! that nobody can dial (unspecified, multicast, broadcast, IPv6 link-local without a zone) are
 //! dropped, and loopback addresses are kept only from a peer on the same host, so that a
-//! node on the LAN does not dial itself at `127.0.0.1`.
+//! node on the LAN does not dial itself at `127.0.0.1`. Every received address must also pass
+//! the node's [`AddrFilter`] (as learned on the LAN: private networks pass, loopback only in a
+//! lab, link-local and DNS names never).
 
 use std::collections::HashSet;
 use std::net::IpAddr;
 
 use libp2p_identity::PeerId;
+use mesh_protocol::AddrFilter;
 use multiaddr::{Multiaddr, Protocol};
 use tracing::debug;
 
@@ -93,16 +96,21 @@ pub fn advertised(listen: &[Multiaddr], local_ips: &[IpAddr], max: usize) -> Vec
     dedup_and_cap(out, max)
 }
 
-/// Filters addresses advertised by a peer: undialable IPs dropped, loopback ones kept only when
+/// Filters addresses advertised by a peer on the LAN: those `filter` refuses dropped
+/// ([`AddrFilter::allows_from_lan`]), undialable IPs dropped, loopback ones kept only when
 /// `same_host`, duplicates removed, at most `max`.
 pub fn received(
     addrs: impl IntoIterator<Item = Multiaddr>,
     same_host: bool,
+    filter: AddrFilter,
     max: usize,
 ) -> Vec<Multiaddr> {
-    let usable = addrs.into_iter().filter(|addr| match first_ip(addr) {
-        Some(ip) => is_dialable_ip(ip) && (same_host || !ip.is_loopback()),
-        None => true,
+    let usable = addrs.into_iter().filter(|addr| {
+        filter.allows_from_lan(addr)
+            && match first_ip(addr) {
+                Some(ip) => is_dialable_ip(ip) && (same_host || !ip.is_loopback()),
+                None => true,
+            }
     });
     dedup_and_cap(usable.collect(), max)
 }
@@ -180,18 +188,23 @@ mod tests {
             ma("/ip4/192.168.1.7/tcp/1"),
             ma("/dns4/node.example/tcp/1"),
             ma("/ip4/192.168.1.7/tcp/1"),
+            ma("/ip4/169.254.169.254/tcp/80"),
+            ma("/memory/5"),
         ];
+        let (public, lab) = (AddrFilter::PUBLIC, AddrFilter::lab());
+        assert_eq!(received(addrs.clone(), false, public, 16), vec![ma("/ip4/192.168.1.7/tcp/1")]);
         assert_eq!(
-            received(addrs.clone(), false, 16),
-            vec![ma("/ip4/192.168.1.7/tcp/1"), ma("/dns4/node.example/tcp/1")]
+            received(addrs.clone(), true, public, 16),
+            vec![ma("/ip4/192.168.1.7/tcp/1")],
+            "loopback needs the lab setting, even from this host"
         );
         assert_eq!(
-            received(addrs, true, 16),
-            vec![
-                ma("/ip4/192.168.1.7/tcp/1"),
-                ma("/dns4/node.example/tcp/1"),
-                ma("/ip4/127.0.0.1/tcp/1")
-            ]
+            received(addrs.clone(), false, lab, 16),
+            vec![ma("/ip4/192.168.1.7/tcp/1"), ma("/memory/5")]
+        );
+        assert_eq!(
+            received(addrs, true, lab, 16),
+            vec![ma("/ip4/192.168.1.7/tcp/1"), ma("/memory/5"), ma("/ip4/127.0.0.1/tcp/1")]
         );
     }
 

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use mdns_sd::IfKind;
 
+use mesh_protocol::AddrFilter;
+
 use crate::bootstrap::{self, BootstrapPeer, MAX_BOOTSTRAP_PEERS};
 use crate::txt::MAX_ADDRS;
 
@@ -21,6 +23,8 @@ pub const ENV_MDNS_PORT: &str = "MESH_MDNS_PORT";
 pub const ENV_BOOTSTRAP_PEERS: &str = "MESH_BOOTSTRAP_PEERS";
 /// `MESH_BLE_ENABLED`: scan for BLE advertisements (builds with the `ble` feature only).
 pub const ENV_BLE_ENABLED: &str = "MESH_BLE_ENABLED";
+/// Whether loopback and private addresses learned from peers may be dialed (labs only).
+pub const ENV_ALLOW_PRIVATE_ADDRS: &str = "MESH_ALLOW_PRIVATE_ADDRS";
 
 /// The standard mDNS port.
 pub const MDNS_PORT: u16 = 5353;
@@ -125,6 +129,9 @@ pub struct Config {
     pub max_tracked_peers: usize,
     /// Shortest time between two mDNS re-advertisements; changes in between are merged.
     pub readvertise_interval: Duration,
+    /// `MESH_ALLOW_PRIVATE_ADDRS` (false): which advertised addresses are kept. mDNS keeps
+    /// private networks anyway (it does not cross routers); loopback needs the lab setting.
+    pub addr_filter: AddrFilter,
 }
 
 impl Default for Config {
@@ -139,6 +146,7 @@ impl Default for Config {
             max_addrs_per_peer: MAX_ADDRS,
             max_tracked_peers: 1024,
             readvertise_interval: Duration::from_secs(1),
+            addr_filter: AddrFilter::default(),
         }
     }
 }
@@ -229,13 +237,14 @@ pub fn parse_interfaces(text: &str) -> Result<Vec<MdnsInterface>, BadInterface> 
 }
 
 impl Config {
-    /// mDNS on the loopback interface only, on `port`, without BLE: what tests, demos and
-    /// benchmarks on one machine use.
+    /// mDNS on the loopback interface only, on `port`, without BLE, loopback addresses allowed
+    /// ([`AddrFilter::lab`]): what tests, demos and benchmarks on one machine use.
     pub fn loopback(port: u16) -> Self {
         Self {
             mdns_interfaces: vec![MdnsInterface::Loopback],
             mdns_port: port,
             ble_enabled: false,
+            addr_filter: AddrFilter::lab(),
             ..Self::default()
         }
     }
@@ -315,6 +324,12 @@ impl Config {
                 Err(e) => errors.push(e),
             }
         }
+        if let Some(text) = lookup(ENV_ALLOW_PRIVATE_ADDRS) {
+            match parse_bool(ENV_ALLOW_PRIVATE_ADDRS, &text) {
+                Ok(on) => config.addr_filter = AddrFilter { allow_private: on },
+                Err(e) => errors.push(e),
+            }
+        }
         config.collect_errors(&mut errors);
         if errors.is_empty() { Ok(config) } else { Err(ConfigErrors(errors)) }
     }
@@ -343,6 +358,7 @@ mod tests {
         assert!(config.mdns_interfaces.is_empty());
         assert_eq!(config.mdns_port, 5353);
         assert!(!config.ble_enabled, "BLE scans only when MESH_BLE_ENABLED=true");
+        assert_eq!(config.addr_filter, AddrFilter::PUBLIC, "public addresses only by default");
         assert_eq!(Config::from_lookup(lookup(&[])).unwrap(), config);
         Config::loopback(5454).validate().unwrap();
     }
@@ -356,6 +372,7 @@ mod tests {
             ("MESH_MDNS_PORT", "5454"),
             ("MESH_BOOTSTRAP_PEERS", &format!("/ip4/203.0.113.1/tcp/4001/p2p/{peer}")),
             ("MESH_BLE_ENABLED", "off"),
+            ("MESH_ALLOW_PRIVATE_ADDRS", "true"),
         ]))
         .unwrap();
         assert!(!config.mdns_enabled);
@@ -371,6 +388,7 @@ mod tests {
         assert_eq!(config.bootstrap_peers.len(), 1);
         assert_eq!(config.bootstrap_peers[0].peer_id, peer);
         assert!(!config.ble_enabled);
+        assert_eq!(config.addr_filter, AddrFilter::lab());
         let all = Config::from_lookup(lookup(&[("MESH_MDNS_INTERFACES", " ")])).unwrap();
         assert!(all.mdns_interfaces.is_empty(), "empty means every interface");
     }
@@ -382,6 +400,7 @@ mod tests {
             ("MESH_MDNS_INTERFACES", "eth0,this-name-is-far-too-long"),
             ("MESH_MDNS_PORT", "0"),
             ("MESH_BOOTSTRAP_PEERS", "/ip4/1.2.3.4/tcp/1,nonsense"),
+            ("MESH_ALLOW_PRIVATE_ADDRS", "sometimes"),
         ]))
         .unwrap_err();
         let text = errors.to_string();
@@ -391,10 +410,11 @@ mod tests {
             "MESH_MDNS_PORT=0 is out of range",
             "\"/ip4/1.2.3.4/tcp/1\" does not end with /p2p/<peer id>",
             "\"nonsense\" is not a multiaddr",
+            "MESH_ALLOW_PRIVATE_ADDRS=\"sometimes\"",
         ] {
             assert!(text.contains(needle), "{needle} missing from: {text}");
         }
-        assert_eq!(errors.0.len(), 5, "{text}");
+        assert_eq!(errors.0.len(), 6, "{text}");
 
         let config = Config {
             event_queue_len: 0,

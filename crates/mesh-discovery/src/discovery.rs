@@ -85,6 +85,7 @@ impl Discovery {
             let limits = crate::ble::scanner::Limits {
                 max_addrs: config.max_addrs_per_peer,
                 max_tracked: config.max_tracked_peers,
+                addr_filter: config.addr_filter,
             };
             tracker.spawn(
                 crate::ble::scanner::run(local_peer, events.clone(), cancel.clone(), limits)

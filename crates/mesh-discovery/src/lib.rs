@@ -15,6 +15,10 @@
 //!   under the mesh service UUID, when `MESH_BLE_ENABLED=true` (`mesh-node` builds it with its
 //!   own feature `ble`). Any BLE error means "BLE off", logged once.
 //!
+//! Every advertised address goes through [`AddrFilter`] (`MESH_ALLOW_PRIVATE_ADDRS`), the one
+//! filter the relay applies to addresses learned through identify and peer exchange too: it
+//! lives in mesh-protocol, tier 0, because the relay may not depend on this crate.
+//!
 //! Everything is bounded: the event queue, addresses per peer, peers tracked, TXT and BLE
 //! payload sizes. Records from the network are parsed without panicking and our own
 //! advertisement is ignored.
@@ -61,6 +65,7 @@ pub use discovery::Discovery;
 pub use event::{DiscoveryEvent, Role, Source};
 pub use libp2p_identity::PeerId;
 pub use mdns::SERVICE_TYPE;
+pub use mesh_protocol::addr_filter::{AddrClass, AddrFilter};
 pub use multiaddr::Multiaddr;
 pub use txt::Advertisement;
 

@@ -322,7 +322,12 @@ impl MdnsTask {
             return;
         }
         let same_host = service.addresses.iter().any(|a| seen_on_loopback(a, &self.loopback));
-        let addrs = addrs::received(advert.addrs, same_host, self.config.max_addrs_per_peer);
+        let addrs = addrs::received(
+            advert.addrs,
+            same_host,
+            self.config.addr_filter,
+            self.config.max_addrs_per_peer,
+        );
         if addrs.is_empty() {
             debug!(peer = %advert.peer_id, "mDNS peer advertises no address we can dial");
             return;

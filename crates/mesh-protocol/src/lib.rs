@@ -28,12 +28,14 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod addr_filter;
 pub mod codec;
 pub mod decimal;
 pub mod identity;
 pub mod message;
 pub mod validate;
 
+pub use addr_filter::AddrFilter;
 pub use codec::{
     CodecError, MAX_FRAME_LEN, decode_body, decode_envelope, encode_body, encode_envelope,
 };

@@ -12,6 +12,10 @@
 //!   signatures of new messages in parallel ([`RelayCore::on_prepared`]),
 //!   the peer manager (dial below the minimum, prune above the maximum, ban peers past their
 //!   misbehaviour budget) and peer exchange (`/mesh/pex/1.0.0`).
+//! - [`AddrBook`] keeps where peers are, by source (operator, the peer itself, a successful
+//!   dial, third parties), bounded per claimant; every learned address passes [`AddrFilter`]
+//!   (public only unless `MESH_ALLOW_PRIVATE_ADDRS`), and peer exchange passes on only
+//!   addresses a dial reached.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -29,6 +33,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod addr_book;
 pub mod config;
 pub mod core;
 pub mod framing;
@@ -40,11 +45,13 @@ mod prepare;
 mod rates;
 pub mod stats;
 
+pub use addr_book::AddrBook;
 pub use config::Config;
 pub use core::{CoreConfig, Forward, OriginBudget, OriginRate, Outcome, Prepared, RelayCore};
 pub use lazy::LazyPush;
 pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};
+pub use mesh_protocol::AddrFilter;
 pub use network::{Delivery, Error, PeerStatus, Relay, Result, Status};
 pub use stats::StatsSnapshot;
 

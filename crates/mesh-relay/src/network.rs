@@ -28,7 +28,7 @@ use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::core::transport::MemoryTransport;
 use libp2p::core::upgrade;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::swarm::{ConnectionId, NetworkBehaviour, SwarmEvent};
 use libp2p::{
     Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, Transport, allow_block_list,
     connection_limits, identify, noise, ping, tcp, yamux,
@@ -51,7 +51,7 @@ use crate::config::Config;
 use crate::core::{Forward, Outcome, Prepared, RelayCore};
 use crate::framing::{self, ReadError};
 use crate::lazy::{ControlFrame, HeldIds, Kept, Trees, Wanted};
-use crate::peer_manager::{Action, PeerManager};
+use crate::peer_manager::{self, Action, PeerManager};
 use crate::pex;
 use crate::prepare::{Preparer, RecentIds, Started};
 use crate::stats::{Stats, StatsSnapshot, add, bump};
@@ -145,12 +145,18 @@ struct Behaviour {
 
 enum SwarmCommand {
     Dial(Multiaddr, oneshot::Sender<Result<()>>),
-    AddAddresses { peer: PeerId, addrs: Vec<Multiaddr>, pinned: bool, distance: Option<u8> },
+    AddAddresses {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+        pinned: bool,
+        distance: Option<u8>,
+    },
     Charge(PeerId),
     ProviderHops(PeerId, u8),
     Block(PeerId),
     Unblock(PeerId),
-    PeerExchangeAnswer(Vec<pex::Entry>),
+    /// A peer-exchange answer and the peer that gave it.
+    PeerExchangeAnswer(PeerId, Vec<pex::Entry>),
     SetProvider(bool),
 }
 
@@ -244,7 +250,10 @@ fn build_swarm(identity: &Identity, config: &Config) -> Result<Swarm<Behaviour>>
             identify: identify::Behaviour::new(
                 identify::Config::new(IDENTIFY_PROTOCOL.to_owned(), key.public())
                     .with_agent_version(format!("mesh/{}", env!("CARGO_PKG_VERSION")))
-                    .with_push_listen_addr_updates(true),
+                    .with_push_listen_addr_updates(true)
+                    // No cache of peers' unfiltered listen addresses for the swarm to dial:
+                    // dials go only where the peer manager's address book says.
+                    .with_cache_size(0),
             ),
             ping: ping::Behaviour::new(
                 ping::Config::new()
@@ -334,7 +343,17 @@ impl Relay {
             SwarmTask {
                 swarm,
                 listeners,
-                peers: PeerManager::new(peer_id, ctx.config.peers.clone()),
+                peers: PeerManager::new(
+                    peer_id,
+                    peer_manager::Config {
+                        // Addresses are confirmed only to be passed on.
+                        confirm_reported: ctx.config.peers.confirm_reported
+                            && ctx.config.peer_exchange,
+                        ..ctx.config.peers.clone()
+                    },
+                ),
+                confirming: HashMap::new(),
+                refused_logged: false,
                 commands: swarm_rx,
                 status: status_tx,
                 exchange: exchange.clone(),
@@ -449,8 +468,11 @@ impl Relay {
         answer.await.map_err(|_| Error::Stopped)?
     }
 
-    /// Tells the peer manager about a peer's addresses (from discovery). `distance` is the
-    /// peer's advertised hop distance to a provider.
+    /// Tells the peer manager about a peer's addresses (from local discovery: mDNS, BLE).
+    /// They are claims anyone on the link can make: filtered ([`crate::AddrFilter`], private LAN
+    /// addresses allowed), bounded, and never displacing what the operator or the peer itself
+    /// said ([`crate::AddrBook`]). `distance` is the peer's advertised hop distance to a
+    /// provider.
     pub async fn add_peer_addresses(
         &self,
         peer: PeerId,
@@ -531,6 +553,10 @@ struct SwarmTask {
     /// [`PeerManager::exchange_version`] of the list in `exchange` (0: the empty list of a
     /// new manager).
     exchange_version: u64,
+    /// Confirming dials in flight ([`Action::Confirm`]), by connection.
+    confirming: HashMap<ConnectionId, (PeerId, Multiaddr)>,
+    /// Whether refused learned addresses were logged yet (once; then only counted).
+    refused_logged: bool,
     is_provider: bool,
     ctx: Context,
 }
@@ -628,6 +654,45 @@ impl SwarmTask {
                 self.swarm.behaviour_mut().blocked.unblock_peer(peer);
             }
             Action::AskPeers(peer) => self.ask_peers(peer),
+            Action::Confirm(peer, addr) => {
+                // A second connection to a peer that dialed in, only to prove the address it
+                // reported; closed as soon as it is up.
+                let opts = DialOpts::peer_id(peer)
+                    .addresses(vec![addr.clone()])
+                    .condition(PeerCondition::Always)
+                    .build();
+                let id = opts.connection_id();
+                match self.swarm.dial(opts) {
+                    Ok(()) => {
+                        // Bounded by the manager (a few at a time); this only guards against
+                        // results that never come.
+                        if self.confirming.len() >= 64 {
+                            self.confirming.clear();
+                        }
+                        self.confirming.insert(id, (peer, addr));
+                    }
+                    Err(_) => self.peers.on_confirm_result(peer, addr, false),
+                }
+            }
+        }
+    }
+
+    /// Learned addresses the filter refused: counted, and logged the first time.
+    fn count_refused(&mut self, peer: PeerId, how: &'static str, refused: usize) {
+        if refused == 0 {
+            return;
+        }
+        metrics::counter!("mesh_relay_addrs_refused_total").increment(refused as u64);
+        if self.refused_logged {
+            debug!(%peer, refused, how, "learned addresses refused");
+        } else {
+            self.refused_logged = true;
+            info!(
+                %peer, refused, how,
+                "learned addresses refused: not public (MESH_ALLOW_PRIVATE_ADDRS=false), \
+                 link-local or DNS names; further refusals are only counted \
+                 (mesh_relay_addrs_refused_total)"
+            );
         }
     }
 
@@ -653,7 +718,7 @@ impl SwarmTask {
                 };
                 if let Some(entries) = answer {
                     debug!(%peer, entries = entries.len(), "peer exchange answer");
-                    let _ = swarm_tx.try_send(SwarmCommand::PeerExchangeAnswer(entries));
+                    let _ = swarm_tx.try_send(SwarmCommand::PeerExchangeAnswer(peer, entries));
                 }
             }
             .instrument(info_span!("pex_ask", %peer)),
@@ -666,9 +731,8 @@ impl SwarmTask {
                 let _ = reply.send(self.dial_addr(addr));
             }
             SwarmCommand::AddAddresses { peer, addrs, pinned, distance } => {
-                for a in &addrs {
-                    self.swarm.add_peer_address(peer, a.clone());
-                }
+                // Only the peer manager's address book feeds dials: no address goes to the
+                // swarm's own (unfiltered) address lists.
                 self.peers.add_addresses(peer, addrs, pinned);
                 if distance.is_some() {
                     self.peers.set_known_distance(peer, distance);
@@ -686,13 +750,13 @@ impl SwarmTask {
             SwarmCommand::Unblock(peer) => {
                 self.swarm.behaviour_mut().blocked.unblock_peer(peer);
             }
-            SwarmCommand::PeerExchangeAnswer(entries) => {
-                let local = *self.swarm.local_peer_id();
-                for (peer, addrs) in entries {
-                    if peer != local && !addrs.is_empty() {
-                        self.peers.add_addresses(peer, addrs, false);
-                    }
+            SwarmCommand::PeerExchangeAnswer(from, entries) => {
+                let outcome = self.peers.on_exchange_answer(from, entries);
+                if outcome.repeated > 0 {
+                    metrics::counter!("mesh_relay_pex_repeats_total")
+                        .increment(outcome.repeated as u64);
                 }
+                self.count_refused(from, "peer exchange", outcome.refused);
             }
             SwarmCommand::SetProvider(provider) => {
                 self.is_provider = provider;
@@ -735,13 +799,22 @@ impl SwarmTask {
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.status.send_modify(|s| s.listen_addrs.retain(|a| *a != address));
             }
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
-                if endpoint.is_dialer() {
-                    self.peers.add_addresses(
-                        peer_id,
-                        vec![endpoint.get_remote_address().clone()],
-                        false,
-                    );
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                connection_id,
+                ..
+            } => {
+                if let Some((peer, addr)) = self.confirming.remove(&connection_id) {
+                    self.peers.on_confirm_result(peer, addr, true);
+                    if num_established.get() > 1 {
+                        self.swarm.close_connection(connection_id);
+                        return;
+                    }
+                    // The first link went meanwhile: this one is the link now.
+                } else if endpoint.is_dialer() {
+                    self.peers.on_dialed(peer_id, endpoint.get_remote_address().clone());
                 }
                 if num_established.get() == 1 {
                     debug!(peer = %peer_id, "peer connected");
@@ -761,8 +834,21 @@ impl SwarmTask {
                 }
                 self.publish_status();
             }
+            SwarmEvent::OutgoingConnectionError { connection_id, .. }
+                if self.confirming.contains_key(&connection_id) =>
+            {
+                if let Some((peer, addr)) = self.confirming.remove(&connection_id) {
+                    debug!(%peer, %addr, "reported address not confirmed");
+                    self.peers.on_confirm_result(peer, addr, false);
+                }
+            }
             SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
                 debug!(%peer, %error, "dial failed");
+                if let libp2p::swarm::DialError::Transport(failed) = &error {
+                    for (addr, _) in failed {
+                        self.peers.on_addr_failed(&peer, addr);
+                    }
+                }
                 self.peers.on_dial_failed(&peer, now);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
@@ -775,11 +861,9 @@ impl SwarmTask {
                     let _ = self.swarm.disconnect_peer_id(peer_id);
                     return;
                 }
-                let addrs: Vec<Multiaddr> = info.listen_addrs.into_iter().take(8).collect();
-                for a in &addrs {
-                    self.swarm.add_peer_address(peer_id, a.clone());
-                }
-                self.peers.add_addresses(peer_id, addrs, false);
+                let addrs: Vec<Multiaddr> = info.listen_addrs.into_iter().take(16).collect();
+                let refused = self.peers.on_identify(peer_id, addrs);
+                self.count_refused(peer_id, "identify", refused);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(ping::Event {
                 peer,

@@ -14,13 +14,26 @@
 //! (peers dialing in push it up between two explores) instead of drifting up to the maximum.
 //! A peer that sends more invalid messages than its budget allows within a window is banned
 //! for a while.
+//!
+//! Where peers can be dialed is the [`AddrBook`]'s business: configured, self-reported,
+//! confirmed and third-party addresses kept apart, every learned address filtered. The manager
+//! keeps at most [`Config::max_dials_per_ip`] dials in flight to one IP (loopback aside, which
+//! only a lab allows and where every node shares it), so that addresses a peer hands out
+//! cannot turn the mesh against one host, and it dials a peer that dialed in once at an
+//! address it reported ([`Action::Confirm`]), so that peer exchange passes on only addresses
+//! somebody reached.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
 use std::time::Duration;
 
+use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
+use mesh_protocol::AddrFilter;
 use rand::seq::SliceRandom;
 use tokio::time::Instant;
+
+use crate::addr_book::{AddrBook, ClaimOutcome, Claimant};
 
 /// Peer manager settings.
 #[derive(Debug, Clone)]
@@ -45,6 +58,13 @@ pub struct Config {
     /// random about this often (between half and one and a half times it); `None` never. From
     /// [`PeerManager::target`] on, each such link replaces older ones (down to the target).
     pub explore_interval: Option<Duration>,
+    /// Which learned addresses may be dialed and passed on (`MESH_ALLOW_PRIVATE_ADDRS`).
+    pub addr_filter: AddrFilter,
+    /// Dials in flight to one IP (loopback excepted).
+    pub max_dials_per_ip: usize,
+    /// Dial a peer that dialed in at an address it reported, once, to confirm the address
+    /// for peer exchange (on whenever peer exchange is).
+    pub confirm_reported: bool,
 }
 
 impl Default for Config {
@@ -59,6 +79,9 @@ impl Default for Config {
             redial_backoff: Duration::from_secs(1),
             max_known_peers: 1000,
             explore_interval: Some(Duration::from_secs(30)),
+            addr_filter: AddrFilter::default(),
+            max_dials_per_ip: 2,
+            confirm_reported: true,
         }
     }
 }
@@ -76,7 +99,18 @@ pub enum Action {
     Unban(PeerId),
     /// Ask this connected peer for the peers it knows (peer exchange).
     AskPeers(PeerId),
+    /// Dial this connected peer once more at an address it reported, and close that extra
+    /// connection when it is up: the address is then confirmed
+    /// ([`PeerManager::on_confirm_result`]).
+    Confirm(PeerId, Multiaddr),
 }
+
+/// Confirming dials in flight at once.
+const MAX_CONFIRMS: usize = 2;
+/// Confirming dials per connection of a peer.
+const CONFIRMS_PER_PEER: usize = 2;
+/// A confirming dial with no result by then is given up.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// While below the minimum, how often a connected peer is asked again for its peers.
 const ASK_AGAIN: Duration = Duration::from_secs(5);
@@ -89,11 +123,12 @@ struct Connected {
     distance: Option<u8>,
     /// When we last asked this peer for its peers (peer exchange).
     asked_at: Option<Instant>,
+    /// Confirming dials made during this connection.
+    confirms: usize,
 }
 
 #[derive(Debug, Clone, Default)]
 struct Known {
-    addrs: Vec<Multiaddr>,
     distance: Option<u8>,
     failures: u32,
     retry_at: Option<Instant>,
@@ -108,7 +143,12 @@ pub struct PeerManager {
     local: PeerId,
     connected: HashMap<PeerId, Connected>,
     known: HashMap<PeerId, Known>,
+    book: AddrBook,
     dialing: HashSet<PeerId>,
+    /// The IPs each dial in flight goes to (the per-IP bound).
+    dial_ips: HashMap<PeerId, Vec<IpAddr>>,
+    /// Confirming dials in flight: peer, address, since when.
+    confirming: HashMap<PeerId, (Multiaddr, Instant)>,
     bans: HashMap<PeerId, Instant>,
     charges: HashMap<PeerId, VecDeque<Instant>>,
     bans_total: u64,
@@ -120,25 +160,30 @@ pub struct PeerManager {
     exchange_version: u64,
 }
 
-/// Most addresses remembered per peer.
-const MAX_ADDRS_PER_PEER: usize = 8;
-
 impl PeerManager {
     /// A manager for the node `local`.
     pub fn new(local: PeerId, config: Config) -> Self {
         Self {
-            config,
             local,
             connected: HashMap::new(),
             known: HashMap::new(),
+            book: AddrBook::new(config.addr_filter),
             dialing: HashSet::new(),
+            dial_ips: HashMap::new(),
+            confirming: HashMap::new(),
             bans: HashMap::new(),
             charges: HashMap::new(),
             bans_total: 0,
             explore_at: None,
             replacing: None,
             exchange_version: 0,
+            config,
         }
+    }
+
+    /// The address book.
+    pub fn book(&self) -> &AddrBook {
+        &self.book
     }
 
     /// A number that changes whenever [`PeerManager::exchange_list`] may give another answer
@@ -190,52 +235,144 @@ impl PeerManager {
         self.connected.get(peer).and_then(|c| c.distance)
     }
 
-    /// Addresses to hand out in peer exchange: connected and known peers with addresses.
+    /// Addresses to hand out in peer exchange: connected peers at the addresses we reached
+    /// them at (never what a third party or the peer alone said).
     pub fn exchange_list(&self, limit: usize) -> Vec<(PeerId, Vec<Multiaddr>)> {
         // Walks the few connected peers, not the (up to `max_known_peers`) known ones: this
         // runs on every tick of every relay.
         let mut list: Vec<(PeerId, Vec<Multiaddr>)> = self
             .connected
             .keys()
-            .filter_map(|peer| self.known.get(peer).map(|k| (*peer, k)))
-            .filter(|(_, k)| !k.addrs.is_empty())
-            .map(|(peer, k)| (peer, k.addrs.clone()))
+            .map(|peer| (*peer, self.book.exchange_addrs(peer)))
+            .filter(|(_, addrs)| !addrs.is_empty())
+            .map(|(peer, addrs)| (peer, addrs.to_vec()))
             .collect();
         list.shuffle(&mut rand::thread_rng());
         list.truncate(limit);
         list
     }
 
-    /// Remembers addresses of `peer` (from discovery, bootstrap, identify or peer exchange).
-    /// `pinned` peers (bootstrap) are kept and retried forever.
+    /// Remembers addresses of `peer`: `pinned` ones are the operator's (bootstrap, dialed by
+    /// hand), kept, never filtered and retried forever; others came from local discovery
+    /// (mDNS, BLE), claims anyone on the link can make, filtered and bounded.
     pub fn add_addresses(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, pinned: bool) {
         if peer == self.local {
             return;
         }
-        self.exchange_version += 1;
-        if !self.known.contains_key(&peer) && self.known.len() >= self.config.max_known_peers {
-            // Forget an unpinned, unconnected peer to make room.
-            let victim = self
-                .known
-                .iter()
-                .find(|(p, k)| !k.pinned && !self.connected.contains_key(p))
-                .map(|(p, _)| *p);
-            match victim {
-                Some(v) => {
-                    self.known.remove(&v);
-                }
-                None => return,
+        if pinned {
+            if !self.make_room(peer) {
+                return;
+            }
+            self.book.configure(peer, addrs);
+            self.known.entry(peer).or_default().pinned = true;
+            self.sync_known(peer);
+        } else {
+            self.book.claim(Claimant::Lan, self.local, [(peer, addrs)]);
+            self.admit(peer);
+        }
+    }
+
+    /// `peer` said (identify) where it listens. Returns how many addresses the filter refused.
+    pub fn on_identify(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) -> usize {
+        if peer == self.local || !self.make_room(peer) {
+            return addrs.len();
+        }
+        let refused = self.book.report(peer, addrs);
+        self.known.entry(peer).or_default();
+        self.sync_known(peer);
+        refused
+    }
+
+    /// A peer-exchange answer from `from`: claims about other peers, de-duplicated, filtered
+    /// and bounded per claimant.
+    pub fn on_exchange_answer(
+        &mut self,
+        from: PeerId,
+        entries: Vec<(PeerId, Vec<Multiaddr>)>,
+    ) -> ClaimOutcome {
+        let peers: Vec<PeerId> = entries.iter().map(|(p, _)| *p).collect();
+        let outcome = self.book.claim(Claimant::Peer(from), self.local, entries);
+        for peer in peers {
+            if peer != self.local {
+                self.admit(peer);
             }
         }
-        let known = self.known.entry(peer).or_default();
-        known.pinned |= pinned;
-        for addr in addrs {
-            if !known.addrs.contains(&addr) {
-                if known.addrs.len() >= MAX_ADDRS_PER_PEER {
-                    known.addrs.remove(0);
-                }
-                known.addrs.push(addr);
+        outcome
+    }
+
+    /// After claims about `peer`: a new peer with an address that passed the filter enters
+    /// the known table when there is room (else its claims go); filtered-out or repeated
+    /// entries never push a known peer out.
+    fn admit(&mut self, peer: PeerId) {
+        if !self.known.contains_key(&peer) && self.book.has_addrs(&peer) {
+            if self.make_room(peer) {
+                self.known.insert(peer, Known::default());
+            } else {
+                self.book.forget(&peer);
             }
+        }
+        self.sync_known(peer);
+    }
+
+    /// We dialed `peer` at `addr` and it answered with its key: the address is confirmed.
+    pub fn on_dialed(&mut self, peer: PeerId, addr: Multiaddr) {
+        if peer == self.local || !self.make_room(peer) {
+            return;
+        }
+        self.book.confirm(peer, strip_p2p(addr));
+        self.known.entry(peer).or_default();
+        self.exchange_version += 1;
+    }
+
+    /// The result of a confirming dial ([`Action::Confirm`]).
+    pub fn on_confirm_result(&mut self, peer: PeerId, addr: Multiaddr, reached: bool) {
+        if self.confirming.get(&peer).is_some_and(|(a, _)| *a == addr) {
+            self.confirming.remove(&peer);
+        }
+        if reached {
+            self.on_dialed(peer, addr);
+        } else {
+            self.book.failed(&peer, &addr);
+        }
+    }
+
+    /// Room in the known table for `peer`: true when it is known or a peer that is neither
+    /// pinned nor connected could go (those without any address first).
+    fn make_room(&mut self, peer: PeerId) -> bool {
+        if self.known.contains_key(&peer) || self.known.len() < self.config.max_known_peers {
+            return true;
+        }
+        let mut victim = None;
+        for (p, k) in &self.known {
+            if k.pinned || self.connected.contains_key(p) || self.dialing.contains(p) {
+                continue;
+            }
+            victim = Some(*p);
+            if !self.book.has_addrs(p) {
+                break;
+            }
+        }
+        match victim {
+            Some(v) => {
+                self.known.remove(&v);
+                self.book.forget(&v);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Something about `peer` changed: the exchange list may change, and a peer the book no
+    /// longer has any address of (its claims were evicted) leaves the known table unless
+    /// it is connected.
+    fn sync_known(&mut self, peer: PeerId) {
+        self.exchange_version += 1;
+        if !self.book.has_addrs(&peer)
+            && !self.connected.contains_key(&peer)
+            && !self.dialing.contains(&peer)
+            && self.known.get(&peer).is_some_and(|k| !k.pinned)
+        {
+            self.known.remove(&peer);
         }
     }
 
@@ -250,6 +387,7 @@ impl PeerManager {
     pub fn on_connected(&mut self, peer: PeerId, now: Instant) {
         self.exchange_version += 1;
         self.dialing.remove(&peer);
+        self.dial_ips.remove(&peer);
         if let Some(k) = self.known.get_mut(&peer) {
             k.failures = 0;
             k.retry_at = None;
@@ -258,6 +396,7 @@ impl PeerManager {
             since: now,
             distance: self.known.get(&peer).and_then(|k| k.distance),
             asked_at: None,
+            confirms: 0,
         });
     }
 
@@ -265,6 +404,7 @@ impl PeerManager {
     pub fn on_disconnected(&mut self, peer: &PeerId, now: Instant) {
         self.exchange_version += 1;
         self.dialing.remove(peer);
+        self.dial_ips.remove(peer);
         if let Some(c) = self.connected.remove(peer)
             && let Some(k) = self.known.get_mut(peer)
         {
@@ -277,11 +417,19 @@ impl PeerManager {
     /// A dial of `peer` failed.
     pub fn on_dial_failed(&mut self, peer: &PeerId, now: Instant) {
         self.dialing.remove(peer);
+        self.dial_ips.remove(peer);
         if let Some(k) = self.known.get_mut(peer) {
             k.failures = k.failures.saturating_add(1);
             let factor = 1u32 << k.failures.min(6);
             k.retry_at = Some(now + self.config.redial_backoff * factor);
         }
+    }
+
+    /// A dial of `peer` failed at `addr` (among others): the address loses its confirmation
+    /// and a third party's claim of it goes.
+    pub fn on_addr_failed(&mut self, peer: &PeerId, addr: &Multiaddr) {
+        self.book.failed(peer, &strip_p2p(addr.clone()));
+        self.exchange_version += 1;
     }
 
     /// A provider message arrived through `peer` with `hop_count`: the peer is
@@ -321,6 +469,9 @@ impl PeerManager {
             self.connected.remove(&peer);
             self.exchange_version += 1;
             self.dialing.remove(&peer);
+            self.dial_ips.remove(&peer);
+            // What it claimed about others goes with it.
+            self.book.forget_claims_by(Claimant::Peer(peer));
             return Some(Action::Ban(peer));
         }
         None
@@ -345,14 +496,16 @@ impl PeerManager {
             let mut candidates = self.dial_candidates(now);
             // Prefer lower distance to a provider; unknown distance last; random among equals.
             candidates.sort_by_key(|(_, k)| k.distance.unwrap_or(u8::MAX));
-            let dials: Vec<(PeerId, Vec<Multiaddr>)> = candidates
-                .into_iter()
-                .take(self.config.min_peers - have)
-                .map(|(p, k)| (*p, k.addrs.clone()))
-                .collect();
-            for (peer, addrs) in dials {
-                self.dialing.insert(peer);
-                actions.push(Action::Dial(peer, addrs));
+            let candidates: Vec<PeerId> = candidates.into_iter().map(|(p, _)| *p).collect();
+            let mut wanted = self.config.min_peers - have;
+            for peer in candidates {
+                if wanted == 0 {
+                    break;
+                }
+                if let Some(action) = self.start_dial(peer) {
+                    actions.push(action);
+                    wanted -= 1;
+                }
             }
             // Still short of candidates: ask connected peers, again every `ASK_AGAIN` while
             // short (an answer can be lost: a busy peer drops requests, and an early answer
@@ -381,6 +534,10 @@ impl PeerManager {
 
         if let Some(every) = self.config.explore_interval {
             self.explore(every, have, now, &mut actions);
+        }
+
+        if self.config.confirm_reported {
+            self.confirm(now, &mut actions);
         }
 
         if self.connected.len() > self.config.max_peers {
@@ -420,13 +577,90 @@ impl PeerManager {
         }
     }
 
+    /// IPs with dials in flight (normal and confirming), and how many each.
+    fn ip_load(&self) -> HashMap<IpAddr, usize> {
+        let mut load: HashMap<IpAddr, usize> = HashMap::new();
+        let confirming = self.confirming.values().filter_map(|(a, _)| capped_ip(a));
+        for ip in self.dial_ips.values().flatten().copied().chain(confirming) {
+            *load.entry(ip).or_default() += 1;
+        }
+        load
+    }
+
+    /// The dial of `peer` at the addresses of the book whose IP is below its bound; `None`
+    /// when every address is at the bound (the peer waits for a later tick).
+    fn start_dial(&mut self, peer: PeerId) -> Option<Action> {
+        let mut load = self.ip_load();
+        let mut ips = Vec::new();
+        let addrs: Vec<Multiaddr> = self
+            .book
+            .dial_addrs(&peer)
+            .into_iter()
+            .filter(|a| match capped_ip(a) {
+                None => true,
+                Some(ip) => {
+                    let n = load.entry(ip).or_default();
+                    if *n >= self.config.max_dials_per_ip {
+                        return false;
+                    }
+                    *n += 1;
+                    ips.push(ip);
+                    true
+                }
+            })
+            .collect();
+        if addrs.is_empty() {
+            return None;
+        }
+        self.dialing.insert(peer);
+        self.dial_ips.insert(peer, ips);
+        Some(Action::Dial(peer, addrs))
+    }
+
+    /// Confirming dials: a connected peer none of whose addresses we reached (it dialed in) is
+    /// dialed once at an address it reported, a few at a time.
+    fn confirm(&mut self, now: Instant, actions: &mut Vec<Action>) {
+        self.confirming.retain(|_, (_, since)| now.duration_since(*since) < CONFIRM_TIMEOUT);
+        if self.confirming.len() >= MAX_CONFIRMS {
+            return;
+        }
+        let load = self.ip_load();
+        let mut picks = Vec::new();
+        for (peer, c) in &self.connected {
+            if picks.len() + self.confirming.len() >= MAX_CONFIRMS {
+                break;
+            }
+            if c.confirms >= CONFIRMS_PER_PEER
+                || self.confirming.contains_key(peer)
+                || !self.book.exchange_addrs(peer).is_empty()
+            {
+                continue;
+            }
+            let addr = self.book.unconfirmed_reported(peer).find(|a| {
+                capped_ip(a).is_none_or(|ip| {
+                    load.get(&ip).copied().unwrap_or(0) < self.config.max_dials_per_ip
+                })
+            });
+            if let Some(addr) = addr {
+                picks.push((*peer, addr.clone()));
+            }
+        }
+        for (peer, addr) in picks {
+            if let Some(c) = self.connected.get_mut(&peer) {
+                c.confirms += 1;
+            }
+            self.confirming.insert(peer, (addr.clone(), now));
+            actions.push(Action::Confirm(peer, addr));
+        }
+    }
+
     /// Known peers that may be dialed now, in random order.
     fn dial_candidates(&self, now: Instant) -> Vec<(&PeerId, &Known)> {
         let mut candidates: Vec<(&PeerId, &Known)> = self
             .known
             .iter()
             .filter(|(p, k)| {
-                !k.addrs.is_empty()
+                self.book.has_addrs(p)
                     && !self.connected.contains_key(p)
                     && !self.dialing.contains(p)
                     && !self.bans.contains_key(p)
@@ -451,13 +685,15 @@ impl PeerManager {
         if have < self.config.min_peers || have >= self.config.max_peers {
             return;
         }
-        let pick = self.dial_candidates(now).first().map(|(p, k)| (**p, k.addrs.clone()));
-        if let Some((peer, addrs)) = pick {
-            self.dialing.insert(peer);
-            if self.connected.len() >= self.target() {
-                self.replacing = Some(peer);
+        let picks: Vec<PeerId> = self.dial_candidates(now).iter().map(|(p, _)| **p).collect();
+        for peer in picks {
+            if let Some(action) = self.start_dial(peer) {
+                if self.connected.len() >= self.target() {
+                    self.replacing = Some(peer);
+                }
+                actions.push(action);
+                break;
             }
-            actions.push(Action::Dial(peer, addrs));
         }
     }
 
@@ -470,6 +706,25 @@ impl PeerManager {
     pub fn on_dialing(&mut self, peer: PeerId) {
         self.dialing.insert(peer);
     }
+}
+
+/// The IP an address goes to when the per-IP dial bound applies to it: not for loopback, which
+/// only a lab allows and where every node shares one IP.
+fn capped_ip(addr: &Multiaddr) -> Option<IpAddr> {
+    let ip = match addr.iter().next()? {
+        Protocol::Ip4(ip) => IpAddr::V4(ip),
+        Protocol::Ip6(ip) => IpAddr::V6(ip),
+        _ => return None,
+    };
+    (!ip.is_loopback()).then_some(ip)
+}
+
+/// `addr` without a trailing `/p2p/<peer id>`.
+fn strip_p2p(mut addr: Multiaddr) -> Multiaddr {
+    if matches!(addr.iter().last(), Some(Protocol::P2p(_))) {
+        addr.pop();
+    }
+    addr
 }
 
 /// Between half and one and a half times `every`, so that nodes started together do not
@@ -487,7 +742,7 @@ mod tests {
     }
 
     fn addr(n: u16) -> Multiaddr {
-        format!("/ip4/127.0.0.1/tcp/{n}").parse().unwrap()
+        format!("/ip4/11.0.0.{}/tcp/{n}", n % 250).parse().unwrap()
     }
 
     fn manager(min: usize, max: usize) -> PeerManager {
@@ -750,6 +1005,90 @@ mod tests {
         assert_eq!(m.own_distance(true), Some(0));
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn dials_to_one_ip_are_bounded() {
+        let mut m = manager(6, 10);
+        let ip_addr =
+            |port: u16| -> Multiaddr { format!("/ip4/11.9.9.9/tcp/{port}").parse().unwrap() };
+        // Five peers at one IP (a peer-exchange answer steering the mesh at one host) and one
+        // elsewhere.
+        let crowd: Vec<PeerId> = (0..5).map(|_| peer()).collect();
+        for (i, p) in crowd.iter().enumerate() {
+            m.add_addresses(*p, vec![ip_addr(4000 + i as u16)], false);
+        }
+        let other = peer();
+        m.add_addresses(other, vec![addr(1)], false);
+        let dialed: Vec<PeerId> = m
+            .tick(Instant::now())
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Dial(p, _) => Some(p),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(dialed.iter().filter(|p| crowd.contains(p)).count(), 2, "{dialed:?}");
+        assert!(dialed.contains(&other));
+        // One finishes: one more to that IP.
+        let first = *dialed.iter().find(|p| crowd.contains(p)).unwrap();
+        m.on_dial_failed(&first, Instant::now());
+        let next = m.tick(Instant::now());
+        assert_eq!(next.len(), 1, "{next:?}");
+        // Loopback is not bounded (a lab, where every node shares it).
+        let mut lab = PeerManager::new(
+            peer(),
+            Config { min_peers: 6, addr_filter: AddrFilter::lab(), ..Config::default() },
+        );
+        for i in 0..5 {
+            let a: Multiaddr = format!("/ip4/127.0.0.1/tcp/{}", 4000 + i).parse().unwrap();
+            lab.add_addresses(peer(), vec![a], false);
+        }
+        assert_eq!(lab.tick(Instant::now()).len(), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_dialed_in_is_passed_on_only_once_a_dial_reached_it() {
+        let mut m = manager(0, 10);
+        let p = peer();
+        m.on_connected(p, Instant::now());
+        let refused = m.on_identify(p, vec![addr(1), "/ip4/10.0.0.1/tcp/1".parse().unwrap()]);
+        assert_eq!(refused, 1, "a private address is refused by default");
+        assert!(m.exchange_list(10).is_empty(), "reported, not reached");
+        let actions = m.tick(Instant::now());
+        assert_eq!(actions, vec![Action::Confirm(p, addr(1))]);
+        assert!(m.tick(Instant::now()).is_empty(), "one confirming dial at a time per peer");
+        m.on_confirm_result(p, addr(1), true);
+        assert_eq!(m.exchange_list(10), vec![(p, vec![addr(1)])]);
+        assert!(m.tick(Instant::now()).is_empty(), "confirmed: no more dials");
+        // A peer whose reported address does not answer is not passed on, and is tried a
+        // bounded number of times per connection.
+        let q = peer();
+        m.on_connected(q, Instant::now());
+        m.on_identify(q, vec![addr(2)]);
+        for _ in 0..CONFIRMS_PER_PEER {
+            assert_eq!(m.tick(Instant::now()), vec![Action::Confirm(q, addr(2))]);
+            m.on_confirm_result(q, addr(2), false);
+        }
+        assert!(m.tick(Instant::now()).is_empty());
+        assert_eq!(m.exchange_list(10).len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_or_repeated_entries_push_no_known_peer_out() {
+        let mut m = PeerManager::new(peer(), Config { max_known_peers: 2, ..Config::default() });
+        let (a, b) = (peer(), peer());
+        m.add_addresses(a, vec![addr(1)], false);
+        m.add_addresses(b, vec![addr(2)], false);
+        let from = peer();
+        let private: Vec<(PeerId, Vec<Multiaddr>)> =
+            (0..32).map(|_| (peer(), vec!["/ip4/10.0.0.1/tcp/6379".parse().unwrap()])).collect();
+        let outcome = m.on_exchange_answer(from, private);
+        assert_eq!(outcome.refused, 32);
+        let repeated: Vec<(PeerId, Vec<Multiaddr>)> = (0..32).map(|_| (a, vec![addr(1)])).collect();
+        assert_eq!(m.on_exchange_answer(from, repeated).kept, 0);
+        assert_eq!(m.known_count(), 2);
+        assert!(m.book().has_addrs(&a) && m.book().has_addrs(&b));
+    }
+
     /// The exchange list is rebuilt only when its version moves: every change to it must move
     /// the version, and a tick that changes nothing must not.
     #[tokio::test(start_paused = true)]
@@ -767,6 +1106,9 @@ mod tests {
         assert!(moved(&m), "addresses added");
         m.on_connected(a, Instant::now());
         assert!(moved(&m), "a peer connected");
+        assert!(m.exchange_list(10).is_empty(), "only addresses we reached it at are passed on");
+        m.on_dialed(a, addr(1));
+        assert!(moved(&m), "an address confirmed");
         assert_eq!(m.exchange_list(10), vec![(a, vec![addr(1)])]);
         assert!(m.tick(Instant::now()).is_empty());
         assert!(!moved(&m), "a tick that changed nothing");
@@ -775,7 +1117,7 @@ mod tests {
         assert!(m.exchange_list(10).is_empty());
         // Pruned above the maximum (2): one of three goes.
         for p in [a, b, c] {
-            m.add_addresses(p, vec![addr(2)], false);
+            m.on_dialed(p, addr(2));
             m.on_connected(p, Instant::now());
         }
         moved(&m);

@@ -119,6 +119,12 @@ pub const VARIABLES: &[Variable] = &[
         "true/false",
         "scan for peers over Bluetooth LE (build feature `ble`; true is refused without it)",
     ),
+    var(
+        "MESH_ALLOW_PRIVATE_ADDRS",
+        "false",
+        "true/false",
+        "dial loopback and private peer addresses learned from peers (labs on one host or in namespaces only)",
+    ),
     var("MESH_DATA_DIR", "data", "path", "node key, provider key, SQLite file"),
     var("MESH_NODE_SOCKET", "data/node.sock", "path", "Unix socket for mesh-api"),
     var("MESH_LOG_DIR", "logs", "path", "directory of app.log"),
@@ -281,7 +287,8 @@ pub struct NodeConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// `MESH_LISTEN_ADDRS`.
     pub listen_addrs: Vec<Multiaddr>,
-    /// `MESH_MDNS_*`, `MESH_BOOTSTRAP_PEERS`, `MESH_BLE_ENABLED`.
+    /// `MESH_MDNS_*`, `MESH_BOOTSTRAP_PEERS`, `MESH_BLE_ENABLED`, `MESH_ALLOW_PRIVATE_ADDRS`
+    /// (`addr_filter`, which the relay applies too).
     pub discovery: mesh_discovery::Config,
     /// `MESH_MIN_PEER_CONNECTIONS`.
     pub min_peers: usize,
@@ -608,6 +615,7 @@ impl NodeConfig {
                     .join(","),
                 "MESH_MDNS_PORT" => self.discovery.mdns_port.to_string(),
                 "MESH_BLE_ENABLED" => self.discovery.ble_enabled.to_string(),
+                "MESH_ALLOW_PRIVATE_ADDRS" => self.discovery.addr_filter.allow_private.to_string(),
                 "MESH_DATA_DIR" => self.data_dir.display().to_string(),
                 "MESH_NODE_SOCKET" => self.socket.display().to_string(),
                 "MESH_LOG_DIR" => self.log_dir.display().to_string(),

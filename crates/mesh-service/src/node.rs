@@ -572,6 +572,7 @@ fn relay_config(config: &NodeConfig, seen: Vec<mesh_storage::SeenRow>) -> mesh_r
             min_peers: config.min_peers,
             max_peers: config.max_peers,
             explore_interval: config.explore_interval,
+            addr_filter: config.discovery.addr_filter,
             ..defaults.peers.clone()
         },
         core: mesh_relay::CoreConfig {

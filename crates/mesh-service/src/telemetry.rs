@@ -280,6 +280,15 @@ fn describe() {
     describe_counter!("mesh_relay_dropped_total", "Relay frames dropped, by reason");
     describe_counter!("mesh_relay_bans_total", "Peers banned for invalid messages");
     describe_counter!(
+        "mesh_relay_addrs_refused_total",
+        "Peer addresses learned through identify or peer exchange that the address filter \
+         refused (MESH_ALLOW_PRIVATE_ADDRS)"
+    );
+    describe_counter!(
+        "mesh_relay_pex_repeats_total",
+        "Peer-exchange entries left out as repeats (a peer named again, an address already known)"
+    );
+    describe_counter!(
         "mesh_relay_suppressed_total",
         "Queued copies not sent because the peer had sent us the same message meanwhile"
     );

@@ -166,6 +166,8 @@ impl LocalMeshBuilder {
             o.insert("MESH_LOG_DIR".into(), node_dir.join("logs").display().to_string());
             o.insert("MESH_LISTEN_ADDRS".into(), "/ip4/127.0.0.1/tcp/0".into());
             o.insert("MESH_MDNS_ENABLED".into(), "false".into());
+            // Every node listens on 127.0.0.1: a lab.
+            o.insert("MESH_ALLOW_PRIVATE_ADDRS".into(), "true".into());
             o.insert("MESH_METRICS_LISTEN".into(), "off".into());
             o.insert("MESH_MIN_PEER_CONNECTIONS".into(), "3".into());
             let sim = &mesh.sims[if self.simulators == 0 { i.min(mesh.sims.len() - 1) } else { 0 }];

@@ -122,7 +122,8 @@ impl std::fmt::Debug for TestNetBuilder {
 }
 
 /// The relay settings a test node starts from: no automatic dialing and no exploring (the
-/// topology is exactly what the test asked for), no peer exchange, short ticks and backoffs.
+/// topology is exactly what the test asked for), no peer exchange, short ticks and backoffs,
+/// and loopback and memory-transport addresses allowed ([`mesh_relay::AddrFilter::lab`]).
 pub fn test_config() -> Config {
     let mut config = Config::default();
     config.listen_addrs.clear();
@@ -131,6 +132,7 @@ pub fn test_config() -> Config {
     config.peers.prune_grace = Duration::from_secs(3600);
     config.peers.redial_backoff = Duration::from_millis(100);
     config.peers.explore_interval = None;
+    config.peers.addr_filter = mesh_relay::AddrFilter::lab();
     config.peer_exchange = false;
     config.tick_interval = Duration::from_millis(100);
     config.stream_backoff = (Duration::from_millis(20), Duration::from_millis(500));

@@ -32,6 +32,8 @@ pub(crate) struct Limits {
     pub max_addrs: usize,
     /// Peers remembered for de-duplication.
     pub max_tracked: usize,
+    /// Which advertised addresses are kept (BLE reaches a few metres: as mDNS, the LAN).
+    pub addr_filter: mesh_protocol::AddrFilter,
 }
 
 /// Why the scanner stopped.
@@ -128,7 +130,7 @@ async fn scan_inner(
         }
         let event = DiscoveryEvent::PeerFound {
             peer_id: payload.peer_id,
-            addrs: addrs::received(payload.addrs, false, limits.max_addrs),
+            addrs: addrs::received(payload.addrs, false, limits.addr_filter, limits.max_addrs),
             role: Some(payload.role),
             hop_distance: payload.hop_distance,
             source: Source::Ble,
@@ -213,7 +215,11 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(8)).await;
             stopper.cancel();
         });
-        let limits = Limits { max_addrs: 16, max_tracked: 16 };
+        let limits = Limits {
+            max_addrs: 16,
+            max_tracked: 16,
+            addr_filter: mesh_protocol::AddrFilter::lab(),
+        };
         let stopped =
             timeout(Duration::from_secs(30), scan(PeerId::random(), events, cancel, limits))
                 .await

@@ -1,0 +1,279 @@
+//! Addresses a peer hands out (issue 34, items 5 and 6): a lying peer pushes, through peer
+//! exchange and identify, the address of a local TCP listener the test owns (a stand-in for a
+//! Redis port on 127.0.0.2), or floods answers about a node's bootstrap peer. With the default
+//! filter nobody connects to the listener; the bootstrap address survives the flood.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{AsyncWriteExt, StreamExt};
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{SwarmBuilder, identify, noise, tcp, yamux};
+use mesh_relay::network::{IDENTIFY_PROTOCOL, PEX_PROTOCOL};
+use mesh_relay::{AddrFilter, Multiaddr, PeerId, Protocol, framing, pex};
+use mesh_testkit::{TestNet, Topology, Transport, WAIT, eventually};
+use mesh_tests::reliability::report;
+use mesh_tests::tcp_addr;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+#[derive(NetworkBehaviour)]
+struct LiarBehaviour {
+    identify: identify::Behaviour,
+    stream: libp2p_stream::Behaviour,
+}
+
+/// A peer that passes as a mesh node (identify) and answers every peer-exchange request with
+/// the same made-up answer; identify reports `reported` as its own addresses.
+struct PexLiar {
+    answered: Arc<Mutex<HashMap<PeerId, usize>>>,
+    cancel: CancellationToken,
+}
+
+impl PexLiar {
+    async fn start(
+        answer: &[pex::Entry],
+        reported: Vec<Multiaddr>,
+        victims: &[Multiaddr],
+    ) -> anyhow::Result<Self> {
+        let mut swarm = SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)?
+            .with_behaviour(|key| LiarBehaviour {
+                identify: identify::Behaviour::new(identify::Config::new(
+                    IDENTIFY_PROTOCOL.to_owned(),
+                    key.public(),
+                )),
+                stream: libp2p_stream::Behaviour::new(),
+            })?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+            .build();
+        for addr in reported {
+            swarm.add_external_address(addr);
+        }
+        let mut incoming = swarm.behaviour().stream.new_control().accept(PEX_PROTOCOL)?;
+        for victim in victims {
+            swarm.dial(victim.clone())?;
+        }
+        let cancel = CancellationToken::new();
+        let stop = cancel.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = swarm.select_next_some() => {}
+                }
+            }
+        });
+        let answered: Arc<Mutex<HashMap<PeerId, usize>>> = Arc::default();
+        let (count, stop, frame) = (answered.clone(), cancel.clone(), pex::encode(answer));
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    () = stop.cancelled() => return,
+                    next = incoming.next() => next,
+                };
+                let Some((peer, mut stream)) = next else { return };
+                if framing::write_frame(&mut stream, &frame).await.is_ok() {
+                    let _ = stream.close().await;
+                    *count
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .entry(peer)
+                        .or_default() += 1;
+                }
+            }
+        });
+        Ok(Self { answered, cancel })
+    }
+
+    fn answered(&self, peer: &PeerId) -> usize {
+        self.answered
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(peer)
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for PexLiar {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+/// A TCP listener that counts the connections it accepts (and closes them).
+struct CountingListener {
+    addr: Multiaddr,
+    accepted: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl CountingListener {
+    async fn bind(ip: &str) -> anyhow::Result<Self> {
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await?;
+        let port = listener.local_addr()?.port();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                drop(socket);
+            }
+        });
+        Ok(Self { addr: format!("/ip4/{ip}/tcp/{port}").parse()?, accepted, task })
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for CountingListener {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn random_peer() -> PeerId {
+    libp2p::identity::Keypair::generate_ed25519().public().to_peer_id()
+}
+
+fn without_p2p(addr: &Multiaddr) -> Multiaddr {
+    addr.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect()
+}
+
+/// Three nodes (a line) with `filter`, asking for peers and short of their minimum (so they
+/// ask again every few seconds), and a liar connected to each that answers with 32 made-up
+/// peers at the listener's address (one of them twice) and reports that address as its own.
+async fn pushed_at(
+    filter: AddrFilter,
+    listener: &CountingListener,
+) -> anyhow::Result<(TestNet, PexLiar)> {
+    let net = TestNet::builder()
+        .nodes(3)
+        .topology(Topology::Line)
+        .transport(Transport::Tcp)
+        .configure(move |_, c| {
+            c.peers.addr_filter = filter;
+            c.peers.min_peers = 8;
+            c.peer_exchange = true;
+            c.eager_peer_exchange = true;
+        })
+        .build()
+        .await?;
+    net.wait_linked().await?;
+    let mut answer: Vec<pex::Entry> =
+        (0..31).map(|_| (random_peer(), vec![listener.addr.clone()])).collect();
+    answer.push(answer[0].clone());
+    let mut victims = Vec::new();
+    for node in net.nodes() {
+        victims.push(tcp_addr(node.running()?).await?);
+    }
+    let liar = PexLiar::start(&answer, vec![listener.addr.clone()], &victims).await?;
+    Ok((net, liar))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn addresses_pushed_through_peer_exchange_and_identify_are_not_dialed_by_default()
+-> anyhow::Result<()> {
+    // First the attack, in a lab that allows loopback: the nodes connect to the "Redis port".
+    let redis = CountingListener::bind("127.0.0.2").await?;
+    let (net, liar) = pushed_at(AddrFilter::lab(), &redis).await?;
+    eventually(WAIT, "a node connected to the pushed address", || redis.accepted() > 0).await?;
+    let lab_accepts = redis.accepted();
+    drop(liar);
+    net.shutdown().await;
+
+    // With the default filter: each node got the answer three times (the first was handled,
+    // and any dial made, at least one asking interval, 5 s, before the third), and nobody
+    // connected to the listener.
+    let redis = CountingListener::bind("127.0.0.2").await?;
+    let (net, liar) = pushed_at(AddrFilter::default(), &redis).await?;
+    let peers: Vec<PeerId> = net.nodes().iter().map(|n| n.peer_id()).collect();
+    eventually(WAIT, "three answers at every node", || peers.iter().all(|p| liar.answered(p) >= 3))
+        .await?;
+    let known: Vec<usize> =
+        net.nodes().iter().map(|n| n.relay().map_or(0, |r| r.status().known_peers)).collect();
+    report(
+        "pushed_private_addresses",
+        json!({
+            "nodes": 3,
+            "entries_per_answer": 32,
+            "answers_per_node": peers.iter().map(|p| liar.answered(p)).collect::<Vec<_>>(),
+            "accepts_in_a_lab": lab_accepts,
+            "accepts_by_default": redis.accepted(),
+            "known_peers_by_default": known,
+        }),
+    );
+    assert_eq!(redis.accepted(), 0, "a node dialed an address a peer pushed");
+    assert!(known.iter().all(|k| *k <= 3), "made-up peers entered the known table: {known:?}");
+    drop(liar);
+    net.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_answers_about_a_bootstrap_peer_does_not_cost_its_address() -> anyhow::Result<()>
+{
+    // The victim (node 1) allows loopback, so the flood's addresses are taken in, not refused.
+    let mut net = TestNet::builder()
+        .nodes(2)
+        .topology(Topology::None)
+        .transport(Transport::Tcp)
+        .configure(|i, c| {
+            if i == 1 {
+                c.peers.addr_filter = AddrFilter::lab();
+                c.peers.min_peers = 3;
+                c.peer_exchange = true;
+                c.eager_peer_exchange = true;
+            }
+        })
+        .build()
+        .await?;
+    let boot = net.node(0).peer_id();
+    let boot_addr = without_p2p(&net.node(0).addr());
+    let victim = net.node(1).running()?.clone();
+    victim.add_bootstrap(boot, vec![boot_addr]).await?;
+    let linked =
+        |victim: &mesh_relay::Relay| victim.status().peers.iter().any(|p| p.peer_id == boot);
+    eventually(WAIT, "the victim reaches its bootstrap peer", || linked(&victim)).await?;
+
+    // 32 entries about the bootstrap peer, four addresses each where nothing listens: 128
+    // addresses per answer, again and again.
+    let answer: Vec<pex::Entry> = (0..32u16)
+        .map(|i| {
+            let addrs = (0..4u16)
+                .map(|j| format!("/ip4/127.0.0.3/tcp/{}", 1 + i * 4 + j).parse().unwrap())
+                .collect();
+            (boot, addrs)
+        })
+        .collect();
+    let liar = PexLiar::start(&answer, Vec::new(), &[tcp_addr(&victim).await?]).await?;
+    let victim_peer = victim.peer_id();
+    eventually(WAIT, "two answers at the victim", || liar.answered(&victim_peer) >= 2).await?;
+
+    // The bootstrap peer goes away and comes back on the same address, while the flood goes on.
+    net.stop(0).await?;
+    eventually(WAIT, "the victim saw its bootstrap peer go", || !linked(&victim)).await?;
+    let asked = liar.answered(&victim_peer);
+    eventually(WAIT, "another answer while it is away", || liar.answered(&victim_peer) > asked)
+        .await?;
+    let restarted = tokio::time::Instant::now();
+    net.start(0).await?;
+    eventually(WAIT, "the victim is back with its bootstrap peer", || linked(&victim)).await?;
+    report(
+        "bootstrap_address_flood",
+        json!({
+            "addresses_per_answer": 128,
+            "answers": liar.answered(&victim_peer),
+            "reconnected_ms": restarted.elapsed().as_millis() as u64,
+        }),
+    );
+    drop(liar);
+    net.shutdown().await;
+    Ok(())
+}
