@@ -15,7 +15,8 @@ use tracing_subscriber::util::SubscriberInitExt;
 /// HTTP API of a mesh price node: REST (`/api/mesh/...`), Server-Sent Events
 /// (`/api/mesh/stream`), WebSocket (`/api/mesh/ws`), the web page (`/`), `/metrics`,
 /// `/healthz`, `/readyz` and `/openapi.json`. It talks to the node only over its Unix socket.
-#[derive(Debug, Parser)]
+// No `Debug`: it would print MESH_API_TOKEN.
+#[derive(Parser)]
 #[command(name = "mesh-api", version, about, long_about = None)]
 struct Cli {
     /// Address to listen on.

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use libp2p::Multiaddr;
 use mesh_protocol::NodeId;
+use mesh_storage::SecretUrl;
 
 /// One configuration variable, for `--dump-config`, `--help` and the README reference.
 #[derive(Debug, Clone, Copy)]
@@ -303,8 +304,8 @@ pub struct NodeConfig {
     pub trusted_providers: Option<HashSet<NodeId>>,
     /// `REDIS_URL` and friends.
     pub redis: Option<RedisSettings>,
-    /// `DATABASE_URL` (`None`: SQLite in the data directory).
-    pub database_url: Option<String>,
+    /// `DATABASE_URL` (`None`: SQLite in the data directory); `Debug` hides its secrets.
+    pub database_url: Option<SecretUrl>,
     /// `DATABASE_MAX_CONNECTIONS`.
     pub database_max_connections: u32,
     /// `MESH_WRITE_QUEUE_CAPACITY`.
@@ -454,7 +455,7 @@ impl NodeConfig {
                 }
             },
         };
-        let database_url = r.raw("DATABASE_URL").map(str::to_owned);
+        let database_url = r.raw("DATABASE_URL").map(SecretUrl::from);
         if let Some(url) = &database_url
             && !["postgres://", "postgresql://", "sqlite:"].iter().any(|p| url.starts_with(p))
         {
@@ -635,26 +636,7 @@ impl NodeConfig {
     }
 }
 
-/// `scheme://user:password@host/...` with the password replaced.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let (authority, tail) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            let hidden = if userinfo.contains(':') {
-                format!("{user}:<redacted>")
-            } else {
-                "<redacted>".to_owned()
-            };
-            format!("{scheme}://{hidden}@{host}{tail}")
-        }
-        None => url.to_owned(),
-    }
-}
+pub use mesh_storage::redact_url;
 
 #[cfg(test)]
 mod tests {
@@ -767,5 +749,28 @@ mod tests {
         assert_eq!(redact_url("redis://:pw@h:6379/0"), "redis://:<redacted>@h:6379/0");
         assert_eq!(redact_url("postgres://u:pw@h/db"), "postgres://u:<redacted>@h/db");
         assert_eq!(redact_url("postgres://h/db"), "postgres://h/db");
+    }
+
+    #[test]
+    fn debug_and_dump_never_show_a_secret() {
+        let c = NodeConfig::from_map(
+            &map(&[
+                ("DATABASE_URL", "postgres://mesh:db/pw1@h/db?sslpassword=sslpw2"),
+                ("REDIS_URL", "rediss://:redis#pw3@h:6380/0?password=redispw4"),
+                ("BIRDEYE_API_KEY", "birdeyekey5"),
+            ]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            c.database_url.as_deref(),
+            Some("postgres://mesh:db/pw1@h/db?sslpassword=sslpw2")
+        );
+        for shown in [format!("{c:?}"), format!("{c:#?}"), c.dump()] {
+            for secret in ["pw1", "sslpw2", "pw3", "redispw4", "birdeyekey5"] {
+                assert!(!shown.contains(secret), "{secret} shown in {shown}");
+            }
+            assert!(shown.contains("postgres://mesh:<redacted>@h/db"), "{shown}");
+        }
     }
 }
