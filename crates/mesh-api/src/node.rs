@@ -266,7 +266,8 @@ impl NodeLink {
                     }
                     Event::Network(network) => synced.network = network,
                     Event::Provider(provider) => synced.provider = provider,
-                    Event::Snapshot(_) => {}
+                    // Parts are joined into the snapshot by the subscription.
+                    Event::Snapshot(_) | Event::SnapshotPart(_) => {}
                 }
                 if let Some(item) = item {
                     self.hub.publish(&item);
@@ -350,6 +351,7 @@ impl NodeLink {
 fn event_name(event: &Event) -> &'static str {
     match event {
         Event::Snapshot(_) => "snapshot",
+        Event::SnapshotPart(_) => "snapshot_part",
         Event::Price(_) => "price",
         Event::Discrepancy(_) => "discrepancy",
         Event::Network(_) => "network",
@@ -370,6 +372,8 @@ fn encode<T: Serialize>(key: Key, name: &'static str, value: &T) -> Option<Item>
 fn event_item(event: &Event) -> Option<Item> {
     let key = match event {
         Event::Snapshot(_) => Key::Snapshot,
+        // Never reaches here: the subscription joins parts into their snapshot.
+        Event::SnapshotPart(_) => return None,
         Event::Price(p) => Key::Price(Arc::new((p.blockchain.clone(), p.asset.clone()))),
         Event::Discrepancy(d) => {
             Key::Discrepancy(Arc::new((d.blockchain.clone(), d.asset.clone())))
