@@ -149,6 +149,13 @@ pub const VARIABLES: &[Variable] = &[
         "100-1000000",
         "rows held for the database while it is down",
     ),
+    var(
+        "MESH_SHUTDOWN_GRACE_SECS",
+        "10",
+        "1-120",
+        "at SIGTERM, longest wait for the stores to take what the node accepted; rows still \
+         unwritten then are counted (mesh_store_shutdown_unwritten_total) and logged",
+    ),
 ];
 
 /// One bad value.
@@ -310,6 +317,8 @@ pub struct NodeConfig {
     pub database_max_connections: u32,
     /// `MESH_WRITE_QUEUE_CAPACITY`.
     pub write_queue_capacity: usize,
+    /// `MESH_SHUTDOWN_GRACE_SECS`: how long the final flush of the stores may take.
+    pub shutdown_grace: Duration,
     /// Added to this node's wall clock (provider stamps and validation), in milliseconds: 0 in
     /// production; tests set it to play a node whose clock is wrong. Not a variable.
     pub clock_offset_ms: i64,
@@ -415,6 +424,7 @@ impl NodeConfig {
         let pool = r.number::<usize>("REDIS_POOL_SIZE", 1, 100);
         let db_conns = r.number::<u32>("DATABASE_MAX_CONNECTIONS", 1, 100);
         let queue = r.number::<usize>("MESH_WRITE_QUEUE_CAPACITY", 100, 1_000_000);
+        let shutdown_grace = r.number::<u64>("MESH_SHUTDOWN_GRACE_SECS", 1, 120);
         let listen_addrs = r.multiaddrs("MESH_LISTEN_ADDRS");
         let discovery =
             match mesh_discovery::Config::from_lookup(|name| r.raw(name).map(str::to_owned)) {
@@ -514,6 +524,7 @@ impl NodeConfig {
             database_url,
             database_max_connections: db_conns,
             write_queue_capacity: queue,
+            shutdown_grace: Duration::from_secs(shutdown_grace),
             clock_offset_ms: 0,
             data_dir,
         };
@@ -628,6 +639,7 @@ impl NodeConfig {
                 "DATABASE_URL" => self.database_url.as_deref().map(redact_url).unwrap_or_default(),
                 "DATABASE_MAX_CONNECTIONS" => self.database_max_connections.to_string(),
                 "MESH_WRITE_QUEUE_CAPACITY" => self.write_queue_capacity.to_string(),
+                "MESH_SHUTDOWN_GRACE_SECS" => self.shutdown_grace.as_secs().to_string(),
                 _ => String::new(),
             };
             out.push_str(&format!("{}={value}\n", v.name));
