@@ -856,3 +856,28 @@ async fn an_sse_client_that_stops_reading_is_closed_by_the_write_timeout() {
     drop(stalled);
     api.shutdown(Duration::from_secs(5)).await;
 }
+
+/// A node whose book is at its limit (100,000 assets, `BookConfig::max_assets`, each named
+/// with 255 characters) is followed and served. Its snapshot is about 60 MB of JSON: as one
+/// IPC frame it exceeded the 16 MiB limit, the API's subscription failed on every attempt and
+/// every read answered 503, for as long as the book stayed that large.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_price_book_at_its_maximum_is_served_not_503() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let book: Vec<mesh_ipc::PriceView> =
+        (0..100_000).map(|i| price("solana", &format!("{i:0>255}"), "1.5")).collect();
+    let node = NodeSocket::start(FakeNode::new(book)).await.unwrap();
+    let api = start_api(node.path(), |_| {}).await.unwrap();
+    eventually("the API follows the node", Duration::from_secs(60), async || api.node_connected())
+        .await
+        .unwrap();
+    let base = format!("http://{}", api.local_addr());
+    let response = reqwest::get(format!("{base}/api/mesh/prices")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["data"].as_array().map(Vec::len), Some(100_000));
+    let one = reqwest::get(format!("{base}/api/mesh/prices/{:0>255}", 99_999)).await.unwrap();
+    assert_eq!(one.status(), 200);
+    assert_eq!(reqwest::get(format!("{base}/readyz")).await.unwrap().status(), 200);
+    api.shutdown(Duration::from_secs(5)).await;
+}
