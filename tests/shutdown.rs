@@ -9,7 +9,7 @@ use std::time::Duration;
 use mesh_protocol::{Body, Envelope, Identity, Payload, PriceUpdate};
 use mesh_service::{Node, NodeConfig, StartOptions};
 use mesh_storage::{Database, DatabaseConfig, PriceStore};
-use mesh_tests::{TestDatabase, eventually};
+use mesh_tests::{RedisServer, TestDatabase, eventually};
 use sqlx::{Connection, Executor, PgConnection};
 
 /// A node on loopback writing to `database_url`, without discovery.
@@ -148,4 +148,55 @@ async fn a_database_hanging_at_shutdown_is_bounded_by_the_grace_and_counted() ->
     lock.execute("ROLLBACK").await?;
     lock.close().await?;
     db.drop_db().await
+}
+
+/// A Redis that hangs at shutdown (paused with `CLIENT PAUSE` on a server of the test's own)
+/// costs the grace period, not the shutdown, and the prices it did not take are counted.
+/// Before, the Redis writer returned at cancellation: its queued batches and the prices held in
+/// memory during the outage were dropped without a count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_hanging_at_shutdown_is_bounded_by_the_grace_and_counted() -> anyhow::Result<()> {
+    let mut redis = RedisServer::start(None).await?;
+    let dir = tempfile::tempdir()?;
+    let sqlite = format!("sqlite://{}?mode=rwc", dir.path().join("mesh.db").display());
+    let node = start_node(
+        dir.path(),
+        &sqlite,
+        &[("REDIS_URL", &redis.url()), ("MESH_SHUTDOWN_GRACE_SECS", "1")],
+    )
+    .await?;
+    node.relay().publish(&batch(&Identity::generate(), "FIRST", 1)?).await?;
+    let client = deadpool_redis::redis::Client::open(redis.url())?;
+    let mut connection = client.get_multiplexed_async_connection().await?;
+    eventually("the first price in Redis", Duration::from_secs(30), async || {
+        deadpool_redis::redis::cmd("HLEN")
+            .arg("mesh:prices")
+            .query_async::<u64>(&mut connection)
+            .await
+            .is_ok_and(|n| n > 0)
+    })
+    .await?;
+
+    deadpool_redis::redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(120_000)
+        .arg("ALL")
+        .query_async::<()>(&mut connection)
+        .await?;
+    node.relay().publish(&batch(&Identity::generate(), "HELD", 50)?).await?;
+    eventually("the held batch in the book", Duration::from_secs(30), async || {
+        node.prices().iter().filter(|p| p.asset.starts_with("HELD")).count() == 50
+    })
+    .await?;
+    let persistence = node.persistence().clone();
+    let stopped =
+        tokio::time::timeout(Duration::from_secs(60), node.shutdown(Duration::from_secs(1)))
+            .await
+            .map_err(|_| anyhow::anyhow!("shutdown hung on the paused Redis"))?;
+    assert_eq!(stopped, None);
+    let (prices, _, in_redis) = persistence.unwritten().counts();
+    assert_eq!(prices, 0, "the database took everything");
+    assert!(in_redis >= 50, "the held prices are counted: {in_redis}");
+    redis.kill();
+    Ok(())
 }

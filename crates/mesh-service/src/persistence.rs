@@ -384,4 +384,14 @@ async fn write_redis(
             unwritten.add("redis", size);
         }
     }
+    // Prices taken while Redis was down wait in the mirror's memory for it to come back: one
+    // last attempt carries them (a write while degraded is the reconnect attempt); what is
+    // still only in memory then ends with this process. The count is the memory's size, an
+    // upper bound (it also holds prices Redis took before the outage).
+    if side.mirror.is_degraded() {
+        let _ = tokio::time::timeout_at(deadline, side.mirror.write(&[])).await;
+        if side.mirror.is_degraded() {
+            unwritten.add("redis", side.mirror.held_in_memory() as u64);
+        }
+    }
 }
