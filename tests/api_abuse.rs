@@ -524,7 +524,14 @@ async fn ten_thousand_websocket_subscriptions_from_one_client_stay_within_the_li
     // both ends of every connection live here.
     const LIMIT: usize = 4_000;
     let node = NodeSocket::start(FakeNode::new(book())).await.unwrap();
-    let api = start_api(node.path(), |c| c.max_stream_clients = LIMIT).await.unwrap();
+    // Every connection comes from 127.0.0.1: the per-address share is lifted to test the
+    // total (the per-address limit has its own test above).
+    let api = start_api(node.path(), |c| {
+        c.max_stream_clients = LIMIT;
+        c.max_streams_per_address = ATTEMPTS;
+    })
+    .await
+    .unwrap();
     let addr = api.local_addr();
     let base = format!("http://{addr}");
     ready(&base).await;
@@ -625,4 +632,252 @@ async fn ten_thousand_websocket_subscriptions_from_one_client_stay_within_the_li
     assert!(delta < 400 * MIB, "RSS grew {} MiB with {LIMIT} WebSockets", delta / MIB);
     assert!(*latencies.last().unwrap() < Duration::from_secs(2));
     api.shutdown(Duration::from_secs(10)).await;
+}
+
+/// What a page of another site can make an operator's browser send (a form, a `text/plain`
+/// fetch, any fetch with its `Origin`) is refused on the state-changing endpoints, with the
+/// JSON envelope; the guide's curl commands (JSON, no `Origin`), the API's own page
+/// (same origin) and configured origins pass. Before, the enable endpoint read the raw bytes
+/// whatever their type: a cross-site `text/plain` form switched the node into provider mode.
+#[tokio::test]
+async fn cross_site_requests_to_state_changing_endpoints_are_refused() {
+    let fake = FakeNode::new(book());
+    let node = NodeSocket::start(fake.clone()).await.unwrap();
+    let api = start_api(node.path(), |_| {}).await.unwrap();
+    let allowing = start_api(node.path(), |c| {
+        c.allowed_origins = vec!["https://dash.example".into()];
+    })
+    .await
+    .unwrap();
+    let addr = api.local_addr();
+    ready(&format!("http://{addr}")).await;
+    ready(&format!("http://{}", allowing.local_addr())).await;
+    let key = br#"{"api_key": "k-from-a-form"}"#;
+    let with_type = |path: &str, content_type: &str, extra: &str, body: &[u8]| {
+        let mut request = format!(
+            "POST {path} HTTP/1.1\r\nHost: mesh\r\nConnection: close\r\n\
+             Content-Type: {content_type}\r\nContent-Length: {}\r\n{extra}\r\n",
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(body);
+        request
+    };
+    let untyped = |path: &str, body: &[u8]| {
+        let mut request = format!(
+            "POST {path} HTTP/1.1\r\nHost: mesh\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .into_bytes();
+        request.extend_from_slice(body);
+        request
+    };
+    for path in ["/api/mesh/provider/enable", "/api/mesh/provider/disable"] {
+        for (what, request, status) in [
+            ("text/plain", with_type(path, "text/plain", "", key), 415),
+            (
+                "a form",
+                with_type(path, "application/x-www-form-urlencoded", "", b"api_key=k-from-a-form"),
+                415,
+            ),
+            ("multipart", with_type(path, "multipart/form-data; boundary=x", "", key), 415),
+            ("a body without a type", untyped(path, key), 415),
+            (
+                "another site's fetch",
+                with_type(path, "application/json", "Origin: https://evil.example\r\n", key),
+                403,
+            ),
+            ("an opaque origin", with_type(path, "application/json", "Origin: null\r\n", key), 403),
+            (
+                "a look-alike host",
+                with_type(path, "application/json", "Origin: http://mesh.evil.example\r\n", key),
+                403,
+            ),
+        ] {
+            let answer = raw(addr, &request).await;
+            assert_eq!(answer.status, status, "{path}, {what}: {:?}", answer.body);
+            answer.assert_error_envelope(&format!("{path}, {what}"));
+        }
+    }
+    assert!(fake.keys.lock().unwrap().is_empty(), "no refused request reached the node");
+    // What passes: the guide's curl, the API's own page, a typed charset, a bare disable.
+    for (what, request) in [
+        ("the guide's curl", post("/api/mesh/provider/enable", "", key)),
+        ("the API's own page", post("/api/mesh/provider/enable", "Origin: http://mesh\r\n", key)),
+        (
+            "JSON with a charset",
+            with_type("/api/mesh/provider/enable", "application/json; charset=utf-8", "", key),
+        ),
+        ("a disable without a body", untyped("/api/mesh/provider/disable", b"")),
+        ("a disable with {}", post("/api/mesh/provider/disable", "", b"{}")),
+    ] {
+        let answer = raw(addr, &request).await;
+        assert_eq!(answer.status, 200, "{what}: {:?}", String::from_utf8_lossy(&answer.body));
+    }
+    // An origin the operator allowed.
+    let dash = post("/api/mesh/provider/enable", "Origin: https://dash.example\r\n", key);
+    assert_eq!(raw(allowing.local_addr(), &dash).await.status, 200);
+    let other = post("/api/mesh/provider/enable", "Origin: https://evil.example\r\n", key);
+    assert_eq!(raw(allowing.local_addr(), &other).await.status, 403);
+    api.shutdown(Duration::from_secs(5)).await;
+    allowing.shutdown(Duration::from_secs(5)).await;
+}
+
+/// Opens an SSE stream and reads its head; the connection stays open while the stream lives.
+async fn open_sse(addr: SocketAddr, extra_headers: &str) -> (u16, TcpStream) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!(
+        "GET /api/mesh/stream HTTP/1.1\r\nHost: mesh\r\nAccept: text/event-stream\r\n\
+         {extra_headers}\r\n"
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 16 * 1024 {
+        let n = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(n > 0, "closed before the head: {:?}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    let status = String::from_utf8_lossy(&head)
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap();
+    (status, stream)
+}
+
+/// One address cannot take every stream slot: past `MESH_API_MAX_STREAMS_PER_ADDRESS` it gets
+/// 429 while others still get streams. Behind a trusted proxy (loopback by default) the address
+/// is the client the proxy names in `X-Forwarded-For`; from any other peer the header is
+/// ignored.
+#[tokio::test]
+async fn streams_are_limited_per_client_address() {
+    let node = NodeSocket::start(FakeNode::new(book())).await.unwrap();
+    let api = start_api(node.path(), |c| c.max_streams_per_address = 2).await.unwrap();
+    let untrusting = start_api(node.path(), |c| {
+        c.max_streams_per_address = 2;
+        c.trusted_proxies = Vec::new();
+    })
+    .await
+    .unwrap();
+    let addr = api.local_addr();
+    ready(&format!("http://{addr}")).await;
+    let client_a = "X-Forwarded-For: 203.0.113.9, 198.51.100.1\r\n";
+    let client_b = "X-Forwarded-For: 198.51.100.2\r\n";
+    let (first, _a1) = open_sse(addr, client_a).await;
+    let (second, a2) = open_sse(addr, client_a).await;
+    assert_eq!((first, second), (200, 200));
+    // The client's own claim (203.0.113.9) is not what counts: the proxy's entry is.
+    let third = raw(addr, &get_with("/api/mesh/stream", client_a)).await;
+    assert_eq!(third.status, 429);
+    third.assert_error_envelope("a third stream from one address");
+    let (other, _b) = open_sse(addr, client_b).await;
+    assert_eq!(other, 200, "another address still gets a stream");
+    // A stream that ends frees its share.
+    drop(a2);
+    eventually("the closed stream leaves", Duration::from_secs(10), async || {
+        api.stream_clients().len() == 2
+    })
+    .await
+    .unwrap();
+    let (again, _a3) = open_sse(addr, client_a).await;
+    assert_eq!(again, 200);
+
+    // Without trusted proxies every connection from here is 127.0.0.1, whatever it claims.
+    let addr = untrusting.local_addr();
+    let (one, _u1) = open_sse(addr, client_a).await;
+    let (two, _u2) = open_sse(addr, client_b).await;
+    assert_eq!((one, two), (200, 200));
+    let refused = raw(addr, &get_with("/api/mesh/stream", "X-Forwarded-For: 192.0.2.50\r\n")).await;
+    assert_eq!(refused.status, 429);
+    api.shutdown(Duration::from_secs(5)).await;
+    untrusting.shutdown(Duration::from_secs(5)).await;
+}
+
+fn get_with(path: &str, extra_headers: &str) -> Vec<u8> {
+    format!("GET {path} HTTP/1.1\r\nHost: mesh\r\nConnection: close\r\n{extra_headers}\r\n")
+        .into_bytes()
+}
+
+/// An SSE client that stops reading is closed once the server could not write to it for the
+/// write timeout, and its slot is freed. Before, only a backlog of more than `client_buffer`
+/// distinct updates closed one: with a book of fewer assets, updates conflate, and a stalled
+/// client held its slot and socket buffers for as long as its connection lived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sse_client_that_stops_reading_is_closed_by_the_write_timeout() {
+    let fake = FakeNode::new(book());
+    let node = NodeSocket::start(fake.clone()).await.unwrap();
+    let api =
+        start_api(node.path(), |c| c.client_write_timeout = Duration::from_secs(1)).await.unwrap();
+    let addr = api.local_addr();
+    ready(&format!("http://{addr}")).await;
+    // A small receive window, and never a read after the head.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(addr).await.unwrap();
+    stalled
+        .write_all(
+            b"GET /api/mesh/stream HTTP/1.1\r\nHost: mesh\r\nAccept: text/event-stream\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    eventually("the stalled client is registered", Duration::from_secs(10), async || {
+        api.stream_clients().len() == 1
+    })
+    .await
+    .unwrap();
+    // 500 assets with 255-character names, updated over and over: about 350 KB a round, and
+    // never more than 500 distinct updates pending (far below `client_buffer`).
+    let feeding = tokio::spawn({
+        let fake = fake.clone();
+        async move {
+            for round in 0..200u32 {
+                for i in 0..500 {
+                    let name = format!("{i:0>255}");
+                    fake.emit(mesh_ipc::Event::Price(price(
+                        "solana",
+                        &name,
+                        &format!("{round}.5"),
+                    )));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
+    eventually("the stalled client is closed", Duration::from_secs(60), async || {
+        api.stream_clients().is_empty()
+    })
+    .await
+    .unwrap();
+    feeding.abort();
+    drop(stalled);
+    api.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A node whose book is at its limit (100,000 assets, `BookConfig::max_assets`, each named
+/// with 255 characters) is followed and served. Its snapshot is about 60 MB of JSON: as one
+/// IPC frame it exceeded the 16 MiB limit, the API's subscription failed on every attempt and
+/// every read answered 503, for as long as the book stayed that large.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_price_book_at_its_maximum_is_served_not_503() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let book: Vec<mesh_ipc::PriceView> =
+        (0..100_000).map(|i| price("solana", &format!("{i:0>255}"), "1.5")).collect();
+    let node = NodeSocket::start(FakeNode::new(book)).await.unwrap();
+    let api = start_api(node.path(), |_| {}).await.unwrap();
+    eventually("the API follows the node", Duration::from_secs(60), async || api.node_connected())
+        .await
+        .unwrap();
+    let base = format!("http://{}", api.local_addr());
+    let response = reqwest::get(format!("{base}/api/mesh/prices")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["data"].as_array().map(Vec::len), Some(100_000));
+    let one = reqwest::get(format!("{base}/api/mesh/prices/{:0>255}", 99_999)).await.unwrap();
+    assert_eq!(one.status(), 200);
+    assert_eq!(reqwest::get(format!("{base}/readyz")).await.unwrap().status(), 200);
+    api.shutdown(Duration::from_secs(5)).await;
 }

@@ -223,13 +223,18 @@ async fn every_documented_operation_answers_as_documented() {
     .unwrap();
     let api = start_api(node.path(), |_| {}).await.unwrap();
     let guarded = start_api(node.path(), |c| c.api_token = Some("t0ken".into())).await.unwrap();
+    // One stream per address, taken below: the next one gets 429.
+    let limited = start_api(node.path(), |c| c.max_streams_per_address = 1).await.unwrap();
+    let limited_base = format!("http://{}", limited.local_addr());
     let base = format!("http://{}", api.local_addr());
     let guarded_base = format!("http://{}", guarded.local_addr());
-    eventually("both APIs follow the node", Duration::from_secs(10), async || {
-        api.node_connected() && guarded.node_connected()
+    eventually("the APIs follow the node", Duration::from_secs(10), async || {
+        api.node_connected() && guarded.node_connected() && limited.node_connected()
     })
     .await
     .unwrap();
+    let _taken = reqwest::get(format!("{limited_base}/api/mesh/stream")).await.unwrap();
+    assert_eq!(_taken.status(), 200);
     let served: Value =
         reqwest::get(format!("{base}/openapi.json")).await.unwrap().json().await.unwrap();
     assert_eq!(served, spec, "/openapi.json serves the committed description");
@@ -325,6 +330,14 @@ async fn every_documented_operation_answers_as_documented() {
         call(&base, "get", "/readyz", "/readyz", None, None).await,
         call(&base, "get", "/", "/", None, None).await,
         call(&base, "get", "/openapi.json", "/openapi.json", None, None).await,
+        refused(&base, "/api/mesh/provider/enable", &[("content-type", "text/plain")]).await,
+        refused(
+            &base,
+            "/api/mesh/provider/disable",
+            &[("content-type", "application/json"), ("origin", "https://evil.example")],
+        )
+        .await,
+        call(&limited_base, "get", "/api/mesh/stream", "/api/mesh/stream", None, None).await,
     ];
     // The node goes away: the documented 503s.
     node.stop().await.unwrap();
@@ -371,11 +384,30 @@ async fn every_documented_operation_answers_as_documented() {
         statuses,
         [
             200, 200, 200, 404, 200, 200, 200, 401, 400, 413, 200, 401, 401, 200, 200, 400, 101,
-            200, 200, 200, 200, 200, 503, 503, 503, 503, 503, 503, 503
+            200, 200, 200, 200, 200, 415, 403, 429, 503, 503, 503, 503, 503, 503, 503
         ]
     );
     api.shutdown(Duration::from_secs(5)).await;
     guarded.shutdown(Duration::from_secs(5)).await;
+    limited.shutdown(Duration::from_secs(5)).await;
+}
+
+/// A POST to `path` with a JSON body and `headers`, as a browser page of another site sends it.
+async fn refused(base: &str, path: &'static str, headers: &[(&str, &str)]) -> Answer {
+    let mut request =
+        reqwest::Client::new().post(format!("{base}{path}")).body(r#"{"api_key":"k"}"#);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let body = response.text().await.unwrap();
+    Answer { path, method: "post", status, content_type, body }
 }
 
 #[test]

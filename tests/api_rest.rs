@@ -206,6 +206,7 @@ async fn post_endpoints_need_the_bearer_token_when_one_is_set() {
     let response = reqwest::Client::new()
         .post(&enable)
         .header("authorization", "bearer s3cret")
+        .header("content-type", "application/json")
         .body(body)
         .send()
         .await

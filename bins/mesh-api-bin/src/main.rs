@@ -15,7 +15,8 @@ use tracing_subscriber::util::SubscriberInitExt;
 /// HTTP API of a mesh price node: REST (`/api/mesh/...`), Server-Sent Events
 /// (`/api/mesh/stream`), WebSocket (`/api/mesh/ws`), the web page (`/`), `/metrics`,
 /// `/healthz`, `/readyz` and `/openapi.json`. It talks to the node only over its Unix socket.
-#[derive(Debug, Parser)]
+// No `Debug`: it would print MESH_API_TOKEN.
+#[derive(Parser)]
 #[command(name = "mesh-api", version, about, long_about = None)]
 struct Cli {
     /// Address to listen on.
@@ -45,6 +46,21 @@ struct Cli {
     /// Seconds a stream client may take to accept a batch of events before it is closed.
     #[arg(long, env = "MESH_API_CLIENT_WRITE_TIMEOUT_SECS", default_value_t = 10)]
     client_write_timeout_secs: u64,
+    /// Most SSE plus WebSocket clients from one client address at once.
+    #[arg(long, env = "MESH_API_MAX_STREAMS_PER_ADDRESS", default_value_t = 64)]
+    max_streams_per_address: usize,
+    /// Proxies whose X-Forwarded-For names the client (comma separated IP addresses).
+    #[arg(
+        long,
+        env = "MESH_API_TRUSTED_PROXIES",
+        default_value = "127.0.0.1,::1",
+        value_delimiter = ','
+    )]
+    trusted_proxies: Vec<std::net::IpAddr>,
+    /// Browser origins besides the API's own allowed to call the POST endpoints (comma
+    /// separated, e.g. https://dashboard.example.com); any other Origin gets 403.
+    #[arg(long, env = "MESH_API_ALLOWED_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
     /// Directory for the log file `mesh-api.log` (logs go to standard output as well).
     #[arg(long, env = "MESH_LOG_DIR")]
     log_dir: Option<PathBuf>,
@@ -113,6 +129,9 @@ async fn main() -> anyhow::Result<()> {
         ws_ping_interval: secs(cli.ws_ping_secs),
         sse_keep_alive: secs(cli.sse_keepalive_secs),
         client_write_timeout: secs(cli.client_write_timeout_secs),
+        max_streams_per_address: cli.max_streams_per_address,
+        trusted_proxies: cli.trusted_proxies,
+        allowed_origins: cli.allowed_origins.into_iter().filter(|o| !o.trim().is_empty()).collect(),
         ..mesh_api::Config::default()
     };
     let server = mesh_api::ApiServer::start(config).await?;

@@ -14,7 +14,8 @@ use mesh_service::{Node, NodeConfig, Sources, StartOptions, telemetry};
 /// Configuration comes from (lowest to highest precedence) built-in defaults, the TOML file of
 /// --config, a .env file, the environment, and --set / the flags below. Run
 /// `mesh-node variables` for every variable with its default and range.
-#[derive(Debug, Parser)]
+// No `Debug`: `--set DATABASE_URL=...` may hold a password.
+#[derive(Parser)]
 #[command(version, about, long_about)]
 struct Cli {
     /// Start in provider mode: fetch prices from Birdeye (needs BIRDEYE_API_KEY, or provider

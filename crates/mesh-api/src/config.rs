@@ -1,6 +1,6 @@
 //! Settings of the API server, with the defaults of the guide.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -49,6 +49,21 @@ pub struct Config {
     pub ws_ping_interval: Duration,
     /// Comment lines keep Server-Sent Event streams open this often (default 15 s).
     pub sse_keep_alive: Duration,
+    /// Most stream clients (SSE plus WebSocket) from one client address at once (default 64;
+    /// `MESH_API_MAX_STREAMS_PER_ADDRESS`), so that one address cannot take the
+    /// `max_stream_clients` slots of everyone. The address is the connection's peer, or, when
+    /// the peer is one of [`Config::trusted_proxies`], the client that proxy names in
+    /// `X-Forwarded-For`.
+    pub max_streams_per_address: usize,
+    /// Peers whose `X-Forwarded-For` header is believed (`MESH_API_TRUSTED_PROXIES`, default
+    /// loopback: the shipped nginx site runs on the same host and appends the client's
+    /// address). From any other peer the header is ignored.
+    pub trusted_proxies: Vec<IpAddr>,
+    /// Browser origins (`https://dashboard.example.com`) besides the API's own whose pages may
+    /// call the POST endpoints (`MESH_API_ALLOWED_ORIGINS`, default none). A request with any
+    /// other `Origin` header gets 403: a page on another site cannot switch provider mode from
+    /// an operator's browser.
+    pub allowed_origins: Vec<String>,
 }
 
 impl Default for Config {
@@ -69,6 +84,9 @@ impl Default for Config {
             client_write_timeout: Duration::from_secs(10),
             ws_ping_interval: Duration::from_secs(15),
             sse_keep_alive: Duration::from_secs(15),
+            max_streams_per_address: 64,
+            trusted_proxies: vec![IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V6(Ipv6Addr::LOCALHOST)],
+            allowed_origins: Vec::new(),
         }
     }
 }
@@ -91,6 +109,9 @@ impl std::fmt::Debug for Config {
             .field("client_write_timeout", &self.client_write_timeout)
             .field("ws_ping_interval", &self.ws_ping_interval)
             .field("sse_keep_alive", &self.sse_keep_alive)
+            .field("max_streams_per_address", &self.max_streams_per_address)
+            .field("trusted_proxies", &self.trusted_proxies)
+            .field("allowed_origins", &self.allowed_origins)
             .finish()
     }
 }
@@ -130,9 +151,19 @@ impl Config {
             ("max_stream_clients", self.max_stream_clients),
             ("max_request_connections", self.max_request_connections),
             ("client_buffer", self.client_buffer),
+            ("max_streams_per_address", self.max_streams_per_address),
         ] {
             if value == 0 {
                 problems.push(format!("{name} must be at least 1"));
+            }
+        }
+        for origin in &self.allowed_origins {
+            if !(origin.starts_with("http://") || origin.starts_with("https://"))
+                || origin.trim_end_matches('/').matches('/').count() != 2
+            {
+                problems.push(format!(
+                    "MESH_API_ALLOWED_ORIGINS: {origin:?} is not an origin (scheme://host[:port])"
+                ));
             }
         }
         if problems.is_empty() { Ok(()) } else { Err(Error::Config(problems.join("\n"))) }

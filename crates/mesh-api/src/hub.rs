@@ -7,6 +7,7 @@
 //! queue only to insert; it never waits for a client.
 
 use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -68,6 +69,7 @@ struct Pending {
 struct ClientQueue {
     id: u64,
     kind: StreamKind,
+    address: IpAddr,
     filter: PriceFilter,
     pending: Mutex<Pending>,
     notify: Notify,
@@ -91,47 +93,78 @@ pub struct StreamClientStats {
     pub pending: usize,
 }
 
+/// Why a stream client was not registered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// Every slot is taken.
+    Full,
+    /// Its address holds its share of the slots already.
+    AddressFull,
+}
+
+#[derive(Debug, Default)]
+struct Clients {
+    by_id: HashMap<u64, Arc<ClientQueue>>,
+    /// Clients per address; an address leaves the map with its last client.
+    per_address: HashMap<IpAddr, usize>,
+}
+
 /// The registry of stream clients.
 pub(crate) struct Hub {
-    clients: Mutex<HashMap<u64, Arc<ClientQueue>>>,
+    clients: Mutex<Clients>,
     next_id: AtomicU64,
     max_clients: usize,
+    max_per_address: usize,
     client_buffer: usize,
     metrics: Arc<Metrics>,
 }
 
 impl Hub {
-    pub fn new(max_clients: usize, client_buffer: usize, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        max_clients: usize,
+        max_per_address: usize,
+        client_buffer: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
-            clients: Mutex::new(HashMap::new()),
+            clients: Mutex::new(Clients::default()),
             next_id: AtomicU64::new(1),
             max_clients,
+            max_per_address,
             client_buffer,
             metrics,
         }
     }
 
-    fn clients(&self) -> MutexGuard<'_, HashMap<u64, Arc<ClientQueue>>> {
+    fn clients(&self) -> MutexGuard<'_, Clients> {
         self.clients.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Registers a client whose queue starts with `first`; `None` when the server is full.
-    /// Call it while holding the state lock that also orders [`Hub::publish`], so that the
-    /// client gets every event after its first items and none before.
+    /// Registers a client of `address` whose queue starts with `first`; refused when the
+    /// server is full or the address holds `max_per_address` clients already. Call it while
+    /// holding the state lock that also orders [`Hub::publish`], so that the client gets every
+    /// event after its first items and none before.
     pub fn subscribe(
         self: &Arc<Self>,
         kind: StreamKind,
         filter: PriceFilter,
+        address: IpAddr,
         first: Vec<Item>,
-    ) -> Option<Subscriber> {
+    ) -> Result<Subscriber, Refused> {
         let mut clients = self.clients();
-        if clients.len() >= self.max_clients {
-            return None;
+        if clients.by_id.len() >= self.max_clients {
+            return Err(Refused::Full);
         }
+        let of_address = clients.per_address.entry(address).or_insert(0);
+        if *of_address >= self.max_per_address {
+            return Err(Refused::AddressFull);
+        }
+        *of_address += 1;
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let queue = Arc::new(ClientQueue {
             id,
             kind,
+            address,
             filter,
             pending: Mutex::default(),
             notify: Notify::new(),
@@ -143,14 +176,14 @@ impl Hub {
             }
         }
         queue.notify.notify_one();
-        clients.insert(id, queue.clone());
+        clients.by_id.insert(id, queue.clone());
         self.metrics.stream_clients(kind).increment(1.0);
-        Some(Subscriber { queue, hub: self.clone() })
+        Ok(Subscriber { queue, hub: self.clone() })
     }
 
     /// Queues `item` for every client whose filter it passes.
     pub fn publish(&self, item: &Item) {
-        for queue in self.clients().values() {
+        for queue in self.clients().by_id.values() {
             if item.passes(&queue.filter) {
                 let mut pending = queue.lock();
                 self.push(queue, &mut pending, item.clone());
@@ -164,7 +197,7 @@ impl Hub {
     /// A snapshot that cannot be made (`None`) is skipped.
     pub fn publish_snapshot(&self, mut make: impl FnMut(&PriceFilter) -> Option<Item>) {
         let mut made: Vec<(PriceFilter, Option<Item>)> = Vec::new();
-        for queue in self.clients().values() {
+        for queue in self.clients().by_id.values() {
             let item = match made.iter().find(|(f, _)| *f == queue.filter) {
                 Some((_, item)) => item.clone(),
                 None => {
@@ -216,6 +249,7 @@ impl Hub {
     pub fn stats(&self) -> Vec<StreamClientStats> {
         let mut stats: Vec<_> = self
             .clients()
+            .by_id
             .values()
             .map(|q| StreamClientStats {
                 id: q.id,
@@ -230,7 +264,7 @@ impl Hub {
     /// Clients connected now.
     #[cfg(test)]
     pub fn len(&self) -> usize {
-        self.clients().len()
+        self.clients().by_id.len()
     }
 }
 
@@ -270,7 +304,17 @@ impl Subscriber {
 
 impl Drop for Subscriber {
     fn drop(&mut self) {
-        self.hub.clients().remove(&self.queue.id);
+        let mut clients = self.hub.clients();
+        clients.by_id.remove(&self.queue.id);
+        if let std::collections::hash_map::Entry::Occupied(mut n) =
+            clients.per_address.entry(self.queue.address)
+        {
+            *n.get_mut() -= 1;
+            if *n.get() == 0 {
+                n.remove();
+            }
+        }
+        drop(clients);
         self.hub.metrics.stream_clients(self.queue.kind).decrement(1.0);
     }
 }
@@ -278,6 +322,8 @@ impl Drop for Subscriber {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const LOCAL: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
 
     fn price(chain: &str, asset: &str, text: &str) -> Item {
         Item {
@@ -296,8 +342,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_slow_client_gets_the_latest_value_per_asset_in_first_seen_order() {
-        let hub = Arc::new(Hub::new(10, 100, Arc::new(Metrics::new().unwrap())));
-        let sub = hub.subscribe(StreamKind::Ws, PriceFilter::default(), vec![]).unwrap();
+        let hub = Arc::new(Hub::new(10, 10, 100, Arc::new(Metrics::new().unwrap())));
+        let sub = hub.subscribe(StreamKind::Ws, PriceFilter::default(), LOCAL, vec![]).unwrap();
         for i in 0..1000 {
             hub.publish(&price("solana", "SOL", &format!("sol{i}")));
             hub.publish(&price("solana", "BONK", &format!("bonk{i}")));
@@ -308,9 +354,9 @@ mod tests {
 
     #[tokio::test]
     async fn filters_apply_and_a_snapshot_replaces_what_is_pending() {
-        let hub = Arc::new(Hub::new(10, 100, Arc::new(Metrics::new().unwrap())));
+        let hub = Arc::new(Hub::new(10, 10, 100, Arc::new(Metrics::new().unwrap())));
         let filter = PriceFilter { blockchain: Some("ethereum".into()), asset: None };
-        let sub = hub.subscribe(StreamKind::Sse, filter, vec![]).unwrap();
+        let sub = hub.subscribe(StreamKind::Sse, filter, LOCAL, vec![]).unwrap();
         hub.publish(&price("solana", "SOL", "sol"));
         hub.publish(&price("ethereum", "WETH", "weth"));
         assert_eq!(texts(sub.next().await), ["weth"]);
@@ -327,8 +373,8 @@ mod tests {
 
     #[tokio::test]
     async fn too_many_distinct_updates_close_the_client_and_free_its_queue() {
-        let hub = Arc::new(Hub::new(10, 5, Arc::new(Metrics::new().unwrap())));
-        let sub = hub.subscribe(StreamKind::Ws, PriceFilter::default(), vec![]).unwrap();
+        let hub = Arc::new(Hub::new(10, 10, 5, Arc::new(Metrics::new().unwrap())));
+        let sub = hub.subscribe(StreamKind::Ws, PriceFilter::default(), LOCAL, vec![]).unwrap();
         for i in 0..6 {
             hub.publish(&price("solana", &format!("A{i}"), "x"));
         }
@@ -340,9 +386,25 @@ mod tests {
 
     #[test]
     fn the_hub_refuses_clients_beyond_its_limit() {
-        let hub = Arc::new(Hub::new(1, 5, Arc::new(Metrics::new().unwrap())));
-        let first = hub.subscribe(StreamKind::Ws, PriceFilter::default(), vec![]);
-        assert!(first.is_some());
-        assert!(hub.subscribe(StreamKind::Sse, PriceFilter::default(), vec![]).is_none());
+        let hub = Arc::new(Hub::new(1, 10, 5, Arc::new(Metrics::new().unwrap())));
+        let first = hub.subscribe(StreamKind::Ws, PriceFilter::default(), LOCAL, vec![]);
+        assert!(first.is_ok());
+        let second = hub.subscribe(StreamKind::Sse, PriceFilter::default(), LOCAL, vec![]);
+        assert_eq!(second.err(), Some(Refused::Full));
+    }
+
+    #[test]
+    fn each_address_gets_its_share_and_a_leaving_client_frees_it() {
+        let hub = Arc::new(Hub::new(10, 2, 5, Arc::new(Metrics::new().unwrap())));
+        let other: IpAddr = "192.0.2.7".parse().unwrap();
+        let subscribe =
+            |address| hub.subscribe(StreamKind::Sse, PriceFilter::default(), address, vec![]);
+        let a = subscribe(LOCAL).unwrap();
+        let _b = subscribe(LOCAL).unwrap();
+        assert_eq!(subscribe(LOCAL).err(), Some(Refused::AddressFull));
+        let _c = subscribe(other).unwrap();
+        drop(a);
+        let _d = subscribe(LOCAL).unwrap();
+        assert_eq!(hub.len(), 3);
     }
 }

@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 use axum::body::Bytes;
 
 use crate::envelope::{ApiError, data_json};
-use crate::hub::{Hub, Item, Key, Subscriber};
+use crate::hub::{Hub, Item, Key, Refused, Subscriber};
 use crate::metrics::{Metrics, StreamKind};
 
 /// A price as the node served it, and when it arrived here (its age grows from then on).
@@ -215,13 +215,18 @@ impl NodeLink {
 
     /// A stream client: its queue starts with the current snapshot (filtered), or with a
     /// `node` event when the node is away. `None` when the server has no room for it.
-    pub fn subscribe(&self, kind: StreamKind, filter: PriceFilter) -> Option<Subscriber> {
+    pub fn subscribe(
+        &self,
+        kind: StreamKind,
+        filter: PriceFilter,
+        address: std::net::IpAddr,
+    ) -> Result<Subscriber, Refused> {
         let state = self.read_state();
         let first = match &state.synced {
             Some(synced) => snapshot_item(synced, &filter),
             None => node_item(Some(&state.away)),
         };
-        self.hub.subscribe(kind, filter, first.into_iter().collect())
+        self.hub.subscribe(kind, filter, address, first.into_iter().collect())
     }
 
     /// Takes in an event: updates the snapshot and passes it on to the stream clients.
@@ -266,7 +271,8 @@ impl NodeLink {
                     }
                     Event::Network(network) => synced.network = network,
                     Event::Provider(provider) => synced.provider = provider,
-                    Event::Snapshot(_) => {}
+                    // Parts are joined into the snapshot by the subscription.
+                    Event::Snapshot(_) | Event::SnapshotPart(_) => {}
                 }
                 if let Some(item) = item {
                     self.hub.publish(&item);
@@ -350,6 +356,7 @@ impl NodeLink {
 fn event_name(event: &Event) -> &'static str {
     match event {
         Event::Snapshot(_) => "snapshot",
+        Event::SnapshotPart(_) => "snapshot_part",
         Event::Price(_) => "price",
         Event::Discrepancy(_) => "discrepancy",
         Event::Network(_) => "network",
@@ -370,6 +377,8 @@ fn encode<T: Serialize>(key: Key, name: &'static str, value: &T) -> Option<Item>
 fn event_item(event: &Event) -> Option<Item> {
     let key = match event {
         Event::Snapshot(_) => Key::Snapshot,
+        // Never reaches here: the subscription joins parts into their snapshot.
+        Event::SnapshotPart(_) => return None,
         Event::Price(p) => Key::Price(Arc::new((p.blockchain.clone(), p.asset.clone()))),
         Event::Discrepancy(d) => {
             Key::Discrepancy(Arc::new((d.blockchain.clone(), d.asset.clone())))

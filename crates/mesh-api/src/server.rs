@@ -1,5 +1,6 @@
 //! Starting and stopping the server.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,7 +18,7 @@ use tracing::{Instrument, debug, error, info, info_span};
 use crate::hub::{Hub, StreamClientStats};
 use crate::metrics::Metrics;
 use crate::node::NodeLink;
-use crate::routes::{AppState, router};
+use crate::routes::{AppState, Peer, router};
 use crate::{Config, Error, Result};
 
 /// Largest buffer a connection may fill with one request's header section (hyper's default
@@ -30,6 +31,103 @@ const MAX_HEADER_BUFFER: usize = 32 * 1024;
 struct ConnectionLimits {
     max_connections: usize,
     header_read_timeout: Duration,
+    write_timeout: Duration,
+}
+
+/// A connection whose writes may wait at most `timeout` for the client to take bytes: then
+/// they fail and hyper closes the connection. A stream client (SSE above all: WebSocket has
+/// its own timer) that stops reading otherwise held its slot, its queue and its socket
+/// buffers for as long as its TCP connection lived. The timer runs only while a write waits:
+/// an idle connection is not affected.
+struct WriteTimeout<S> {
+    inner: S,
+    timeout: Duration,
+    waiting: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<S> WriteTimeout<S> {
+    fn new(inner: S, timeout: Duration) -> Self {
+        Self { inner, timeout, waiting: None }
+    }
+
+    /// After the inner write returned `pending`: starts the timer (first time) and fails once
+    /// it has run out. Polling the timer registers the task, so it wakes at the deadline even
+    /// when the socket never becomes writable.
+    fn check<T>(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<std::io::Result<T>> {
+        let timeout = self.timeout;
+        let sleep = self.waiting.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        match sleep.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("client took no bytes for {timeout:?}"),
+            ))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+}
+
+impl<S: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for WriteTimeout<S> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for WriteTimeout<S> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match std::pin::Pin::new(&mut self.inner).poll_write(cx, buf) {
+            std::task::Poll::Pending => self.check(cx),
+            ready => {
+                self.waiting = None;
+                ready
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        match std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) {
+            std::task::Poll::Pending => self.check(cx),
+            ready => {
+                self.waiting = None;
+                ready
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        match std::pin::Pin::new(&mut self.inner).poll_flush(cx) {
+            std::task::Poll::Pending => self.check(cx),
+            ready => {
+                self.waiting = None;
+                ready
+            }
+        }
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 /// Accepts HTTP/1 connections until `cancel` fires, at most `limits.max_connections` at once
@@ -54,10 +152,10 @@ async fn accept_loop(
                 Err(_) => break,
             },
         };
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             () = cancel.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors, most likely: wait for some to be released
                     // rather than spin.
@@ -70,7 +168,14 @@ async fn accept_loop(
         if let Err(e) = stream.set_nodelay(true) {
             debug!(error = %e, "TCP_NODELAY not set");
         }
-        let service = TowerToHyperService::new(app.clone());
+        // Handlers see the TCP peer (per-address stream limits).
+        let app = app.clone();
+        let service = TowerToHyperService::new(tower::service_fn(
+            move |mut request: axum::extract::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(Peer(peer));
+                tower::ServiceExt::oneshot(app.clone(), request)
+            },
+        ));
         let cancel = cancel.clone();
         tracker.spawn(async move {
             let _permit = permit;
@@ -79,6 +184,7 @@ async fn accept_loop(
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_read_timeout)
                 .max_buf_size(MAX_HEADER_BUFFER);
+            let stream = WriteTimeout::new(stream, limits.write_timeout);
             let connection =
                 builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
             let mut connection = std::pin::pin!(connection);
@@ -126,8 +232,12 @@ impl ApiServer {
         config.validate()?;
         let addr = listener.local_addr()?;
         let metrics = Arc::new(Metrics::new()?);
-        let hub =
-            Arc::new(Hub::new(config.max_stream_clients, config.client_buffer, metrics.clone()));
+        let hub = Arc::new(Hub::new(
+            config.max_stream_clients,
+            config.max_streams_per_address,
+            config.client_buffer,
+            metrics.clone(),
+        ));
         let client = Client::new(&config.node_socket).with_timeout(config.node_timeout);
         let link = Arc::new(NodeLink::new(client, hub, metrics.clone()));
         let cancel = CancellationToken::new();
@@ -145,6 +255,9 @@ impl ApiServer {
                 .max_stream_clients
                 .saturating_add(state.config.max_request_connections),
             header_read_timeout: state.config.header_read_timeout,
+            // A second more than the WebSocket session's own timer, which closes its client
+            // properly (close frame, `reason="slow"`) first; SSE and REST answers have only this.
+            write_timeout: state.config.client_write_timeout + Duration::from_secs(1),
         };
         tracker.spawn(
             accept_loop(listener, app, limits, cancel.clone(), tracker.clone())

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio::net::UnixStream;
 
-use crate::frame::{self, MAX_RESPONSE_LEN};
+use crate::frame::{self, MAX_JOINED_PRICES, MAX_RESPONSE_LEN};
 use crate::types::{
     Event, NetworkStatus, PriceFilter, PriceView, ProviderStatusView, Request, Response,
 };
@@ -47,7 +47,26 @@ impl Client {
         let exchange = async {
             let mut stream = self.connect().await?;
             frame::write(&mut stream, request).await?;
-            frame::read::<Response, _>(&mut stream, MAX_RESPONSE_LEN).await?.ok_or(Error::Closed)
+            // A long price list comes in parts (see `frame`): join them.
+            let mut parts = Vec::new();
+            loop {
+                let answer = frame::read::<Response, _>(&mut stream, MAX_RESPONSE_LEN)
+                    .await?
+                    .ok_or(Error::Closed)?;
+                match answer {
+                    Response::PricesPart(part) => join(&mut parts, part)?,
+                    Response::Prices(last) if !parts.is_empty() => {
+                        join(&mut parts, last)?;
+                        return Ok(Response::Prices(parts));
+                    }
+                    answer if parts.is_empty() => return Ok(answer),
+                    _ => {
+                        return Err(Error::Malformed(
+                            "an answer other than prices after price parts".into(),
+                        ));
+                    }
+                }
+            }
         };
         tokio::time::timeout(self.timeout, exchange).await.map_err(|_| Error::Timeout)?
     }
@@ -90,8 +109,19 @@ impl Client {
         tokio::time::timeout(self.timeout, frame::write(&mut stream, &Request::Subscribe))
             .await
             .map_err(|_| Error::Timeout)??;
-        Ok(Subscription { stream })
+        Ok(Subscription { stream, parts: Vec::new() })
     }
+}
+
+/// Appends a part to the prices joined so far, within [`MAX_JOINED_PRICES`].
+fn join(joined: &mut Vec<PriceView>, mut part: Vec<PriceView>) -> Result<()> {
+    if joined.len() + part.len() > MAX_JOINED_PRICES {
+        return Err(Error::Malformed(format!(
+            "more than {MAX_JOINED_PRICES} prices in parts; giving up"
+        )));
+    }
+    joined.append(&mut part);
+    Ok(())
 }
 
 fn unexpected(response: Response) -> Error {
@@ -105,11 +135,40 @@ fn unexpected(response: Response) -> Error {
 #[derive(Debug)]
 pub struct Subscription {
     stream: UnixStream,
+    /// Prices of the snapshot being received in parts.
+    parts: Vec<PriceView>,
 }
 
 impl Subscription {
-    /// The next event; `Ok(None)` when the node closed the stream (it stopped).
+    /// The next event; `Ok(None)` when the node closed the stream (it stopped). A snapshot sent
+    /// in parts is returned whole, as one [`Event::Snapshot`].
     pub async fn next(&mut self) -> Result<Option<Event>> {
-        frame::read::<Event, _>(&mut self.stream, MAX_RESPONSE_LEN).await
+        loop {
+            let Some(event) = frame::read::<Event, _>(&mut self.stream, MAX_RESPONSE_LEN).await?
+            else {
+                if self.parts.is_empty() {
+                    return Ok(None);
+                }
+                return Err(Error::Malformed("the stream ended inside a snapshot".into()));
+            };
+            match event {
+                Event::SnapshotPart(part) => join(&mut self.parts, part)?,
+                Event::Snapshot(mut snapshot) => {
+                    if !self.parts.is_empty() {
+                        let mut prices = std::mem::take(&mut self.parts);
+                        join(&mut prices, std::mem::take(&mut snapshot.prices))?;
+                        snapshot.prices = prices;
+                    }
+                    return Ok(Some(Event::Snapshot(snapshot)));
+                }
+                event if self.parts.is_empty() => return Ok(Some(event)),
+                _ => {
+                    self.parts = Vec::new();
+                    return Err(Error::Malformed(
+                        "an event other than a snapshot part inside a snapshot".into(),
+                    ));
+                }
+            }
+        }
     }
 }

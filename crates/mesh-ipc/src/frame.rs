@@ -1,5 +1,30 @@
 //! Length-prefixed JSON frames on a byte stream: a 4-byte big-endian length, then a JSON
 //! document. A length above the reader's limit is refused before anything is allocated.
+//!
+//! # Long price lists travel in parts
+//!
+//! A price book holds up to 100,000 assets whose names may be 255 characters long: its
+//! snapshot is about 75 MB of JSON, far above [`MAX_RESPONSE_LEN`]. So no frame ever carries
+//! more than [`PART_PRICES`] prices. A longer list is sent as consecutive frames on the same
+//! connection, nothing else between them:
+//!
+//! ```text
+//! {"type":"snapshot_part","data":[<first 1,000 prices>]}
+//! {"type":"snapshot_part","data":[<next 1,000 prices>]}
+//! {"type":"snapshot","data":{"prices":[<the rest>],"network":{..},"provider":{..}}}
+//! ```
+//!
+//! and likewise `prices_part` frames before the final `prices` answer to `get_prices`. The
+//! receiver appends the parts in order and puts them before the final frame's prices;
+//! [`crate::Client`] and [`crate::Subscription`] do it, so their callers see one
+//! [`crate::Event::Snapshot`] or one price list. A list of at most [`PART_PRICES`] prices is a
+//! single frame exactly as before, and the frame format itself is unchanged. A receiver joins
+//! at most [`MAX_JOINED_PRICES`] prices, so a faulty sender cannot make it grow without bound.
+//!
+//! Why 1,000 prices always fit: a [`crate::PriceView`] is at most about 2 KiB of JSON (a
+//! 255-character asset of 4-byte characters is 1,020 bytes, a 50-character chain 200, the
+//! two decimals 80 characters each, the rest fixed-size), so a part stays under 2 MiB, an
+//! eighth of the limit.
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -11,6 +36,10 @@ use crate::Error;
 pub const MAX_RESPONSE_LEN: usize = 16 * 1024 * 1024;
 /// Largest frame the node accepts from a client.
 pub const MAX_REQUEST_LEN: usize = 64 * 1024;
+/// Most prices in one frame; longer lists are sent in parts (see the module docs).
+pub const PART_PRICES: usize = 1_000;
+/// Most prices a receiver joins from parts: ten times the price book's asset limit.
+pub const MAX_JOINED_PRICES: usize = 1_000_000;
 
 /// Reads one frame and decodes it; `Ok(None)` at a clean end of stream.
 pub async fn read<T: DeserializeOwned, R: AsyncRead + Unpin>(

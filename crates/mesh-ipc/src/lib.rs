@@ -6,6 +6,9 @@
 //! - [`Server`] runs in the node and answers through a [`Handler`]; subscribers get a snapshot,
 //!   then events, with a bounded buffer each (a slow one is conflated or dropped).
 //! - [`Client`] is what `mesh-api` and the tests use.
+//! - [`frame`]: the framing. No frame carries more than [`frame::PART_PRICES`] prices: a
+//!   snapshot or price list of a large book (up to 100,000 assets) is sent in parts that
+//!   [`Client`] and [`Subscription`] join, so it never meets the frame limit.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), mesh_ipc::Error> {

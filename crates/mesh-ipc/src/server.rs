@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use crate::frame::{self, MAX_REQUEST_LEN};
-use crate::types::{ErrorKind, Event, Request, Response, Snapshot};
+use crate::frame::{self, MAX_REQUEST_LEN, PART_PRICES};
+use crate::types::{ErrorKind, Event, PriceView, Request, Response, Snapshot};
 use crate::{Error, Result};
 
 /// What the node provides to the server.
@@ -195,7 +195,11 @@ impl Connection {
                 return;
             }
             let answer = self.handler.handle(request).await;
-            if self.write(&mut stream, &answer).await.is_err() {
+            let written = match answer {
+                Response::Prices(prices) => self.write_prices(&mut stream, prices).await,
+                answer => self.write(&mut stream, &answer).await,
+            };
+            if written.is_err() {
                 return;
             }
         }
@@ -208,11 +212,33 @@ impl Connection {
         }
     }
 
+    /// Writes a price list answer, in parts when it is long (see [`crate::frame`]).
+    async fn write_prices(
+        &self,
+        stream: &mut UnixStream,
+        mut prices: Vec<PriceView>,
+    ) -> Result<()> {
+        let last = prices.split_off(last_part_start(prices.len()));
+        for part in prices.chunks(PART_PRICES) {
+            self.write(stream, &Part::PricesPart(part)).await?;
+        }
+        self.write(stream, &Response::Prices(last)).await
+    }
+
+    /// Writes a snapshot, in parts when the book is large (see [`crate::frame`]).
+    async fn write_snapshot(&self, stream: &mut UnixStream, mut snapshot: Snapshot) -> Result<()> {
+        let last = snapshot.prices.split_off(last_part_start(snapshot.prices.len()));
+        for part in snapshot.prices.chunks(PART_PRICES) {
+            self.write(stream, &Part::SnapshotPart(part)).await?;
+        }
+        snapshot.prices = last;
+        self.write(stream, &Event::Snapshot(Box::new(snapshot))).await
+    }
+
     async fn stream_events(&self, mut stream: UnixStream) {
         // Subscribe before taking the snapshot so nothing falls between the two.
         let mut events = self.handler.events();
-        let snapshot = Event::Snapshot(Box::new(self.handler.snapshot()));
-        if self.write(&mut stream, &snapshot).await.is_err() {
+        if self.write_snapshot(&mut stream, self.handler.snapshot()).await.is_err() {
             return;
         }
         debug!("subscriber attached");
@@ -221,19 +247,60 @@ impl Connection {
                 () = self.cancel.cancelled() => return,
                 e = events.recv() => e,
             };
-            let event = match event {
-                Ok(event) => event,
+            let written = match event {
+                Ok(event) => self.write(&mut stream, &event).await,
                 Err(broadcast::error::RecvError::Lagged(missed)) => {
                     debug!(missed, "subscriber fell behind; sending a fresh snapshot");
                     events = events.resubscribe();
-                    Event::Snapshot(Box::new(self.handler.snapshot()))
+                    self.write_snapshot(&mut stream, self.handler.snapshot()).await
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             };
-            if let Err(e) = self.write(&mut stream, &event).await {
+            if let Err(e) = written {
                 debug!(error = %e, "subscriber dropped");
                 return;
             }
         }
+    }
+}
+
+/// The leading parts of a long list, borrowed: serialises exactly as
+/// [`Event::SnapshotPart`] and [`Response::PricesPart`] do, without copying the prices.
+#[derive(serde::Serialize)]
+#[serde(tag = "type", content = "data", rename_all = "snake_case")]
+enum Part<'a> {
+    SnapshotPart(&'a [PriceView]),
+    PricesPart(&'a [PriceView]),
+}
+
+/// Where the final frame's prices start: the leading parts are full, the final frame holds
+/// the rest (1..=[`PART_PRICES`] prices, or none for an empty list).
+fn last_part_start(len: usize) -> usize {
+    len.saturating_sub(1) / PART_PRICES * PART_PRICES
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parts_are_full_and_the_final_frame_holds_the_rest() {
+        assert_eq!(last_part_start(0), 0);
+        assert_eq!(last_part_start(1), 0);
+        assert_eq!(last_part_start(PART_PRICES), 0);
+        assert_eq!(last_part_start(PART_PRICES + 1), PART_PRICES);
+        assert_eq!(last_part_start(100_000), 99_000);
+    }
+
+    #[test]
+    fn borrowed_parts_serialise_as_the_owned_variants() {
+        let parts: Vec<PriceView> = Vec::new();
+        let owned = serde_json::to_string(&Event::SnapshotPart(parts.clone())).unwrap_or_default();
+        let borrowed = serde_json::to_string(&Part::SnapshotPart(&parts)).unwrap_or_default();
+        assert_eq!(owned, borrowed);
+        let owned = serde_json::to_string(&Response::PricesPart(parts.clone())).unwrap_or_default();
+        let borrowed = serde_json::to_string(&Part::PricesPart(&parts)).unwrap_or_default();
+        assert_eq!(owned, borrowed);
+        assert!(owned.contains("prices_part"), "{owned}");
     }
 }

@@ -167,8 +167,13 @@ pub struct Snapshot {
 #[serde(tag = "type", content = "data", rename_all = "snake_case")]
 pub enum Event {
     /// A full state: first on every subscription, and again when the subscriber fell behind
-    /// (events in between were conflated into it).
+    /// (events in between were conflated into it). A large one is preceded by
+    /// [`Event::SnapshotPart`] frames carrying its first prices ([`crate::frame`]).
     Snapshot(Box<Snapshot>),
+    /// The first prices of the [`Event::Snapshot`] that follows (a snapshot of a large book is
+    /// sent in parts, each well under the frame limit). [`crate::Subscription::next`] joins
+    /// the parts, so its callers never see this.
+    SnapshotPart(Vec<PriceView>),
     /// An asset's served price changed.
     Price(PriceView),
     /// Two providers disagree.
@@ -224,8 +229,12 @@ pub enum ErrorKind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "snake_case")]
 pub enum Response {
-    /// Prices.
+    /// Prices. A long list is preceded by [`Response::PricesPart`] frames carrying its first
+    /// prices ([`crate::frame`]).
     Prices(Vec<PriceView>),
+    /// The first prices of the [`Response::Prices`] that follows; [`crate::Client`] joins the
+    /// parts, so its callers never see this.
+    PricesPart(Vec<PriceView>),
     /// The network status.
     NetworkStatus(NetworkStatus),
     /// Provider mode status.

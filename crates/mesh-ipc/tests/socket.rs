@@ -228,3 +228,78 @@ fn freshness_serialises_as_the_guide_shows() {
     assert_eq!(serde_json::to_string(&DataFreshness::HoursAgo(2)).unwrap(), r#"{"HoursAgo":2}"#);
     assert_eq!(serde_json::to_string(&DataFreshness::Stale).unwrap(), r#""Stale""#);
 }
+
+/// A node whose book is at its limit: 100,000 assets (`BookConfig::max_assets` in
+/// mesh-service), each named with 255 characters (the longest asset the validator accepts).
+struct FullBook {
+    prices: Vec<PriceView>,
+    events: broadcast::Sender<Event>,
+}
+
+#[async_trait::async_trait]
+impl Handler for FullBook {
+    async fn handle(&self, request: Request) -> Response {
+        match request {
+            Request::GetPrices(_) => Response::Prices(self.prices.clone()),
+            _ => Response::NetworkStatus(network()),
+        }
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        Snapshot { prices: self.prices.clone(), network: network(), provider: provider() }
+    }
+
+    fn events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+}
+
+/// Before parts, such a snapshot was one frame of about 60 MB: the client refused it as too
+/// large, and mesh-api, which resubscribes after every failure, never got a snapshot again
+/// (503 for good, across restarts of either process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_book_at_its_maximum_goes_through_in_parts() {
+    let prices: Vec<PriceView> =
+        (0..100_000).map(|i| price(&format!("{i:0>255}"), "1.5")).collect();
+    let whole = Event::Snapshot(Box::new(Snapshot {
+        prices: prices.clone(),
+        network: network(),
+        provider: provider(),
+    }));
+    let one_frame = serde_json::to_vec(&whole).unwrap().len();
+    assert!(
+        one_frame > mesh_ipc::frame::MAX_RESPONSE_LEN,
+        "the test book must not fit in one frame ({one_frame} bytes)"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("node.sock");
+    let server = Server::bind(ServerConfig::new(&path)).await.unwrap();
+    let (events, _) = broadcast::channel(16);
+    let node = Arc::new(FullBook { prices: prices.clone(), events });
+    let cancel = CancellationToken::new();
+    tokio::spawn(server.run(node.clone(), cancel.clone()));
+    let client = Client::new(&path);
+
+    let mut sub = client.subscribe().await.unwrap();
+    match sub.next().await.unwrap() {
+        Some(Event::Snapshot(snapshot)) => {
+            assert_eq!(snapshot.prices.len(), 100_000);
+            assert!(snapshot.prices == prices, "the parts are joined in order");
+            assert_eq!(snapshot.network, network());
+        }
+        other => panic!("expected the snapshot, got {:?}", other.map(|_| "another event")),
+    }
+    // The stream is in step after the parts.
+    node.events.send(Event::Price(price("JUP", "0.4"))).unwrap();
+    match sub.next().await.unwrap() {
+        Some(Event::Price(p)) => assert_eq!(p.asset, "JUP"),
+        other => panic!("unexpected {other:?}"),
+    }
+    // A price list answer of the same size, and a short request on the same connection kind.
+    let all = client.prices(PriceFilter::default()).await.unwrap();
+    assert_eq!(all.len(), 100_000);
+    assert!(all == prices);
+    assert_eq!(client.network_status().await.unwrap().connected_peers, 3);
+    cancel.cancel();
+}

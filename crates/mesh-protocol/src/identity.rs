@@ -90,7 +90,10 @@ pub enum IdentityError {
         source: io::Error,
     },
     /// The key file exists but does not hold a 32-byte ed25519 seed.
-    #[error("key file {path} holds {len} bytes; a node key file holds exactly 32")]
+    #[error(
+        "key file {path} holds {len} bytes; a node key file holds exactly 32 (restore it from a \
+         backup, or move it aside to start with a new identity)"
+    )]
     BadLength {
         /// The key file.
         path: PathBuf,
@@ -138,27 +141,43 @@ impl Identity {
     }
 
     /// Loads the key at `path`, or creates it (mode 0600, parent directories as needed) when
-    /// the file does not exist yet. A file that others can read is refused, as ssh does.
+    /// the file does not exist yet. A file that others can read is refused, as ssh does. The
+    /// key is written atomically ([`write_private_file_atomically`]): a crash while creating
+    /// it leaves no key file (a new one is made on the next start), never an empty one.
     pub fn load_or_create(path: &Path) -> Result<Self, IdentityError> {
         let io_err = |source| IdentityError::Io { path: path.to_path_buf(), source };
         match fs::read(path) {
-            Ok(bytes) => {
-                check_private_mode(path)?;
-                let seed: [u8; KEY_FILE_LEN] = bytes.as_slice().try_into().map_err(|_| {
-                    IdentityError::BadLength { path: path.to_path_buf(), len: bytes.len() }
-                })?;
-                Ok(Self::from_seed(seed))
-            }
+            Ok(bytes) => Self::from_key_file(path, &bytes),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 let identity = Self::generate();
                 if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
                     fs::create_dir_all(parent).map_err(io_err)?;
                 }
-                write_private_file(path, &identity.signing.to_bytes()).map_err(io_err)?;
-                Ok(identity)
+                match write_private_file(path, &identity.signing.to_bytes()) {
+                    Ok(()) => Ok(identity),
+                    // Another process created the key between our read and our write: use its.
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Self::load_existing(path),
+                    Err(e) => Err(io_err(e)),
+                }
             }
             Err(e) => Err(io_err(e)),
         }
+    }
+
+    /// Loads the key at `path`, which must exist.
+    fn load_existing(path: &Path) -> Result<Self, IdentityError> {
+        let bytes = fs::read(path)
+            .map_err(|source| IdentityError::Io { path: path.to_path_buf(), source })?;
+        Self::from_key_file(path, &bytes)
+    }
+
+    /// The identity of the key file `path` holding `bytes`.
+    fn from_key_file(path: &Path, bytes: &[u8]) -> Result<Self, IdentityError> {
+        check_private_mode(path)?;
+        let seed: [u8; KEY_FILE_LEN] = bytes
+            .try_into()
+            .map_err(|_| IdentityError::BadLength { path: path.to_path_buf(), len: bytes.len() })?;
+        Ok(Self::from_seed(seed))
     }
 
     /// The node id derived from the public key.
@@ -218,9 +237,52 @@ fn check_private_mode(_path: &Path) -> Result<(), IdentityError> {
     Ok(())
 }
 
-/// Writes `bytes` to a new file readable by its owner only. Fails if the file already exists,
-/// so that two processes starting at once cannot both write a different key.
+/// Writes `bytes` to a new file readable by its owner only. Fails with `AlreadyExists` if the
+/// file already exists, so that two processes starting at once cannot both write a different
+/// key. Atomic: see [`write_private_file_atomically`].
 pub fn write_private_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    write_private_file_atomically(path, bytes, false)
+}
+
+/// Writes `bytes` to `path`, readable by its owner only (mode 0600), so that a crash or power
+/// loss at any moment leaves either the old state or the whole new file, never an empty or
+/// half-written one: the bytes go to a temporary file in the same directory, which is synced,
+/// then moved into place, and the directory is synced so that the new name is durable too.
+///
+/// With `replace == false` an existing file is kept and `AlreadyExists` is returned (the move
+/// is a hard link, which fails atomically when the name is taken: of two processes creating
+/// the same key at once, exactly one wins). A temporary file left by a crash
+/// (`.<name>.tmp-<pid>-<random>`) is never read; leftovers older than a minute are removed.
+pub fn write_private_file_atomically(path: &Path, bytes: &[u8], replace: bool) -> io::Result<()> {
+    let name = path.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::InvalidInput, "a key file path must end in a file name")
+    })?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let prefix = format!(".{name}.tmp-");
+    let tmp = dir.join(format!("{prefix}{}-{:016x}", std::process::id(), rand::random::<u64>()));
+    let result = write_synced(&tmp, bytes).and_then(|()| {
+        if replace {
+            fs::rename(&tmp, path)
+        } else {
+            let linked = fs::hard_link(&tmp, path);
+            let _ = fs::remove_file(&tmp);
+            linked
+        }
+    });
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result?;
+    sync_dir(&dir)?;
+    remove_stale_temporaries(&dir, &prefix);
+    Ok(())
+}
+
+/// Creates `path` (it must not exist) with mode 0600 and writes and syncs `bytes`.
+fn write_synced(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut options = fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
@@ -231,6 +293,37 @@ pub fn write_private_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut file = options.open(path)?;
     file.write_all(bytes)?;
     file.sync_all()
+}
+
+/// Makes a rename, link or removal in `dir` durable.
+#[cfg(unix)]
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    fs::File::open(dir)?.sync_all()
+}
+
+/// Makes a rename, link or removal in `dir` durable (a no-op where directories cannot be
+/// opened).
+#[cfg(not(unix))]
+pub fn sync_dir(_dir: &Path) -> io::Result<()> {
+    Ok(())
+}
+
+/// Best effort: removes temporary files named `<prefix>...` older than a minute (left by a
+/// crash; a younger one may belong to a process writing right now).
+fn remove_stale_temporaries(dir: &Path, prefix: &str) {
+    let Ok(entries) = fs::read_dir(dir) else { return };
+    for entry in entries.flatten().take(1_000) {
+        let stale = entry.file_name().to_str().is_some_and(|n| n.starts_with(prefix))
+            && entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > std::time::Duration::from_secs(60));
+        if stale {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
 }
 
 #[cfg(test)]
@@ -283,6 +376,57 @@ mod tests {
         Identity::load_or_create(&path).unwrap();
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         assert!(matches!(Identity::load_or_create(&path), Err(IdentityError::TooOpen { .. })));
+    }
+
+    #[test]
+    fn leftover_temporary_files_do_not_stop_start_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.key");
+        // What a crash while writing the key leaves: temporary files, empty or truncated.
+        fs::write(dir.path().join(".node.key.tmp-1-0000000000000001"), b"").unwrap();
+        fs::write(dir.path().join(".node.key.tmp-2-0000000000000002"), [9u8; 7]).unwrap();
+        let first = Identity::load_or_create(&path).unwrap();
+        assert_eq!(fs::read(&path).unwrap().len(), KEY_FILE_LEN);
+        assert_eq!(Identity::load_or_create(&path).unwrap().node_id(), first.node_id());
+        // Our own temporary file is gone; the young leftovers are left to their owners.
+        let left: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with(".node.key.tmp-"))
+            .collect();
+        assert_eq!(left.len(), 2, "{left:?}");
+    }
+
+    #[test]
+    fn an_empty_key_file_is_a_clear_error_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.key");
+        write_private_file(&path, &[]).unwrap();
+        let err = Identity::load_or_create(&path).unwrap_err();
+        assert!(matches!(err, IdentityError::BadLength { len: 0, .. }), "{err:?}");
+        let message = err.to_string();
+        assert!(message.contains(&path.display().to_string()), "{message}");
+        assert!(message.contains("holds 0 bytes"), "{message}");
+    }
+
+    #[test]
+    fn atomic_writes_replace_or_keep_as_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("provider.key");
+        write_private_file_atomically(&path, b"one", false).unwrap();
+        let err = write_private_file_atomically(&path, b"two", false).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read(&path).unwrap(), b"one");
+        write_private_file_atomically(&path, b"three", true).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"three");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600);
+        }
+        // Nothing else is left in the directory.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use libp2p::Multiaddr;
 use mesh_protocol::NodeId;
+use mesh_storage::SecretUrl;
 
 /// One configuration variable, for `--dump-config`, `--help` and the README reference.
 #[derive(Debug, Clone, Copy)]
@@ -153,6 +154,13 @@ pub const VARIABLES: &[Variable] = &[
         "10000",
         "100-1000000",
         "rows held for the database while it is down",
+    ),
+    var(
+        "MESH_SHUTDOWN_GRACE_SECS",
+        "10",
+        "1-120",
+        "at SIGTERM, longest wait for the stores to take what the node accepted; rows still \
+         unwritten then are counted (mesh_store_shutdown_unwritten_total) and logged",
     ),
 ];
 
@@ -310,12 +318,14 @@ pub struct NodeConfig {
     pub trusted_providers: Option<HashSet<NodeId>>,
     /// `REDIS_URL` and friends.
     pub redis: Option<RedisSettings>,
-    /// `DATABASE_URL` (`None`: SQLite in the data directory).
-    pub database_url: Option<String>,
+    /// `DATABASE_URL` (`None`: SQLite in the data directory); `Debug` hides its secrets.
+    pub database_url: Option<SecretUrl>,
     /// `DATABASE_MAX_CONNECTIONS`.
     pub database_max_connections: u32,
     /// `MESH_WRITE_QUEUE_CAPACITY`.
     pub write_queue_capacity: usize,
+    /// `MESH_SHUTDOWN_GRACE_SECS`: how long the final flush of the stores may take.
+    pub shutdown_grace: Duration,
     /// Added to this node's wall clock (provider stamps and validation), in milliseconds: 0 in
     /// production; tests set it to play a node whose clock is wrong. Not a variable.
     pub clock_offset_ms: i64,
@@ -421,6 +431,7 @@ impl NodeConfig {
         let pool = r.number::<usize>("REDIS_POOL_SIZE", 1, 100);
         let db_conns = r.number::<u32>("DATABASE_MAX_CONNECTIONS", 1, 100);
         let queue = r.number::<usize>("MESH_WRITE_QUEUE_CAPACITY", 100, 1_000_000);
+        let shutdown_grace = r.number::<u64>("MESH_SHUTDOWN_GRACE_SECS", 1, 120);
         let listen_addrs = r.multiaddrs("MESH_LISTEN_ADDRS");
         let discovery =
             match mesh_discovery::Config::from_lookup(|name| r.raw(name).map(str::to_owned)) {
@@ -461,7 +472,7 @@ impl NodeConfig {
                 }
             },
         };
-        let database_url = r.raw("DATABASE_URL").map(str::to_owned);
+        let database_url = r.raw("DATABASE_URL").map(SecretUrl::from);
         if let Some(url) = &database_url
             && !["postgres://", "postgresql://", "sqlite:"].iter().any(|p| url.starts_with(p))
         {
@@ -520,6 +531,7 @@ impl NodeConfig {
             database_url,
             database_max_connections: db_conns,
             write_queue_capacity: queue,
+            shutdown_grace: Duration::from_secs(shutdown_grace),
             clock_offset_ms: 0,
             data_dir,
         };
@@ -635,6 +647,7 @@ impl NodeConfig {
                 "DATABASE_URL" => self.database_url.as_deref().map(redact_url).unwrap_or_default(),
                 "DATABASE_MAX_CONNECTIONS" => self.database_max_connections.to_string(),
                 "MESH_WRITE_QUEUE_CAPACITY" => self.write_queue_capacity.to_string(),
+                "MESH_SHUTDOWN_GRACE_SECS" => self.shutdown_grace.as_secs().to_string(),
                 _ => String::new(),
             };
             out.push_str(&format!("{}={value}\n", v.name));
@@ -643,26 +656,7 @@ impl NodeConfig {
     }
 }
 
-/// `scheme://user:password@host/...` with the password replaced.
-pub fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let (authority, tail) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) => {
-            let user = userinfo.split(':').next().unwrap_or("");
-            let hidden = if userinfo.contains(':') {
-                format!("{user}:<redacted>")
-            } else {
-                "<redacted>".to_owned()
-            };
-            format!("{scheme}://{hidden}@{host}{tail}")
-        }
-        None => url.to_owned(),
-    }
-}
+pub use mesh_storage::redact_url;
 
 #[cfg(test)]
 mod tests {
@@ -775,5 +769,28 @@ mod tests {
         assert_eq!(redact_url("redis://:pw@h:6379/0"), "redis://:<redacted>@h:6379/0");
         assert_eq!(redact_url("postgres://u:pw@h/db"), "postgres://u:<redacted>@h/db");
         assert_eq!(redact_url("postgres://h/db"), "postgres://h/db");
+    }
+
+    #[test]
+    fn debug_and_dump_never_show_a_secret() {
+        let c = NodeConfig::from_map(
+            &map(&[
+                ("DATABASE_URL", "postgres://mesh:db/pw1@h/db?sslpassword=sslpw2"),
+                ("REDIS_URL", "rediss://:redis#pw3@h:6380/0?password=redispw4"),
+                ("BIRDEYE_API_KEY", "birdeyekey5"),
+            ]),
+            false,
+        )
+        .unwrap();
+        assert_eq!(
+            c.database_url.as_deref(),
+            Some("postgres://mesh:db/pw1@h/db?sslpassword=sslpw2")
+        );
+        for shown in [format!("{c:?}"), format!("{c:#?}"), c.dump()] {
+            for secret in ["pw1", "sslpw2", "pw3", "redispw4", "birdeyekey5"] {
+                assert!(!shown.contains(secret), "{secret} shown in {shown}");
+            }
+            assert!(shown.contains("postgres://mesh:<redacted>@h/db"), "{shown}");
+        }
     }
 }

@@ -3,9 +3,10 @@
 //! mode deletes it.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 
+use mesh_protocol::identity::{sync_dir, write_private_file_atomically};
 use mesh_provider::ApiKey;
 
 /// Where the provider key is kept.
@@ -37,31 +38,26 @@ impl ProviderKeyStore {
         }
     }
 
-    /// Stores `key` (replacing any earlier one) readable by the owner only.
+    /// Stores `key` (replacing any earlier one) readable by the owner only. Atomic: a crash
+    /// leaves the old key or the new one, never an empty file
+    /// ([`write_private_file_atomically`]).
     pub fn save(&self, key: &ApiKey) -> io::Result<()> {
         if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(dir)?;
         }
-        let tmp = self.path.with_extension("key.tmp");
-        let _ = fs::remove_file(&tmp);
-        let mut options = fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            options.mode(0o600);
-        }
-        let mut file = options.open(&tmp)?;
-        file.write_all(key.expose().as_bytes())?;
-        file.sync_all()?;
-        fs::rename(&tmp, &self.path)
+        write_private_file_atomically(&self.path, key.expose().as_bytes(), true)
     }
 
-    /// Forgets the key (provider mode disabled).
+    /// Forgets the key (provider mode disabled), durably: after a power loss provider mode
+    /// does not come back.
     pub fn clear(&self) -> io::Result<()> {
         match fs::remove_file(&self.path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+            Ok(()) => match self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                Some(dir) => sync_dir(dir),
+                None => sync_dir(Path::new(".")),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
         }
     }
 }
@@ -87,5 +83,17 @@ mod tests {
         store.clear().unwrap();
         store.clear().unwrap();
         assert!(store.load().unwrap().is_none());
+    }
+
+    #[test]
+    fn leftover_temporary_files_are_ignored() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = ProviderKeyStore::new(dir.path().join("provider.key"));
+        // A crash while saving leaves an empty or truncated temporary file, never the key file.
+        fs::write(dir.path().join(".provider.key.tmp-1-0000000000000001"), b"").unwrap();
+        fs::write(dir.path().join(".provider.key.tmp-2-0000000000000002"), b"k-").unwrap();
+        assert!(store.load().unwrap().is_none());
+        store.save(&ApiKey::new("k-789")).unwrap();
+        assert_eq!(store.load().unwrap().unwrap().expose(), "k-789");
     }
 }

@@ -56,6 +56,8 @@ pub enum Error {
 
 /// How many events a subscriber may fall behind before it gets a fresh snapshot.
 const EVENT_BUFFER: usize = 1024;
+/// How long the relay may take to close its connections at shutdown.
+const RELAY_SHUTDOWN: Duration = Duration::from_secs(5);
 
 /// The state shared by the node's tasks and the IPC handler.
 pub struct Shared {
@@ -428,12 +430,13 @@ impl Node {
                 Err(e) => warn!(error = %e, "discovery not started"),
             }
         }
+        let state_done = CancellationToken::new();
         spawn_guarded(
             &tasks,
             &cancel,
             &failure,
             "state",
-            run_state(shared.clone(), deliveries, cancel.clone()),
+            run_state(shared.clone(), deliveries, cancel.clone(), state_done.clone()),
         );
         spawn_guarded(
             &tasks,
@@ -473,8 +476,11 @@ impl Node {
                 async move {
                     cancel.cancelled().await;
                     shared.provider.shutdown().await;
-                    shared.relay.shutdown(Duration::from_secs(5)).await;
-                    // The storage workers write what they hold, then stop.
+                    shared.relay.shutdown(RELAY_SHUTDOWN).await;
+                    // The state task hands the deliveries it had accepted to the stores first;
+                    // then the storage workers write what they hold (within the grace), and stop.
+                    let grace = shared.config.shutdown_grace;
+                    let _ = tokio::time::timeout(grace, state_done.cancelled()).await;
                     storage_cancel.cancel();
                 }
                 .instrument(info_span!("shutdown")),
@@ -555,10 +561,27 @@ impl Node {
 
     async fn finish(self, grace: Duration) -> Option<String> {
         self.tasks.close();
+        // Room for the ordered shutdown: the relay, then the stores' bounded final flush.
+        let grace = grace.max(RELAY_SHUTDOWN + self.shared.config.shutdown_grace * 2);
         if tokio::time::timeout(grace, self.tasks.wait()).await.is_err() {
             warn!("some tasks did not stop within {grace:?}");
         }
-        self.shared.persistence.db.close().await;
+        let (prices, seen, redis) = self.shared.persistence.unwritten().counts();
+        if prices + seen + redis > 0 {
+            warn!(
+                prices,
+                seen,
+                redis,
+                grace_secs = self.shared.config.shutdown_grace.as_secs(),
+                "shutdown: rows accepted but not written to the stores"
+            );
+        }
+        // A statement abandoned at the deadline still holds its connection (the driver waits
+        // for the server's answer before giving it back), so closing the pool is bounded too.
+        let close = self.shared.persistence.db.close();
+        if tokio::time::timeout(self.shared.config.shutdown_grace, close).await.is_err() {
+            warn!("database connections still busy at shutdown; not waiting for them");
+        }
         info!("node stopped");
         self.failure.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
     }
@@ -592,61 +615,75 @@ fn relay_config(config: &NodeConfig, seen: Vec<mesh_storage::SeenRow>) -> mesh_r
     }
 }
 
-/// The task that owns the price book: every delivered message goes through here.
+/// The task that owns the price book: every delivered message goes through here. At shutdown
+/// it stops taking new deliveries and applies the ones already queued (at most the relay's
+/// delivery queue), so that their rows reach the stores' final flush; `done` is cancelled when
+/// it has.
 async fn run_state(
     shared: Arc<Shared>,
     mut deliveries: mpsc::Receiver<Delivery>,
     cancel: CancellationToken,
+    done: CancellationToken,
 ) {
-    let seen_ttl = shared.config.seen_ttl;
+    let _done = done.drop_guard();
     loop {
         let delivery = tokio::select! {
-            () = cancel.cancelled() => return,
+            () = cancel.cancelled() => break,
             d = deliveries.recv() => match d {
                 Some(d) => d,
                 None => return,
             },
         };
-        let now = now_ms();
-        let body = &delivery.message.body;
-        let origin = body.origin;
-        let own = delivery.from.is_none();
-        let hops = if own { 0 } else { delivery.message.envelope.hop_count };
-        match &body.payload {
-            Payload::ProviderAnnounce { .. } => {
-                shared.tracker.lock().heard(origin, hops, None, now);
-            }
-            Payload::PriceBatch { round, prices } => {
-                shared.tracker.lock().heard(origin, hops, Some(*round), now);
-                let applied = shared.book().apply(origin, hops, prices, now);
-                tracing::info!(
-                    source_node_id = %origin,
-                    round,
-                    prices = prices.len(),
-                    hop_count = hops,
-                    changed = applied.changed.len(),
-                    "price update received"
+        apply_delivery(&shared, delivery);
+    }
+    deliveries.close();
+    while let Some(delivery) = deliveries.recv().await {
+        apply_delivery(&shared, delivery);
+    }
+}
+
+/// Applies one delivered message to the book and hands its rows to the stores.
+fn apply_delivery(shared: &Shared, delivery: Delivery) {
+    let seen_ttl = shared.config.seen_ttl;
+    let now = now_ms();
+    let body = &delivery.message.body;
+    let origin = body.origin;
+    let own = delivery.from.is_none();
+    let hops = if own { 0 } else { delivery.message.envelope.hop_count };
+    match &body.payload {
+        Payload::ProviderAnnounce { .. } => {
+            shared.tracker.lock().heard(origin, hops, None, now);
+        }
+        Payload::PriceBatch { round, prices } => {
+            shared.tracker.lock().heard(origin, hops, Some(*round), now);
+            let applied = shared.book().apply(origin, hops, prices, now);
+            tracing::info!(
+                source_node_id = %origin,
+                round,
+                prices = prices.len(),
+                hop_count = hops,
+                changed = applied.changed.len(),
+                "price update received"
+            );
+            for d in &applied.discrepancies {
+                warn!(
+                    asset = %d.asset,
+                    blockchain = %d.blockchain,
+                    node_a = %d.node_a,
+                    price_a = %d.price_a,
+                    node_b = %d.node_b,
+                    price_b = %d.price_b,
+                    difference_percent = %d.difference_percent,
+                    "price discrepancy detected"
                 );
-                for d in &applied.discrepancies {
-                    warn!(
-                        asset = %d.asset,
-                        blockchain = %d.blockchain,
-                        node_a = %d.node_a,
-                        price_a = %d.price_a,
-                        node_b = %d.node_b,
-                        price_b = %d.price_b,
-                        difference_percent = %d.difference_percent,
-                        "price discrepancy detected"
-                    );
-                    metrics::counter!("mesh_price_discrepancies_total").increment(1);
-                    shared.emit(Event::Discrepancy(d.clone()));
-                }
-                for view in applied.changed {
-                    shared.emit(Event::Price(view));
-                }
-                let rows = prices.iter().map(|p| PriceRow::from_update(p, origin)).collect();
-                shared.persistence.record(rows, delivery.message.id, seen_ttl);
+                metrics::counter!("mesh_price_discrepancies_total").increment(1);
+                shared.emit(Event::Discrepancy(d.clone()));
             }
+            for view in applied.changed {
+                shared.emit(Event::Price(view));
+            }
+            let rows = prices.iter().map(|p| PriceRow::from_update(p, origin)).collect();
+            shared.persistence.record(rows, delivery.message.id, seen_ttl);
         }
     }
 }

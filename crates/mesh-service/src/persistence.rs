@@ -3,7 +3,9 @@
 //! is set) for the price mirror and the shared seen ids. Nothing here is on the relay path:
 //! the node hands rows to bounded queues and moves on.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use mesh_protocol::MessageId;
@@ -36,6 +38,42 @@ pub struct Persistence {
     redis_tx: Option<mpsc::Sender<(Vec<PriceRow>, Vec<SeenRow>)>>,
     seen_store: SeenStore,
     price_store: PriceStore,
+    unwritten: Arc<Unwritten>,
+}
+
+/// Rows the node had accepted but could not write when it stopped, per store.
+#[derive(Debug, Default)]
+pub struct Unwritten {
+    /// Price rows for the database.
+    pub prices: AtomicU64,
+    /// Seen ids for the database.
+    pub seen: AtomicU64,
+    /// Price rows and seen ids for Redis.
+    pub redis: AtomicU64,
+}
+
+impl Unwritten {
+    fn add(&self, queue: &'static str, rows: u64) {
+        if rows == 0 {
+            return;
+        }
+        let counter = match queue {
+            "prices" => &self.prices,
+            "seen" => &self.seen,
+            _ => &self.redis,
+        };
+        counter.fetch_add(rows, Ordering::Relaxed);
+        metrics::counter!("mesh_store_shutdown_unwritten_total", "queue" => queue).increment(rows);
+    }
+
+    /// `(prices, seen, redis)` now.
+    pub fn counts(&self) -> (u64, u64, u64) {
+        (
+            self.prices.load(Ordering::Relaxed),
+            self.seen.load(Ordering::Relaxed),
+            self.redis.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// Redis components.
@@ -137,8 +175,30 @@ impl Persistence {
         seen_queue.max_pending = config.write_queue_capacity;
         let (prices, price_worker) = WriteBehind::new(Arc::new(price_store.clone()), price_queue);
         let (seen, seen_worker) = WriteBehind::new(Arc::new(seen_store.clone()), seen_queue);
-        tasks.spawn(price_worker.run(cancel.clone()).instrument(info_span!("store_prices")));
-        tasks.spawn(seen_worker.run(cancel.clone()).instrument(info_span!("store_seen")));
+        let unwritten = Arc::new(Unwritten::default());
+        let grace = config.shutdown_grace;
+        tasks.spawn(
+            flush_within(
+                "prices",
+                price_worker.run(cancel.clone()),
+                prices.clone(),
+                cancel.clone(),
+                grace,
+                unwritten.clone(),
+            )
+            .instrument(info_span!("store_prices")),
+        );
+        tasks.spawn(
+            flush_within(
+                "seen",
+                seen_worker.run(cancel.clone()),
+                seen.clone(),
+                cancel.clone(),
+                grace,
+                unwritten.clone(),
+            )
+            .instrument(info_span!("store_seen")),
+        );
 
         let mut redis = None;
         let mut redis_tx = None;
@@ -164,14 +224,14 @@ impl Persistence {
             }
             let (tx, rx) = mpsc::channel(1024);
             tasks.spawn(
-                write_redis(side.clone(), rx, cancel.clone())
+                write_redis(side.clone(), rx, cancel.clone(), grace, unwritten.clone())
                     .instrument(info_span!("redis_writer")),
             );
             redis = Some(side);
             redis_tx = Some(tx);
         }
 
-        Ok((Self { db, prices, seen, redis, redis_tx, seen_store, price_store }, loaded))
+        Ok((Self { db, prices, seen, redis, redis_tx, seen_store, price_store, unwritten }, loaded))
     }
 
     /// Hands a delivered batch's rows and its message id to storage (never waits).
@@ -224,6 +284,11 @@ impl Persistence {
         );
     }
 
+    /// What the stores had not taken when the node stopped (filled in at shutdown).
+    pub fn unwritten(&self) -> &Unwritten {
+        &self.unwritten
+    }
+
     /// The price store (tests and tools).
     pub fn price_store(&self) -> &PriceStore {
         &self.price_store
@@ -254,14 +319,42 @@ fn spawn_migration_retry(db: Database, tasks: &TaskTracker, cancel: &Cancellatio
     );
 }
 
+/// Runs a write-behind worker; once `cancel` fires, gives its final flush at most `grace`.
+/// A store that hangs (a lock, a stalled server) would otherwise hold the node's shutdown
+/// until the service manager kills it, losing everything and counting nothing. The rows the
+/// flush could not write (refused, or still held at the deadline) are counted as unwritten.
+async fn flush_within<T: mesh_storage::Coalesce>(
+    name: &'static str,
+    worker: impl Future<Output = ()>,
+    queue: WriteBehind<T>,
+    cancel: CancellationToken,
+    grace: Duration,
+    unwritten: Arc<Unwritten>,
+) {
+    tokio::pin!(worker);
+    tokio::select! {
+        () = &mut worker => return,
+        () = cancel.cancelled() => {}
+    }
+    let dropped_before = queue.stats().dropped;
+    let finished = tokio::time::timeout(grace, &mut worker).await.is_ok();
+    let stats = queue.stats();
+    // Rows still held or queued at the deadline are lost with the worker.
+    let lost = stats.dropped.saturating_sub(dropped_before)
+        + if finished { 0 } else { stats.pending as u64 };
+    unwritten.add(name, lost);
+}
+
 async fn write_redis(
     side: RedisSide,
     mut rx: mpsc::Receiver<(Vec<PriceRow>, Vec<SeenRow>)>,
     cancel: CancellationToken,
+    grace: Duration,
+    unwritten: Arc<Unwritten>,
 ) {
     loop {
         let item = tokio::select! {
-            () = cancel.cancelled() => return,
+            () = cancel.cancelled() => break,
             i = rx.recv() => match i {
                 Some(i) => i,
                 None => return,
@@ -271,5 +364,34 @@ async fn write_redis(
         // Both fall back to memory on their own when Redis is down.
         side.mirror.write(&rows).await;
         side.seen.insert_batch(&seen).await;
+    }
+    // Shutdown: write what is queued (up to the channel's 1,024 batches) until the deadline.
+    // What Redis did not take (down, or too slow) lives only in this process's memory
+    // fallback and ends with it: counted as unwritten.
+    rx.close();
+    let deadline = tokio::time::Instant::now() + grace;
+    while let Some((rows, seen)) = rx.recv().await {
+        let size = (rows.len() + seen.len()) as u64;
+        let written = tokio::time::timeout_at(deadline, async {
+            side.mirror.write(&rows).await;
+            side.seen.insert_batch(&seen).await;
+        })
+        .await
+        .is_ok()
+            && !side.mirror.is_degraded()
+            && !side.seen.is_degraded();
+        if !written {
+            unwritten.add("redis", size);
+        }
+    }
+    // Prices taken while Redis was down wait in the mirror's memory for it to come back: one
+    // last attempt carries them (a write while degraded is the reconnect attempt); what is
+    // still only in memory then ends with this process. The count is the memory's size, an
+    // upper bound (it also holds prices Redis took before the outage).
+    if side.mirror.is_degraded() {
+        let _ = tokio::time::timeout_at(deadline, side.mirror.write(&[])).await;
+        if side.mirror.is_degraded() {
+            unwritten.add("redis", side.mirror.held_in_memory() as u64);
+        }
     }
 }

@@ -20,8 +20,8 @@ pub static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../../migrations");
 /// when it runs `migrations/`, so the PostgreSQL set stays usable with `sqlx migrate run`).
 pub static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/sqlite");
 
-/// How to reach the database.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How to reach the database. Its `Debug` hides the URL's secrets ([`crate::redact_url`]).
+#[derive(Clone, PartialEq, Eq)]
 pub struct DatabaseConfig {
     /// `postgres://...` / `postgresql://...` (`DATABASE_URL`), or `sqlite:...` (the embedded
     /// default, a file in the data directory).
@@ -31,6 +31,16 @@ pub struct DatabaseConfig {
     /// How long a statement waits for a connection before it fails (the write-behind queue
     /// then retries); keeps callers from hanging while the server is unreachable.
     pub acquire_timeout: Duration,
+}
+
+impl std::fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &redact(&self.url))
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .finish()
+    }
 }
 
 impl DatabaseConfig {
@@ -155,14 +165,9 @@ fn decode_price(
     Some(crate::PriceRow { asset, blockchain, price, timestamp_ms, source_node_id, change_24h })
 }
 
-/// `url` with any password replaced by `***`, for error messages and logs.
+/// `url` with its secrets hidden, for error messages and logs.
 pub(crate) fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let Some((userinfo, host)) = rest.split_once('@') else { return url.to_owned() };
-    match userinfo.split_once(':') {
-        Some((user, _password)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
-    }
+    crate::redact_url(url)
 }
 
 #[cfg(test)]
@@ -171,15 +176,26 @@ mod tests {
 
     #[test]
     fn passwords_are_redacted() {
-        assert_eq!(redact("redis://:secret@localhost:6379"), "redis://:***@localhost:6379");
-        assert_eq!(redact("postgres://u:p@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact("redis://:secret@localhost:6379"), "redis://:<redacted>@localhost:6379");
+        assert_eq!(redact("postgres://u:p@h/db"), "postgres://u:<redacted>@h/db");
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("sqlite:mesh.db"), "sqlite:mesh.db");
     }
 
     #[test]
+    fn debug_hides_the_password() {
+        let config = DatabaseConfig::new("postgres://u:hunter2@h/db?sslpassword=k3y");
+        let shown = format!("{config:?}");
+        assert!(!shown.contains("hunter2") && !shown.contains("k3y"), "{shown}");
+        assert!(shown.contains("postgres://u:<redacted>@h/db"), "{shown}");
+    }
+
+    #[test]
     fn unknown_schemes_are_refused() {
         let err = Database::connect_lazy(&DatabaseConfig::new("mysql://u:pw@h/db")).unwrap_err();
-        assert!(matches!(err, Error::UnsupportedUrl(ref u) if u == "mysql://u:***@h/db"), "{err}");
+        assert!(
+            matches!(err, Error::UnsupportedUrl(ref u) if u == "mysql://u:<redacted>@h/db"),
+            "{err}"
+        );
     }
 }

@@ -57,6 +57,7 @@
 pub mod db;
 mod error;
 pub mod queue;
+mod redact;
 pub mod redis;
 mod row;
 mod store;
@@ -64,6 +65,7 @@ mod store;
 pub use db::{Database, DatabaseConfig, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
 pub use error::{Error, Result};
 pub use queue::{Coalesce, QueueConfig, QueueStats, Sink, Worker, WriteBehind};
+pub use redact::{REDACTED, SecretUrl, redact_url};
 pub use redis::{PriceMirror, RedisConfig, RedisSeen};
 pub use row::{PriceFilter, PriceRow, SeenRow};
 pub use store::{PriceStore, SeenStore};

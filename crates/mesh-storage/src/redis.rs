@@ -23,8 +23,8 @@ use crate::{Error, Result};
 /// Default key prefix.
 pub const DEFAULT_PREFIX: &str = "mesh:";
 
-/// How to reach Redis.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// How to reach Redis. Its `Debug` hides the URL's secrets ([`crate::redact_url`]).
+#[derive(Clone, PartialEq, Eq)]
 pub struct RedisConfig {
     /// `REDIS_URL`, e.g. `redis://:password@localhost:6379` (the password part is optional).
     pub url: String,
@@ -35,6 +35,17 @@ pub struct RedisConfig {
     /// Connect and response timeout of one call; a call that takes longer counts as a
     /// failure and the component falls back to memory.
     pub timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisConfig")
+            .field("url", &crate::redact_url(&self.url))
+            .field("pool_size", &self.pool_size)
+            .field("prefix", &self.prefix)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
 }
 
 impl RedisConfig {
@@ -115,6 +126,13 @@ pub(crate) fn glob_escape(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_hides_the_password() {
+        let shown = format!("{:?}", RedisConfig::new("rediss://user:s/cret@h:6380/0?token=t0k"));
+        assert!(!shown.contains("cret") && !shown.contains("t0k"), "{shown}");
+        assert!(shown.contains("rediss://user:<redacted>@h:6380/0?token=<redacted>"), "{shown}");
+    }
 
     #[test]
     fn pool_size_is_checked() {

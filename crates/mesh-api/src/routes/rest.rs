@@ -119,7 +119,7 @@ pub(super) async fn enable(
     provider_call(&app, Request::EnableProvider { api_key: api_key.to_owned() }).await
 }
 
-/// `POST /api/mesh/provider/disable` (any body is ignored)
+/// `POST /api/mesh/provider/disable` (a JSON body is ignored; so is none)
 pub(super) async fn disable(
     State(app): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,

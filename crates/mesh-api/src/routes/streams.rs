@@ -2,15 +2,17 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::net::{IpAddr, Ipv4Addr};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 
+use axum::Extension;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
 use axum::extract::{Query, State};
-use axum::http::{HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures::{SinkExt, Stream, StreamExt};
@@ -18,10 +20,10 @@ use mesh_ipc::PriceFilter;
 use tokio::time::Instant;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
-use super::AppState;
 use super::rest::{PriceQuery, query_error};
+use super::{AppState, Peer, client_address};
 use crate::envelope::ApiError;
-use crate::hub::{Item, Next, Subscriber};
+use crate::hub::{Item, Next, Refused, Subscriber};
 use crate::metrics::StreamKind;
 
 /// Largest message a WebSocket client may send (it has nothing to say but pongs).
@@ -30,9 +32,29 @@ const MAX_CLIENT_MESSAGE: usize = 4 * 1024;
 /// Bytes read from a WebSocket client at a time.
 const READ_CHUNK: usize = 256;
 
-fn attach(app: &AppState, kind: StreamKind, filter: PriceFilter) -> Result<Subscriber, ApiError> {
-    app.link.subscribe(kind, filter).ok_or_else(|| {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "too many stream clients; try again later")
+fn attach(
+    app: &AppState,
+    kind: StreamKind,
+    filter: PriceFilter,
+    peer: Option<Extension<Peer>>,
+    headers: &HeaderMap,
+) -> Result<Subscriber, ApiError> {
+    // Requests built in-process (tests of the router) have no peer: they count as loopback.
+    let peer = peer.map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |Extension(Peer(addr))| addr.ip());
+    let address = client_address(peer, headers, &app.config.trusted_proxies);
+    app.link.subscribe(kind, filter, address).map_err(|refused| match refused {
+        Refused::Full => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many stream clients; try again later",
+        ),
+        Refused::AddressFull => ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "too many streams from {address}: at most {} at once \
+                 (MESH_API_MAX_STREAMS_PER_ADDRESS)",
+                app.config.max_streams_per_address
+            ),
+        ),
     })
 }
 
@@ -40,10 +62,12 @@ fn attach(app: &AppState, kind: StreamKind, filter: PriceFilter) -> Result<Subsc
 /// type (`event: price`), with the JSON in `data:`.
 pub(super) async fn sse(
     State(app): State<Arc<AppState>>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
     query: Result<Query<PriceQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(query_error)?;
-    let subscriber = attach(&app, StreamKind::Sse, query.into_filter())?;
+    let subscriber = attach(&app, StreamKind::Sse, query.into_filter(), peer, &headers)?;
     let keep_alive = KeepAlive::new().interval(app.config.sse_keep_alive).text("keep-alive");
     let mut response = Sse::new(sse_events(app, subscriber)).keep_alive(keep_alive).into_response();
     // Reverse proxies (nginx) must pass events on at once.
@@ -107,12 +131,14 @@ fn sse_events(
 /// messages. The server pings every `ws_ping_interval` and closes a client silent for two.
 pub(super) async fn ws(
     State(app): State<Arc<AppState>>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
     query: Result<Query<PriceQuery>, QueryRejection>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let upgrade = upgrade.map_err(|r| ApiError::new(r.status(), r.body_text()))?;
     let Query(query) = query.map_err(query_error)?;
-    let subscriber = attach(&app, StreamKind::Ws, query.into_filter())?;
+    let subscriber = attach(&app, StreamKind::Ws, query.into_filter(), peer, &headers)?;
     Ok(upgrade
         // Clients only send pongs: a small read buffer keeps idle connections cheap (the
         // default is 128 KiB each). tungstenite zero-fills this much on every read attempt,

@@ -97,6 +97,12 @@ impl PriceMirror {
         self.snapshot()
     }
 
+    /// Prices held in memory (every price this process mirrored; while Redis is down, the ones
+    /// it may be missing). Never asks Redis.
+    pub fn held_in_memory(&self) -> usize {
+        self.lock().len()
+    }
+
     /// `true` while Redis is down and memory serves.
     pub fn is_degraded(&self) -> bool {
         self.health.is_degraded()
