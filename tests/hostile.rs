@@ -11,21 +11,21 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use futures::AsyncWriteExt;
 use mesh_protocol::{
     Envelope, Identity, MAX_FRAME_LEN, MessageId, NodeId, Payload, RejectReason, encode_body,
     encode_envelope,
 };
-use mesh_relay::{Config, Multiaddr, PeerId, Relay, StatsSnapshot};
+use mesh_relay::network::RELAY_PROTOCOL;
+use mesh_relay::{Config, PeerId, Relay, StatsSnapshot};
+use mesh_testkit::hostile::{self, HostileConfig, HostilePeer};
 use mesh_testkit::{LocalMesh, TestNet, Topology, WAIT, eventually, now_ms, price_batch};
 use mesh_tests::reliability::{ms, percentile, pick, report};
 use mesh_tests::tcp_addr;
 use serde_json::json;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 /// Honest nodes of the flood meshes: a random 4-regular graph; the hostile node is one more.
 const HONEST: usize = 20;
@@ -46,17 +46,38 @@ fn provider(n: u8) -> Identity {
     Identity::from_seed([n; 32])
 }
 
-/// A mesh of [`HONEST`] honest nodes plus a hostile one (the last index) linked to [`VICTIMS`].
-async fn flood_mesh(configure: impl Fn(usize, &mut Config) + Send + Sync + 'static) -> TestNet {
-    let mut edges = Topology::RandomRegular { degree: 4 }.edges(HONEST, 5).unwrap();
-    edges.extend(VICTIMS.iter().map(|&v| (v, HONEST)));
-    TestNet::builder()
-        .nodes(HONEST + 1)
+/// A mesh of [`HONEST`] honest nodes, and a hostile peer linked to [`VICTIMS`].
+async fn flood_mesh(
+    configure: impl Fn(usize, &mut Config) + Send + Sync + 'static,
+) -> (TestNet, HostilePeer) {
+    let edges = Topology::RandomRegular { degree: 4 }.edges(HONEST, 5).unwrap();
+    let net = TestNet::builder()
+        .nodes(HONEST)
         .topology(Topology::Custom(edges))
         .configure(configure)
         .build()
         .await
-        .unwrap()
+        .unwrap();
+    let hostile = HostilePeer::start(HostileConfig { want_announced: false, ..Default::default() })
+        .await
+        .unwrap();
+    for v in VICTIMS {
+        hostile.connect(&net.node(v).addr()).await.unwrap();
+    }
+    eventually(WAIT, "the hostile peer is linked to the victims", || {
+        VICTIMS.iter().all(|&v| {
+            net.node(v)
+                .running()
+                .unwrap()
+                .status()
+                .peers
+                .iter()
+                .any(|p| p.peer_id == hostile.peer_id())
+        })
+    })
+    .await
+    .unwrap();
+    (net, hostile)
 }
 
 /// What honest traffic went through during one phase.
@@ -132,29 +153,11 @@ async fn honest_phase(
     }
 }
 
-/// Sends `frames` from the hostile node (round robin over [`VICTIMS`]) at [`FLOOD_RATE`]
-/// until they run out; returns how many were handed to its relay (frames for a link that is
-/// gone, after a ban, are dropped by the hostile relay itself).
-async fn flood(net: &TestNet, frames: Vec<Vec<u8>>) -> usize {
-    let hostile = net.node(HONEST).running().unwrap();
+/// Sends `frames` from the hostile peer (round robin over [`VICTIMS`]) at [`FLOOD_RATE`]
+/// until they run out or a victim dropped it (after a ban); returns how many were sent.
+async fn flood(net: &TestNet, hostile: &HostilePeer, frames: Vec<Vec<u8>>) -> usize {
     let victims: Vec<_> = VICTIMS.iter().map(|&v| net.node(v).peer_id()).collect();
-    let per_slice = (FLOOD_RATE / 100) as usize; // every 10 ms
-    let mut tick = tokio::time::interval(Duration::from_millis(10));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    let mut handed = 0;
-    let mut frames = frames.into_iter();
-    'outer: loop {
-        tick.tick().await;
-        for _ in 0..per_slice {
-            let Some(frame) = frames.next() else { break 'outer };
-            let victim = victims[handed % victims.len()];
-            if hostile.send_raw_frame(victim, frame).await.is_err() {
-                break 'outer;
-            }
-            handed += 1;
-        }
-    }
-    handed
+    hostile.flood(&victims, frames, FLOOD_RATE).await
 }
 
 /// Which junk a flood carries.
@@ -211,7 +214,7 @@ async fn flood_run(test: &str, kind: Junk, trusted: bool) -> FloodRun {
     let duration = pick(Duration::from_secs(4), Duration::from_secs(60));
     let honest = provider(1);
     let allow: HashSet<NodeId> = [honest.node_id()].into_iter().collect();
-    let net = flood_mesh(move |_, c| {
+    let (net, hostile) = flood_mesh(move |_, c| {
         if trusted {
             c.core.validation.trusted_providers = Some(allow.clone());
         }
@@ -223,7 +226,7 @@ async fn flood_run(test: &str, kind: Junk, trusted: bool) -> FloodRun {
     let started = Instant::now();
     let victims: Vec<Relay> =
         VICTIMS.iter().map(|&v| net.node(v).running().unwrap().clone()).collect();
-    let hostile_peer = net.node(HONEST).peer_id();
+    let hostile_peer = hostile.peer_id();
     let watch = tokio::spawn(async move {
         let mut banned: Vec<Option<Duration>> = vec![None; victims.len()];
         let deadline = started + duration + Duration::from_secs(20);
@@ -240,8 +243,10 @@ async fn flood_run(test: &str, kind: Junk, trusted: bool) -> FloodRun {
         }
         banned
     });
-    let (attack, handed) =
-        tokio::join!(honest_phase(&net, &honest, 1_000_000, 20, duration), flood(&net, frames));
+    let (attack, handed) = tokio::join!(
+        honest_phase(&net, &honest, 1_000_000, 20, duration),
+        flood(&net, &hostile, frames)
+    );
     let banned = watch.await.unwrap();
     let junk_delivered: Vec<usize> = (0..HONEST)
         .map(|i| junk.iter().filter(|id| net.node(i).received(id).is_some()).count())
@@ -255,7 +260,7 @@ async fn flood_run(test: &str, kind: Junk, trusted: bool) -> FloodRun {
             "trusted_providers": trusted,
             "flood_rate_per_s": FLOOD_RATE,
             "flood_s": duration.as_secs(),
-            "junk_handed_to_hostile_relay": handed,
+            "junk_sent": handed,
             "baseline": baseline.json(),
             "attack": attack.json(),
             "p99_change": attack.p99.as_secs_f64() / baseline.p99.as_secs_f64().max(1e-9) - 1.0,
@@ -263,6 +268,7 @@ async fn flood_run(test: &str, kind: Junk, trusted: bool) -> FloodRun {
             "junk_delivered_total": junk_delivered.iter().sum::<usize>(),
             "junk_delivered_at_victims": VICTIMS.map(|v| junk_delivered[v]),
             "victims_throttled": VICTIMS.map(|v| stats[v].throttled),
+            "victims_bans": VICTIMS.map(|v| stats[v].bans),
             "victims_rejected": VICTIMS.map(|v| stats[v].rejected.clone()),
         }),
     );
@@ -335,58 +341,8 @@ async fn with_an_allow_list_a_flood_of_unlisted_keys_is_banned_and_never_forward
     }
 }
 
-/// A relay of our own that plays the hostile peer: a normal node that keeps every message it
-/// receives (to replay them later) and sends whatever frames the test hands it.
-struct Hostile {
-    relay: Relay,
-    identity: Identity,
-    captured: Arc<Mutex<Vec<Envelope>>>,
-    cancel: CancellationToken,
-}
-
-impl Hostile {
-    async fn start() -> anyhow::Result<Self> {
-        let identity = Identity::generate();
-        let mut config = mesh_testkit::test_config();
-        config.listen_addrs = vec!["/ip4/127.0.0.1/tcp/0".parse()?];
-        let cancel = CancellationToken::new();
-        let (relay, mut deliveries) = Relay::start(&identity, config, cancel.clone()).await?;
-        let captured: Arc<Mutex<Vec<Envelope>>> = Arc::default();
-        let keep = captured.clone();
-        tokio::spawn(async move {
-            while let Some(d) = deliveries.recv().await {
-                keep.lock().unwrap().push(d.message.envelope);
-            }
-        });
-        Ok(Self { relay, identity, captured, cancel })
-    }
-
-    fn captured_batches(&self, origin: NodeId) -> Vec<Envelope> {
-        self.captured
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|e| {
-                mesh_protocol::decode_body(&e.body).is_ok_and(|b| {
-                    b.origin == origin && matches!(b.payload, Payload::PriceBatch { .. })
-                })
-            })
-            .cloned()
-            .collect()
-    }
-}
-
-impl Drop for Hostile {
-    fn drop(&mut self) {
-        self.cancel.cancel();
-    }
-}
-
 fn frame_with(envelope: &Envelope, ttl: u8, hop_count: u8) -> Vec<u8> {
-    let mut f = encode_envelope(envelope).unwrap();
-    f[1] = ttl;
-    f[2] = hop_count;
-    f
+    hostile::frame(envelope, ttl, hop_count).unwrap()
 }
 
 /// (asset -> (price, timestamp, source)) served by a node.
@@ -423,10 +379,9 @@ async fn replays_forgeries_raised_ttls_and_broken_frames_never_reach_a_price_boo
         (1..3).all(|i| mesh.node(i).unwrap().prices().len() == 9)
     })
     .await?;
-    let hostile = Hostile::start().await?;
-    hostile.relay.dial(tcp_addr(&victim).await?).await?;
-    let hp = hostile.relay.peer_id();
-    let vp = victim.peer_id();
+    let hostile = HostilePeer::start(HostileConfig::default()).await?;
+    let vp = hostile.connect(&tcp_addr(&victim).await?).await?;
+    let hp = hostile.peer_id();
     eventually(WAIT, "the hostile node is linked to the victim", || {
         victim.status().peers.iter().any(|p| p.peer_id == hp)
     })
@@ -458,9 +413,9 @@ async fn replays_forgeries_raised_ttls_and_broken_frames_never_reach_a_price_boo
     forged_body.created_at_ms = now;
     let forged = Envelope { body: encode_body(&forged_body)?, ..captured[0].clone() };
     let mut claimed = forged_body.clone();
-    claimed.origin_key = hostile.identity.public_key();
-    let mismatched = Envelope::seal(&hostile.identity, &claimed, 10)?;
-    let fresh_own = price_batch(&hostile.identity, 1, now, 1, 10)?;
+    claimed.origin_key = hostile.identity().public_key();
+    let mismatched = Envelope::seal(hostile.identity(), &claimed, 10)?;
+    let fresh_own = price_batch(hostile.identity(), 1, now, 1, 10)?;
     let mut kinds: Vec<(RejectReason, Vec<u8>)> = vec![
         (RejectReason::BadSignature, frame_with(&forged, 10, 1)),
         (RejectReason::OriginKeyMismatch, frame_with(&mismatched, 10, 1)),
@@ -477,7 +432,7 @@ async fn replays_forgeries_raised_ttls_and_broken_frames_never_reach_a_price_boo
     }
     let started = Instant::now();
     for (_, frame) in &kinds {
-        hostile.relay.send_raw_frame(vp, frame.clone()).await?;
+        hostile.send(vp, frame.clone()).await?;
     }
     eventually(WAIT, "the victim rejected every kind", || {
         let s = victim.stats();
@@ -485,7 +440,7 @@ async fn replays_forgeries_raised_ttls_and_broken_frames_never_reach_a_price_boo
     })
     .await?;
     // An oversized frame: its length prefix alone is refused and the stream dropped.
-    hostile.relay.send_raw_frame(vp, vec![0u8; MAX_FRAME_LEN + 1]).await?;
+    hostile.send(vp, vec![0u8; MAX_FRAME_LEN + 1]).await?;
     eventually(WAIT, "the oversized frame refused", || {
         victim.stats().rejected(RejectReason::FrameTooLarge) >= 1
     })
@@ -494,11 +449,11 @@ async fn replays_forgeries_raised_ttls_and_broken_frames_never_reach_a_price_boo
     let mut again = kinds.iter().map(|(_, f)| f.clone()).cycle();
     mesh_testkit::eventually_async(WAIT, "the hostile node banned", || {
         let frame = again.next().unwrap();
-        let relay = hostile.relay.clone();
+        let hostile = hostile.clone();
         let victim = victim.clone();
         async move {
             if victim.stats().bans == 0 {
-                let _ = relay.send_raw_frame(vp, frame).await;
+                let _ = hostile.send(vp, frame).await;
             }
             victim.stats().bans >= 1 && !victim.status().peers.iter().any(|p| p.peer_id == hp)
         }
@@ -562,44 +517,6 @@ fn round_at_ms(unix_ms: i64) -> u64 {
     (unix_ms.max(0) as u64) / 2_000
 }
 
-/// A bare libp2p peer that speaks the relay protocol's framing but nothing else: it opens
-/// streams and abandons them.
-struct RawPeer {
-    control: libp2p_stream::Control,
-    cancel: CancellationToken,
-}
-
-impl RawPeer {
-    async fn connect(addr: &Multiaddr) -> anyhow::Result<Self> {
-        use libp2p::{SwarmBuilder, noise, tcp, yamux};
-        let mut swarm = SwarmBuilder::with_new_identity()
-            .with_tokio()
-            .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)?
-            .with_behaviour(|_| libp2p_stream::Behaviour::new())?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
-            .build();
-        let control = swarm.behaviour().new_control();
-        swarm.dial(addr.clone())?;
-        let cancel = CancellationToken::new();
-        let stop = cancel.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    _ = swarm.select_next_some() => {}
-                }
-            }
-        });
-        Ok(Self { control, cancel })
-    }
-}
-
-impl Drop for RawPeer {
-    fn drop(&mut self) {
-        self.cancel.cancel();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_opened_and_abandoned_do_not_disturb_a_node() -> anyhow::Result<()> {
     let _alone = ONE_AT_A_TIME.lock().await;
@@ -613,25 +530,23 @@ async fn streams_opened_and_abandoned_do_not_disturb_a_node() -> anyhow::Result<
     })
     .await?;
     let addr = tcp_addr(&victim).await?;
-    let relay_protocol = libp2p::StreamProtocol::new("/mesh/relay/1.0.0");
-    let pex_protocol = libp2p::StreamProtocol::new("/mesh/pex/1.0.0");
     let victim_peer: PeerId = victim.peer_id();
     let before = victim.stats();
     let first = round_at_ms(now_ms()) + 1;
 
     // One peer opens hundreds of relay streams: some left silent, some with a frame that
     // announces 60 KB and stops after ten bytes; and peer-exchange streams never read.
-    let raw = RawPeer::connect(&addr).await?;
+    let raw = HostilePeer::start(HostileConfig::default()).await?;
+    raw.connect(&addr).await?;
     let mut held = Vec::new();
     let mut opened = 0;
     for n in 0..per_peer {
-        let mut control = raw.control.clone();
-        let protocol = if n % 10 == 9 { pex_protocol.clone() } else { relay_protocol.clone() };
-        let opening = tokio::time::timeout(
-            Duration::from_secs(5),
-            control.open_stream(victim_peer, protocol),
-        );
-        let Ok(Ok(mut stream)) = opening.await else { continue };
+        let opening = if n % 10 == 9 {
+            raw.open_pex_stream(victim_peer).await
+        } else {
+            raw.open_stream(victim_peer, RELAY_PROTOCOL).await
+        };
+        let Ok(mut stream) = opening else { continue };
         opened += 1;
         if n % 3 == 1 {
             let _ = stream.write_all(&60_000u32.to_be_bytes()).await;
@@ -644,15 +559,10 @@ async fn streams_opened_and_abandoned_do_not_disturb_a_node() -> anyhow::Result<
     // those beyond the connection limit are refused).
     let crowd = futures::future::join_all((0..sybils).map(|_| {
         let addr = addr.clone();
-        let protocol = relay_protocol.clone();
         async move {
-            let peer = RawPeer::connect(&addr).await.ok()?;
-            let mut control = peer.control.clone();
-            let open = control.open_stream(victim_peer, protocol);
-            let mut stream = tokio::time::timeout(Duration::from_secs(3), open).await.ok()?.ok()?;
-            let mut ready = [0u8; 1];
-            let _ =
-                tokio::time::timeout(Duration::from_secs(1), stream.read_exact(&mut ready)).await;
+            let peer = HostilePeer::start(HostileConfig::default()).await.ok()?;
+            peer.connect(&addr).await.ok()?;
+            let stream = peer.open_relay_stream(victim_peer).await.ok()?;
             Some((peer, stream))
         }
     }))
