@@ -32,6 +32,7 @@
 pub mod config;
 pub mod core;
 pub mod framing;
+pub mod inbound;
 pub mod lazy;
 pub mod network;
 pub mod peer_manager;
@@ -41,6 +42,7 @@ pub mod stats;
 
 pub use config::Config;
 pub use core::{CoreConfig, Forward, OriginBudget, Outcome, Prepared, RelayCore};
+pub use inbound::InboundLimits;
 pub use lazy::LazyPush;
 pub use libp2p::multiaddr::Protocol;
 pub use libp2p::{Multiaddr, PeerId};

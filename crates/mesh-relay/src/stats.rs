@@ -36,6 +36,7 @@ pub struct Stats {
     pub(crate) inbound_streams_replaced: AtomicU64,
     pub(crate) prepared_in_parallel: AtomicU64,
     pub(crate) bans: AtomicU64,
+    pub(crate) connections_refused: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -100,6 +101,9 @@ pub struct StatsSnapshot {
     pub prepared_in_parallel: u64,
     /// Peers banned.
     pub bans: u64,
+    /// Inbound connections refused by a connection limit or a ban
+    /// (`mesh_relay_connections_refused_total`).
+    pub connections_refused: u64,
 }
 
 impl StatsSnapshot {
@@ -166,6 +170,7 @@ impl Stats {
             inbound_streams_replaced: get(&self.inbound_streams_replaced),
             prepared_in_parallel: get(&self.prepared_in_parallel),
             bans: get(&self.bans),
+            connections_refused: get(&self.connections_refused),
         }
     }
 }
