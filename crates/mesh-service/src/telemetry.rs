@@ -167,6 +167,10 @@ fn describe() {
     describe_counter!("mesh_relay_dropped_total", "Relay frames dropped, by reason");
     describe_counter!("mesh_relay_bans_total", "Peers banned for invalid messages");
     describe_counter!(
+        "mesh_relay_connections_refused_total",
+        "Inbound connections refused, by the limit that refused them (reason)"
+    );
+    describe_counter!(
         "mesh_relay_suppressed_total",
         "Queued copies not sent because the peer had sent us the same message meanwhile"
     );
