@@ -152,17 +152,22 @@ async fn one_run(args: &Args, kind: Option<Kind>) -> anyhow::Result<Run> {
         .await?;
     let victim = net.node(VICTIM).running()?.clone();
     let victim_addr = net.node(VICTIM).addr();
-    let rss_before = hostile::resident_memory_bytes().unwrap_or(0);
     let stop = CancellationToken::new();
     let sent = Arc::new(AtomicUsize::new(0));
     let attacker = match kind {
         Some(kind) => {
             let hostile = HostilePeer::start(HostileConfig::default()).await?;
             let peer = hostile.connect(&victim_addr).await?;
-            let (stop, sent, addr, rate) =
-                (stop.clone(), sent.clone(), victim_addr.clone(), args.rate);
+            let own = hostile.identity().clone();
+            let (rate, seconds) = (args.rate, args.seconds + 2);
+            let t0 = now_ms();
+            let frames =
+                tokio::task::spawn_blocking(move || frames_for(kind, &own, rate, seconds, t0))
+                    .await??;
+            let (stop, sent, addr) = (stop.clone(), sent.clone(), victim_addr.clone());
             Some(tokio::spawn(async move {
-                if let Err(e) = attack(kind, &hostile, peer, &addr, rate, &sent, &stop).await {
+                let plan = (rate, frames);
+                if let Err(e) = attack(kind, &hostile, peer, &addr, plan, &sent, &stop).await {
                     eprintln!("attack ended: {e:#}");
                 }
                 drop(hostile);
@@ -170,6 +175,8 @@ async fn one_run(args: &Args, kind: Option<Kind>) -> anyhow::Result<Run> {
         }
         None => None,
     };
+    // From here: the attack's frames are made (the attacker's memory, not the mesh's).
+    let rss_before = hostile::resident_memory_bytes().unwrap_or(0);
     let publishers = [args.nodes / 4, args.nodes / 2, 3 * args.nodes / 4];
     let keys: Vec<Identity> = (1..=3).map(provider).collect();
     let mut ids: Vec<(usize, MessageId)> = Vec::new();
@@ -225,30 +232,114 @@ async fn one_run(args: &Args, kind: Option<Kind>) -> anyhow::Result<Run> {
     Ok(run)
 }
 
-/// Frames of `make(i)` for i = 0.. at `rate` a second until `stop` or a send fails.
-async fn flood_with(
+/// Sends `frames` (slices of them, each slice sent in one write) at `rate` frames a second
+/// until they run out, `stop`, or a send fails; `live` may add frames to each slice.
+async fn send_at_rate(
     hostile: &HostilePeer,
     peer: mesh_relay::PeerId,
     rate: u32,
+    frames: Vec<Vec<u8>>,
     sent: &AtomicUsize,
     stop: &CancellationToken,
-    mut make: impl FnMut(usize) -> anyhow::Result<Vec<Vec<u8>>>,
+    mut live: impl FnMut(usize) -> anyhow::Result<Vec<Vec<u8>>>,
 ) -> anyhow::Result<()> {
     let per_slice = (rate as usize / 100).max(1);
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut frames = frames.into_iter();
     let mut i = 0;
     while !stop.is_cancelled() {
         tick.tick().await;
-        let mut frames = Vec::new();
-        while frames.len() < per_slice {
-            frames.extend(make(i)?);
-            i += 1;
+        let mut slice: Vec<Vec<u8>> = frames.by_ref().take(per_slice).collect();
+        if slice.is_empty() {
+            return Ok(());
         }
-        hostile.send_all(peer, &frames).await?;
-        sent.fetch_add(frames.len(), Ordering::Relaxed);
+        slice.extend(live(i)?);
+        i += 1;
+        hostile.send_all(peer, &slice).await?;
+        sent.fetch_add(slice.len(), Ordering::Relaxed);
     }
     Ok(())
+}
+
+/// The frames of a frame attack for `seconds` at `rate`, made before the run on the blocking
+/// pool (signing is CPU work the attacker would do on its own machine). Timestamps follow the
+/// schedule the frames will be sent on, from `t0`.
+fn frames_for(
+    kind: Kind,
+    own: &Identity,
+    rate: u32,
+    seconds: u64,
+    t0: i64,
+) -> anyhow::Result<Vec<Vec<u8>>> {
+    let rate = match kind {
+        Kind::ReplayMarks => rate.min(60),
+        Kind::RoundClaims => rate.min(1_000),
+        _ => rate,
+    }
+    .max(1);
+    let count = rate as usize * seconds as usize;
+    // When frame `i` goes out, in Unix ms.
+    let at = |i: usize| t0 + (i as i64 * 1_000) / rate as i64;
+    let mut out = Vec::with_capacity(count);
+    match kind {
+        Kind::BadSignatureFlood => {
+            let forger = provider(66);
+            for i in 0..count {
+                let m = price_batch(&forger, i as u64, at(i), 1, 10)?;
+                out.push(hostile::frame(&hostile::bad_signature(m), 10, 1)?);
+            }
+        }
+        Kind::ThrowawayKeys => {
+            let keys: Vec<Identity> = (0..50).map(|_| Identity::generate()).collect();
+            for i in 0..count {
+                // Each key's timestamps rise: one ms apart at least.
+                let m = price_batch(&keys[i % keys.len()], i as u64, at(i) + i as i64, 10, 10)?;
+                out.push(hostile::frame(&m, 10, 1)?);
+            }
+        }
+        Kind::ReplayMarks => {
+            // Batches of 1,000 assets dated 4 s ahead of their sending (within the skew).
+            for i in 0..count {
+                out.push(hostile::frame(&big_batch(own, i as u64, at(i) + 4_000)?, 10, 1)?);
+            }
+        }
+        Kind::RoundClaims => {
+            for i in 0..count {
+                let now_round = (at(i).max(0) as u64) / 2_000;
+                let round = match i % 4 {
+                    0 => u64::MAX,
+                    k => now_round + k as u64 - 1,
+                };
+                out.push(hostile::frame(
+                    &price_batch(own, round, at(i) + i as i64, 1, 10)?,
+                    10,
+                    1,
+                )?);
+            }
+        }
+        Kind::FakeHaves => {
+            let haves = hostile::haves(&hostile::random_ids(10_000));
+            out.extend(haves.iter().cycle().take(count).cloned());
+        }
+        Kind::RisingTtl => {
+            let ttls = mesh_protocol::MAX_TTL as usize;
+            for n in 0..count / ttls {
+                let m = price_batch(own, n as u64, at(n * ttls) + n as i64, 5, 1)?;
+                for ttl in 1..=mesh_protocol::MAX_TTL {
+                    out.push(hostile::frame(&m, ttl, 1)?);
+                }
+            }
+        }
+        Kind::HopZero => {
+            for i in 0..count / 2 {
+                let m = price_batch(own, i as u64, at(2 * i) + i as i64, 1, 20)?;
+                out.push(hostile::frame(&m, 20, 0)?);
+            }
+        }
+        Kind::ConnFlood | Kind::StreamFlood => {}
+    }
+    Ok(out)
 }
 
 async fn attack(
@@ -256,90 +347,31 @@ async fn attack(
     hostile: &HostilePeer,
     peer: mesh_relay::PeerId,
     addr: &mesh_relay::Multiaddr,
-    rate: u32,
+    (rate, frames): (u32, Vec<Vec<u8>>),
     sent: &AtomicUsize,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let own = hostile.identity().clone();
+    let rate = match kind {
+        Kind::ReplayMarks => rate.min(60),
+        Kind::RoundClaims => rate.min(1_000),
+        Kind::HopZero => rate / 2,
+        _ => rate,
+    };
     match kind {
-        Kind::BadSignatureFlood => {
-            let forger = provider(66);
-            flood_with(hostile, peer, rate, sent, stop, |i| {
-                let m = price_batch(&forger, i as u64, now_ms(), 1, 10)?;
-                Ok(vec![hostile::frame(&hostile::bad_signature(m), 10, 1)?])
-            })
-            .await
-        }
-        Kind::ThrowawayKeys => {
-            let keys: Vec<Identity> = (0..50).map(|_| Identity::generate()).collect();
-            let mut last = 0;
-            flood_with(hostile, peer, rate, sent, stop, |i| {
-                let ts = now_ms().max(last + 1);
-                last = ts;
-                let m = price_batch(&keys[i % keys.len()], i as u64, ts, 10, 10)?;
-                Ok(vec![hostile::frame(&m, 10, 1)?])
-            })
-            .await
-        }
-        Kind::ReplayMarks => {
-            // 60 batches of 1,000 assets 4 s ahead (within the allowed skew), then again.
-            let mut batch = 0u64;
-            flood_with(hostile, peer, rate.min(60), sent, stop, |_| {
-                batch += 1;
-                let m = big_batch(&own, batch, now_ms() + 4_000)?;
-                Ok(vec![hostile::frame(&m, 10, 1)?])
-            })
-            .await
-        }
-        Kind::RoundClaims => {
-            flood_with(hostile, peer, rate.min(1_000), sent, stop, |i| {
-                let now_round = (now_ms() as u64) / 2_000;
-                let round = match i % 4 {
-                    0 => u64::MAX,
-                    k => now_round + k as u64 - 1,
-                };
-                let m = price_batch(&own, round, now_ms() + i as i64 % 1_000, 1, 10)?;
-                Ok(vec![hostile::frame(&m, 10, 1)?])
-            })
-            .await
-        }
-        Kind::FakeHaves => {
-            let frames = hostile::haves(&hostile::random_ids(10_000));
-            flood_with(hostile, peer, rate, sent, stop, |i| {
-                Ok(vec![frames[i % frames.len()].clone()])
-            })
-            .await
-        }
-        Kind::RisingTtl => {
-            let mut last = 0;
-            flood_with(hostile, peer, rate, sent, stop, |i| {
-                let ts = now_ms().max(last + 1);
-                last = ts;
-                let m = price_batch(&own, i as u64, ts, 5, 1)?;
-                (1..=mesh_protocol::MAX_TTL).map(|ttl| hostile::frame(&m, ttl, 1)).collect()
-            })
-            .await
-        }
-        Kind::HopZero => {
-            let mut last = 0;
-            let mut captured: Vec<Envelope> = Vec::new();
-            flood_with(hostile, peer, rate, sent, stop, |i| {
-                if i % 100 == 0 {
-                    captured = hostile.captured();
-                }
-                let mut out = Vec::new();
-                if let Some(e) = captured.get(i % captured.len().max(1)) {
-                    out.push(hostile::frame(e, 20, 0)?);
-                }
-                let ts = now_ms().max(last + 1);
-                last = ts;
-                out.push(hostile::frame(&price_batch(&own, i as u64, ts, 1, 20)?, 20, 0)?);
-                Ok(out)
-            })
-            .await
-        }
         Kind::ConnFlood => conn_flood(addr, sent, stop).await,
         Kind::StreamFlood => stream_flood(hostile, peer, sent, stop).await,
+        Kind::HopZero => {
+            // Besides its own messages, copies of the honest ones it captured, claiming hop 0.
+            let mut captured: Vec<Envelope> = Vec::new();
+            send_at_rate(hostile, peer, rate, frames, sent, stop, |i| {
+                if i % 10 == 0 {
+                    captured = hostile.captured();
+                }
+                captured.iter().rev().take(1).map(|e| hostile::frame(e, 20, 0)).collect()
+            })
+            .await
+        }
+        _ => send_at_rate(hostile, peer, rate, frames, sent, stop, |_| Ok(Vec::new())).await,
     }
 }
 
@@ -403,14 +435,22 @@ async fn stream_flood(
     sent: &AtomicUsize,
     stop: &CancellationToken,
 ) -> anyhow::Result<()> {
-    let fill = Arc::new(vec![7u8; 256 * 1024]);
+    // A frame announced at the largest length and sent but for its last byte: the victim's
+    // reader waits for it and is never handed anything to charge for. Every tenth stream is
+    // a peer-exchange request filled with the same bytes (never read by the victim).
+    let len = mesh_protocol::MAX_FRAME_LEN;
+    let fill = Arc::new(vec![7u8; len - 1]);
     while !stop.is_cancelled() {
-        let opened = futures::future::join_all((0..500).map(|_| {
+        let opened = futures::future::join_all((0..500).map(|n| {
             let fill = fill.clone();
             async move {
-                let mut s = hostile.open_stream(peer, RELAY_PROTOCOL).await.ok()?;
+                let mut s = if n % 10 == 9 {
+                    hostile.open_pex_stream(peer).await.ok()?
+                } else {
+                    hostile.open_stream(peer, RELAY_PROTOCOL).await.ok()?
+                };
                 let write = async {
-                    s.write_all(&60_000u32.to_be_bytes()).await?;
+                    s.write_all(&(len as u32).to_be_bytes()).await?;
                     s.write_all(&fill).await
                 };
                 let _ = tokio::time::timeout(Duration::from_secs(1), write).await;
