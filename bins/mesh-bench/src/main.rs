@@ -2,6 +2,7 @@
 //! JSON document with the figures, the goal and whether it was met. Build with `--release`.
 
 mod api;
+mod attack;
 mod awake;
 mod e2e;
 mod memory;
@@ -50,6 +51,8 @@ enum Bench {
     Memory(memory::Args),
     /// mesh-node processes in network namespaces joined by links with delay and loss (root).
     Netns(netns::Args),
+    /// One hostile peer against one node of a 50-node mesh: honest delivery and memory.
+    Attack(attack::Args),
     /// Runs every benchmark and writes BENCHMARKS.md.
     Report(suite::Args),
     /// Spins at the lowest CPU priority until its parent ends (`--keep-cpus-awake`).
@@ -75,6 +78,7 @@ fn main() -> anyhow::Result<()> {
         Bench::E2e(args) => e2e::run(&args)?,
         Bench::Memory(args) => memory::run(&args)?,
         Bench::Netns(args) => netns::run(&args)?,
+        Bench::Attack(args) => attack::run(&args)?,
         Bench::Report(args) => suite::run(&args)?,
         Bench::Awake(args) => return awake::run(&args),
     };

@@ -7,6 +7,7 @@ use mesh_protocol::MessageId;
 use mesh_seen_cache::SeenRecord;
 
 use crate::core::CoreConfig;
+use crate::inbound::InboundLimits;
 use crate::lazy::LazyPush;
 use crate::peer_manager;
 
@@ -18,6 +19,8 @@ pub struct Config {
     pub listen_addrs: Vec<Multiaddr>,
     /// Peer counts, budget and bans.
     pub peers: peer_manager::Config,
+    /// Inbound connection limits by remote address, and the handshake timeout.
+    pub inbound: InboundLimits,
     /// Seen cache and validation.
     pub core: CoreConfig,
     /// Seen ids to load at start (from the store), so a restarted node does not deliver or
@@ -63,6 +66,7 @@ impl Default for Config {
                 "/ip4/0.0.0.0/udp/4001/quic-v1".parse().expect_static(),
             ],
             peers: peer_manager::Config::default(),
+            inbound: InboundLimits::default(),
             core: CoreConfig::default(),
             seen_preload: Vec::new(),
             peer_queue_len: 1024,

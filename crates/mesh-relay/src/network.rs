@@ -50,6 +50,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::config::Config;
 use crate::core::{Forward, Outcome, Prepared, RelayCore};
 use crate::framing::{self, ReadError};
+use crate::inbound::{self, RefusalReason};
 use crate::lazy::{ControlFrame, HeldIds, Kept, Trees, Wanted};
 use crate::peer_manager::{self, Action, PeerManager};
 use crate::pex;
@@ -136,6 +137,8 @@ pub struct Status {
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    /// First: refuses by remote address before the others count a connection.
+    inbound: inbound::Behaviour,
     limits: connection_limits::Behaviour,
     blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     identify: identify::Behaviour,
@@ -223,28 +226,50 @@ fn jittered(interval: Duration) -> Duration {
     interval + interval.mul_f64(rand::random::<f64>() / 3.0)
 }
 
-fn build_swarm(identity: &Identity, config: &Config) -> Result<Swarm<Behaviour>> {
+/// Streams one connection may hold at once. The relay needs a few: its stream each way,
+/// identify, ping and a peer-exchange request each way; yamux's default is 512, at 256 KiB of
+/// receive window each (docs/security.md: memory per connection).
+pub const MAX_STREAMS_PER_CONNECTION: usize = 16;
+/// Inbound streams of one connection still negotiating their protocol (libp2p's default: 128).
+pub const MAX_NEGOTIATING_INBOUND_STREAMS: usize = 8;
+
+/// The yamux settings of every connection: [`MAX_STREAMS_PER_CONNECTION`].
+fn yamux_config() -> yamux::Config {
+    let mut c = yamux::Config::default();
+    c.set_max_num_streams(MAX_STREAMS_PER_CONNECTION);
+    c
+}
+
+fn build_swarm(
+    identity: &Identity,
+    config: &Config,
+    stats: Arc<Stats>,
+) -> Result<Swarm<Behaviour>> {
     let keypair = identity.libp2p_keypair();
     let transport_err = |e: &dyn std::fmt::Display| Error::Transport(e.to_string());
+    // Inbound connections have their own cap (the maximum of peers, and per address: the
+    // `inbound` behaviour); outbound ones have these slots of their own, so a crowd of inbound
+    // connections never keeps the node from dialing its bootstrap and chosen peers.
     let limits = connection_limits::ConnectionLimits::default()
-        .with_max_established(Some((config.peers.max_peers + 5) as u32))
+        .with_max_established_outgoing(Some((config.peers.max_peers + 5) as u32))
         .with_max_established_per_peer(Some(2))
-        .with_max_pending_incoming(Some(16))
         .with_max_pending_outgoing(Some(16));
+    let max_inbound = config.peers.max_peers.try_into().unwrap_or(u32::MAX);
     let idle = config.idle_connection_timeout;
     let swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux_config)
         .map_err(|e| transport_err(&e))?
         .with_quic()
         .with_other_transport(|key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
             Ok(MemoryTransport::default()
                 .upgrade(upgrade::Version::V1)
                 .authenticate(noise::Config::new(key)?)
-                .multiplex(yamux::Config::default()))
+                .multiplex(yamux_config()))
         })
         .map_err(|e| transport_err(&e))?
         .with_behaviour(|key| Behaviour {
+            inbound: inbound::Behaviour::new(config.inbound.clone(), max_inbound, stats),
             limits: connection_limits::Behaviour::new(limits),
             blocked: allow_block_list::Behaviour::default(),
             identify: identify::Behaviour::new(
@@ -263,7 +288,12 @@ fn build_swarm(identity: &Identity, config: &Config) -> Result<Swarm<Behaviour>>
             stream: libp2p_stream::Behaviour::new(),
         })
         .map_err(|e| transport_err(&e))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(idle)
+                .with_max_negotiating_inbound_streams(MAX_NEGOTIATING_INBOUND_STREAMS)
+        })
+        // A stalled handshake holds a pending slot until this runs out.
+        .with_connection_timeout(config.inbound.handshake_timeout)
         .build();
     Ok(swarm)
 }
@@ -277,7 +307,8 @@ impl Relay {
         config: Config,
         cancel: CancellationToken,
     ) -> Result<(Relay, mpsc::Receiver<Delivery>)> {
-        let mut swarm = build_swarm(identity, &config)?;
+        let stats = Arc::new(Stats::default());
+        let mut swarm = build_swarm(identity, &config, stats.clone())?;
         let mut listeners = Vec::new();
         for addr in &config.listen_addrs {
             let id = swarm
@@ -304,7 +335,6 @@ impl Relay {
         let (core_tx, core_rx) = mpsc::channel(config.inbound_queue_len.max(1));
         let (delivery_tx, delivery_rx) = mpsc::channel(config.delivery_queue_len.max(1));
         let (status_tx, status_rx) = watch::channel(Status::default());
-        let stats = Arc::new(Stats::default());
         let links: Links = Arc::default();
         let exchange: Arc<Mutex<Vec<pex::Entry>>> = Arc::default();
         let tracker = TaskTracker::new();
@@ -841,6 +871,24 @@ impl SwarmTask {
                     debug!(%peer, %addr, "reported address not confirmed");
                     self.peers.on_confirm_result(peer, addr, false);
                 }
+            }
+            SwarmEvent::IncomingConnectionError {
+                error: libp2p::swarm::ListenError::Denied { cause },
+                send_back_addr,
+                ..
+            } => {
+                // The `inbound` behaviour counts its own refusals; these are the others'.
+                let reason = if cause.downcast_ref::<connection_limits::Exceeded>().is_some() {
+                    Some(RefusalReason::PerPeer)
+                } else if cause.downcast_ref::<allow_block_list::Blocked>().is_some() {
+                    Some(RefusalReason::Blocked)
+                } else {
+                    None
+                };
+                if let Some(reason) = reason {
+                    inbound::count_refusal(&self.ctx.stats, reason);
+                }
+                debug!(remote = %send_back_addr, %cause, "inbound connection refused");
             }
             SwarmEvent::OutgoingConnectionError { peer_id: Some(peer), error, .. } => {
                 debug!(%peer, %error, "dial failed");

@@ -39,6 +39,7 @@ pub struct Stats {
     pub(crate) prepared_in_parallel: AtomicU64,
     pub(crate) charged: AtomicU64,
     pub(crate) bans: AtomicU64,
+    pub(crate) connections_refused: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -111,6 +112,9 @@ pub struct StatsSnapshot {
     pub charged: u64,
     /// Peers banned.
     pub bans: u64,
+    /// Inbound connections refused by a connection limit or a ban
+    /// (`mesh_relay_connections_refused_total`).
+    pub connections_refused: u64,
 }
 
 impl StatsSnapshot {
@@ -180,6 +184,7 @@ impl Stats {
             prepared_in_parallel: get(&self.prepared_in_parallel),
             charged: get(&self.charged),
             bans: get(&self.bans),
+            connections_refused: get(&self.connections_refused),
         }
     }
 }

@@ -289,6 +289,10 @@ fn describe() {
         "Peer-exchange entries left out as repeats (a peer named again, an address already known)"
     );
     describe_counter!(
+        "mesh_relay_connections_refused_total",
+        "Inbound connections refused, by the limit that refused them (reason)"
+    );
+    describe_counter!(
         "mesh_relay_suppressed_total",
         "Queued copies not sent because the peer had sent us the same message meanwhile"
     );

@@ -18,12 +18,14 @@
 
 pub mod demo;
 pub mod eventually;
+pub mod hostile;
 pub mod local;
 pub mod messages;
 pub mod net;
 pub mod topology;
 
 pub use eventually::{eventually, eventually_async};
+pub use hostile::{HostileConfig, HostilePeer};
 pub use local::{DEMO_API_KEY, LocalMesh, LocalMeshBuilder};
 pub use messages::{now_ms, price_batch};
 pub use net::{Received, TestNet, TestNetBuilder, TestNode, Transport, WAIT, test_config};
