@@ -7,7 +7,21 @@ use mesh_protocol::{Decimal, MessageId, NodeId, PriceUpdate};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::queue::DropReason;
 use crate::{Error, Result};
+
+/// `mesh_price_cache.asset VARCHAR(255)`.
+const MAX_ASSET_CHARS: usize = 255;
+/// `mesh_price_cache.blockchain VARCHAR(50)`.
+const MAX_BLOCKCHAIN_CHARS: usize = 50;
+/// `mesh_price_cache.price VARCHAR(255)`.
+const MAX_PRICE_CHARS: usize = 255;
+/// `mesh_price_cache.change_24h VARCHAR(50)`.
+const MAX_CHANGE_CHARS: usize = 50;
+/// 0001-01-01T00:00:00Z in Unix milliseconds.
+const MIN_STORED_MS: i64 = -62_135_596_800_000;
+/// 9999-12-31T23:59:59.999Z in Unix milliseconds.
+const MAX_STORED_MS: i64 = 253_402_300_799_999;
 
 /// A row of `mesh_price_cache`: the latest price of one asset.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,6 +51,26 @@ impl PriceRow {
             source_node_id: source,
             change_24h: update.change_24h.clone(),
         }
+    }
+
+    /// Whether every store can hold this row: the column lengths of the guide's
+    /// `mesh_price_cache` (asset 255, price 255, blockchain 50, change 50 characters) and a
+    /// time within the years 1..=9999, which PostgreSQL, SQLite and this crate's conversions
+    /// all hold. A row outside them would make a whole batch fail; the write-behind queue
+    /// and the Redis mirror set it aside instead.
+    pub fn storable(&self) -> Result<(), DropReason> {
+        let too_long = |text: &str, max: usize| text.chars().count() > max;
+        if too_long(&self.asset, MAX_ASSET_CHARS)
+            || too_long(&self.blockchain, MAX_BLOCKCHAIN_CHARS)
+            || too_long(self.price.as_str(), MAX_PRICE_CHARS)
+            || self.change_24h.as_ref().is_some_and(|c| too_long(c.as_str(), MAX_CHANGE_CHARS))
+        {
+            return Err(DropReason::TooLong);
+        }
+        if !(MIN_STORED_MS..=MAX_STORED_MS).contains(&self.timestamp_ms) {
+            return Err(DropReason::TimeOutOfRange);
+        }
+        Ok(())
     }
 
     /// `true` when this row is strictly newer than `other` (the stores' replacement rule: an
@@ -149,6 +183,24 @@ mod tests {
             assert_eq!(datetime_to_ms(ms_to_datetime(ms).unwrap()), ms);
         }
         assert!(ms_to_datetime(i64::MAX).is_err());
+    }
+
+    #[test]
+    fn storable_rows_fit_every_column_and_time() {
+        assert_eq!(row("a", 1).storable(), Ok(()));
+        assert_eq!(row(&"a".repeat(255), MAX_STORED_MS).storable(), Ok(()));
+        assert_eq!(row("a", MIN_STORED_MS).storable(), Ok(()));
+        assert!(ms_to_datetime(MIN_STORED_MS).is_ok() && ms_to_datetime(MAX_STORED_MS).is_ok());
+        assert_eq!(row(&"a".repeat(256), 1).storable(), Err(DropReason::TooLong));
+        let mut long_change = row("a", 1);
+        long_change.change_24h = Some("1".repeat(51).parse().unwrap());
+        assert_eq!(long_change.storable(), Err(DropReason::TooLong));
+        let mut long_chain = row("a", 1);
+        long_chain.blockchain = "c".repeat(51);
+        assert_eq!(long_chain.storable(), Err(DropReason::TooLong));
+        for ts in [MIN_STORED_MS - 1, MAX_STORED_MS + 1, i64::MIN, i64::MAX] {
+            assert_eq!(row("a", ts).storable(), Err(DropReason::TimeOutOfRange), "{ts}");
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use mesh_seen_cache::{BackendError, SeenBackend};
 
 use crate::Result;
 use crate::db::{Database, postgres, sqlite};
-use crate::queue::Sink;
+use crate::queue::{DropReason, Sink};
 use crate::row::{PriceFilter, PriceRow, SeenRow, newest_per_asset};
 
 /// The latest price of each asset (`mesh_price_cache`).
@@ -97,6 +97,10 @@ impl SeenStore {
 impl Sink<PriceRow> for PriceStore {
     async fn write(&self, batch: &[PriceRow]) -> Result<u64> {
         self.upsert(batch).await
+    }
+
+    fn check(&self, row: &PriceRow) -> std::result::Result<(), DropReason> {
+        row.storable()
     }
 }
 

@@ -57,8 +57,29 @@ impl PriceMirror {
         }
     }
 
-    /// Mirrors `rows` (newest per asset wins, here and in Redis).
+    /// Mirrors `rows` (newest per asset wins, here and in Redis). A row that not every store
+    /// can hold ([`PriceRow::storable`]) is set aside and counted
+    /// (`mesh_store_dropped_total{queue="redis"}`), so the mirror never holds, and a restart
+    /// never reloads, what the database would refuse.
     pub async fn write(&self, rows: &[PriceRow]) {
+        let storable: Vec<PriceRow>;
+        let rows = if rows.iter().all(|r| r.storable().is_ok()) {
+            rows
+        } else {
+            storable = rows
+                .iter()
+                .filter(|row| match row.storable() {
+                    Ok(()) => true,
+                    Err(reason) => {
+                        crate::queue::count_dropped("redis", reason, 1);
+                        tracing::debug!(asset = row.asset, %reason, "row not mirrored");
+                        false
+                    }
+                })
+                .cloned()
+                .collect();
+            &storable
+        };
         self.remember(rows.iter().cloned());
         if !self.health.should_try() {
             return;
