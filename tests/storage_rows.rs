@@ -13,7 +13,7 @@ use mesh_storage::{
     Database, DatabaseConfig, PriceMirror, PriceRow, PriceStore, QueueConfig, RedisConfig, Sink,
     WriteBehind,
 };
-use mesh_testkit::{DEMO_API_KEY, LocalMesh, eventually_async};
+use mesh_testkit::{DEMO_API_KEY, LocalMesh, eventually, eventually_async};
 use mesh_tests::{TestDatabase, redis_url, unique_name};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -216,5 +216,161 @@ async fn birdeyes_extreme_numbers_still_reach_the_store() -> anyhow::Result<()> 
     assert!(provider.prices().len() == 3);
     mesh.shutdown().await?;
     sim.shutdown().await;
+    test_db.drop_db().await
+}
+
+/// WETH's address on Base and on Optimism (the same predeploy address on both).
+const WETH: &str = "0x4200000000000000000000000000000000000006";
+
+fn weth_chains(prices: &[mesh_ipc::PriceView]) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = prices
+        .iter()
+        .filter(|p| p.asset == WETH)
+        .map(|p| (p.blockchain.clone(), p.price.to_string()))
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_on_two_chains_is_two_prices_after_a_restart() -> anyhow::Result<()> {
+    let sim = Simulator::builder()
+        .keys([DEMO_API_KEY])
+        .token(TokenSpec::new("base", WETH, "WETH", 3500.0))
+        .token(TokenSpec::new("optimism", WETH, "WETH", 2.0))
+        .spawn("127.0.0.1:0")
+        .await?;
+    let test_db = TestDatabase::create().await?;
+    let (base_url, db_url) = (sim.base_url(), test_db.url.clone());
+    // Node 1 keeps its prices in PostgreSQL, node 2 in its SQLite file; both mirror to Redis.
+    let mut mesh = LocalMesh::builder()
+        .providers(1)
+        .consumers(2)
+        .rounds(2, 1)
+        .redis(redis_url())
+        .per_node(move |i, o| {
+            o.insert("MESH_BIRDEYE_BASE_URL".into(), base_url.clone());
+            o.insert("MESH_PROVIDER_ASSETS".into(), format!("base:{WETH},optimism:{WETH}"));
+            if i == 1 {
+                o.insert("DATABASE_URL".into(), db_url.clone());
+            }
+        })
+        .start()
+        .await?;
+    for i in [1, 2] {
+        let node = mesh.node(i).unwrap();
+        eventually(WAIT, "both chains' WETH arrive", || weth_chains(&node.prices()).len() == 2)
+            .await?;
+        // A node started after the provider's first round reloads it from the shared mirror:
+        // wait for rows that came through the mesh and the queue.
+        let queue = node.persistence().prices.clone();
+        eventually(WAIT, "both rows written", || queue.stats().written >= 2).await?;
+    }
+    mesh.stop(0).await?;
+    let mut held = Vec::new();
+    for i in [1, 2] {
+        let node = mesh.node(i).unwrap();
+        let queue = node.persistence().prices.clone();
+        // The book takes a batch before the queue does: wait for the rows, not for silence.
+        eventually(WAIT, "the price queue is empty", || queue.stats().pending == 0).await?;
+        held.push(weth_chains(&node.prices()));
+    }
+    // The Redis mirror keeps both too.
+    let mirror = mesh.node(1).unwrap().persistence().redis.as_ref().unwrap().mirror.clone();
+    let mirrored = mirror.read_all().await;
+    assert_eq!(mirrored.iter().filter(|r| r.asset == WETH).count(), 2, "{mirrored:?}");
+    // The guide's table, keyed by the address alone, holds the newest of the two.
+    let store = mesh.node(1).unwrap().persistence().price_store().clone();
+    let Database::Postgres(pool) = store_db(&test_db).await? else { anyhow::bail!("not pg") };
+    let guide: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT blockchain, (EXTRACT(EPOCH FROM timestamp) * 1000)::bigint \
+         FROM mesh_price_cache WHERE asset = $1",
+    )
+    .bind(WETH)
+    .fetch_all(&pool)
+    .await?;
+    let rows = store.load_all().await?;
+    assert_eq!(rows.iter().filter(|r| r.asset == WETH).count(), 2, "mesh_prices keeps both");
+    let newest = rows.iter().map(|r| r.timestamp_ms).max().unwrap();
+    assert_eq!(guide.len(), 1);
+    assert!(rows.iter().any(|r| r.blockchain == guide[0].0 && r.timestamp_ms == guide[0].1));
+    assert_eq!(guide[0].1, newest, "the newest of the two chains: {guide:?} {rows:?}");
+    pool.close().await;
+
+    for i in [1, 2] {
+        mesh.stop(i).await?;
+        mesh.restart(i).await?;
+        let reloaded = weth_chains(&mesh.node(i).unwrap().prices());
+        assert_eq!(reloaded, held[i - 1], "node {i}: both chains served after the restart");
+        assert_eq!(reloaded.len(), 2);
+    }
+    mesh.shutdown().await?;
+    sim.shutdown().await;
+    test_db.drop_db().await
+}
+
+async fn store_db(test_db: &TestDatabase) -> anyhow::Result<Database> {
+    Ok(Database::connect(&DatabaseConfig::new(&test_db.url)).await?)
+}
+
+/// Rows planted in a store or the mirror behind the node's back: one good, the others what no
+/// received message could carry.
+fn planted(trusted: NodeId, stranger: NodeId) -> Vec<PriceRow> {
+    let now = mesh_service::now_ms();
+    let at = |asset: &str, price: &str, ts: i64, source: NodeId| PriceRow {
+        asset: asset.into(),
+        blockchain: "solana".into(),
+        price: price.parse().unwrap(),
+        timestamp_ms: ts,
+        source_node_id: source,
+        change_24h: None,
+    };
+    vec![
+        at("Good1111111111111111111111111111111111111111", "1.5", now - 1_000, trusted),
+        at("Future11111111111111111111111111111111111111", "1.5", now + 3_600_000, trusted),
+        at("Negative111111111111111111111111111111111111", "-1", now - 1_000, trusted),
+        at("Zero1111111111111111111111111111111111111111", "0", now - 1_000, trusted),
+        at("Stranger11111111111111111111111111111111111", "1.5", now - 1_000, stranger),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reloaded_rows_pass_the_price_rules_and_the_allow_list() -> anyhow::Result<()> {
+    let trusted = NodeId::from_uuid(Uuid::from_u128(0x1111));
+    let stranger = NodeId::from_uuid(Uuid::from_u128(0x2222));
+    let test_db = TestDatabase::create().await?;
+    let db_url = test_db.url.clone();
+    // Node 0 reloads from PostgreSQL; node 1 has an empty SQLite file and reloads from the
+    // Redis mirror.
+    let mut mesh = LocalMesh::builder()
+        .providers(0)
+        .consumers(2)
+        .redis(redis_url())
+        .per_node(move |i, o| {
+            o.insert("MESH_TRUSTED_PROVIDERS".into(), trusted.to_string());
+            if i == 0 {
+                o.insert("DATABASE_URL".into(), db_url.clone());
+            }
+        })
+        .start()
+        .await?;
+    mesh.stop(0).await?;
+    mesh.stop(1).await?;
+
+    let db = store_db(&test_db).await?;
+    PriceStore::new(db.clone()).upsert(&planted(trusted, stranger)).await?;
+    db.close().await;
+    let prefix = mesh.overrides(1).get("MESH_REDIS_PREFIX").cloned().unwrap();
+    let mirror = PriceMirror::new(RedisConfig::new(redis_url()).pool()?, &prefix);
+    mirror.write(&planted(trusted, stranger)).await;
+    assert_eq!(mirror.read_all().await.len(), 5, "all planted in the mirror");
+
+    for i in [0, 1] {
+        mesh.restart(i).await?;
+        let served: Vec<String> =
+            mesh.node(i).unwrap().prices().into_iter().map(|p| p.asset).collect();
+        assert_eq!(served, ["Good1111111111111111111111111111111111111111"], "node {i}");
+    }
+    mesh.shutdown().await?;
     test_db.drop_db().await
 }

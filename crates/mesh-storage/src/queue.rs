@@ -109,9 +109,10 @@ pub trait Coalesce: Send + 'static {
 }
 
 impl Coalesce for PriceRow {
-    type Key = String;
-    fn key(&self) -> String {
-        self.asset.clone()
+    /// (blockchain, asset): one address on two chains is two prices.
+    type Key = (String, String);
+    fn key(&self) -> (String, String) {
+        (self.blockchain.clone(), self.asset.clone())
     }
     fn supersedes(&self, held: &Self) -> bool {
         self.is_newer_than(held)

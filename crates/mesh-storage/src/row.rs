@@ -23,10 +23,11 @@ const MIN_STORED_MS: i64 = -62_135_596_800_000;
 /// 9999-12-31T23:59:59.999Z in Unix milliseconds.
 const MAX_STORED_MS: i64 = 253_402_300_799_999;
 
-/// A row of `mesh_price_cache`: the latest price of one asset.
+/// A price row of the stores: the latest price of one asset on one chain (`mesh_prices`, and
+/// the guide's `mesh_price_cache`, which keeps the newest of an address's chains).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PriceRow {
-    /// The asset (token address), the table's primary key.
+    /// The asset (token address); with the chain, the row's key.
     pub asset: String,
     /// The chain it lives on.
     pub blockchain: String,
@@ -101,15 +102,28 @@ impl PriceFilter {
     }
 }
 
-/// The newest row of each asset in `rows`, sorted by asset.
+/// The newest row of each (blockchain, asset) in `rows`, sorted by asset then blockchain.
 ///
 /// One statement may not touch a row twice (`ON CONFLICT DO UPDATE` refuses), and concurrent
 /// batches that lock their rows in the same order cannot deadlock each other.
+pub(crate) fn newest_per_key(rows: &[PriceRow]) -> Vec<&PriceRow> {
+    newest_by(rows, |row| (row.asset.as_str(), row.blockchain.as_str()))
+}
+
+/// The newest row of each asset whatever its chain, sorted by asset: what the guide's
+/// `mesh_price_cache` (asset alone is its key) holds for an address on several chains.
 pub(crate) fn newest_per_asset(rows: &[PriceRow]) -> Vec<&PriceRow> {
-    let mut newest: HashMap<&str, &PriceRow> = HashMap::with_capacity(rows.len());
+    newest_by(rows, |row| (row.asset.as_str(), ""))
+}
+
+fn newest_by<'a>(
+    rows: &'a [PriceRow],
+    key: impl Fn(&'a PriceRow) -> (&'a str, &'a str),
+) -> Vec<&'a PriceRow> {
+    let mut newest: HashMap<(&str, &str), &PriceRow> = HashMap::with_capacity(rows.len());
     for row in rows {
         newest
-            .entry(row.asset.as_str())
+            .entry(key(row))
             .and_modify(|held| {
                 if row.is_newer_than(held) {
                     *held = row;
@@ -117,9 +131,9 @@ pub(crate) fn newest_per_asset(rows: &[PriceRow]) -> Vec<&PriceRow> {
             })
             .or_insert(row);
     }
-    let mut out: Vec<&PriceRow> = newest.into_values().collect();
-    out.sort_unstable_by(|a, b| a.asset.cmp(&b.asset));
-    out
+    let mut out: Vec<((&str, &str), &PriceRow)> = newest.into_iter().collect();
+    out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    out.into_iter().map(|(_, row)| row).collect()
 }
 
 /// Unix milliseconds of `t` (negative before 1970).
@@ -166,6 +180,25 @@ mod tests {
             source_node_id: NodeId::from_uuid(uuid::Uuid::nil()),
             change_24h: None,
         }
+    }
+
+    #[test]
+    fn newest_per_key_keeps_each_chain() {
+        let mut base = row("weth", 5);
+        base.blockchain = "base".into();
+        let mut optimism = row("weth", 7);
+        optimism.blockchain = "optimism".into();
+        let rows = vec![optimism.clone(), base.clone(), row("a", 1)];
+        let keys: Vec<(&str, &str)> = newest_per_key(&rows)
+            .iter()
+            .map(|r| (r.asset.as_str(), r.blockchain.as_str()))
+            .collect();
+        assert_eq!(keys, vec![("a", "solana"), ("weth", "base"), ("weth", "optimism")]);
+        let guide: Vec<(&str, i64)> = newest_per_asset(&rows)
+            .iter()
+            .map(|r| (r.blockchain.as_str(), r.timestamp_ms))
+            .collect();
+        assert_eq!(guide, vec![("solana", 1), ("optimism", 7)]);
     }
 
     #[test]
