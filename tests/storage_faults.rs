@@ -233,11 +233,12 @@ async fn redis_killed_under_the_mirror_and_seen_ids_falls_back_and_recovers() ->
     assert_eq!(logs.count("Redis connection failed"), 2);
     assert_eq!(logs.count("Redis connection recovered"), 2);
 
-    // The mirror keeps the newest per asset in Redis too: an older write changes nothing.
+    // The mirror keeps the newest per (blockchain, asset) in Redis too: an older write changes
+    // nothing. Fields carry the chain.
     mirror.write(&[price(1, T0 - 5)]).await;
     let held: String = redis::cmd("HGET")
         .arg(format!("{prefix}prices"))
-        .arg("asset-0001")
+        .arg("solana asset-0001")
         .query_async(&mut conn)
         .await?;
     assert_eq!(serde_json_row(&held)?.timestamp_ms, T0 + 1);

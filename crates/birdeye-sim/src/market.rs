@@ -39,6 +39,9 @@ pub struct TokenSpec {
     pub volatility: f64,
     /// Liquidity in USD, reported with `include_liquidity=true` and checked by `check_liquidity`.
     pub liquidity: f64,
+    /// A `priceChange24h` reported instead of the walk's (for odd upstream answers such as a
+    /// 52-digit change); `None` reports the walk's change.
+    pub change_24h: Option<f64>,
 }
 
 impl TokenSpec {
@@ -51,7 +54,14 @@ impl TokenSpec {
             base_price,
             volatility: 0.002,
             liquidity: 1_000_000.0,
+            change_24h: None,
         }
+    }
+
+    /// Reports `percent` as the 24-hour change, whatever the walk does.
+    pub fn change_24h(mut self, percent: f64) -> Self {
+        self.change_24h = Some(percent);
+        self
     }
 
     /// Sets the largest relative move of one step.
@@ -267,7 +277,10 @@ impl Market {
             .map(|t| t.price);
         Some(Quote {
             price: token.price,
-            change_24h_percent: (token.price / token.open_24h - 1.0) * 100.0,
+            change_24h_percent: token
+                .spec
+                .change_24h
+                .unwrap_or((token.price / token.open_24h - 1.0) * 100.0),
             native_price,
             liquidity: token.spec.liquidity,
         })

@@ -375,7 +375,8 @@ fn lookup(
         value: if below_liquidity { None } else { Some(number(state, price)?) },
         update_unix_time: now.unix_timestamp(),
         update_human_time: human,
-        price_change_24h: number(state, (quote.change_24h_percent * 1e4).round() / 1e4)?,
+        // Four decimals, as Birdeye gives them; a huge change stays as it is.
+        price_change_24h: number(state, round_change(quote.change_24h_percent))?,
         price_in_native: match quote.native_price {
             Some(native) => Some(number(state, price / (native * factor))?),
             None => None,
@@ -387,6 +388,11 @@ fn lookup(
         },
         is_scaled_ui_token: false,
     })))
+}
+
+fn round_change(percent: f64) -> f64 {
+    let rounded = (percent * 1e4).round() / 1e4;
+    if rounded.is_finite() { rounded } else { percent }
 }
 
 fn single_answer(

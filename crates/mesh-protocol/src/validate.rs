@@ -27,6 +27,17 @@ use crate::message::{
 pub const MAX_ASSET_LEN: usize = 255;
 /// Longest blockchain name, in characters.
 pub const MAX_BLOCKCHAIN_LEN: usize = 50;
+/// Longest 24-hour change, in characters: the guide's `mesh_price_cache.change_24h` is
+/// `VARCHAR(50)`, and a price every store cannot hold would stop the batch it travels in.
+pub const MAX_CHANGE_24H_LEN: usize = 50;
+/// Longest price, in characters (the guide's `mesh_price_cache.price VARCHAR(255)`). Every
+/// [`crate::Decimal`] fits, which the assertion below keeps true.
+pub const MAX_PRICE_LEN: usize = 255;
+const _: () = assert!(crate::Decimal::MAX_LEN <= MAX_PRICE_LEN);
+/// Earliest price timestamp accepted (the Unix epoch): every store holds any time from here to
+/// the far future, while times far in the past fail in some (PostgreSQL's `TIMESTAMPTZ` ends
+/// at 4713 BC, the `time` crate at year -9999).
+pub const MIN_TIMESTAMP_MS: i64 = 0;
 /// Default tolerance for clocks that run ahead (`MESH_MAX_CLOCK_SKEW_SECS`).
 pub const DEFAULT_MAX_CLOCK_SKEW_SECS: u32 = 5;
 /// The oldest a message may be, in milliseconds: 10 minutes, the seen cache's default
@@ -71,13 +82,17 @@ pub enum RejectReason {
     EmptyBatch,
     /// A batch names the same (blockchain, asset) twice.
     DuplicateAsset,
+    /// A 24-hour change is longer than [`MAX_CHANGE_24H_LEN`] characters (the guide's column).
+    BadChange24h,
+    /// A price timestamp is before [`MIN_TIMESTAMP_MS`], where not every store can hold it.
+    TimestampOutOfRange,
     /// A timestamp is not newer than the last one accepted from the same origin.
     Replay,
 }
 
 impl RejectReason {
     /// Every reason, for documentation and for pre-registering metric labels.
-    pub const ALL: [RejectReason; 16] = [
+    pub const ALL: [RejectReason; 18] = [
         Self::FrameTooLarge,
         Self::Malformed,
         Self::UnsupportedVersion,
@@ -93,6 +108,8 @@ impl RejectReason {
         Self::TooManyPrices,
         Self::EmptyBatch,
         Self::DuplicateAsset,
+        Self::BadChange24h,
+        Self::TimestampOutOfRange,
         Self::Replay,
     ];
 
@@ -125,7 +142,9 @@ impl RejectReason {
             | Self::BadBlockchain
             | Self::TooManyPrices
             | Self::EmptyBatch
-            | Self::DuplicateAsset => true,
+            | Self::DuplicateAsset
+            | Self::BadChange24h
+            | Self::TimestampOutOfRange => true,
             Self::UntrustedProvider | Self::FutureTimestamp | Self::TooOld | Self::Replay => false,
         }
     }
@@ -148,6 +167,8 @@ impl RejectReason {
             Self::TooManyPrices => "too_many_prices",
             Self::EmptyBatch => "empty_batch",
             Self::DuplicateAsset => "duplicate_asset",
+            Self::BadChange24h => "bad_change_24h",
+            Self::TimestampOutOfRange => "timestamp_out_of_range",
             Self::Replay => "replay",
         }
     }
@@ -431,22 +452,40 @@ fn check_prices(prices: &[crate::PriceUpdate], latest_ms: i64) -> Result<(), Rej
         return Err(RejectReason::EmptyBatch);
     }
     for p in prices {
-        if p.timestamp_ms > latest_ms {
-            return Err(RejectReason::FutureTimestamp);
-        }
-        if !p.price.is_positive() {
-            return Err(RejectReason::NonPositivePrice);
-        }
-        if !is_printable(&p.asset, MAX_ASSET_LEN) {
-            return Err(RejectReason::BadAsset);
-        }
-        if !is_printable(&p.blockchain, MAX_BLOCKCHAIN_LEN) {
-            return Err(RejectReason::BadBlockchain);
-        }
+        check_price(p, latest_ms)?;
     }
     let mut names = HashSet::with_capacity(prices.len());
     if !prices.iter().all(|p| names.insert((p.blockchain.as_str(), p.asset.as_str()))) {
         return Err(RejectReason::DuplicateAsset);
+    }
+    Ok(())
+}
+
+/// The rules of one price, as a received batch applies them: a timestamp from
+/// [`MIN_TIMESTAMP_MS`] to `latest_ms` (now plus the allowed clock skew), a positive price,
+/// an asset and a blockchain of printable characters within their lengths, a 24-hour change
+/// within [`MAX_CHANGE_24H_LEN`]. Together they bound every field to what every store holds.
+///
+/// Public so that prices that did not arrive in a message (reloaded from a store or the Redis
+/// mirror at start) pass the same rules.
+pub fn check_price(p: &crate::PriceUpdate, latest_ms: i64) -> Result<(), RejectReason> {
+    if p.timestamp_ms > latest_ms {
+        return Err(RejectReason::FutureTimestamp);
+    }
+    if p.timestamp_ms < MIN_TIMESTAMP_MS {
+        return Err(RejectReason::TimestampOutOfRange);
+    }
+    if !p.price.is_positive() {
+        return Err(RejectReason::NonPositivePrice);
+    }
+    if !is_printable(&p.asset, MAX_ASSET_LEN) {
+        return Err(RejectReason::BadAsset);
+    }
+    if !is_printable(&p.blockchain, MAX_BLOCKCHAIN_LEN) {
+        return Err(RejectReason::BadBlockchain);
+    }
+    if p.change_24h.as_ref().is_some_and(|c| c.as_str().len() > MAX_CHANGE_24H_LEN) {
+        return Err(RejectReason::BadChange24h);
     }
     Ok(())
 }

@@ -471,3 +471,40 @@ fn forgotten_origins_fall_back_to_a_floor_no_newer_than_the_age_limit() {
 
 /// Older than the maximum message age.
 const HIGH_AGE: i64 = mesh_protocol::MAX_MESSAGE_AGE_MS + 1;
+
+#[test]
+fn change_24h_longer_than_the_stores_column() {
+    // 50 characters fit the guide's change_24h VARCHAR(50); 51 and a 52-digit change do not.
+    let fits = format!("-{}", "9".repeat(49));
+    let mut p = price("SOL", "1", NOW);
+    p.change_24h = Some(fits.parse().unwrap());
+    assert_eq!(reason(&sealed(&batch(vec![p]))), None);
+    for bad in ["9".repeat(51), "1".repeat(52), format!("0.{}", "1".repeat(60))] {
+        let mut p = price("SOL", "1", NOW);
+        p.change_24h = Some(bad.parse().unwrap());
+        assert_eq!(
+            reason(&sealed(&batch(vec![price("JUP", "1", NOW), p]))),
+            Some(RejectReason::BadChange24h),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn timestamps_before_the_epoch_are_out_of_range() {
+    for bad in [-1, -62_000_000_000_000, i64::MIN] {
+        let body = batch(vec![price("SOL", "1", NOW), price("JUP", "1", bad)]);
+        assert_eq!(reason(&sealed(&body)), Some(RejectReason::TimestampOutOfRange), "{bad}");
+    }
+    assert_eq!(reason(&sealed(&batch(vec![price("SOL", "1", 0)]))), None);
+}
+
+#[test]
+fn check_price_applies_the_batch_rules_to_one_price() {
+    use mesh_protocol::validate::check_price;
+    assert_eq!(check_price(&price("SOL", "1", NOW), NOW), Ok(()));
+    assert_eq!(check_price(&price("SOL", "1", NOW + 1), NOW), Err(RejectReason::FutureTimestamp));
+    assert_eq!(check_price(&price("SOL", "0", NOW), NOW), Err(RejectReason::NonPositivePrice));
+    assert_eq!(check_price(&price("S O L", "1", NOW), NOW), Err(RejectReason::BadAsset));
+    assert_eq!(check_price(&price("SOL", "1", -5), NOW), Err(RejectReason::TimestampOutOfRange));
+}

@@ -25,6 +25,7 @@ pub mod keystore;
 pub mod node;
 pub mod persistence;
 pub mod providers;
+mod reload;
 pub mod telemetry;
 
 pub use config::{ConfigError, NodeConfig, Sources, VARIABLES};

@@ -334,15 +334,14 @@ impl Node {
             ..BookConfig::default()
         });
         let now = now_ms();
-        for row in &loaded.prices {
-            let update = mesh_protocol::PriceUpdate {
-                asset: row.asset.clone(),
-                blockchain: row.blockchain.clone(),
-                price: row.price.clone(),
-                timestamp_ms: row.timestamp_ms,
-                change_24h: row.change_24h.clone(),
-            };
-            book.apply(row.source_node_id, 0, std::slice::from_ref(&update), now);
+        let reloaded = crate::reload::checked(
+            &loaded.prices,
+            config.trusted_providers.as_ref(),
+            config.max_clock_skew_secs,
+            now,
+        );
+        for (source, update) in reloaded {
+            book.apply(source, 0, std::slice::from_ref(&update), now);
         }
 
         let relay_cancel = cancel.child_token();

@@ -242,7 +242,7 @@ impl Persistence {
         if let Some(tx) = &self.redis_tx
             && tx.try_send((rows.clone(), vec![seen])).is_err()
         {
-            metrics::counter!("mesh_store_dropped_total", "queue" => "redis").increment(1);
+            mesh_storage::count_dropped("redis", mesh_storage::DropReason::QueueFull, 1);
         }
         self.prices.submit_all(rows);
     }

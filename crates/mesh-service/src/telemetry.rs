@@ -256,7 +256,14 @@ fn describe() {
         "Price discrepancies between providers detected"
     );
     describe_gauge!("mesh_component_degraded", "1 while a component runs on its fallback");
-    describe_counter!("mesh_store_dropped_total", "Rows the write-behind queues had to drop");
+    describe_counter!(
+        "mesh_store_reload_rejected_total",
+        "Stored or mirrored prices refused at start: they fail the rules of received prices"
+    );
+    describe_counter!(
+        "mesh_store_dropped_total",
+        "Rows the write-behind queues and the Redis mirror had to drop, by queue and reason"
+    );
     describe_counter!("mesh_store_written_total", "Rows the write-behind queues wrote, by queue");
     {
         use mesh_provider::telemetry as p;

@@ -38,5 +38,35 @@ pub enum Error {
     },
 }
 
+impl Error {
+    /// `true` when the store refused the rows of the statement, not the statement itself:
+    /// a value it cannot hold (PostgreSQL SQLSTATE class 22 "data exception" such as a string
+    /// longer than its column or a time out of range, class 23 "integrity constraint
+    /// violation"; SQLite `TOOBIG`, `CONSTRAINT`, `MISMATCH`), a value that could not be
+    /// encoded, or a time this crate cannot convert. Retrying the same rows fails the same
+    /// way, so the write-behind queue isolates the row instead of retrying the batch.
+    ///
+    /// Everything else (connection, pool, I/O, missing table, disk full, deadlock) counts as
+    /// an outage: rows are kept and retried, since losing them to a passing fault is worse
+    /// than retrying.
+    pub fn refuses_rows(&self) -> bool {
+        match self {
+            Error::TimeOutOfRange(_) => true,
+            Error::Database(sqlx::Error::Encode(_)) => true,
+            Error::Database(sqlx::Error::Database(e)) => {
+                let Some(code) = e.code() else { return false };
+                if e.try_downcast_ref::<sqlx::postgres::PgDatabaseError>().is_some() {
+                    // SQLSTATE: five characters, the first two the class.
+                    code.starts_with("22") || code.starts_with("23")
+                } else {
+                    // SQLite's extended result codes keep the primary code in the low byte.
+                    code.parse::<u32>().is_ok_and(|c| matches!(c & 0xff, 18..=20))
+                }
+            }
+            _ => false,
+        }
+    }
+}
+
 /// Result of this crate.
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -10,7 +10,8 @@
 //!   [`SeenStore`] and [`redis::RedisSeen`] are backing stores of the seen cache
 //!   ([`mesh_seen_cache::SeenBackend`]).
 //! - [`WriteBehind`] batches, retries while the database is down, never blocks its callers and
-//!   counts what it had to drop (`mesh_store_dropped_total`).
+//!   counts what it had to drop (`mesh_store_dropped_total{queue, reason}`); a row the store
+//!   refuses is set aside and counted, never retried with its batch ([`DropReason`]).
 //! - [`redis::PriceMirror`] and [`redis::RedisSeen`] fall back to memory while Redis is down
 //!   (`Redis connection failed`, once per outage) and catch up when it is back.
 //!
@@ -64,7 +65,9 @@ mod store;
 
 pub use db::{Database, DatabaseConfig, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
 pub use error::{Error, Result};
-pub use queue::{Coalesce, QueueConfig, QueueStats, Sink, Worker, WriteBehind};
+pub use queue::{
+    Coalesce, DropReason, QueueConfig, QueueStats, Sink, Worker, WriteBehind, count_dropped,
+};
 pub use redact::{REDACTED, SecretUrl, redact_url};
 pub use redis::{PriceMirror, RedisConfig, RedisSeen};
 pub use row::{PriceFilter, PriceRow, SeenRow};

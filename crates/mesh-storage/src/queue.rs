@@ -8,6 +8,13 @@
 //! after at most `flush_interval`, and when a write fails keeps what it holds (up to
 //! `max_pending` keys), retries with exponential backoff, and logs `Database write failed` once
 //! per outage and `Database write recovered` once when a write succeeds again.
+//!
+//! A row the store refuses is not an outage: it would fail every retry and hold back every row
+//! batched with it. A row the sink says it can never hold ([`Sink::check`]) is set aside before
+//! the write; when a write fails with an error that refuses rows ([`crate::Error::refuses_rows`])
+//! the batch is split in halves and retried until the refused row is alone, and that row is set
+//! aside. Either way the row is counted in `mesh_store_dropped_total{queue, reason}`, logged at
+//! warn the first time its reason occurs (at debug after that), and the rest lands.
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
@@ -24,12 +31,71 @@ use tokio_util::sync::CancellationToken;
 use crate::Result;
 use crate::row::{PriceRow, SeenRow};
 
+/// Why rows were dropped: the `reason` label of `mesh_store_dropped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// The channel between callers and the worker was full.
+    QueueFull,
+    /// The worker held `max_pending` keys already (the database slow or down).
+    PendingFull,
+    /// The queue stopped with rows it could not write.
+    Shutdown,
+    /// A field is longer than its column.
+    TooLong,
+    /// A time no store can hold.
+    TimeOutOfRange,
+    /// The store refused the row when it was written alone.
+    Refused,
+}
+
+impl DropReason {
+    /// Every reason, for documentation and for pre-registering metric labels.
+    pub const ALL: [DropReason; 6] = [
+        Self::QueueFull,
+        Self::PendingFull,
+        Self::Shutdown,
+        Self::TooLong,
+        Self::TimeOutOfRange,
+        Self::Refused,
+    ];
+
+    /// The label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::QueueFull => "queue_full",
+            Self::PendingFull => "pending_full",
+            Self::Shutdown => "shutdown",
+            Self::TooLong => "too_long",
+            Self::TimeOutOfRange => "time_out_of_range",
+            Self::Refused => "refused",
+        }
+    }
+}
+
+impl std::fmt::Display for DropReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Counts `n` dropped rows of `queue` in `mesh_store_dropped_total{queue, reason}`.
+pub fn count_dropped(queue: &'static str, reason: DropReason, n: u64) {
+    metrics::counter!("mesh_store_dropped_total", "queue" => queue, "reason" => reason.as_str())
+        .increment(n);
+}
+
 /// Where the worker writes a batch: a [`crate::PriceStore`], a [`crate::SeenStore`], or a test
 /// double.
 #[async_trait::async_trait]
 pub trait Sink<T>: Send + Sync + 'static {
     /// Writes the whole batch, or fails as a whole.
     async fn write(&self, batch: &[T]) -> Result<u64>;
+
+    /// Whether the sink can ever hold `row`; a row it cannot is set aside before the write
+    /// (no round trip, no split). Every row can, unless the sink says otherwise.
+    fn check(&self, _row: &T) -> std::result::Result<(), DropReason> {
+        Ok(())
+    }
 }
 
 /// How held rows merge: rows with the same key are one row in the database.
@@ -43,9 +109,10 @@ pub trait Coalesce: Send + 'static {
 }
 
 impl Coalesce for PriceRow {
-    type Key = String;
-    fn key(&self) -> String {
-        self.asset.clone()
+    /// (blockchain, asset): one address on two chains is two prices.
+    type Key = (String, String);
+    fn key(&self) -> (String, String) {
+        (self.blockchain.clone(), self.asset.clone())
     }
     fn supersedes(&self, held: &Self) -> bool {
         self.is_newer_than(held)
@@ -103,8 +170,11 @@ impl QueueConfig {
 pub struct QueueStats {
     /// Rows written to the database.
     pub written: u64,
-    /// Rows dropped because the channel or the held set was full (`mesh_store_dropped_total`).
+    /// Rows dropped: the channel or the held set was full, the queue stopped with them, or the
+    /// store refused them (`mesh_store_dropped_total`).
     pub dropped: u64,
+    /// Of `dropped`, rows set aside because the store refused them (or could never hold them).
+    pub refused: u64,
     /// Rows waiting: in the channel plus held by the worker.
     pub pending: usize,
     /// `true` from a failed write until the next successful one.
@@ -120,6 +190,7 @@ struct Shared {
     name: &'static str,
     written: AtomicU64,
     dropped: AtomicU64,
+    refused: AtomicU64,
     held: AtomicUsize,
     degraded: AtomicBool,
     outages: AtomicU64,
@@ -127,9 +198,13 @@ struct Shared {
 }
 
 impl Shared {
-    fn count_dropped(&self, n: u64) {
+    fn count_dropped(&self, reason: DropReason, n: u64) {
         self.dropped.fetch_add(n, Ordering::Relaxed);
-        metrics::counter!("mesh_store_dropped_total", "queue" => self.name).increment(n);
+        if matches!(reason, DropReason::TooLong | DropReason::TimeOutOfRange | DropReason::Refused)
+        {
+            self.refused.fetch_add(n, Ordering::Relaxed);
+        }
+        count_dropped(self.name, reason, n);
     }
 }
 
@@ -154,6 +229,7 @@ impl<T: Coalesce> WriteBehind<T> {
             name: config.name,
             written: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             held: AtomicUsize::new(0),
             degraded: AtomicBool::new(false),
             outages: AtomicU64::new(0),
@@ -166,6 +242,7 @@ impl<T: Coalesce> WriteBehind<T> {
             shared: Arc::clone(&shared),
             held: HashMap::new(),
             in_flight: 0,
+            logged_reasons: Vec::new(),
         };
         (Self { tx, shared }, worker)
     }
@@ -176,7 +253,7 @@ impl<T: Coalesce> WriteBehind<T> {
         match self.tx.try_send(row) {
             Ok(()) => true,
             Err(_) => {
-                self.shared.count_dropped(1);
+                self.shared.count_dropped(DropReason::QueueFull, 1);
                 false
             }
         }
@@ -193,6 +270,7 @@ impl<T: Coalesce> WriteBehind<T> {
         QueueStats {
             written: self.shared.written.load(Ordering::Relaxed),
             dropped: self.shared.dropped.load(Ordering::Relaxed),
+            refused: self.shared.refused.load(Ordering::Relaxed),
             pending: queued + self.shared.held.load(Ordering::Relaxed),
             degraded: self.is_degraded(),
             outages: self.shared.outages.load(Ordering::Relaxed),
@@ -215,6 +293,8 @@ pub struct Worker<T: Coalesce> {
     held: HashMap<T::Key, T>,
     /// Rows of the batch being written (they count against `max_pending`).
     in_flight: usize,
+    /// Reasons already logged at warn (at most [`DropReason::ALL`] entries).
+    logged_reasons: Vec<DropReason>,
 }
 
 impl<T: Coalesce> std::fmt::Debug for Worker<T> {
@@ -247,12 +327,11 @@ impl<T: Coalesce> Worker<T> {
                 return;
             }
             let batch = self.take_batch();
-            let rows = batch.len();
-            match self.write_draining(&batch).await {
-                Ok(_) => {
-                    self.shared.written.fetch_add(rows as u64, Ordering::Relaxed);
+            match self.write_isolating(batch).await {
+                Ok(rows) => {
+                    self.shared.written.fetch_add(rows, Ordering::Relaxed);
                     metrics::counter!("mesh_store_written_total", "queue" => self.config.name)
-                        .increment(rows as u64);
+                        .increment(rows);
                     backoff = self.config.retry_initial;
                     if let Some(since) = outage_since.take() {
                         self.shared.degraded.store(false, Ordering::Relaxed);
@@ -264,9 +343,9 @@ impl<T: Coalesce> Worker<T> {
                         );
                     }
                 }
-                Err(error) => {
+                Err((error, unwritten)) => {
                     self.shared.failed_writes.fetch_add(1, Ordering::Relaxed);
-                    self.put_back(batch);
+                    self.put_back(unwritten);
                     if outage_since.is_none() {
                         outage_since = Some(Instant::now());
                         self.shared.degraded.store(true, Ordering::Relaxed);
@@ -360,6 +439,63 @@ impl<T: Coalesce> Worker<T> {
         result
     }
 
+    /// Writes `batch`, setting aside every row the store refuses so that the others land:
+    /// rows [`Sink::check`] rejects before the write, then, while a write fails with an error
+    /// that refuses rows, each half of the failed part on its own until the refused row is
+    /// alone (one poison row among `n` costs about `2 log2 n` statements). Returns the rows
+    /// written, or, on an outage, the error with every row not written yet (to put back).
+    async fn write_isolating(&mut self, batch: Vec<T>) -> Result<u64, (crate::Error, Vec<T>)> {
+        let mut storable = Vec::with_capacity(batch.len());
+        for row in batch {
+            match self.sink.check(&row) {
+                Ok(()) => storable.push(row),
+                Err(reason) => self.set_aside(reason, None),
+            }
+        }
+        let mut written = 0;
+        let mut parts = vec![storable];
+        while let Some(part) = parts.pop() {
+            if part.is_empty() {
+                continue;
+            }
+            match self.write_draining(&part).await {
+                Ok(_) => written += part.len() as u64,
+                Err(error) if error.refuses_rows() && part.len() == 1 => {
+                    self.set_aside(DropReason::Refused, Some(&error));
+                }
+                Err(error) if error.refuses_rows() => {
+                    let mut first = part;
+                    let second = first.split_off(first.len() / 2);
+                    parts.push(second);
+                    parts.push(first);
+                }
+                Err(error) => {
+                    parts.push(part);
+                    return Err((error, parts.into_iter().flatten().collect()));
+                }
+            }
+        }
+        Ok(written)
+    }
+
+    /// Counts a row the store refused; logs the first of each reason at warn.
+    fn set_aside(&mut self, reason: DropReason, error: Option<&crate::Error>) {
+        self.shared.count_dropped(reason, 1);
+        let error = error.map(|e| e.to_string());
+        if self.logged_reasons.contains(&reason) {
+            tracing::debug!(queue = self.config.name, %reason, ?error, "row set aside");
+        } else {
+            self.logged_reasons.push(reason);
+            tracing::warn!(
+                queue = self.config.name,
+                %reason,
+                ?error,
+                "Database refused a row: set aside, the rest of its batch is written \
+                 (further rows refused for this reason are logged at debug)"
+            );
+        }
+    }
+
     fn hold(&mut self, row: T) {
         let full = self.held.len() + self.in_flight >= self.config.max_pending;
         match self.held.entry(row.key()) {
@@ -371,7 +507,7 @@ impl<T: Coalesce> Worker<T> {
             Entry::Vacant(slot) if !full => {
                 slot.insert(row);
             }
-            Entry::Vacant(_) => self.shared.count_dropped(1),
+            Entry::Vacant(_) => self.shared.count_dropped(DropReason::PendingFull, 1),
         }
         self.publish_held();
     }
@@ -412,15 +548,14 @@ impl<T: Coalesce> Worker<T> {
         }
         while !self.held.is_empty() {
             let batch = self.take_batch();
-            let rows = batch.len() as u64;
-            match self.sink.write(&batch).await {
-                Ok(_) => {
+            match self.write_isolating(batch).await {
+                Ok(rows) => {
                     self.shared.written.fetch_add(rows, Ordering::Relaxed);
                 }
-                Err(error) => {
-                    let lost = rows + self.held.len() as u64;
+                Err((error, unwritten)) => {
+                    let lost = unwritten.len() as u64 + self.held.len() as u64;
                     self.held.clear();
-                    self.shared.count_dropped(lost);
+                    self.shared.count_dropped(DropReason::Shutdown, lost);
                     tracing::warn!(
                         queue = self.config.name,
                         %error,
@@ -454,6 +589,7 @@ mod tests {
         down: AtomicBool,
         rows: Mutex<HashMap<String, i64>>,
         batches: Mutex<Vec<usize>>,
+        refusals: Mutex<Vec<usize>>,
     }
 
     #[async_trait::async_trait]
@@ -461,6 +597,11 @@ mod tests {
         async fn write(&self, batch: &[PriceRow]) -> Result<u64> {
             if self.down.load(Ordering::Relaxed) {
                 return Err(Error::Database(sqlx::Error::PoolTimedOut));
+            }
+            // A row the database refuses fails the whole statement, as PostgreSQL does.
+            if let Some(poison) = batch.iter().find(|r| r.asset.starts_with("poison")) {
+                self.refusals.lock().unwrap().push(batch.len());
+                return Err(Error::TimeOutOfRange(poison.timestamp_ms.into()));
             }
             self.batches.lock().unwrap().push(batch.len());
             let mut rows = self.rows.lock().unwrap();
@@ -565,6 +706,75 @@ mod tests {
         assert_eq!((stats.written, stats.dropped, stats.outages), (100, 0, 1));
         assert!(db.rows.lock().unwrap().values().all(|&ts| ts == 2));
         assert_eq!(db.rows.lock().unwrap().len(), 100);
+    }
+
+    fn poison(ts: i64) -> PriceRow {
+        PriceRow { asset: "poison".into(), ..row(0, ts) }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_row_is_set_aside_and_the_rest_of_its_batch_lands() {
+        let db = Arc::new(FakeDb::default());
+        let (queue, _shutdown) = start(&db, config());
+        let rows: Vec<PriceRow> = (0..500)
+            .map(|i| row(i, 1))
+            .chain([poison(1)])
+            .chain((500..999).map(|i| row(i, 1)))
+            .collect();
+        assert_eq!(feed(&queue, rows).await, 1_000);
+        until("the good rows written", || queue.stats().written == 999).await;
+        let stats = queue.stats();
+        assert_eq!((stats.dropped, stats.refused, stats.pending), (1, 1, 0));
+        assert_eq!((stats.outages, stats.degraded), (0, false), "a refused row is no outage");
+        assert_eq!(db.rows.lock().unwrap().len(), 999);
+        // Bisection: about two statements per halving, not one per row.
+        let refusals = db.refusals.lock().unwrap().len();
+        assert!(refusals <= 12, "{refusals} refused statements");
+
+        // The queue keeps working, and is not stuck on the poison row.
+        feed(&queue, (0..10).map(|i| row(i, 2))).await;
+        until("later rows", || queue.stats().written == 1_009).await;
+        assert_eq!(queue.stats().dropped, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_outage_during_isolation_keeps_every_unwritten_row() {
+        let db = Arc::new(FakeDb::default());
+        let (queue, _shutdown) = start(&db, config());
+        db.down.store(true, Ordering::Relaxed);
+        feed(&queue, (0..50).map(|i| row(i, 1)).chain([poison(1)])).await;
+        until("several retries", || queue.stats().failed_writes >= 3).await;
+        assert_eq!((queue.stats().pending, queue.stats().dropped), (51, 0));
+        db.down.store(false, Ordering::Relaxed);
+        until("recovery", || queue.stats().pending == 0).await;
+        let stats = queue.stats();
+        assert_eq!((stats.written, stats.dropped, stats.refused), (50, 1, 1));
+        assert!(!stats.degraded);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rows_the_sink_can_never_hold_are_set_aside_before_the_write() {
+        struct Strict(FakeDb);
+        #[async_trait::async_trait]
+        impl Sink<PriceRow> for Strict {
+            async fn write(&self, batch: &[PriceRow]) -> Result<u64> {
+                self.0.write(batch).await
+            }
+            fn check(&self, row: &PriceRow) -> std::result::Result<(), DropReason> {
+                row.storable()
+            }
+        }
+        let db = Arc::new(Strict(FakeDb::default()));
+        let (queue, worker) =
+            WriteBehind::new(Arc::clone(&db) as Arc<dyn Sink<PriceRow>>, config());
+        let shutdown = CancellationToken::new();
+        tokio::spawn(worker.run(shutdown.clone()));
+        let mut long_change = row(1, 1);
+        long_change.change_24h = Some("1".repeat(52).parse().unwrap());
+        feed(&queue, [row(0, 1), long_change, row(2, i64::MIN), row(3, 1)]).await;
+        until("written", || queue.stats().written == 2).await;
+        assert_eq!(queue.stats().refused, 2);
+        assert!(db.0.refusals.lock().unwrap().is_empty(), "no statement was refused");
     }
 
     #[tokio::test(start_paused = true)]

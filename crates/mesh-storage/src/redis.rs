@@ -3,8 +3,8 @@
 //! Redis is optional and never in a caller's way: every component keeps working from memory
 //! while Redis is down, and [`Health`] (one per component) logs `Redis connection failed`
 //! once per outage, exposes the degraded flag and spaces reconnect attempts with exponential
-//! backoff. Keys: `{prefix}prices` and `{prefix}prices:ts` (hashes, asset -> price JSON and
-//! asset -> timestamp ms), `{prefix}seen:{message_id}` (one string per id, with its expiry).
+//! backoff. Keys: `{prefix}prices` and `{prefix}prices:ts` (hashes, `"{blockchain} {asset}"` ->
+//! price JSON and -> timestamp ms), `{prefix}seen:{message_id}` (one string per id, with its expiry).
 
 mod mirror;
 mod seen;

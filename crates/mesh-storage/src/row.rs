@@ -7,12 +7,27 @@ use mesh_protocol::{Decimal, MessageId, NodeId, PriceUpdate};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
+use crate::queue::DropReason;
 use crate::{Error, Result};
 
-/// A row of `mesh_price_cache`: the latest price of one asset.
+/// `mesh_price_cache.asset VARCHAR(255)`.
+const MAX_ASSET_CHARS: usize = 255;
+/// `mesh_price_cache.blockchain VARCHAR(50)`.
+const MAX_BLOCKCHAIN_CHARS: usize = 50;
+/// `mesh_price_cache.price VARCHAR(255)`.
+const MAX_PRICE_CHARS: usize = 255;
+/// `mesh_price_cache.change_24h VARCHAR(50)`.
+const MAX_CHANGE_CHARS: usize = 50;
+/// 0001-01-01T00:00:00Z in Unix milliseconds.
+const MIN_STORED_MS: i64 = -62_135_596_800_000;
+/// 9999-12-31T23:59:59.999Z in Unix milliseconds.
+const MAX_STORED_MS: i64 = 253_402_300_799_999;
+
+/// A price row of the stores: the latest price of one asset on one chain (`mesh_prices`, and
+/// the guide's `mesh_price_cache`, which keeps the newest of an address's chains).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PriceRow {
-    /// The asset (token address), the table's primary key.
+    /// The asset (token address); with the chain, the row's key.
     pub asset: String,
     /// The chain it lives on.
     pub blockchain: String,
@@ -37,6 +52,26 @@ impl PriceRow {
             source_node_id: source,
             change_24h: update.change_24h.clone(),
         }
+    }
+
+    /// Whether every store can hold this row: the column lengths of the guide's
+    /// `mesh_price_cache` (asset 255, price 255, blockchain 50, change 50 characters) and a
+    /// time within the years 1..=9999, which PostgreSQL, SQLite and this crate's conversions
+    /// all hold. A row outside them would make a whole batch fail; the write-behind queue
+    /// and the Redis mirror set it aside instead.
+    pub fn storable(&self) -> Result<(), DropReason> {
+        let too_long = |text: &str, max: usize| text.chars().count() > max;
+        if too_long(&self.asset, MAX_ASSET_CHARS)
+            || too_long(&self.blockchain, MAX_BLOCKCHAIN_CHARS)
+            || too_long(self.price.as_str(), MAX_PRICE_CHARS)
+            || self.change_24h.as_ref().is_some_and(|c| too_long(c.as_str(), MAX_CHANGE_CHARS))
+        {
+            return Err(DropReason::TooLong);
+        }
+        if !(MIN_STORED_MS..=MAX_STORED_MS).contains(&self.timestamp_ms) {
+            return Err(DropReason::TimeOutOfRange);
+        }
+        Ok(())
     }
 
     /// `true` when this row is strictly newer than `other` (the stores' replacement rule: an
@@ -67,15 +102,28 @@ impl PriceFilter {
     }
 }
 
-/// The newest row of each asset in `rows`, sorted by asset.
+/// The newest row of each (blockchain, asset) in `rows`, sorted by asset then blockchain.
 ///
 /// One statement may not touch a row twice (`ON CONFLICT DO UPDATE` refuses), and concurrent
 /// batches that lock their rows in the same order cannot deadlock each other.
+pub(crate) fn newest_per_key(rows: &[PriceRow]) -> Vec<&PriceRow> {
+    newest_by(rows, |row| (row.asset.as_str(), row.blockchain.as_str()))
+}
+
+/// The newest row of each asset whatever its chain, sorted by asset: what the guide's
+/// `mesh_price_cache` (asset alone is its key) holds for an address on several chains.
 pub(crate) fn newest_per_asset(rows: &[PriceRow]) -> Vec<&PriceRow> {
-    let mut newest: HashMap<&str, &PriceRow> = HashMap::with_capacity(rows.len());
+    newest_by(rows, |row| (row.asset.as_str(), ""))
+}
+
+fn newest_by<'a>(
+    rows: &'a [PriceRow],
+    key: impl Fn(&'a PriceRow) -> (&'a str, &'a str),
+) -> Vec<&'a PriceRow> {
+    let mut newest: HashMap<(&str, &str), &PriceRow> = HashMap::with_capacity(rows.len());
     for row in rows {
         newest
-            .entry(row.asset.as_str())
+            .entry(key(row))
             .and_modify(|held| {
                 if row.is_newer_than(held) {
                     *held = row;
@@ -83,9 +131,9 @@ pub(crate) fn newest_per_asset(rows: &[PriceRow]) -> Vec<&PriceRow> {
             })
             .or_insert(row);
     }
-    let mut out: Vec<&PriceRow> = newest.into_values().collect();
-    out.sort_unstable_by(|a, b| a.asset.cmp(&b.asset));
-    out
+    let mut out: Vec<((&str, &str), &PriceRow)> = newest.into_iter().collect();
+    out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    out.into_iter().map(|(_, row)| row).collect()
 }
 
 /// Unix milliseconds of `t` (negative before 1970).
@@ -135,6 +183,25 @@ mod tests {
     }
 
     #[test]
+    fn newest_per_key_keeps_each_chain() {
+        let mut base = row("weth", 5);
+        base.blockchain = "base".into();
+        let mut optimism = row("weth", 7);
+        optimism.blockchain = "optimism".into();
+        let rows = vec![optimism.clone(), base.clone(), row("a", 1)];
+        let keys: Vec<(&str, &str)> = newest_per_key(&rows)
+            .iter()
+            .map(|r| (r.asset.as_str(), r.blockchain.as_str()))
+            .collect();
+        assert_eq!(keys, vec![("a", "solana"), ("weth", "base"), ("weth", "optimism")]);
+        let guide: Vec<(&str, i64)> = newest_per_asset(&rows)
+            .iter()
+            .map(|r| (r.blockchain.as_str(), r.timestamp_ms))
+            .collect();
+        assert_eq!(guide, vec![("solana", 1), ("optimism", 7)]);
+    }
+
+    #[test]
     fn newest_per_asset_keeps_the_newest_and_sorts() {
         let rows = vec![row("b", 5), row("a", 1), row("b", 9), row("a", 3), row("b", 9)];
         let out: Vec<(&str, i64)> =
@@ -149,6 +216,24 @@ mod tests {
             assert_eq!(datetime_to_ms(ms_to_datetime(ms).unwrap()), ms);
         }
         assert!(ms_to_datetime(i64::MAX).is_err());
+    }
+
+    #[test]
+    fn storable_rows_fit_every_column_and_time() {
+        assert_eq!(row("a", 1).storable(), Ok(()));
+        assert_eq!(row(&"a".repeat(255), MAX_STORED_MS).storable(), Ok(()));
+        assert_eq!(row("a", MIN_STORED_MS).storable(), Ok(()));
+        assert!(ms_to_datetime(MIN_STORED_MS).is_ok() && ms_to_datetime(MAX_STORED_MS).is_ok());
+        assert_eq!(row(&"a".repeat(256), 1).storable(), Err(DropReason::TooLong));
+        let mut long_change = row("a", 1);
+        long_change.change_24h = Some("1".repeat(51).parse().unwrap());
+        assert_eq!(long_change.storable(), Err(DropReason::TooLong));
+        let mut long_chain = row("a", 1);
+        long_chain.blockchain = "c".repeat(51);
+        assert_eq!(long_chain.storable(), Err(DropReason::TooLong));
+        for ts in [MIN_STORED_MS - 1, MAX_STORED_MS + 1, i64::MIN, i64::MAX] {
+            assert_eq!(row("a", ts).storable(), Err(DropReason::TimeOutOfRange), "{ts}");
+        }
     }
 
     #[test]

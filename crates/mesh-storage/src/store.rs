@@ -7,10 +7,11 @@ use mesh_seen_cache::{BackendError, SeenBackend};
 
 use crate::Result;
 use crate::db::{Database, postgres, sqlite};
-use crate::queue::Sink;
-use crate::row::{PriceFilter, PriceRow, SeenRow, newest_per_asset};
+use crate::queue::{DropReason, Sink};
+use crate::row::{PriceFilter, PriceRow, SeenRow, newest_per_asset, newest_per_key};
 
-/// The latest price of each asset (`mesh_price_cache`).
+/// The latest price of each (blockchain, asset) (`mesh_prices`), and of each asset whatever its
+/// chain (the guide's `mesh_price_cache`).
 #[derive(Debug, Clone)]
 pub struct PriceStore {
     db: Database,
@@ -22,26 +23,30 @@ impl PriceStore {
         Self { db }
     }
 
-    /// Writes `rows` in one statement. A row replaces the stored one of its asset only when its
-    /// timestamp is strictly newer; within `rows`, the newest per asset is kept. Returns how
-    /// many rows were inserted or updated.
+    /// Writes `rows` in one transaction of one statement per table. A row replaces the stored
+    /// one of its (blockchain, asset) in `mesh_prices` only when its timestamp is strictly
+    /// newer; within `rows`, the newest per (blockchain, asset) is kept. The guide's
+    /// `mesh_price_cache`, keyed by asset alone, gets the newest of an address's chains.
+    /// Returns how many rows of `mesh_prices` were inserted or updated.
     pub async fn upsert(&self, rows: &[PriceRow]) -> Result<u64> {
-        let rows = newest_per_asset(rows);
+        let guide_rows = newest_per_asset(rows);
+        let rows = newest_per_key(rows);
         if rows.is_empty() {
             return Ok(0);
         }
         match &self.db {
-            Database::Postgres(pool) => postgres::upsert_prices(pool, &rows).await,
-            Database::Sqlite(pool) => sqlite::upsert_prices(pool, &rows).await,
+            Database::Postgres(pool) => postgres::upsert_prices(pool, &rows, &guide_rows).await,
+            Database::Sqlite(pool) => sqlite::upsert_prices(pool, &rows, &guide_rows).await,
         }
     }
 
-    /// Every stored price, sorted by asset (what a node loads into its price book at start).
+    /// Every stored price, one per (blockchain, asset), sorted by asset then blockchain (what a
+    /// node loads into its price book at start).
     pub async fn load_all(&self) -> Result<Vec<PriceRow>> {
         self.query(&PriceFilter::default()).await
     }
 
-    /// The prices `filter` selects (by blockchain and/or asset), sorted by asset.
+    /// The prices `filter` selects (by blockchain and/or asset), sorted by asset then blockchain.
     pub async fn query(&self, filter: &PriceFilter) -> Result<Vec<PriceRow>> {
         match &self.db {
             Database::Postgres(pool) => postgres::load_prices(pool, filter).await,
@@ -97,6 +102,10 @@ impl SeenStore {
 impl Sink<PriceRow> for PriceStore {
     async fn write(&self, batch: &[PriceRow]) -> Result<u64> {
         self.upsert(batch).await
+    }
+
+    fn check(&self, row: &PriceRow) -> std::result::Result<(), DropReason> {
+        row.storable()
     }
 }
 

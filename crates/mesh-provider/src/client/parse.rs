@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 
 use mesh_protocol::Decimal;
+use mesh_protocol::validate::MAX_CHANGE_24H_LEN;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
@@ -22,7 +23,8 @@ pub struct TokenPrice {
     pub address: String,
     /// Price in USD, exactly as the JSON number's text said.
     pub value: Decimal,
-    /// 24-hour change in percent, when given and representable.
+    /// 24-hour change in percent, when given and representable within the
+    /// [`MAX_CHANGE_24H_LEN`] characters every store holds (a longer fraction is truncated).
     pub change_24h: Option<Decimal>,
     /// Birdeye's `updateUnixTime` (seconds), when given.
     pub update_unix_time: Option<i64>,
@@ -236,8 +238,10 @@ fn token_price(
     if !value.is_positive() {
         return Ok(Err(MissingReason::NotPositive));
     }
-    // The change is informative only: a strange one is dropped, not fatal.
-    let change_24h = raw.price_change_24h.and_then(|c| number(c).ok().flatten());
+    // The change is informative only: a strange one is dropped, not fatal, and a long one is
+    // brought within what the validator and every store accept, never left to fail a batch.
+    let change_24h =
+        raw.price_change_24h.and_then(|c| number(c).ok().flatten()).and_then(fit_change);
     let liquidity = raw.liquidity.and_then(|l| number(l).ok().flatten());
     let update_unix_time = raw.update_unix_time.and_then(|t| t.get().parse::<i64>().ok());
     Ok(Ok(TokenPrice {
@@ -249,6 +253,25 @@ fn token_price(
         liquidity,
         observed_at_ms,
     }))
+}
+
+/// `change` within [`MAX_CHANGE_24H_LEN`] characters: as it is when it fits, its fraction
+/// truncated when only the fraction is too long (a percent change loses nothing that matters
+/// past 40 decimals), `None` when even its integer part is too long (a 52-digit "percentage"
+/// is not a change anyone can use).
+fn fit_change(change: Decimal) -> Option<Decimal> {
+    let text = change.as_str();
+    if text.len() <= MAX_CHANGE_24H_LEN {
+        return Some(change);
+    }
+    let point = text.find('.')?;
+    if point >= MAX_CHANGE_24H_LEN - 1 {
+        return None;
+    }
+    // Canonical text is ASCII, so any index is a character boundary.
+    let cut = Decimal::parse_any(&text[..MAX_CHANGE_24H_LEN]).ok()?;
+    // "-0.000...01" truncated to zero is a change of zero, not a negative one.
+    Some(cut)
 }
 
 /// A JSON number (or a string holding one) as an exact decimal; `None` when it is a number
@@ -383,6 +406,51 @@ mod tests {
         let set = multi(&body, &[SOL, BONK]).unwrap();
         assert_eq!(set.get("solana", SOL).unwrap().value.to_string(), "150.25");
         assert_eq!(set.missing[0].reason, MissingReason::Unrepresentable);
+    }
+
+    #[test]
+    fn extreme_changes_fit_the_stores_or_are_dropped_and_the_price_stays() {
+        let long_fraction = format!("-1.{}", "3".repeat(70));
+        let body = format!(
+            r#"{{"success":true,"data":{{
+                "{SOL}":{{"value":1e-40,"priceChange24h":1234567890123456789012345678901234567890123456789012}},
+                "{BONK}":{{"value":1e40,"priceChange24h":{long_fraction}}},
+                "{JUP}":{{"value":2,"priceChange24h":1e-60}}}}}}"#
+        );
+        let set = multi(&body, &[SOL, BONK, JUP]).unwrap();
+        assert!(set.missing.is_empty(), "{:?}", set.missing);
+        let sol = set.get("solana", SOL).unwrap();
+        assert_eq!(sol.value.to_string(), format!("0.{}1", "0".repeat(39)));
+        assert_eq!(sol.change_24h, None, "a 52-digit change cannot be held");
+        let bonk = set.get("solana", BONK).unwrap();
+        assert_eq!(bonk.value.to_string(), format!("1{}", "0".repeat(40)));
+        let change = bonk.change_24h.as_ref().unwrap().to_string();
+        assert_eq!(change, format!("-1.{}", "3".repeat(47)));
+        assert_eq!(change.len(), MAX_CHANGE_24H_LEN);
+        // 1e-60 is 62 characters: truncated to 50, it is a change of zero.
+        assert_eq!(set.get("solana", JUP).unwrap().change_24h.as_ref().unwrap().as_str(), "0");
+        for p in &set.prices {
+            let update = mesh_protocol::PriceUpdate {
+                asset: p.address.clone(),
+                blockchain: p.chain.clone(),
+                price: p.value.clone(),
+                timestamp_ms: 1,
+                change_24h: p.change_24h.clone(),
+            };
+            assert_eq!(mesh_protocol::validate::check_price(&update, 1), Ok(()), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn a_change_truncated_to_nothing_is_zero() {
+        let tiny = Decimal::parse_any(&format!("-0.{}1", "0".repeat(60))).unwrap();
+        assert_eq!(fit_change(tiny).unwrap().to_string(), "0");
+        assert_eq!(fit_change("12.5".parse().unwrap()).unwrap().to_string(), "12.5");
+        assert_eq!(
+            fit_change(Decimal::parse_any(&"9".repeat(50)).unwrap()).unwrap().as_str().len(),
+            50
+        );
+        assert_eq!(fit_change(Decimal::parse_any(&format!("{}.5", "9".repeat(49))).unwrap()), None);
     }
 
     #[test]

@@ -11,9 +11,29 @@ use uuid::Uuid;
 use crate::Result;
 use crate::row::{PriceFilter, PriceRow, SeenRow, datetime_to_ms, ms_to_datetime};
 
-/// Inserts or updates the rows; an existing row is replaced only by a strictly newer one.
-/// `rows` holds each asset once, sorted by asset.
-pub(crate) async fn upsert_prices(pool: &PgPool, rows: &[&PriceRow]) -> Result<u64> {
+/// Inserts or updates the rows in both price tables, in one transaction: `mesh_prices`
+/// (keyed by blockchain and asset; `rows` holds each pair once, sorted) and the guide's
+/// `mesh_price_cache` (keyed by asset alone: `guide_rows` holds each asset once, the newest of
+/// its chains). An existing row is replaced only by a strictly newer one. Returns how many rows
+/// of `mesh_prices` were inserted or updated.
+pub(crate) async fn upsert_prices(
+    pool: &PgPool,
+    rows: &[&PriceRow],
+    guide_rows: &[&PriceRow],
+) -> Result<u64> {
+    let mut tx = pool.begin().await?;
+    let done = upsert_into(&mut tx, "mesh_prices", "blockchain, asset", rows).await?;
+    upsert_into(&mut tx, "mesh_price_cache", "asset", guide_rows).await?;
+    tx.commit().await?;
+    Ok(done)
+}
+
+async fn upsert_into(
+    tx: &mut sqlx::PgConnection,
+    table: &'static str,
+    key: &'static str,
+    rows: &[&PriceRow],
+) -> Result<u64> {
     let n = rows.len();
     let (mut assets, mut prices, mut chains) =
         (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
@@ -27,40 +47,42 @@ pub(crate) async fn upsert_prices(pool: &PgPool, rows: &[&PriceRow]) -> Result<u
         sources.push(*row.source_node_id.as_uuid());
         changes.push(row.change_24h.as_ref().map(ToString::to_string));
     }
-    let done = sqlx::query(
-        "INSERT INTO mesh_price_cache \
+    // `table` and `key` are constants of this module, never input.
+    let sql = format!(
+        "INSERT INTO {table} \
              (asset, price, blockchain, timestamp, source_node_id, change_24h) \
          SELECT * FROM UNNEST($1::varchar[], $2::varchar[], $3::varchar[], \
                               $4::timestamptz[], $5::uuid[], $6::varchar[]) \
-         ON CONFLICT (asset) DO UPDATE SET \
+         ON CONFLICT ({key}) DO UPDATE SET \
              price = EXCLUDED.price, \
              blockchain = EXCLUDED.blockchain, \
              timestamp = EXCLUDED.timestamp, \
              source_node_id = EXCLUDED.source_node_id, \
              change_24h = EXCLUDED.change_24h, \
              updated_at = NOW() \
-         WHERE mesh_price_cache.timestamp < EXCLUDED.timestamp",
-    )
-    .bind(assets)
-    .bind(prices)
-    .bind(chains)
-    .bind(stamps)
-    .bind(sources)
-    .bind(changes)
-    .execute(pool)
-    .await?;
+         WHERE {table}.timestamp < EXCLUDED.timestamp"
+    );
+    let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(assets)
+        .bind(prices)
+        .bind(chains)
+        .bind(stamps)
+        .bind(sources)
+        .bind(changes)
+        .execute(&mut *tx)
+        .await?;
     Ok(done.rows_affected())
 }
 
 type PriceTuple = (String, String, String, OffsetDateTime, Uuid, Option<String>);
 
-/// The rows `filter` selects, sorted by asset.
+/// The rows `filter` selects, one per (blockchain, asset), sorted by asset then blockchain.
 pub(crate) async fn load_prices(pool: &PgPool, filter: &PriceFilter) -> Result<Vec<PriceRow>> {
     let rows: Vec<PriceTuple> = sqlx::query_as(
         "SELECT asset, blockchain, price, timestamp, source_node_id, change_24h \
-         FROM mesh_price_cache \
+         FROM mesh_prices \
          WHERE ($1::varchar IS NULL OR blockchain = $1) AND ($2::varchar IS NULL OR asset = $2) \
-         ORDER BY asset",
+         ORDER BY asset, blockchain",
     )
     .bind(filter.blockchain.as_deref())
     .bind(filter.asset.as_deref())

@@ -14,8 +14,28 @@ use crate::row::{PriceFilter, PriceRow, SeenRow, ms_to_system, now_ms, system_to
 /// Milliseconds now, as SQLite computes them (the migrations' column default).
 const NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
 
-/// Inserts or updates the rows; an existing row is replaced only by a strictly newer one.
-pub(crate) async fn upsert_prices(pool: &SqlitePool, rows: &[&PriceRow]) -> Result<u64> {
+/// Inserts or updates the rows in `mesh_prices` (keyed by blockchain and asset) and
+/// `guide_rows` in the guide's `mesh_price_cache` (keyed by asset alone), in one transaction;
+/// an existing row is replaced only by a strictly newer one. Returns how many rows of
+/// `mesh_prices` were inserted or updated.
+pub(crate) async fn upsert_prices(
+    pool: &SqlitePool,
+    rows: &[&PriceRow],
+    guide_rows: &[&PriceRow],
+) -> Result<u64> {
+    let mut tx = pool.begin().await?;
+    let done = upsert_into(&mut tx, "mesh_prices", "blockchain, asset", rows).await?;
+    upsert_into(&mut tx, "mesh_price_cache", "asset", guide_rows).await?;
+    tx.commit().await?;
+    Ok(done)
+}
+
+async fn upsert_into(
+    tx: &mut sqlx::SqliteConnection,
+    table: &'static str,
+    key: &'static str,
+    rows: &[&PriceRow],
+) -> Result<u64> {
     let batch: Vec<_> = rows
         .iter()
         .map(|r| {
@@ -30,36 +50,37 @@ pub(crate) async fn upsert_prices(pool: &SqlitePool, rows: &[&PriceRow]) -> Resu
         })
         .collect();
     let json = serde_json::to_string(&batch).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    // `WHERE true` tells SQLite's parser that ON CONFLICT belongs to the INSERT.
+    // `WHERE true` tells SQLite's parser that ON CONFLICT belongs to the INSERT. `table` and
+    // `key` are constants of this module, never input.
     let sql = format!(
-        "INSERT INTO mesh_price_cache \
+        "INSERT INTO {table} \
              (asset, price, blockchain, timestamp, source_node_id, change_24h) \
          SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), \
                 json_extract(value, '$[2]'), json_extract(value, '$[3]'), \
                 json_extract(value, '$[4]'), json_extract(value, '$[5]') \
          FROM json_each(?1) WHERE true \
-         ON CONFLICT (asset) DO UPDATE SET \
+         ON CONFLICT ({key}) DO UPDATE SET \
              price = excluded.price, \
              blockchain = excluded.blockchain, \
              timestamp = excluded.timestamp, \
              source_node_id = excluded.source_node_id, \
              change_24h = excluded.change_24h, \
              updated_at = {NOW_MS} \
-         WHERE mesh_price_cache.timestamp < excluded.timestamp"
+         WHERE {table}.timestamp < excluded.timestamp"
     );
-    let done = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(json).execute(pool).await?;
+    let done = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(json).execute(&mut *tx).await?;
     Ok(done.rows_affected())
 }
 
 type PriceTuple = (String, String, String, i64, String, Option<String>);
 
-/// The rows `filter` selects, sorted by asset.
+/// The rows `filter` selects, one per (blockchain, asset), sorted by asset then blockchain.
 pub(crate) async fn load_prices(pool: &SqlitePool, filter: &PriceFilter) -> Result<Vec<PriceRow>> {
     let rows: Vec<PriceTuple> = sqlx::query_as(
         "SELECT asset, blockchain, price, timestamp, source_node_id, change_24h \
-         FROM mesh_price_cache \
+         FROM mesh_prices \
          WHERE (?1 IS NULL OR blockchain = ?1) AND (?2 IS NULL OR asset = ?2) \
-         ORDER BY asset",
+         ORDER BY asset, blockchain",
     )
     .bind(filter.blockchain.as_deref())
     .bind(filter.asset.as_deref())

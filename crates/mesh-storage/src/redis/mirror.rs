@@ -7,10 +7,10 @@ use deadpool_redis::Pool;
 use deadpool_redis::redis;
 
 use super::{CallError, Health};
-use crate::row::{PriceRow, newest_per_asset};
+use crate::row::{PriceRow, newest_per_key};
 
-/// Writes each `(asset, timestamp_ms, json)` triple of ARGV into the hashes KEYS[1] (asset ->
-/// json) and KEYS[2] (asset -> timestamp) unless the held timestamp is as new or newer, so a
+/// Writes each `(field, timestamp_ms, json)` triple of ARGV into the hashes KEYS[1] (field ->
+/// json) and KEYS[2] (field -> timestamp) unless the held timestamp is as new or newer, so a
 /// node that lags behind cannot put old prices over fresh ones. Returns how many it wrote.
 const WRITE_NEWEST: &str = r"
 local written = 0
@@ -25,9 +25,11 @@ end
 return written
 ";
 
-/// The latest price of each asset in Redis, for fast reads shared by the processes of a box.
+/// The latest price of each (blockchain, asset) in Redis, for fast reads shared by the
+/// processes of a box. The hash field is `"{blockchain} {asset}"` (neither may
+/// hold a space, so no two pairs share a field), so one address on two chains is two prices.
 ///
-/// A batch is written in one round trip (one `EVAL` that keeps the newest price per asset) and
+/// A batch is written in one round trip (one `EVAL` that keeps the newest price per field) and
 /// all prices are read in one (`HGETALL`). An in-memory copy follows every write and read, so
 /// while Redis is down reads are served from memory and writes land there; when Redis is back
 /// the memory copy is written back. No method returns an error.
@@ -36,7 +38,7 @@ pub struct PriceMirror {
     pool: Pool,
     prices_key: String,
     stamps_key: String,
-    memory: Mutex<HashMap<String, PriceRow>>,
+    memory: Mutex<HashMap<(String, String), PriceRow>>,
     health: Health,
 }
 
@@ -57,8 +59,29 @@ impl PriceMirror {
         }
     }
 
-    /// Mirrors `rows` (newest per asset wins, here and in Redis).
+    /// Mirrors `rows` (newest per (blockchain, asset) wins, here and in Redis). A row that not every store
+    /// can hold ([`PriceRow::storable`]) is set aside and counted
+    /// (`mesh_store_dropped_total{queue="redis"}`), so the mirror never holds, and a restart
+    /// never reloads, what the database would refuse.
     pub async fn write(&self, rows: &[PriceRow]) {
+        let storable: Vec<PriceRow>;
+        let rows = if rows.iter().all(|r| r.storable().is_ok()) {
+            rows
+        } else {
+            storable = rows
+                .iter()
+                .filter(|row| match row.storable() {
+                    Ok(()) => true,
+                    Err(reason) => {
+                        crate::queue::count_dropped("redis", reason, 1);
+                        tracing::debug!(asset = row.asset, %reason, "row not mirrored");
+                        false
+                    }
+                })
+                .cloned()
+                .collect();
+            &storable
+        };
         self.remember(rows.iter().cloned());
         if !self.health.should_try() {
             return;
@@ -68,7 +91,7 @@ impl PriceMirror {
         let rows: Vec<PriceRow> = if self.health.is_degraded() {
             self.snapshot()
         } else {
-            newest_per_asset(rows).into_iter().cloned().collect()
+            newest_per_key(rows).into_iter().cloned().collect()
         };
         match self.send(&rows).await {
             Ok(true) => {
@@ -80,7 +103,7 @@ impl PriceMirror {
         }
     }
 
-    /// Every mirrored price, sorted by asset: from Redis (merged with what this process wrote)
+    /// Every mirrored price, sorted by asset then blockchain: from Redis (merged with what this process wrote)
     /// or, while Redis is down, from memory.
     pub async fn read_all(&self) -> Vec<PriceRow> {
         if self.health.should_try() {
@@ -130,7 +153,7 @@ impl PriceMirror {
         for row in rows {
             // A row is plain strings and numbers: serialising it cannot fail.
             let Ok(json) = serde_json::to_string(row) else { continue };
-            cmd.arg(&row.asset).arg(row.timestamp_ms).arg(json);
+            cmd.arg(field(row)).arg(row.timestamp_ms).arg(json);
         }
         let mut conn = self.pool.get().await?;
         let _written: i64 = cmd.query_async(&mut conn).await?;
@@ -143,10 +166,10 @@ impl PriceMirror {
             redis::cmd("HGETALL").arg(&self.prices_key).query_async(&mut conn).await?;
         Ok(raw
             .into_iter()
-            .filter_map(|(asset, json)| match serde_json::from_str::<PriceRow>(&json) {
+            .filter_map(|(key, json)| match serde_json::from_str::<PriceRow>(&json) {
                 Ok(row) => Some(row),
                 Err(error) => {
-                    tracing::warn!(asset, %error, "mirrored price is not a price row; skipped");
+                    tracing::warn!(field = key, %error, "mirrored price is not a price row; skipped");
                     None
                 }
             })
@@ -156,10 +179,11 @@ impl PriceMirror {
     fn remember(&self, rows: impl IntoIterator<Item = PriceRow>) {
         let mut memory = self.lock();
         for row in rows {
-            match memory.get(&row.asset) {
+            let key = (row.blockchain.clone(), row.asset.clone());
+            match memory.get(&key) {
                 Some(held) if !row.is_newer_than(held) => {}
                 _ => {
-                    memory.insert(row.asset.clone(), row);
+                    memory.insert(key, row);
                 }
             }
         }
@@ -167,12 +191,19 @@ impl PriceMirror {
 
     fn snapshot(&self) -> Vec<PriceRow> {
         let mut rows: Vec<PriceRow> = self.lock().values().cloned().collect();
-        rows.sort_unstable_by(|a, b| a.asset.cmp(&b.asset));
+        rows.sort_unstable_by(|a, b| (&a.asset, &a.blockchain).cmp(&(&b.asset, &b.blockchain)));
         rows
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PriceRow>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), PriceRow>> {
         // A map of prices stays valid even if a holder panicked mid-insert.
         self.memory.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
+}
+
+/// The hash field of `row`: `"{blockchain} {asset}"`. Validation allows no space in either, and
+/// the mirror reads rows from their JSON, never from the field, so older fields (the asset
+/// alone, before the chain was part of the key) still load and age out.
+pub(crate) fn field(row: &PriceRow) -> String {
+    format!("{} {}", row.blockchain, row.asset)
 }
