@@ -4,7 +4,7 @@
 // Fixtures and helpers of a test fail loudly on impossible input, as the tests do.
 #![allow(clippy::expect_used)]
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -53,7 +53,12 @@ fn run(
             if decision.fetch
                 && let Some(mesh) = &mesh
             {
-                mesh.fulfilled.lock().expect("mesh").insert(decision.round);
+                mesh.fulfilled
+                    .lock()
+                    .expect("mesh")
+                    .entry(decision.round)
+                    .or_default()
+                    .push(planner.node_id());
             }
             let round = decision.round;
             log.lock().expect("log").push((decision, planner.is_degraded()));
@@ -180,7 +185,7 @@ async fn a_provider_that_stops_heartbeating_is_replaced_one_window_later() -> an
 /// The mesh as the providers see it: each other, and the rounds someone broadcast.
 struct TestMesh {
     providers: Vec<NodeId>,
-    fulfilled: Mutex<HashSet<u64>>,
+    fulfilled: Mutex<std::collections::HashMap<u64, Vec<NodeId>>>,
 }
 
 impl MeshView for TestMesh {
@@ -188,8 +193,8 @@ impl MeshView for TestMesh {
         self.providers.clone()
     }
 
-    fn round_fulfilled(&self, round: u64) -> bool {
-        self.fulfilled.lock().expect("mesh").contains(&round)
+    fn round_origins(&self, round: u64) -> Vec<NodeId> {
+        self.fulfilled.lock().expect("mesh").get(&round).cloned().unwrap_or_default()
     }
 }
 

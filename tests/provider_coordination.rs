@@ -79,8 +79,8 @@ impl MeshView for Mesh {
         self.providers.lock().unwrap().clone()
     }
 
-    fn round_fulfilled(&self, round: u64) -> bool {
-        self.seen.lock().unwrap().iter().any(|s| s.round == round)
+    fn round_origins(&self, round: u64) -> Vec<NodeId> {
+        self.seen.lock().unwrap().iter().filter(|s| s.round == round).map(|s| s.origin).collect()
     }
 }
 

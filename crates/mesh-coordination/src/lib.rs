@@ -113,8 +113,10 @@ pub trait Coordination: Send + Sync + 'static {
 pub trait MeshView: Send + Sync + 'static {
     /// Providers announced through the mesh (`ProviderAnnounce`), still fresh.
     fn providers(&self) -> Vec<NodeId>;
-    /// `true` when a fresh batch for `round` from another provider already arrived.
-    fn round_fulfilled(&self, round: u64) -> bool;
+    /// The other providers whose valid batch for `round` already arrived (a batch whose round
+    /// matches its creation time and that carries this node's assets). The planner counts
+    /// only the origins it ranks.
+    fn round_origins(&self, round: u64) -> Vec<NodeId>;
 }
 
 /// Coordination for nodes without Redis: there is no registry and no lease, so the round
@@ -156,7 +158,7 @@ impl MeshView for NoMesh {
         Vec::new()
     }
 
-    fn round_fulfilled(&self, _round: u64) -> bool {
-        false
+    fn round_origins(&self, _round: u64) -> Vec<NodeId> {
+        Vec::new()
     }
 }

@@ -316,7 +316,7 @@ impl RoundPlanner {
             Some(false) => (false, Via::Lease, Some(SkipReason::LeaseHeld)),
             None => {
                 let via = if ranking.len() > 1 { Via::Mesh } else { Via::Single };
-                if self.mesh.round_fulfilled(round) {
+                if self.delivered(round, &ranking) {
                     (false, via, Some(SkipReason::Fulfilled))
                 } else {
                     (true, via, None)
@@ -379,6 +379,15 @@ impl RoundPlanner {
             providers.push(self.node);
         }
         (providers, coordinated)
+    }
+
+    /// `true` when a valid batch for `round` from a provider in `ranking` (other than this
+    /// node) arrived: a batch from anyone else, however valid, does not stop this node.
+    fn delivered(&self, round: u64, ranking: &[NodeId]) -> bool {
+        self.mesh
+            .round_origins(round)
+            .iter()
+            .any(|origin| *origin != self.node && ranking.contains(origin))
     }
 
     fn lock_last(&self) -> std::sync::MutexGuard<'_, Option<u64>> {
@@ -632,15 +641,15 @@ mod tests {
     /// The mesh as the providers see it: each other, and the rounds someone broadcast.
     struct Mesh {
         providers: Vec<NodeId>,
-        fulfilled: Mutex<HashSet<u64>>,
+        fulfilled: Mutex<std::collections::HashMap<u64, Vec<NodeId>>>,
     }
 
     impl MeshView for Mesh {
         fn providers(&self) -> Vec<NodeId> {
             self.providers.clone()
         }
-        fn round_fulfilled(&self, round: u64) -> bool {
-            self.fulfilled.lock().unwrap().contains(&round)
+        fn round_origins(&self, round: u64) -> Vec<NodeId> {
+            self.fulfilled.lock().unwrap().get(&round).cloned().unwrap_or_default()
         }
     }
 
@@ -661,8 +670,9 @@ mod tests {
             .iter()
             .map(|p| {
                 let mesh = Arc::clone(&mesh);
+                let id = p.node_id();
                 run(Arc::clone(p), last, move |round| {
-                    mesh.fulfilled.lock().unwrap().insert(round);
+                    mesh.fulfilled.lock().unwrap().entry(round).or_default().push(id);
                 })
             })
             .collect();

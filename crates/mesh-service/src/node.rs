@@ -29,7 +29,7 @@ use crate::config::NodeConfig;
 use crate::keystore::ProviderKeyStore;
 use crate::now_ms;
 use crate::persistence::Persistence;
-use crate::providers::{ProviderTracker, SharedTracker};
+use crate::providers::{BatchClaim, ProviderTracker, SharedTracker};
 
 /// Errors of starting a node.
 #[derive(Debug, thiserror::Error)]
@@ -355,7 +355,11 @@ impl Node {
             }
         }
 
-        let tracker = SharedTracker(Arc::new(Mutex::new(ProviderTracker::new(node_id, interval))));
+        let own_assets =
+            config.provider.assets.as_slice().iter().map(|a| (a.chain.clone(), a.address.clone()));
+        let tracker = SharedTracker(Arc::new(Mutex::new(ProviderTracker::new(
+            node_id, interval, own_assets,
+        ))));
         let (coordination, coordination_degraded): (
             Arc<dyn Coordination>,
             Box<dyn Fn() -> bool + Send + Sync>,
@@ -613,10 +617,16 @@ async fn run_state(
         let hops = if own { 0 } else { delivery.message.envelope.hop_count };
         match &body.payload {
             Payload::ProviderAnnounce { .. } => {
-                shared.tracker.lock().heard(origin, hops, None, now);
+                let _ = shared.tracker.lock().heard(origin, hops, None, now);
             }
             Payload::PriceBatch { round, prices } => {
-                shared.tracker.lock().heard(origin, hops, Some(*round), now);
+                let claim = BatchClaim { round: *round, created_at_ms: body.created_at_ms, prices };
+                if let Err(why) = shared.tracker.lock().heard(origin, hops, Some(claim), now) {
+                    // Prices still count; only the round is not taken as delivered.
+                    metrics::counter!("mesh_network_round_claims_ignored_total", "reason" => why.label())
+                        .increment(1);
+                    tracing::debug!(source_node_id = %origin, round, reason = why.label(), "batch does not count as its round's delivery");
+                }
                 let applied = shared.book().apply(origin, hops, prices, now);
                 tracing::info!(
                     source_node_id = %origin,

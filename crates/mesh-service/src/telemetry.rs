@@ -142,6 +142,10 @@ fn describe() {
         "mesh_price_discrepancies_total",
         "Price discrepancies between providers detected"
     );
+    describe_counter!(
+        "mesh_network_round_claims_ignored_total",
+        "Price batches not taken as their round's delivery (round not their time, not recent, assets missing)"
+    );
     describe_gauge!("mesh_component_degraded", "1 while a component runs on its fallback");
     describe_counter!("mesh_store_dropped_total", "Rows the write-behind queues had to drop");
     describe_counter!("mesh_store_written_total", "Rows the write-behind queues wrote, by queue");
