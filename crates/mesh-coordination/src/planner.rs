@@ -9,7 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use mesh_protocol::NodeId;
 use sha2::{Digest, Sha256};
 
-use crate::{Coordination, Error, MeshView, Result};
+use crate::{Coordination, Error, Lease, MeshView, Result};
 
 /// Wall-clock time in Unix milliseconds: rounds are numbered by the wall clock, which every
 /// provider shares, while the planner sleeps with `tokio::time`.
@@ -25,6 +25,17 @@ pub struct SystemClock;
 impl Clock for SystemClock {
     fn unix_ms(&self) -> u64 {
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    }
+}
+
+/// The system's wall clock shifted by a fixed offset: a node playing a wrong clock in tests
+/// (the node configuration's `clock_offset_ms`); `OffsetClock(0)` is [`SystemClock`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct OffsetClock(pub i64);
+
+impl Clock for OffsetClock {
+    fn unix_ms(&self) -> u64 {
+        (SystemClock.unix_ms() as i64).saturating_add(self.0).max(0) as u64
     }
 }
 
@@ -122,6 +133,91 @@ pub enum SkipReason {
     Fulfilled,
 }
 
+/// Why a round leased to another provider counts as undelivered (and is taken over).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Undelivered {
+    /// No valid batch of the round arrived one window after the lease was taken.
+    NotDelivered,
+    /// The lease is held by no registered provider (a stale or hand-written key).
+    Unregistered,
+    /// The key carries no lease's expiry: it was not taken by a provider (squatted).
+    NoExpiry,
+}
+
+impl Undelivered {
+    /// A short label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Undelivered::NotDelivered => "not_delivered",
+            Undelivered::Unregistered => "unregistered",
+            Undelivered::NoExpiry => "no_expiry",
+        }
+    }
+}
+
+/// What the planner knows at its slot when the round's lease is held by someone else.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseObservation<'a> {
+    /// The lease as read (at `observed_at_ms`).
+    pub lease: &'a Lease,
+    /// When it was read (this node's clock, Unix ms).
+    pub observed_at_ms: u64,
+    /// The registered providers (the ranking).
+    pub registered: &'a [NodeId],
+    /// `true` when a valid batch of the round from a ranked provider arrived.
+    pub delivered: bool,
+    /// The rank window: how long a holder has to deliver after taking the lease.
+    pub window: Duration,
+    /// The end of the round (this node's clock, Unix ms): no take-over after it.
+    pub round_end_ms: u64,
+}
+
+/// The lease decision at `now_ms` ([`lease_step`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseStep {
+    /// This node holds the lease: fetch.
+    Fetch,
+    /// The round's batch arrived (or the round is over): nothing to do.
+    Skip(SkipReason),
+    /// The holder still has this long to deliver: look again then.
+    Wait(Duration),
+    /// The holder did not deliver (or cannot): take the round over and fetch.
+    TakeOver(Undelivered),
+}
+
+/// The lease decision, without I/O: held, delivered, or take over (issue 34 item 1).
+///
+/// A delivered round is skipped; a lease of this node is fetched; a lease held by no
+/// registered provider, or without a lease's expiry, is taken over at once; a registered
+/// holder gets one window from when it took the lease (by the store's clock, plus the time
+/// since it was read) before the round is taken over. Nothing is taken over once the round
+/// has ended.
+pub fn lease_step(observation: &LeaseObservation<'_>, now_ms: u64) -> LeaseStep {
+    let o = observation;
+    if o.delivered {
+        return LeaseStep::Skip(SkipReason::Fulfilled);
+    }
+    if o.lease.mine {
+        return LeaseStep::Fetch;
+    }
+    if now_ms >= o.round_end_ms {
+        return LeaseStep::Skip(SkipReason::LeaseHeld);
+    }
+    match o.lease.holder() {
+        Some(holder) if o.registered.contains(&holder) => {}
+        _ => return LeaseStep::TakeOver(Undelivered::Unregistered),
+    }
+    let Some(age) = o.lease.age else {
+        return LeaseStep::TakeOver(Undelivered::NoExpiry);
+    };
+    let age = age + Duration::from_millis(now_ms.saturating_sub(o.observed_at_ms));
+    if age >= o.window {
+        return LeaseStep::TakeOver(Undelivered::NotDelivered);
+    }
+    let until_end = Duration::from_millis(o.round_end_ms - now_ms);
+    LeaseStep::Wait((o.window - age).min(until_end))
+}
+
 /// What [`RoundPlanner::next`] decided for one round.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoundDecision {
@@ -137,6 +233,12 @@ pub struct RoundDecision {
     pub via: Via,
     /// Why not, when `fetch` is `false`.
     pub skip_reason: Option<SkipReason>,
+    /// `true` when this node fetches a round whose lease another provider held and did not
+    /// deliver.
+    pub taken_over: bool,
+    /// Set when the round's lease was held by another provider (or squatted) and its batch had
+    /// not arrived in time: why.
+    pub undelivered: Option<Undelivered>,
     /// When the round started (Unix ms).
     pub round_start_unix_ms: u64,
     /// When the decision was taken (Unix ms), at this node's slot.
@@ -299,27 +401,17 @@ impl RoundPlanner {
         // Only now: a call cancelled while it waited leaves its round to the next call.
         *self.lock_last() = Some(round);
 
-        let leased = if coordinated {
-            match self.coordination.try_acquire_round(round, self.node, self.config.interval).await
-            {
-                Ok(won) => Some(won),
-                Err(error) => {
-                    tracing::debug!(round, %error, "round lease unavailable; deciding from the mesh");
-                    None
-                }
-            }
-        } else {
-            None
-        };
-        let (fetch, via, skip_reason) = match leased {
-            Some(true) => (true, Via::Lease, None),
-            Some(false) => (false, Via::Lease, Some(SkipReason::LeaseHeld)),
+        let round_end = round_start + interval_ms;
+        let leased =
+            if coordinated { self.decide_by_lease(round, &ranking, round_end).await } else { None };
+        let (fetch, via, skip_reason, taken_over, undelivered) = match leased {
+            Some(outcome) => outcome,
             None => {
                 let via = if ranking.len() > 1 { Via::Mesh } else { Via::Single };
                 if self.delivered(round, &ranking) {
-                    (false, via, Some(SkipReason::Fulfilled))
+                    (false, via, Some(SkipReason::Fulfilled), false, None)
                 } else {
-                    (true, via, None)
+                    (true, via, None, false, None)
                 }
             }
         };
@@ -330,6 +422,8 @@ impl RoundPlanner {
             fetch,
             via,
             skip_reason,
+            taken_over,
+            undelivered,
             round_start_unix_ms: round_start,
             decided_at_unix_ms: self.clock.unix_ms(),
         };
@@ -340,9 +434,84 @@ impl RoundPlanner {
             fetch,
             via = ?via,
             skip = ?skip_reason,
+            taken_over,
+            undelivered = ?undelivered,
             "round decided"
         );
         decision
+    }
+
+    /// The decision through the round's lease ([`lease_step`]), or `None` when the store
+    /// fails (the mesh decides then).
+    async fn decide_by_lease(
+        &self,
+        round: u64,
+        ranking: &[NodeId],
+        round_end: u64,
+    ) -> Option<(bool, Via, Option<SkipReason>, bool, Option<Undelivered>)> {
+        let mut undelivered = None;
+        // Each pass either decides or waits for the holder's window; a window is shorter
+        // than the round, and a failed take-over (another rank took it first) waits for the
+        // new holder's window: a few passes end the round.
+        for _ in 0..8 {
+            let delivered = self.delivered(round, ranking);
+            let lease = if delivered {
+                // No need to ask the store.
+                Lease { value: String::new(), mine: false, age: None }
+            } else {
+                match self
+                    .coordination
+                    .try_acquire_round(round, self.node, self.config.interval)
+                    .await
+                {
+                    Ok(lease) => lease,
+                    Err(error) => {
+                        tracing::debug!(round, %error, "round lease unavailable; deciding from the mesh");
+                        return None;
+                    }
+                }
+            };
+            let observation = LeaseObservation {
+                lease: &lease,
+                observed_at_ms: self.clock.unix_ms(),
+                registered: ranking,
+                delivered,
+                window: self.config.window,
+                round_end_ms: round_end,
+            };
+            match lease_step(&observation, self.clock.unix_ms()) {
+                LeaseStep::Fetch => return Some((true, Via::Lease, None, false, undelivered)),
+                LeaseStep::Skip(reason) => {
+                    return Some((false, Via::Lease, Some(reason), false, undelivered));
+                }
+                LeaseStep::Wait(wait) => {
+                    tokio::time::sleep(wait.max(Duration::from_millis(1))).await
+                }
+                LeaseStep::TakeOver(why) => {
+                    undelivered = Some(why);
+                    tracing::info!(
+                        round,
+                        holder = %lease.value,
+                        reason = why.label(),
+                        "round leased but not delivered; taking it over"
+                    );
+                    match self
+                        .coordination
+                        .take_over_round(round, self.node, &lease.value, self.config.interval)
+                        .await
+                    {
+                        Ok(true) => return Some((true, Via::Lease, None, true, undelivered)),
+                        // Another rank took it over first: its window starts now.
+                        Ok(false) => {}
+                        Err(error) => {
+                            tracing::debug!(round, %error, "round take-over failed; deciding from the mesh");
+                            return None;
+                        }
+                    }
+                }
+            }
+        }
+        Some((false, Via::Lease, Some(SkipReason::LeaseHeld), false, undelivered))
     }
 
     /// Renews the heartbeat and lists the registered providers (`true`), or, when the store
@@ -514,15 +683,17 @@ mod tests {
     async fn three_providers_take_turns_one_winner_per_round() {
         let clock = TokioClock::starting_at(START_MS);
         let shared: Arc<dyn Coordination> = Arc::new(MemoryCoordination::new());
+        let mesh = Mesh::new(Vec::new());
         let planners: Vec<_> = (1..=3)
-            .map(|n| planner(config(), node(n), Arc::clone(&shared), Arc::new(NoMesh), clock))
+            .map(|n| planner(config(), node(n), Arc::clone(&shared), mesh.view(), clock))
             .collect();
         for p in &planners {
             assert!(p.register().await);
         }
         let first = planners[0].round_at(START_MS) + 1;
         let last = first + 49;
-        let tasks: Vec<_> = planners.iter().map(|p| run(Arc::clone(p), last, |_| ())).collect();
+        let tasks: Vec<_> =
+            planners.iter().map(|p| run(Arc::clone(p), last, mesh.delivers(p))).collect();
         let mut all = Vec::new();
         for task in tasks {
             all.extend(task.await.unwrap());
@@ -540,7 +711,8 @@ mod tests {
         }
         assert_eq!(wins.len(), 3, "every provider wins some rounds: {wins:?}");
         for d in all.iter().filter(|d| !d.fetch && d.round >= first) {
-            assert_eq!(d.skip_reason, Some(SkipReason::LeaseHeld));
+            assert_eq!(d.skip_reason, Some(SkipReason::Fulfilled));
+            assert_eq!(d.undelivered, None);
             let offset = d.decided_at_unix_ms - d.round_start_unix_ms;
             assert_eq!(offset, d.rank as u64 * 5_000, "rank k decides k windows in");
         }
@@ -553,8 +725,9 @@ mod tests {
     async fn a_provider_registered_during_the_wait_takes_its_round() {
         let clock = TokioClock::starting_at(START_MS);
         let shared: Arc<dyn Coordination> = Arc::new(MemoryCoordination::new());
-        let early = planner(config(), node(1), Arc::clone(&shared), Arc::new(NoMesh), clock);
-        let late = planner(config(), node(2), Arc::clone(&shared), Arc::new(NoMesh), clock);
+        let mesh = Mesh::new(Vec::new());
+        let early = planner(config(), node(1), Arc::clone(&shared), mesh.view(), clock);
+        let late = planner(config(), node(2), Arc::clone(&shared), mesh.view(), clock);
         early.register().await;
         // A round ahead in which the late provider ranks first, at least a round away.
         let now_round = early.round_at(clock.unix_ms());
@@ -562,11 +735,12 @@ mod tests {
             .find(|r| RoundPlanner::ranking(*r, &[node(1), node(2)])[0] == node(2))
             .unwrap();
         // The early provider decides every round up to that one, alone until just before it.
-        let early_task = run(Arc::clone(&early), round, |_| ());
+        let early_task = run(Arc::clone(&early), round, mesh.delivers(&early));
         let round_start = round * 30_000;
         tokio::time::sleep(Duration::from_millis(round_start - 4_000 - clock.unix_ms())).await;
         late.register().await;
         let late_decision = late.next().await;
+        (mesh.delivers(&late))(late_decision.round);
         let early_decisions = early_task.await.unwrap();
         let early_decision = early_decisions.iter().find(|d| d.round == round).unwrap();
         assert_eq!(late_decision.round, round);
@@ -574,7 +748,7 @@ mod tests {
         assert_eq!(late_decision.rank, 0);
         assert!(!early_decision.fetch, "{early_decision:?}");
         assert_eq!(early_decision.rank, 1);
-        assert_eq!(early_decision.skip_reason, Some(SkipReason::LeaseHeld));
+        assert_eq!(early_decision.skip_reason, Some(SkipReason::Fulfilled));
         assert_eq!(early_decision.decided_at_unix_ms, round_start + 5_000, "one window in");
     }
 
@@ -584,8 +758,9 @@ mod tests {
         // Long heartbeats: the dead provider stays registered while we watch.
         let config = PlannerConfig { heartbeat_ttl: Duration::from_secs(3_600), ..config() };
         let shared: Arc<dyn Coordination> = Arc::new(MemoryCoordination::new());
+        let mesh = Mesh::new(Vec::new());
         let planners: Vec<_> = (1..=3)
-            .map(|n| planner(config, node(n), Arc::clone(&shared), Arc::new(NoMesh), clock))
+            .map(|n| planner(config, node(n), Arc::clone(&shared), mesh.view(), clock))
             .collect();
         for p in &planners {
             p.register().await;
@@ -594,7 +769,7 @@ mod tests {
         let first = planners[0].round_at(START_MS) + 1;
         let last = first + 29;
         let tasks: Vec<_> =
-            planners[1..].iter().map(|p| run(Arc::clone(p), last, |_| ())).collect();
+            planners[1..].iter().map(|p| run(Arc::clone(p), last, mesh.delivers(p))).collect();
         let mut all = Vec::new();
         for task in tasks {
             all.extend(task.await.unwrap());
@@ -616,6 +791,147 @@ mod tests {
         assert!(taken_over >= 3, "node 1 was rank 0 in {taken_over} of 30 rounds");
     }
 
+    #[test]
+    fn the_lease_step_skips_fetches_waits_or_takes_over() {
+        let registered = [node(1), node(2)];
+        let held = |value: String, age_ms: Option<u64>| Lease {
+            value,
+            mine: false,
+            age: age_ms.map(Duration::from_millis),
+        };
+        let by_one = held(node(1).to_string(), Some(2_000));
+        let step = |lease: &Lease, delivered: bool, now_ms: u64| {
+            let observation = LeaseObservation {
+                lease,
+                observed_at_ms: 100_000,
+                registered: &registered,
+                delivered,
+                window: Duration::from_secs(5),
+                round_end_ms: 130_000,
+            };
+            lease_step(&observation, now_ms)
+        };
+        assert_eq!(step(&by_one, true, 100_000), LeaseStep::Skip(SkipReason::Fulfilled));
+        let mine = Lease { mine: true, ..by_one.clone() };
+        assert_eq!(step(&mine, false, 100_000), LeaseStep::Fetch);
+        // Taken 2 s ago: 3 s left to deliver, then 1 s after a 2 s pause, then none.
+        assert_eq!(step(&by_one, false, 100_000), LeaseStep::Wait(Duration::from_secs(3)));
+        assert_eq!(step(&by_one, false, 102_000), LeaseStep::Wait(Duration::from_secs(1)));
+        assert_eq!(step(&by_one, false, 103_000), LeaseStep::TakeOver(Undelivered::NotDelivered));
+        // Not a registered provider, or no expiry: at once.
+        let stranger = held(node(7).to_string(), Some(0));
+        assert_eq!(step(&stranger, false, 100_000), LeaseStep::TakeOver(Undelivered::Unregistered));
+        let junk = held("junk".into(), Some(0));
+        assert_eq!(step(&junk, false, 100_000), LeaseStep::TakeOver(Undelivered::Unregistered));
+        let forever = held(node(2).to_string(), None);
+        assert_eq!(step(&forever, false, 100_000), LeaseStep::TakeOver(Undelivered::NoExpiry));
+        // The round is over: nothing is taken over, and a wait never outlasts the round.
+        assert_eq!(step(&stranger, false, 130_000), LeaseStep::Skip(SkipReason::LeaseHeld));
+        let late = LeaseObservation {
+            lease: &by_one,
+            observed_at_ms: 129_500,
+            registered: &registered,
+            delivered: false,
+            window: Duration::from_secs(5),
+            round_end_ms: 130_000,
+        };
+        assert_eq!(lease_step(&late, 129_500), LeaseStep::Wait(Duration::from_millis(500)));
+    }
+
+    /// Issue 34 item 1: a holder that takes the lease and never delivers (its Birdeye call
+    /// failed, it crashed, its batch was refused) costs at most one window: the next rank
+    /// takes the round over.
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_holder_that_never_delivers_is_taken_over_one_window_later() {
+        let clock = TokioClock::starting_at(START_MS);
+        let shared: Arc<dyn Coordination> = Arc::new(MemoryCoordination::new());
+        let mesh = Mesh::new(Vec::new());
+        let planners: Vec<_> = (1..=3)
+            .map(|n| planner(config(), node(n), Arc::clone(&shared), mesh.view(), clock))
+            .collect();
+        for p in &planners {
+            p.register().await;
+        }
+        let first = planners[0].round_at(START_MS) + 1;
+        let last = first + 29;
+        // node(1) fetches when it wins but its batches never arrive.
+        let tasks: Vec<_> = planners
+            .iter()
+            .map(|p| {
+                let deliver = mesh.delivers(p);
+                let silent = p.node_id() == node(1);
+                run(Arc::clone(p), last, move |round| {
+                    if !silent {
+                        deliver(round);
+                    }
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for task in tasks {
+            all.extend(task.await.unwrap());
+        }
+        let rounds = winners_by_round(&all);
+        let mut taken_over = 0;
+        for round in first..=last {
+            let winners = &rounds[&round];
+            if winners[0].providers[0] == node(1) {
+                // The silent holder and one taker, one window later.
+                assert_eq!(winners.len(), 2, "round {round}: {winners:?}");
+                let taker = winners.iter().find(|d| d.taken_over).unwrap();
+                assert_eq!(taker.undelivered, Some(Undelivered::NotDelivered));
+                assert_eq!(taker.decided_at_unix_ms - taker.round_start_unix_ms, 5_000);
+                taken_over += 1;
+            } else {
+                assert_eq!(winners.len(), 1, "round {round}: {winners:?}");
+                assert!(!winners[0].taken_over);
+            }
+        }
+        assert!(taken_over >= 3, "node 1 was rank 0 in {taken_over} of 30 rounds");
+    }
+
+    /// Round keys written ahead by someone with access to the store (a node id that is not
+    /// registered, junk, a registered id without expiry) stop nobody: rank 0 takes them over.
+    #[tokio::test(start_paused = true)]
+    async fn squatted_round_keys_are_taken_over() {
+        let clock = TokioClock::starting_at(START_MS);
+        let store = Arc::new(MemoryCoordination::new());
+        let shared: Arc<dyn Coordination> = store.clone();
+        let mesh = Mesh::new(Vec::new());
+        let planners: Vec<_> = (1..=2)
+            .map(|n| planner(config(), node(n), Arc::clone(&shared), mesh.view(), clock))
+            .collect();
+        for p in &planners {
+            p.register().await;
+        }
+        let first = planners[0].round_at(START_MS) + 1;
+        let squats = [node(9).to_string(), "junk".to_owned(), node(2).to_string()];
+        for (i, value) in squats.iter().enumerate() {
+            let expiry = (i < 2).then_some(Duration::from_secs(3_600));
+            store.set_lease(first + i as u64, value, Duration::ZERO, expiry);
+        }
+        let last = first + 2;
+        let tasks: Vec<_> =
+            planners.iter().map(|p| run(Arc::clone(p), last, mesh.delivers(p))).collect();
+        let mut all = Vec::new();
+        for task in tasks {
+            all.extend(task.await.unwrap());
+        }
+        let rounds = winners_by_round(&all);
+        for round in first..=last {
+            let winners = &rounds[&round];
+            assert_eq!(winners.len(), 1, "round {round}: {winners:?}");
+            let w = winners[0];
+            assert!(w.taken_over && w.rank == 0, "round {round}: {w:?}");
+            assert_eq!(w.decided_at_unix_ms, w.round_start_unix_ms, "at once");
+        }
+        let reasons: Vec<_> = (first..=last).map(|r| rounds[&r][0].undelivered).collect();
+        assert_eq!(
+            reasons,
+            [Undelivered::Unregistered, Undelivered::Unregistered, Undelivered::NoExpiry].map(Some)
+        );
+    }
+
     /// A store that is down.
     struct Down;
 
@@ -630,7 +946,10 @@ mod tests {
         async fn active_providers(&self) -> Result<Vec<NodeId>> {
             Err(Error::Unavailable)
         }
-        async fn try_acquire_round(&self, _: u64, _: NodeId, _: Duration) -> Result<bool> {
+        async fn try_acquire_round(&self, _: u64, _: NodeId, _: Duration) -> Result<Lease> {
+            Err(Error::Unavailable)
+        }
+        async fn take_over_round(&self, _: u64, _: NodeId, _: &str, _: Duration) -> Result<bool> {
             Err(Error::Unavailable)
         }
         fn is_degraded(&self) -> bool {
@@ -642,6 +961,23 @@ mod tests {
     struct Mesh {
         providers: Vec<NodeId>,
         fulfilled: Mutex<std::collections::HashMap<u64, Vec<NodeId>>>,
+    }
+
+    impl Mesh {
+        fn new(providers: Vec<NodeId>) -> Arc<Self> {
+            Arc::new(Mesh { providers, fulfilled: Mutex::default() })
+        }
+
+        fn view(self: &Arc<Self>) -> Arc<dyn MeshView> {
+            Arc::clone(self) as Arc<dyn MeshView>
+        }
+
+        /// The broadcast of `planner`'s fetches: they reach everyone at once.
+        fn delivers(self: &Arc<Self>, planner: &RoundPlanner) -> impl Fn(u64) + Send + 'static {
+            let mesh = Arc::clone(self);
+            let id = planner.node_id();
+            move |round| mesh.fulfilled.lock().unwrap().entry(round).or_default().push(id)
+        }
     }
 
     impl MeshView for Mesh {
@@ -656,8 +992,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn without_a_store_the_mesh_decides_and_no_round_is_missed() {
         let clock = TokioClock::starting_at(START_MS);
-        let mesh =
-            Arc::new(Mesh { providers: (1..=3).map(node).collect(), fulfilled: Mutex::default() });
+        let mesh = Mesh::new((1..=3).map(node).collect());
         let planners: Vec<_> = (1..=3)
             .map(|n| {
                 planner(config(), node(n), Arc::new(Down), mesh.clone() as Arc<dyn MeshView>, clock)

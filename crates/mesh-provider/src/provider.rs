@@ -261,6 +261,13 @@ async fn run(inner: Arc<Inner>, client: BirdeyeClient, cancel: CancellationToken
             decision = planner.next() => decision,
         };
         next_round = decision.round + 1;
+        if let Some(why) = decision.undelivered {
+            metrics::counter!(telemetry::ROUNDS_UNDELIVERED_TOTAL, "reason" => why.label())
+                .increment(1);
+        }
+        if decision.taken_over {
+            metrics::counter!(telemetry::ROUNDS_TAKEN_OVER_TOTAL).increment(1);
+        }
         if !decision.fetch {
             let reason = match decision.skip_reason {
                 Some(SkipReason::Fulfilled) => "fulfilled",

@@ -20,3 +20,9 @@ pub const ROUNDS_FAILED_TOTAL: &str = "mesh_provider_rounds_failed_total";
 pub const MISSING_PRICES_TOTAL: &str = "mesh_provider_missing_prices_total";
 /// Rounds this node fetched and handed over (label `via`: `lease`, `mesh`, `single`).
 pub const ROUNDS_FETCHED_TOTAL: &str = "mesh_provider_rounds_fetched_total";
+/// Rounds whose lease another provider held (or a key no provider wrote) and whose batch had not
+/// arrived when this node looked, one window after the lease was taken (label `reason`:
+/// `not_delivered`, `unregistered`, `no_expiry`).
+pub const ROUNDS_UNDELIVERED_TOTAL: &str = "mesh_provider_rounds_undelivered_total";
+/// Rounds this node took over from a lease holder that did not deliver, and fetched.
+pub const ROUNDS_TAKEN_OVER_TOTAL: &str = "mesh_provider_rounds_taken_over_total";

@@ -163,6 +163,14 @@ fn describe() {
         describe_counter!(p::ROUNDS_FAILED_TOTAL, "Rounds this node failed to fetch, by reason");
         describe_counter!(p::MISSING_PRICES_TOTAL, "Tokens Birdeye had no price for");
         describe_counter!(
+            p::ROUNDS_UNDELIVERED_TOTAL,
+            "Rounds leased by another provider (or a squatted key) whose batch had not arrived one window later, by reason"
+        );
+        describe_counter!(
+            p::ROUNDS_TAKEN_OVER_TOTAL,
+            "Rounds this provider took over from a lease holder that did not deliver"
+        );
+        describe_counter!(
             p::ROUNDS_FETCHED_TOTAL,
             "Rounds this node fetched, by coordination path"
         );
