@@ -150,3 +150,58 @@ async fn a_peer_claiming_every_round_does_not_stop_honest_fetching() -> anyhow::
     assert!(worst_age <= 2 * INTERVAL_MS + 500, "the newest honest price got {worst_age} ms old");
     mesh.shutdown().await
 }
+
+/// Issue 34 item 2, the scenario of the report: two providers share Redis and one's clock runs
+/// 8 s ahead (more than `MESH_MAX_CLOCK_SKEW_SECS`, 5). It finds out from Birdeye's `Date`,
+/// Redis `TIME` and its peers, says so once, leaves the registry and takes no lease; the
+/// other provider fetches every round, so the consumer's newest price stays within two rounds,
+/// and nobody is banned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_eight_seconds_ahead_costs_at_most_two_rounds() -> anyhow::Result<()> {
+    let mesh = LocalMesh::builder()
+        .providers(2)
+        .consumers(1)
+        .rounds(2, 1)
+        .redis(mesh_tests::redis_url())
+        .configure(|i, c| {
+            if i == 1 {
+                c.clock_offset_ms = 8_000;
+            }
+        })
+        .start()
+        .await?;
+    let honest = mesh.node(0).unwrap().node_id();
+    eventually(WAIT, "the consumer holds the nine prices", || {
+        mesh.node(2).unwrap().prices().len() == 9
+    })
+    .await?;
+    let skewed = mesh.node(1).unwrap();
+    eventually(WAIT, "the skewed provider finds its clock off", || {
+        skewed
+            .provider()
+            .status()
+            .last_error
+            .is_some_and(|e| e.contains("MESH_MAX_CLOCK_SKEW_SECS"))
+    })
+    .await?;
+    let first = round_now() + 1;
+    let mut worst_age = 0;
+    while round_now() < first + 8 {
+        if let Some(age) = newest_age_ms(&mesh, 2, &[honest]) {
+            worst_age = worst_age.max(age);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = skewed.provider().status();
+    println!("skewed provider: {status:?}; worst age {worst_age} ms");
+    assert!(worst_age <= 2 * INTERVAL_MS, "the newest price got {worst_age} ms old");
+    // It fetched nothing while its clock was off (its rounds are skipped, not failed).
+    let fetched_before = status.rounds_fetched;
+    assert!(status.rounds_skipped >= 8, "{status:?}");
+    for i in 0..3 {
+        let stats = mesh.node(i).unwrap().relay().stats();
+        assert_eq!(stats.bans, 0, "node {i} banned a peer: {stats:?}");
+    }
+    assert_eq!(skewed.provider().status().rounds_fetched, fetched_before);
+    mesh.shutdown().await
+}

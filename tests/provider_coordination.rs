@@ -185,6 +185,7 @@ fn settings(sim: &SimulatorHandle) -> Settings {
             ..ClientConfig::default()
         },
         clock_offset_ms: 0,
+        max_clock_skew: mesh_provider::config::DEFAULT_MAX_CLOCK_SKEW,
     }
 }
 

@@ -57,6 +57,7 @@
 
 #![warn(missing_docs)]
 
+pub mod clock;
 mod memory;
 mod planner;
 pub mod redis;
@@ -65,6 +66,7 @@ use std::time::Duration;
 
 use mesh_protocol::NodeId;
 
+pub use clock::{ClockCheck, ClockVerdict, Reference};
 pub use memory::MemoryCoordination;
 pub use planner::{
     Clock, LeaseObservation, LeaseStep, OffsetClock, PlannerConfig, RoundDecision, RoundPlanner,

@@ -9,6 +9,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use mesh_protocol::NodeId;
 use sha2::{Digest, Sha256};
 
+use crate::clock::{ClockCheck, ClockVerdict, Reference};
 use crate::{Coordination, Error, Lease, MeshView, Result};
 
 /// Wall-clock time in Unix milliseconds: rounds are numbered by the wall clock, which every
@@ -131,6 +132,9 @@ pub enum SkipReason {
     LeaseHeld,
     /// A fresh batch for the round already arrived through the mesh.
     Fulfilled,
+    /// This node's clock is off by more than the allowed skew ([`ClockCheck`]): it takes no
+    /// lease and publishes nothing.
+    ClockSkew,
 }
 
 /// Why a round leased to another provider counts as undelivered (and is taken over).
@@ -239,6 +243,8 @@ pub struct RoundDecision {
     /// Set when the round's lease was held by another provider (or squatted) and its batch had
     /// not arrived in time: why.
     pub undelivered: Option<Undelivered>,
+    /// The clock check at the slot (`None` without a [`ClockCheck`]).
+    pub clock: Option<ClockVerdict>,
     /// When the round started (Unix ms).
     pub round_start_unix_ms: u64,
     /// When the decision was taken (Unix ms), at this node's slot.
@@ -254,6 +260,9 @@ pub struct RoundPlanner {
     clock: Arc<dyn Clock>,
     last_round: Mutex<Option<u64>>,
     falling_back: AtomicBool,
+    clock_check: Option<Arc<Mutex<ClockCheck>>>,
+    /// `true` while this node left the registry because its clock is off.
+    withdrawn: AtomicBool,
 }
 
 impl std::fmt::Debug for RoundPlanner {
@@ -282,7 +291,37 @@ impl RoundPlanner {
             clock: Arc::new(SystemClock),
             last_round: Mutex::new(None),
             falling_back: AtomicBool::new(false),
+            clock_check: None,
+            withdrawn: AtomicBool::new(false),
         }
+    }
+
+    /// The same planner judging its clock with `check` (fed here with the store's `TIME`):
+    /// while the clock is off, it neither registers nor takes leases nor fetches.
+    pub fn with_clock_check(mut self, check: Arc<Mutex<ClockCheck>>) -> Self {
+        self.clock_check = Some(check);
+        self
+    }
+
+    /// Feeds the store's last `TIME` to the clock check and judges the clock now.
+    fn judge_clock(&self) -> Option<ClockVerdict> {
+        let check = self.clock_check.as_ref()?;
+        let mut check = check.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = self.clock.unix_ms() as i64;
+        if let Some(time) = self.coordination.store_time() {
+            // The reading was taken half a round trip before the answer arrived.
+            let since = time.received.elapsed() + time.round_trip / 2;
+            let local = now.saturating_sub(since.as_millis() as i64);
+            check.observe(Reference::Store, time.unix_ms as i64, local);
+        }
+        Some(check.verdict(now))
+    }
+
+    fn clock_is_off(&self) -> bool {
+        self.clock_check.as_ref().is_some_and(|check| {
+            let mut check = check.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            check.verdict(self.clock.unix_ms() as i64).off
+        })
     }
 
     /// The same planner reading the wall clock from `clock`.
@@ -341,6 +380,26 @@ impl RoundPlanner {
         Self::ranking(round, &all).iter().position(|n| *n == node).unwrap_or(0)
     }
 
+    /// Sleeps until the wall clock reads `slot`, in steps of at most a window that each read
+    /// the clock again; `false` when the clock went back so far that `slot` is more than two
+    /// rounds away (the caller plans again instead of sleeping for the length of the step).
+    async fn sleep_until(&self, slot: u64) -> bool {
+        let limit = 2 * self.config.interval_ms() + self.config.window_ms();
+        // Each step sleeps a window or ends the wait: bounded by limit / window + 1 steps.
+        for _ in 0..=limit / self.config.window_ms() + 1 {
+            let now = self.clock.unix_ms();
+            if slot <= now {
+                return true;
+            }
+            let left = slot - now;
+            if left > limit {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(left.min(self.config.window_ms()))).await;
+        }
+        true
+    }
+
     /// Renews this node's heartbeat now; `false` when the store is unavailable. [`Self::next`]
     /// does it every round; call it once at start so that others rank this node at once.
     pub async fn register(&self) -> bool {
@@ -359,51 +418,76 @@ impl RoundPlanner {
     /// yet, and decides whether it fetches that round. Never fails: when the coordination
     /// store does, the decision comes from the mesh view.
     pub async fn next(&self) -> RoundDecision {
-        let (providers, mut coordinated) = self.providers().await;
-        let now = self.clock.unix_ms();
         let interval_ms = self.config.interval_ms();
-        let mut round = self.round_at(now);
-        if let Some(last) = *self.lock_last() {
-            round = round.max(last + 1);
-        }
-        let mut ranking = Self::ranking(round, &providers);
-        let mut rank = position(&ranking, self.node);
-        // Our slot in the current round is over (we came late): take the next round.
-        if now >= round * interval_ms + self.config.slot_offset_ms(rank) + self.config.window_ms() {
-            round += 1;
-            ranking = Self::ranking(round, &providers);
-            rank = position(&ranking, self.node);
-        }
-        let round_start = round * interval_ms;
-        let mut slot = round_start + self.config.slot_offset_ms(rank);
-        // The list was read up to a round ago: a provider that registered (or restarted)
-        // since may rank before us. Read it again at our slot; if our rank changed, move to
-        // the new slot (at once when it is earlier, after a wait when it is later).
-        for refresh in 0..3 {
+        let mut attempt = 0;
+        let (round, round_start, ranking, rank, coordinated) = 'plan: loop {
+            attempt += 1;
+            let (providers, mut coordinated) = self.providers().await;
             let now = self.clock.unix_ms();
-            if slot > now {
-                tokio::time::sleep(Duration::from_millis(slot - now)).await;
+            let mut round = self.round_at(now);
+            if let Some(last) = *self.lock_last() {
+                if last > round + 1 {
+                    // The wall clock went back by more than a round (an NTP step, a VM
+                    // resumed): follow it rather than wait for the rounds already decided.
+                    tracing::warn!(
+                        last_round = last,
+                        round,
+                        "wall clock stepped back; rounds follow it"
+                    );
+                } else {
+                    round = round.max(last + 1);
+                }
             }
-            if refresh == 2 {
-                break;
+            let mut ranking = Self::ranking(round, &providers);
+            let mut rank = position(&ranking, self.node);
+            // Our slot in the current round is over (we came late): take the next round.
+            if now
+                >= round * interval_ms + self.config.slot_offset_ms(rank) + self.config.window_ms()
+            {
+                round += 1;
+                ranking = Self::ranking(round, &providers);
+                rank = position(&ranking, self.node);
             }
-            let (fresh, fresh_coordinated) = self.providers().await;
-            coordinated = fresh_coordinated;
-            let fresh_ranking = Self::ranking(round, &fresh);
-            let unchanged = fresh_ranking == ranking;
-            ranking = fresh_ranking;
-            rank = position(&ranking, self.node);
-            slot = round_start + self.config.slot_offset_ms(rank);
-            if unchanged || slot <= self.clock.unix_ms() {
-                break;
+            let round_start = round * interval_ms;
+            let mut slot = round_start + self.config.slot_offset_ms(rank);
+            // The list was read up to a round ago: a provider that registered (or restarted)
+            // since may rank before us. Read it again at our slot; if our rank changed, move
+            // to the new slot (at once when it is earlier, after a wait when it is later).
+            for refresh in 0..3 {
+                if !self.sleep_until(slot).await && attempt < 4 {
+                    *self.lock_last() = None;
+                    continue 'plan;
+                }
+                if refresh == 2 {
+                    break;
+                }
+                let (fresh, fresh_coordinated) = self.providers().await;
+                coordinated = fresh_coordinated;
+                let fresh_ranking = Self::ranking(round, &fresh);
+                let unchanged = fresh_ranking == ranking;
+                ranking = fresh_ranking;
+                rank = position(&ranking, self.node);
+                slot = round_start + self.config.slot_offset_ms(rank);
+                if unchanged || slot <= self.clock.unix_ms() {
+                    break;
+                }
             }
-        }
+            break (round, round_start, ranking, rank, coordinated);
+        };
         // Only now: a call cancelled while it waited leaves its round to the next call.
         *self.lock_last() = Some(round);
 
         let round_end = round_start + interval_ms;
-        let leased =
-            if coordinated { self.decide_by_lease(round, &ranking, round_end).await } else { None };
+        let clock = self.judge_clock();
+        let leased = if clock.is_some_and(|v| v.off) {
+            // No lease, no fetch: every node would refuse the batch, or it would belong to the
+            // wrong round.
+            Some((false, Via::Lease, Some(SkipReason::ClockSkew), false, None))
+        } else if coordinated {
+            self.decide_by_lease(round, &ranking, round_end).await
+        } else {
+            None
+        };
         let (fetch, via, skip_reason, taken_over, undelivered) = match leased {
             Some(outcome) => outcome,
             None => {
@@ -424,6 +508,7 @@ impl RoundPlanner {
             skip_reason,
             taken_over,
             undelivered,
+            clock,
             round_start_unix_ms: round_start,
             decided_at_unix_ms: self.clock.unix_ms(),
         };
@@ -517,13 +602,25 @@ impl RoundPlanner {
     /// Renews the heartbeat and lists the registered providers (`true`), or, when the store
     /// fails, the providers the mesh announced (`false`); this node is always included.
     async fn providers(&self) -> (Vec<NodeId>, bool) {
-        let registered =
+        let registered = if self.clock_is_off() {
+            // Out of the ranking while the clock is off, so that the others do not wait a
+            // window for this node every round.
+            if !self.withdrawn.swap(true, Ordering::Relaxed) {
+                self.leave().await;
+            }
+            self.coordination.active_providers().await
+        } else {
+            self.withdrawn.store(false, Ordering::Relaxed);
             match self.coordination.heartbeat(self.node, self.config.heartbeat_ttl).await {
                 Ok(()) => self.coordination.active_providers().await,
                 Err(error) => Err(error),
-            };
+            }
+        };
         let (mut providers, coordinated) = match registered {
-            Ok(providers) => {
+            Ok(mut providers) => {
+                if self.withdrawn.load(Ordering::Relaxed) {
+                    providers.retain(|n| *n != self.node);
+                }
                 if self.falling_back.swap(false, Ordering::Relaxed) {
                     tracing::info!("coordination store back; rounds decided by lease again");
                 }
@@ -574,6 +671,7 @@ mod tests {
     use std::collections::{BTreeMap, HashSet};
 
     use super::*;
+    use crate::clock::{ClockCheck, Reference};
     use crate::{MemoryCoordination, NoMesh};
 
     const START_MS: u64 = 1_750_000_000_000;
@@ -930,6 +1028,78 @@ mod tests {
             reasons,
             [Undelivered::Unregistered, Undelivered::Unregistered, Undelivered::NoExpiry].map(Some)
         );
+    }
+
+    /// A wall clock that can be stepped (an NTP step, a VM resumed).
+    struct SteppedClock {
+        base: TokioClock,
+        shift_ms: std::sync::atomic::AtomicI64,
+    }
+
+    impl Clock for SteppedClock {
+        fn unix_ms(&self) -> u64 {
+            (self.base.unix_ms() as i64 + self.shift_ms.load(Ordering::SeqCst)) as u64
+        }
+    }
+
+    /// Issue 34 item 2: a clock stepped back by an hour does not stall the provider for an
+    /// hour: the next round follows the new clock.
+    #[tokio::test(start_paused = true)]
+    async fn a_backward_clock_step_costs_at_most_a_round_or_two() {
+        let clock = Arc::new(SteppedClock {
+            base: TokioClock::starting_at(START_MS),
+            shift_ms: Default::default(),
+        });
+        let p = RoundPlanner::new(
+            config(),
+            node(1),
+            Arc::new(MemoryCoordination::new()),
+            Arc::new(NoMesh),
+        )
+        .with_clock(clock.clone());
+        let before = p.next().await;
+        assert!(before.fetch);
+        let planned = p.next();
+        tokio::pin!(planned);
+        // Step back an hour while it waits for its next slot.
+        assert!(tokio::time::timeout(Duration::from_secs(10), &mut planned).await.is_err());
+        clock.shift_ms.store(-3_600_000, Ordering::SeqCst);
+        let after = tokio::time::timeout(Duration::from_secs(65), planned)
+            .await
+            .expect("stalled for the length of the step");
+        assert!(after.fetch);
+        assert!(after.round + 100 < before.round, "rounds follow the clock: {after:?}");
+        // And the next one comes a round later, not an hour.
+        let next = tokio::time::timeout(Duration::from_secs(35), p.next()).await.expect("stalled");
+        assert_eq!(next.round, after.round + 1);
+    }
+
+    /// Issue 34 item 2: with its clock 8 s off (by the store's and Birdeye's readings), a
+    /// provider leaves the registry, takes no lease and fetches nothing; the others rank
+    /// without it. Right again, it comes back.
+    #[tokio::test(start_paused = true)]
+    async fn a_provider_whose_clock_is_off_takes_no_lease() {
+        let clock = Arc::new(TokioClock::starting_at(START_MS));
+        let store = Arc::new(MemoryCoordination::new());
+        let check = Arc::new(Mutex::new(ClockCheck::new(5_000)));
+        let p = RoundPlanner::new(config(), node(1), store.clone(), Arc::new(NoMesh))
+            .with_clock(clock.clone())
+            .with_clock_check(check.clone());
+        let now = clock.unix_ms() as i64;
+        check.lock().unwrap().observe(Reference::Birdeye, now - 8_000, now);
+        let d = p.next().await;
+        assert!(!d.fetch);
+        assert_eq!(d.skip_reason, Some(SkipReason::ClockSkew));
+        let verdict = d.clock.unwrap();
+        assert!(verdict.off && verdict.offset_ms == Some(8_000), "{verdict:?}");
+        assert!(store.active_providers().await.unwrap().is_empty(), "left the registry");
+        let lease = store.try_acquire_round(d.round, node(2), config().interval).await.unwrap();
+        assert!(lease.mine, "the round's lease was left free");
+        let now = clock.unix_ms() as i64;
+        check.lock().unwrap().observe(Reference::Birdeye, now, now);
+        let d = p.next().await;
+        assert!(d.fetch, "{d:?}");
+        assert_eq!(store.active_providers().await.unwrap(), vec![node(1)]);
     }
 
     /// A store that is down.

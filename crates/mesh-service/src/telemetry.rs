@@ -166,6 +166,14 @@ fn describe() {
             p::ROUNDS_UNDELIVERED_TOTAL,
             "Rounds leased by another provider (or a squatted key) whose batch had not arrived one window later, by reason"
         );
+        describe_gauge!(
+            p::CLOCK_OFFSET_SECONDS,
+            "This node's wall clock minus Birdeye's Date, Redis TIME and peers' timestamps (median)"
+        );
+        describe_gauge!(
+            p::CLOCK_MAX_SKEW_SECONDS,
+            "The allowed clock skew, MESH_MAX_CLOCK_SKEW_SECS"
+        );
         describe_counter!(
             p::ROUNDS_TAKEN_OVER_TOTAL,
             "Rounds this provider took over from a lease holder that did not deliver"
