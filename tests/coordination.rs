@@ -4,13 +4,14 @@
 // Fixtures and helpers of a test fail loudly on impossible input, as the tests do.
 #![allow(clippy::expect_used)]
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use deadpool_redis::redis;
 use mesh_coordination::redis::Health;
 use mesh_coordination::{
-    Coordination, MeshView, NoMesh, PlannerConfig, RedisCoordination, RoundDecision, RoundPlanner,
+    Coordination, MeshView, PlannerConfig, RedisCoordination, RoundDecision, RoundPlanner,
     SkipReason, Via,
 };
 use mesh_protocol::{Identity, NodeId};
@@ -53,7 +54,12 @@ fn run(
             if decision.fetch
                 && let Some(mesh) = &mesh
             {
-                mesh.fulfilled.lock().expect("mesh").insert(decision.round);
+                mesh.fulfilled
+                    .lock()
+                    .expect("mesh")
+                    .entry(decision.round)
+                    .or_default()
+                    .push(planner.node_id());
             }
             let round = decision.round;
             log.lock().expect("log").push((decision, planner.is_degraded()));
@@ -79,11 +85,13 @@ fn winners(decisions: &[RoundDecision]) -> Vec<&RoundDecision> {
 #[tokio::test(flavor = "current_thread")]
 async fn three_providers_take_turns_with_exactly_one_winner_per_round() -> anyhow::Result<()> {
     let prefix = format!("{}:", unique_name("mesh_test"));
+    // The mesh brings each winner's batch to the others at once.
+    let mesh = Arc::new(TestMesh { providers: Vec::new(), fulfilled: Mutex::default() });
     let mut planners = Vec::new();
     for _ in 0..3 {
         let node = Identity::generate().node_id();
         let store = redis_store(&redis_url(), &prefix)?;
-        planners.push(Arc::new(RoundPlanner::new(config(), node, store, Arc::new(NoMesh))));
+        planners.push(Arc::new(RoundPlanner::new(config(), node, store, mesh.clone())));
     }
     for p in &planners {
         assert!(p.register().await);
@@ -91,8 +99,10 @@ async fn three_providers_take_turns_with_exactly_one_winner_per_round() -> anyho
     let first = planners[0].round_at(now_ms()) + 2;
     let last = first + 49;
     let log = Log::default();
-    let tasks: Vec<_> =
-        planners.iter().map(|p| run(Arc::clone(p), last, log.clone(), None)).collect();
+    let tasks: Vec<_> = planners
+        .iter()
+        .map(|p| run(Arc::clone(p), last, log.clone(), Some(Arc::clone(&mesh))))
+        .collect();
     for task in tasks {
         task.await?;
     }
@@ -109,7 +119,7 @@ async fn three_providers_take_turns_with_exactly_one_winner_per_round() -> anyho
         *wins.entry(winner).or_default() += 1;
         rank_zero_wins += usize::from(won[0].rank == 0);
         for loser in decisions.iter().filter(|d| !d.fetch) {
-            assert_eq!(loser.skip_reason, Some(SkipReason::LeaseHeld));
+            assert_eq!(loser.skip_reason, Some(SkipReason::Fulfilled), "{loser:?}");
         }
     }
     assert_eq!(wins.len(), 3, "every provider wins some rounds: {wins:?}");
@@ -125,11 +135,12 @@ async fn a_provider_that_stops_heartbeating_is_replaced_one_window_later() -> an
     let prefix = format!("{}:", unique_name("mesh_test"));
     // Heartbeats long enough that the dead provider stays registered while we watch.
     let config = PlannerConfig { heartbeat_ttl: Duration::from_secs(60), ..config() };
+    let mesh = Arc::new(TestMesh { providers: Vec::new(), fulfilled: Mutex::default() });
     let mut planners = Vec::new();
     for _ in 0..3 {
         let node = Identity::generate().node_id();
         let store = redis_store(&redis_url(), &prefix)?;
-        planners.push(Arc::new(RoundPlanner::new(config, node, store, Arc::new(NoMesh))));
+        planners.push(Arc::new(RoundPlanner::new(config, node, store, mesh.clone())));
     }
     for p in &planners {
         assert!(p.register().await);
@@ -143,8 +154,10 @@ async fn a_provider_that_stops_heartbeating_is_replaced_one_window_later() -> an
         (first..).filter(|&r| RoundPlanner::ranking(r, &all)[0] == dead).take(3).collect();
     let last = dead_first[2];
     let log = Log::default();
-    let tasks: Vec<_> =
-        planners[1..].iter().map(|p| run(Arc::clone(p), last, log.clone(), None)).collect();
+    let tasks: Vec<_> = planners[1..]
+        .iter()
+        .map(|p| run(Arc::clone(p), last, log.clone(), Some(Arc::clone(&mesh))))
+        .collect();
     for task in tasks {
         task.await?;
     }
@@ -177,10 +190,70 @@ async fn a_provider_that_stops_heartbeating_is_replaced_one_window_later() -> an
     Ok(())
 }
 
+/// Issue 34 item 1: round keys written ahead into Redis by someone with access (junk, a node id
+/// that is not registered, a registered id with no expiry or a day's) stop nobody: rank 0 takes
+/// each round over at its slot.
+#[tokio::test(flavor = "current_thread")]
+async fn round_keys_written_ahead_into_redis_are_taken_over() -> anyhow::Result<()> {
+    let prefix = format!("{}:", unique_name("mesh_test"));
+    let mesh = Arc::new(TestMesh { providers: Vec::new(), fulfilled: Mutex::default() });
+    let mut planners = Vec::new();
+    for _ in 0..2 {
+        let node = Identity::generate().node_id();
+        let store = redis_store(&redis_url(), &prefix)?;
+        planners.push(Arc::new(RoundPlanner::new(config(), node, store, mesh.clone())));
+    }
+    for p in &planners {
+        assert!(p.register().await);
+    }
+    let first = planners[0].round_at(now_ms()) + 2;
+    let stranger = Identity::generate().node_id().to_string();
+    let ids: Vec<NodeId> = planners.iter().map(|p| p.node_id()).collect();
+    // A registered provider, but not the one that comes first in the round (whose own id the
+    // key would then hold).
+    let second = |round: u64| RoundPlanner::ranking(round, &ids)[1].to_string();
+    let squats: [(String, Option<u64>); 4] = [
+        ("junk".to_owned(), Some(86_400_000)),
+        (stranger, Some(86_400_000)),
+        (second(first + 2), None),
+        (second(first + 3), Some(86_400_000)),
+    ];
+    let client = redis::Client::open(redis_url())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    for (i, (value, px)) in squats.iter().enumerate() {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(format!("{prefix}coord:round:{}", first + i as u64)).arg(value);
+        if let Some(px) = px {
+            cmd.arg("PX").arg(*px);
+        }
+        cmd.query_async::<()>(&mut conn).await?;
+    }
+    let last = first + squats.len() as u64 - 1;
+    let log = Log::default();
+    let tasks: Vec<_> = planners
+        .iter()
+        .map(|p| run(Arc::clone(p), last, log.clone(), Some(Arc::clone(&mesh))))
+        .collect();
+    for task in tasks {
+        task.await?;
+    }
+    let rounds = by_round(&log);
+    for round in first..=last {
+        let won = winners(&rounds[&round]);
+        assert_eq!(won.len(), 1, "round {round}: {:#?}", rounds[&round]);
+        assert!(won[0].taken_over && won[0].undelivered.is_some(), "round {round}: {:?}", won[0]);
+        assert_eq!(won[0].rank, 0, "round {round}");
+        let offset = won[0].decided_at_unix_ms - won[0].round_start_unix_ms;
+        assert!(offset <= config().window.as_millis() as u64, "round {round} taken {offset} ms in");
+    }
+    delete_redis_prefix(&redis_url(), &prefix).await?;
+    Ok(())
+}
+
 /// The mesh as the providers see it: each other, and the rounds someone broadcast.
 struct TestMesh {
     providers: Vec<NodeId>,
-    fulfilled: Mutex<HashSet<u64>>,
+    fulfilled: Mutex<std::collections::HashMap<u64, Vec<NodeId>>>,
 }
 
 impl MeshView for TestMesh {
@@ -188,8 +261,8 @@ impl MeshView for TestMesh {
         self.providers.clone()
     }
 
-    fn round_fulfilled(&self, round: u64) -> bool {
-        self.fulfilled.lock().expect("mesh").contains(&round)
+    fn round_origins(&self, round: u64) -> Vec<NodeId> {
+        self.fulfilled.lock().expect("mesh").get(&round).cloned().unwrap_or_default()
     }
 }
 

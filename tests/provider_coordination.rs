@@ -1,6 +1,8 @@
 //! Several providers taking turns through one Redis, against birdeye-sim over real HTTP, with
 //! one-second rounds: exactly one fetch per round spread over the providers, a dead rank-0
-//! provider replaced one window later, and every round still fetched while Redis is down.
+//! provider replaced one window later, a lease holder whose Birdeye calls fail or that dies
+//! right after taking the lease replaced one window later, and every round still fetched while
+//! Redis is down.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // helpers of tests
 
 use std::collections::BTreeMap;
@@ -9,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use birdeye_sim::{Endpoint, Simulator, SimulatorHandle};
-use mesh_coordination::{Coordination, MeshView, RedisCoordination, RoundPlanner};
+use mesh_coordination::{Coordination, Lease, MeshView, RedisCoordination, RoundPlanner};
 use mesh_protocol::{Envelope, Identity, NodeId, Payload};
 use mesh_provider::{
     ApiKey, Assets, Broadcast, BroadcastError, ClientConfig, Provider, RetryPolicy, Settings,
@@ -79,16 +81,29 @@ impl MeshView for Mesh {
         self.providers.lock().unwrap().clone()
     }
 
-    fn round_fulfilled(&self, round: u64) -> bool {
-        self.seen.lock().unwrap().iter().any(|s| s.round == round)
+    fn round_origins(&self, round: u64) -> Vec<NodeId> {
+        self.seen.lock().unwrap().iter().filter(|s| s.round == round).map(|s| s.origin).collect()
     }
 }
 
 /// A coordination client whose process "dies": after `kill` it never speaks to Redis again,
-/// so its heartbeat stays until it expires, as when a node is killed.
+/// so its heartbeat stays until it expires, as when a node is killed. With `die_on_lease`, it
+/// dies right after it took a round's lease, before anything is fetched: the call never
+/// returns.
 struct Killable {
     inner: RedisCoordination,
     dead: AtomicBool,
+    die_on_lease: AtomicBool,
+}
+
+impl Killable {
+    fn new(url: &str, prefix: &str) -> Arc<Self> {
+        Arc::new(Killable {
+            inner: redis_coordination(url, prefix),
+            dead: AtomicBool::new(false),
+            die_on_lease: AtomicBool::new(false),
+        })
+    }
 }
 
 #[async_trait::async_trait]
@@ -116,11 +131,29 @@ impl Coordination for Killable {
         round: u64,
         node: NodeId,
         lease: Duration,
+    ) -> mesh_coordination::Result<Lease> {
+        if self.dead.load(Ordering::SeqCst) {
+            return Err(mesh_coordination::Error::Unavailable);
+        }
+        let taken = self.inner.try_acquire_round(round, node, lease).await?;
+        if taken.mine && self.die_on_lease.load(Ordering::SeqCst) {
+            self.dead.store(true, Ordering::SeqCst);
+            std::future::pending::<()>().await;
+        }
+        Ok(taken)
+    }
+
+    async fn take_over_round(
+        &self,
+        round: u64,
+        node: NodeId,
+        previous: &str,
+        lease: Duration,
     ) -> mesh_coordination::Result<bool> {
         if self.dead.load(Ordering::SeqCst) {
-            return Ok(false);
+            return Err(mesh_coordination::Error::Unavailable);
         }
-        self.inner.try_acquire_round(round, node, lease).await
+        self.inner.take_over_round(round, node, previous, lease).await
     }
 
     fn is_degraded(&self) -> bool {
@@ -152,6 +185,7 @@ fn settings(sim: &SimulatorHandle) -> Settings {
             ..ClientConfig::default()
         },
         clock_offset_ms: 0,
+        max_clock_skew: mesh_provider::config::DEFAULT_MAX_CLOCK_SKEW,
     }
 }
 
@@ -244,14 +278,8 @@ async fn a_dead_rank0_provider_is_replaced_one_window_later() {
     let prefix = format!("{}:", unique_name("mesh_test_provider"));
     let sim = sim_keys().spawn("127.0.0.1:0").await.unwrap();
     let mesh = Arc::new(Mesh::default());
-    let killables: Vec<Arc<Killable>> = (0..3)
-        .map(|_| {
-            Arc::new(Killable {
-                inner: redis_coordination(&redis_url(), &prefix),
-                dead: AtomicBool::new(false),
-            })
-        })
-        .collect();
+    let killables: Vec<Arc<Killable>> =
+        (0..3).map(|_| Killable::new(&redis_url(), &prefix)).collect();
     let coordinations = killables.iter().map(|k| k.clone() as Arc<dyn Coordination>).collect();
     let providers = start_providers(&sim, &mesh, coordinations).await;
     let ids: Vec<NodeId> = providers.iter().map(Provider::node_id).collect();
@@ -336,4 +364,110 @@ async fn with_redis_down_every_round_is_still_fetched() {
         "Redis down for {} rounds: {batches} batches, {duplicates} duplicates",
         rounds.end - rounds.start
     );
+}
+
+/// Successful multi-price answers (one per chain and fetch) during `round`, and requests from
+/// keys other than `except`.
+fn round_calls(sim: &SimulatorHandle, round: u64, except: &str) -> (usize, usize) {
+    let (from, to) = (round as i64 * INTERVAL_MS, (round as i64 + 1) * INTERVAL_MS);
+    let requests: Vec<_> = sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.endpoint == Endpoint::MultiPrice && (from..to).contains(&r.at_unix_ms))
+        .collect();
+    let ok = requests.iter().filter(|r| r.status == 200).count();
+    let others = requests.iter().filter(|r| r.key != except).count();
+    (ok, others)
+}
+
+/// Issue 34 item 1: the provider of key `k0` keeps its lease rounds but every Birdeye call it
+/// makes fails (500, retried until the round ends). Each of its rounds is still fetched, by the
+/// next rank one window after the lease was taken, with one fetch's worth of extra requests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_holder_whose_birdeye_calls_fail_is_taken_over_one_window_later() {
+    let prefix = format!("{}:", unique_name("mesh_test_provider"));
+    let sim = sim_keys().spawn("127.0.0.1:0").await.unwrap();
+    let mesh = Arc::new(Mesh::default());
+    let coordinations: Vec<Arc<dyn Coordination>> =
+        (0..3).map(|_| Arc::new(redis_coordination(&redis_url(), &prefix)) as _).collect();
+    let providers = start_providers(&sim, &mesh, coordinations).await;
+    let ids: Vec<NodeId> = providers.iter().map(Provider::node_id).collect();
+    sim.set_failing_key("k0", Some(birdeye_sim::Failure::status(500)));
+
+    let first = current_round() + 2;
+    let rounds = first..first + 12;
+    wait_for_round(&mesh, rounds.end).await;
+    for provider in &providers {
+        provider.shutdown().await;
+    }
+    let by_round = mesh.by_round(rounds.clone());
+    let mut taken_over = 0;
+    for (round, seen) in &by_round {
+        let (ok, others) = round_calls(&sim, *round, "k0");
+        assert_eq!(seen.len(), 1, "round {round} fetched {} times: {seen:?}", seen.len());
+        assert_ne!(seen[0].origin, ids[0], "round {round}: the failing provider sent a batch");
+        assert_eq!(ok, 2, "round {round}: one successful fetch (one request per chain)");
+        let ranking = RoundPlanner::ranking(*round, &ids);
+        if ranking[0] == ids[0] {
+            taken_over += 1;
+            let late = seen[0].created_at_ms - *round as i64 * INTERVAL_MS;
+            assert!(
+                (WINDOW_MS..INTERVAL_MS).contains(&late),
+                "round {round} fetched {late} ms in; the take-over is one window ({WINDOW_MS} ms) in"
+            );
+        }
+        // The honest keys made one fetch (two requests), whoever held the lease.
+        assert_eq!(others, 2, "round {round}: {others} requests from the working keys");
+    }
+    assert!(taken_over >= 1, "the failing provider ranked first in no round: rerun");
+    let failing = sim.stats().key("k0");
+    println!("taken over {taken_over} of 12 rounds; failing key: {failing:?}");
+    delete_redis_prefix(&redis_url(), &prefix).await.unwrap();
+}
+
+/// Issue 34 item 1: a provider killed right after it took a round's lease (before fetching,
+/// its heartbeat still registered) costs that round one window, no more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_holder_killed_right_after_taking_the_lease_costs_one_window() {
+    let prefix = format!("{}:", unique_name("mesh_test_provider"));
+    let sim = sim_keys().spawn("127.0.0.1:0").await.unwrap();
+    let mesh = Arc::new(Mesh::default());
+    let killables: Vec<Arc<Killable>> =
+        (0..3).map(|_| Killable::new(&redis_url(), &prefix)).collect();
+    let coordinations = killables.iter().map(|k| k.clone() as Arc<dyn Coordination>).collect();
+    let providers = start_providers(&sim, &mesh, coordinations).await;
+    let ids: Vec<NodeId> = providers.iter().map(Provider::node_id).collect();
+
+    // The rank-0 provider of round `r` dies when it takes a lease from the middle of the round
+    // before (it may take none before `r`).
+    let r = current_round() + 3;
+    let victim_id = RoundPlanner::ranking(r, &ids)[0];
+    let victim = ids.iter().position(|id| *id == victim_id).unwrap();
+    let arm_at = (r as i64 - 1) * INTERVAL_MS + 500;
+    eventually("the middle of the round before", Duration::from_secs(5), async || {
+        now_ms() >= arm_at
+    })
+    .await
+    .unwrap();
+    killables[victim].die_on_lease.store(true, Ordering::SeqCst);
+    let rounds = r..r + 4;
+    wait_for_round(&mesh, rounds.end).await;
+    let died = killables[victim].dead.load(Ordering::SeqCst);
+    for provider in &providers {
+        provider.shutdown().await;
+    }
+    assert!(died, "the victim never took a lease");
+    let by_round = mesh.by_round(rounds.clone());
+    for (round, seen) in &by_round {
+        assert_eq!(seen.len(), 1, "round {round} fetched {} times: {seen:?}", seen.len());
+        assert_ne!(seen[0].origin, victim_id, "the dead provider fetched round {round}");
+    }
+    let late = by_round[&r][0].created_at_ms - r as i64 * INTERVAL_MS;
+    assert!(
+        (WINDOW_MS..INTERVAL_MS).contains(&late),
+        "round {r} fetched {late} ms in; the take-over is one window ({WINDOW_MS} ms) in"
+    );
+    // Nothing was fetched for the dead holder's lease: one fetch per round.
+    assert_eq!(upstream_calls(&sim, rounds.clone()), 2 * rounds.clone().count());
+    delete_redis_prefix(&redis_url(), &prefix).await.unwrap();
 }

@@ -43,6 +43,7 @@ fn settings(sim: &SimulatorHandle, interval: Duration, window: Duration) -> Sett
             ..ClientConfig::default()
         },
         clock_offset_ms: 0,
+        max_clock_skew: mesh_provider::config::DEFAULT_MAX_CLOCK_SKEW,
     }
 }
 

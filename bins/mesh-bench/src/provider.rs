@@ -137,6 +137,7 @@ async fn round_latency(
             ..ClientConfig::default()
         },
         clock_offset_ms: 0,
+        max_clock_skew: mesh_provider::config::DEFAULT_MAX_CLOCK_SKEW,
     };
     let (broadcast, mut batches) = ChannelBroadcast::new(args.rounds + 8, 1);
     let provider = Provider::builder(Identity::generate(), settings, Arc::new(broadcast))

@@ -198,10 +198,10 @@ async fn redis_figures(
         (Vec::with_capacity(args.iterations), Vec::with_capacity(args.iterations));
     for round in 0..args.iterations as u64 {
         let started = Instant::now();
-        let first = coordination.try_acquire_round(round, me, lease).await?;
+        let first = coordination.try_acquire_round(round, me, lease).await?.mine;
         won.push(started.elapsed());
         let started = Instant::now();
-        let second = coordination.try_acquire_round(round, other, lease).await?;
+        let second = coordination.try_acquire_round(round, other, lease).await?.mine;
         lost.push(started.elapsed());
         anyhow::ensure!(first && !second, "round {round}: won {first}, second holder {second}");
     }

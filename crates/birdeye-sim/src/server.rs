@@ -225,7 +225,8 @@ fn decide(state: &mut State, request: &Request<'_>) -> Answer {
         answer.retry_after = Some(retry_after);
         return answer;
     }
-    if let Some(failure) = state.faults.fail_next.pop_front() {
+    let failure = state.faults.failing_keys.get(key).copied();
+    if let Some(failure) = failure.or_else(|| state.faults.fail_next.pop_front()) {
         let status =
             StatusCode::from_u16(failure.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let message = match status.as_u16() {

@@ -126,6 +126,9 @@ pub(crate) struct Faults {
     pub(crate) null_tokens: HashSet<String>,
     pub(crate) missing_tokens: HashSet<String>,
     pub(crate) fail_next: VecDeque<Failure>,
+    /// Keys whose every authorised request fails (a provider whose Birdeye calls fail while
+    /// the others' succeed).
+    pub(crate) failing_keys: HashMap<String, Failure>,
     pub(crate) rate_limit_per_sec: Option<u32>,
 }
 
@@ -362,6 +365,7 @@ impl SimulatorBuilder {
                 null_tokens: self.null_tokens.into_iter().collect(),
                 missing_tokens: self.missing_tokens.into_iter().collect(),
                 fail_next: VecDeque::new(),
+                failing_keys: HashMap::new(),
                 rate_limit_per_sec: self.rate_limit_per_sec,
             },
             unknown: self.unknown,
@@ -519,6 +523,17 @@ impl SimulatorHandle {
     /// Leaves these addresses out of answers (replaces the previous set).
     pub fn set_missing_tokens<I: IntoIterator<Item = S>, S: Into<String>>(&self, addresses: I) {
         self.shared.lock().faults.missing_tokens = addresses.into_iter().map(Into::into).collect();
+    }
+
+    /// Every authorised request with `key` fails with `failure` (`None`: answers again), while
+    /// other keys are served: one provider's Birdeye calls fail.
+    pub fn set_failing_key(&self, key: impl Into<String>, failure: Option<Failure>) {
+        let mut state = self.shared.lock();
+        let key = key.into();
+        match failure {
+            Some(failure) => state.faults.failing_keys.insert(key, failure),
+            None => state.faults.failing_keys.remove(&key),
+        };
     }
 
     /// The next `count` authorised requests fail with `failure`.

@@ -1,11 +1,15 @@
 //! The registry and leases in Redis, shared by every provider that uses the same Redis.
 //!
 //! Keys: `{prefix}coord:providers`, a sorted set of node ids scored by the end of their
-//! heartbeat (Unix ms), and `{prefix}coord:round:{r}`, the lease of round `r`, holding the
-//! winner's node id and expiring after the lease (`SET ... NX PX`).
+//! heartbeat (Unix ms by Redis `TIME`), and `{prefix}coord:round:{r}`, the lease of round `r`,
+//! holding the winner's node id and expiring after the lease (`SET ... NX PX`).
+//!
+//! Every time here is Redis's own (`TIME`, `PTTL`), read in the same script as the write:
+//! a provider whose clock is wrong neither registers for too long nor misjudges a lease's age.
 
 use std::future::Future;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use deadpool_redis::redis;
 use deadpool_redis::{Connection, Pool};
@@ -13,7 +17,40 @@ use mesh_protocol::NodeId;
 
 pub use mesh_health::Health;
 
-use crate::{Coordination, Error, Result};
+use crate::{Coordination, Error, Lease, Result, StoreTime};
+
+/// `TIME` as Unix milliseconds, in the scripts below.
+const NOW_MS: &str = "local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+";
+
+/// KEYS[1] providers; ARGV node, ttl ms, set expiry ms. Returns Redis's time.
+const HEARTBEAT: &str =
+    "redis.call('ZADD', KEYS[1], string.format('%.0f', now + tonumber(ARGV[2])), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return string.format('%.0f', now)";
+
+/// KEYS[1] providers. Returns Redis's time and the members whose heartbeat has not ended.
+const ACTIVE: &str = "local n = string.format('%.0f', now)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', n)
+return {n, redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. n, '+inf')}";
+
+/// KEYS[1] the round; ARGV node, lease ms. Returns the value (empty when not a string), its
+/// remaining time (PTTL: -1 without expiry) and Redis's time.
+const ACQUIRE: &str = "redis.pcall('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2])
+local v = redis.pcall('GET', KEYS[1])
+if type(v) ~= 'string' then v = '' end
+return {v, redis.call('PTTL', KEYS[1]), string.format('%.0f', now)}";
+
+/// KEYS[1] the round; ARGV previous value, node, lease ms. 1 when the node holds it after.
+const TAKE_OVER: &str = "local v = redis.pcall('GET', KEYS[1])
+if type(v) ~= 'string' and v ~= false then v = '' end
+if v == ARGV[2] then return 1 end
+if v == false or v == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0";
 
 /// [`Coordination`] through Redis.
 ///
@@ -27,6 +64,7 @@ pub struct RedisCoordination {
     providers_key: String,
     round_prefix: String,
     health: Health,
+    time: Mutex<Option<StoreTime>>,
 }
 
 impl RedisCoordination {
@@ -43,6 +81,7 @@ impl RedisCoordination {
             providers_key: format!("{prefix}coord:providers"),
             round_prefix: format!("{prefix}coord:round:"),
             health,
+            time: Mutex::new(None),
         }
     }
 
@@ -80,31 +119,53 @@ impl RedisCoordination {
     }
 }
 
-fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+/// `EVAL` of `body` after [`NOW_MS`] on one key.
+fn script(body: &str, key: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(format!("{NOW_MS}{body}")).arg(1).arg(key);
+    cmd
 }
 
 fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
+impl RedisCoordination {
+    /// Runs `cmd` (a script answering Redis's time first) and keeps the time it read.
+    async fn timed<T>(&self, cmd: redis::Cmd) -> Result<T>
+    where
+        T: redis::FromRedisValue + Send + 'static,
+        (String, T): redis::FromRedisValue,
+    {
+        let started = Instant::now();
+        let (now, value): (String, T) =
+            self.guarded(|mut conn| async move { cmd.query_async(&mut conn).await }).await?;
+        self.keep_time(&now, started);
+        Ok(value)
+    }
+
+    /// Keeps Redis's time `now` (Unix ms, as the scripts answer it) read by a call started at
+    /// `started`.
+    fn keep_time(&self, now: &str, started: Instant) {
+        if let Ok(unix_ms) = now.parse() {
+            let received = Instant::now();
+            let reading = StoreTime { unix_ms, received, round_trip: received - started };
+            *self.time.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(reading);
+        }
+    }
+}
+
 #[async_trait::async_trait]
 impl Coordination for RedisCoordination {
     async fn heartbeat(&self, node: NodeId, ttl: Duration) -> Result<()> {
-        let until = unix_ms().saturating_add(millis(ttl));
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("ZADD")
-            .arg(&self.providers_key)
-            .arg(until)
-            .arg(node.to_string())
-            .ignore()
-            // The set disappears when every provider has stopped.
-            .cmd("PEXPIRE")
-            .arg(&self.providers_key)
-            .arg(millis(ttl).saturating_mul(2))
-            .ignore();
-        self.guarded(|mut conn| async move { pipe.query_async::<()>(&mut conn).await }).await
+        let mut cmd = script(HEARTBEAT, &self.providers_key);
+        // The set disappears when every provider has stopped.
+        cmd.arg(node.to_string()).arg(millis(ttl)).arg(millis(ttl).saturating_mul(2));
+        let started = Instant::now();
+        let now: String =
+            self.guarded(|mut conn| async move { cmd.query_async(&mut conn).await }).await?;
+        self.keep_time(&now, started);
+        Ok(())
     }
 
     async fn deregister(&self, node: NodeId) -> Result<()> {
@@ -114,43 +175,45 @@ impl Coordination for RedisCoordination {
     }
 
     async fn active_providers(&self) -> Result<Vec<NodeId>> {
-        let now = unix_ms();
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .cmd("ZREMRANGEBYSCORE")
-            .arg(&self.providers_key)
-            .arg("-inf")
-            .arg(now)
-            .ignore()
-            .cmd("ZRANGEBYSCORE")
-            .arg(&self.providers_key)
-            .arg(format!("({now}"))
-            .arg("+inf");
-        let (members,): (Vec<String>,) =
-            self.guarded(|mut conn| async move { pipe.query_async(&mut conn).await }).await?;
+        let members: Vec<String> = self.timed(script(ACTIVE, &self.providers_key)).await?;
         Ok(members.iter().filter_map(|m| m.parse().ok()).collect())
     }
 
-    async fn try_acquire_round(&self, round: u64, node: NodeId, lease: Duration) -> Result<bool> {
-        let key = self.round_key(round);
+    async fn try_acquire_round(&self, round: u64, node: NodeId, lease: Duration) -> Result<Lease> {
         let me = node.to_string();
-        self.guarded(|mut conn| async move {
-            let set: Option<String> = redis::cmd("SET")
-                .arg(&key)
-                .arg(&me)
-                .arg("NX")
-                .arg("PX")
-                .arg(millis(lease))
-                .query_async(&mut conn)
-                .await?;
-            if set.is_some() {
-                return Ok(true);
-            }
-            // Taken: by us already (a retried call) or by another provider.
-            let holder: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
-            Ok(holder.as_deref() == Some(me.as_str()))
-        })
-        .await
+        let mut cmd = script(ACQUIRE, &self.round_key(round));
+        cmd.arg(&me).arg(millis(lease));
+        let (value, pttl, _now): (String, i64, String) =
+            self.guarded(|mut conn| async move { cmd.query_async(&mut conn).await }).await?;
+        let lease_ms = millis(lease) as i64;
+        // Taken by a provider: it expires `lease` after it was taken. Anything else (no
+        // expiry, a longer one) was not written by a provider of this interval.
+        let age =
+            (0..=lease_ms).contains(&pttl).then(|| Duration::from_millis((lease_ms - pttl) as u64));
+        Ok(Lease { mine: value == me, value, age })
+    }
+
+    async fn take_over_round(
+        &self,
+        round: u64,
+        node: NodeId,
+        previous: &str,
+        lease: Duration,
+    ) -> Result<bool> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(TAKE_OVER)
+            .arg(1)
+            .arg(self.round_key(round))
+            .arg(previous)
+            .arg(node.to_string())
+            .arg(millis(lease));
+        let taken: i64 =
+            self.guarded(|mut conn| async move { cmd.query_async(&mut conn).await }).await?;
+        Ok(taken == 1)
+    }
+
+    fn store_time(&self) -> Option<StoreTime> {
+        *self.time.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn is_degraded(&self) -> bool {

@@ -231,6 +231,17 @@ pub struct BirdeyeClient {
     /// The key as a header value marked sensitive (hidden from reqwest's and our `Debug`).
     key_header: HeaderValue,
     config: ClientConfig,
+    /// The `Date` of Birdeye's last answer, for the clock check (shared by clones).
+    last_date: std::sync::Arc<std::sync::Mutex<Option<ServerDate>>>,
+}
+
+/// The `Date` header of an answer: Birdeye's clock, to the second.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerDate {
+    /// The date, Unix milliseconds (whole seconds).
+    pub unix_ms: i64,
+    /// When the answer arrived (this process's monotonic clock).
+    pub received: std::time::Instant,
 }
 
 impl std::fmt::Debug for BirdeyeClient {
@@ -282,7 +293,7 @@ impl BirdeyeClient {
             .connect_timeout(config.connect_timeout)
             .build()
             .map_err(|e| Error::Config { reason: format!("HTTP client: {e}") })?;
-        Ok(Self { http, base, key_header, config })
+        Ok(Self { http, base, key_header, config, last_date: Default::default() })
     }
 
     /// The settings in use.
@@ -442,6 +453,19 @@ impl BirdeyeClient {
             .map_err(|e| self.transport_error(e))?;
         let status = response.status();
         let retry_after = response.headers().get(RETRY_AFTER).and_then(parse_retry_after);
+        if let Some(unix_ms) = response
+            .headers()
+            .get(reqwest::header::DATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| httpdate::parse_http_date(v).ok())
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        {
+            let date = ServerDate {
+                unix_ms: unix_ms.as_millis() as i64,
+                received: std::time::Instant::now(),
+            };
+            *self.last_date.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(date);
+        }
         let body = read_body(response).await.map_err(|e| match e {
             BodyError::Transport(e) => self.transport_error(e),
             BodyError::TooLarge => {
@@ -458,6 +482,11 @@ impl BirdeyeClient {
             s if s.is_server_error() => Err(Error::Server { status: s.as_u16() }),
             s => Err(Error::UnexpectedStatus { status: s.as_u16(), message: message() }),
         }
+    }
+
+    /// The `Date` of the last answer Birdeye gave (any status), if it sent one.
+    pub fn last_server_date(&self) -> Option<ServerDate> {
+        *self.last_date.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn transport_error(&self, error: reqwest::Error) -> Error {

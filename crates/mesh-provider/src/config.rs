@@ -239,6 +239,7 @@ impl Config {
             assets: self.assets.clone(),
             client: ClientConfig { base_url: self.base_url.clone(), ..ClientConfig::default() },
             clock_offset_ms: self.clock_offset_ms,
+            max_clock_skew: DEFAULT_MAX_CLOCK_SKEW,
         }
     }
 }
@@ -257,9 +258,17 @@ pub struct Settings {
     pub assets: Assets,
     /// How to reach Birdeye.
     pub client: ClientConfig,
-    /// Added to every timestamp stamped (see [`Config::clock_offset_ms`]).
+    /// Added to every timestamp stamped and to the wall clock the rounds follow (see
+    /// [`Config::clock_offset_ms`]).
     pub clock_offset_ms: i64,
+    /// The allowed clock skew (`MESH_MAX_CLOCK_SKEW_SECS`, 5 s): a provider whose clock is
+    /// further off than this from Birdeye's, Redis's and peers' takes no lease and publishes
+    /// nothing.
+    pub max_clock_skew: Duration,
 }
+
+/// The default of [`Settings::max_clock_skew`] (the default `MESH_MAX_CLOCK_SKEW_SECS`).
+pub const DEFAULT_MAX_CLOCK_SKEW: Duration = Duration::from_secs(5);
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]

@@ -52,7 +52,7 @@ pub use assets::{Asset, AssetError, Assets};
 pub use broadcast::{Broadcast, BroadcastError, ChannelBroadcast};
 pub use client::{
     ApiKey, BirdeyeClient, ClientConfig, MissingReason, MissingToken, MultiPriceMethod, PriceSet,
-    RetryPolicy, TokenPrice,
+    RetryPolicy, ServerDate, TokenPrice,
 };
 pub use config::{Config, ConfigError, ConfigErrors, Settings};
 pub use provider::{FetchOutcome, Provider, ProviderBuilder, ProviderStatus};
@@ -93,6 +93,16 @@ pub enum Error {
     /// The provider was shut down.
     #[error("the provider is shut down")]
     ShutDown,
+    /// This node's clock is off by more than the allowed skew: the batch was not sent.
+    #[error(
+        "wall clock is off by {offset_ms} ms, more than MESH_MAX_CLOCK_SKEW_SECS allows ({max_ms} ms)"
+    )]
+    ClockSkew {
+        /// The estimated offset (local minus references), ms.
+        offset_ms: i64,
+        /// The allowed skew, ms.
+        max_ms: i64,
+    },
 }
 
 impl Error {
@@ -107,6 +117,7 @@ impl Error {
             Error::RoundOver { .. } => "round_over",
             Error::NoPrices { .. } => "no_prices",
             Error::ShutDown => "shut_down",
+            Error::ClockSkew { .. } => "clock_skew",
         }
     }
 }

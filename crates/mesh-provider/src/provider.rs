@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mesh_coordination::{
-    Coordination, MemoryCoordination, MeshView, NoMesh, PlannerConfig, RoundDecision, RoundPlanner,
-    SkipReason, Via,
+    ClockCheck, ClockVerdict, Coordination, MemoryCoordination, MeshView, NoMesh, OffsetClock,
+    PlannerConfig, Reference, RoundDecision, RoundPlanner, SkipReason, Via,
 };
 use mesh_protocol::{Body, Envelope, Identity, NodeId, Payload, PriceUpdate};
 use tokio::task::JoinHandle;
@@ -46,9 +46,17 @@ pub struct ProviderBuilder {
     coordination: Arc<dyn Coordination>,
     mesh: Arc<dyn MeshView>,
     cancel: CancellationToken,
+    clock_check: Option<Arc<Mutex<ClockCheck>>>,
 }
 
 impl ProviderBuilder {
+    /// The clock check shared with the node, which feeds it peers' timestamps (default: one
+    /// of the provider's own, fed by Birdeye's `Date` and the store's `TIME`).
+    pub fn clock_check(mut self, check: Arc<Mutex<ClockCheck>>) -> Self {
+        self.clock_check = Some(check);
+        self
+    }
+
     /// The registry and leases shared with other providers (default: in memory, this node
     /// alone).
     pub fn coordination(mut self, coordination: Arc<dyn Coordination>) -> Self {
@@ -73,6 +81,9 @@ impl ProviderBuilder {
     pub fn build(self) -> Provider {
         let node_id = self.identity.node_id();
         let (status, _) = tokio::sync::watch::channel(ProviderStatus::disabled(node_id));
+        let skew_ms = self.settings.max_clock_skew.as_millis() as i64;
+        let clock_check =
+            self.clock_check.unwrap_or_else(|| Arc::new(Mutex::new(ClockCheck::new(skew_ms))));
         Provider {
             inner: Arc::new(Inner {
                 identity: self.identity,
@@ -86,6 +97,7 @@ impl ProviderBuilder {
                 status,
                 running: tokio::sync::Mutex::new(None),
                 last_timestamps: Mutex::new(HashMap::new()),
+                clock_check,
             }),
         }
     }
@@ -119,6 +131,8 @@ struct Inner {
     /// Newest timestamp sent per (chain, address): kept across enable/disable so timestamps
     /// only ever grow.
     last_timestamps: Mutex<HashMap<(String, String), i64>>,
+    /// Is this node's clock right (issue 34)?
+    clock_check: Arc<Mutex<ClockCheck>>,
 }
 
 struct Running {
@@ -140,6 +154,7 @@ impl Provider {
             coordination: Arc::new(MemoryCoordination::new()),
             mesh: Arc::new(NoMesh),
             cancel: CancellationToken::new(),
+            clock_check: None,
         }
     }
 
@@ -163,7 +178,9 @@ impl Provider {
     /// (`Invalid API key` for 401) and is returned as the error.
     pub async fn enable(&self, key: ApiKey) -> Result<()> {
         let client = BirdeyeClient::with_config(key, self.inner.settings.client.clone())?;
-        if let Err(error) = client.validate_key().await {
+        let validated = client.validate_key().await;
+        self.inner.observe_birdeye_date(&client);
+        if let Err(error) = validated {
             if error.is_key_rejected() {
                 let reason = error.to_string();
                 self.inner.status.send_modify(|s| {
@@ -247,9 +264,11 @@ async fn run(inner: Arc<Inner>, client: BirdeyeClient, cancel: CancellationToken
         node,
         inner.coordination.clone(),
         inner.mesh.clone(),
-    );
+    )
+    .with_clock(Arc::new(OffsetClock(settings.clock_offset_ms)))
+    .with_clock_check(inner.clock_check.clone());
     let interval_ms = settings.interval.as_millis().max(1) as i64;
-    let mut next_round = planner.round_at(unix_ms_now().max(0) as u64);
+    let mut next_round = planner.round_at(inner.now_ms().max(0) as u64);
     loop {
         inner.status.send_modify(|s| {
             s.next_round = Some(next_round);
@@ -261,9 +280,20 @@ async fn run(inner: Arc<Inner>, client: BirdeyeClient, cancel: CancellationToken
             decision = planner.next() => decision,
         };
         next_round = decision.round + 1;
+        if let Some(verdict) = decision.clock {
+            inner.report_clock(verdict);
+        }
+        if let Some(why) = decision.undelivered {
+            metrics::counter!(telemetry::ROUNDS_UNDELIVERED_TOTAL, "reason" => why.label())
+                .increment(1);
+        }
+        if decision.taken_over {
+            metrics::counter!(telemetry::ROUNDS_TAKEN_OVER_TOTAL).increment(1);
+        }
         if !decision.fetch {
             let reason = match decision.skip_reason {
                 Some(SkipReason::Fulfilled) => "fulfilled",
+                Some(SkipReason::ClockSkew) => "clock_skew",
                 _ => "lease_held",
             };
             metrics::counter!(telemetry::ROUNDS_SKIPPED_TOTAL, "reason" => reason).increment(1);
@@ -307,8 +337,19 @@ async fn fetch_round(
     metrics::counter!(telemetry::FETCH_ATTEMPTS_TOTAL).increment(1);
     // The batch must belong to its round: stop trying when the round is over.
     let round_end_ms = decision.round_start_unix_ms as i64 + settings.interval.as_millis() as i64;
-    let budget = Duration::from_millis((round_end_ms - unix_ms_now()).max(100) as u64);
-    let set = match tokio::time::timeout(budget, client.prices(settings.assets.as_slice())).await {
+    let budget = Duration::from_millis((round_end_ms - inner.now_ms()).max(100) as u64);
+    let fetched = tokio::time::timeout(budget, client.prices(settings.assets.as_slice())).await;
+    // Birdeye's answer says what time it is: a batch stamped by a clock found off is not sent.
+    inner.observe_birdeye_date(client);
+    let verdict = inner.judge_clock();
+    inner.report_clock(verdict);
+    if verdict.off {
+        return RoundOutcome::Failed(Error::ClockSkew {
+            offset_ms: verdict.offset_ms.unwrap_or(0),
+            max_ms: settings.max_clock_skew.as_millis() as i64,
+        });
+    }
+    let set = match fetched {
         Ok(Ok(set)) => set,
         Ok(Err(error)) if error.is_key_rejected() => return RoundOutcome::KeyRejected(error),
         Ok(Err(error)) => return RoundOutcome::Failed(error.into()),
@@ -327,7 +368,8 @@ async fn fetch_round(
         return RoundOutcome::Failed(Error::NoPrices { round: decision.round });
     }
     let prices = inner.stamp(set.prices);
-    let created_at_ms = prices.iter().map(|p| p.timestamp_ms).max().unwrap_or_else(unix_ms_now);
+    let created_at_ms =
+        prices.iter().map(|p| p.timestamp_ms).max().unwrap_or_else(|| inner.now_ms());
     let assets = prices.len();
     let body = Body::new(
         &inner.identity,
@@ -356,6 +398,52 @@ async fn fetch_round(
 }
 
 impl Inner {
+    /// This node's wall clock (with the configured test offset), Unix ms.
+    fn now_ms(&self) -> i64 {
+        unix_ms_now().saturating_add(self.settings.clock_offset_ms)
+    }
+
+    /// Feeds the `Date` of Birdeye's last answer to the clock check (the date is whole
+    /// seconds: its middle is the best guess).
+    fn observe_birdeye_date(&self, client: &BirdeyeClient) {
+        if let Some(date) = client.last_server_date() {
+            let local = self.now_ms().saturating_sub(date.received.elapsed().as_millis() as i64);
+            let mut check = self.clock_check.lock().unwrap_or_else(|p| p.into_inner());
+            check.observe(Reference::Birdeye, date.unix_ms + 500, local);
+        }
+    }
+
+    fn judge_clock(&self) -> ClockVerdict {
+        let mut check = self.clock_check.lock().unwrap_or_else(|p| p.into_inner());
+        check.verdict(self.now_ms())
+    }
+
+    /// The gauge every time; the log and the status once per change.
+    fn report_clock(&self, verdict: ClockVerdict) {
+        let max_secs = self.settings.max_clock_skew.as_secs();
+        metrics::gauge!(telemetry::CLOCK_MAX_SKEW_SECONDS).set(max_secs as f64);
+        if let Some(offset) = verdict.offset_ms {
+            metrics::gauge!(telemetry::CLOCK_OFFSET_SECONDS).set(offset as f64 / 1000.0);
+        }
+        if !verdict.changed {
+            return;
+        }
+        let offset_secs = verdict.offset_ms.unwrap_or(0) as f64 / 1000.0;
+        if verdict.off {
+            let message = format!(
+                "wall clock is off by {offset_secs:+.1} s, more than MESH_MAX_CLOCK_SKEW_SECS={max_secs}: not taking round leases or publishing until it is right"
+            );
+            tracing::warn!(offset_secs, max_clock_skew_secs = max_secs, "{message}");
+            self.status.send_modify(|s| s.last_error = Some(message));
+        } else {
+            tracing::info!(
+                offset_secs,
+                max_clock_skew_secs = max_secs,
+                "wall clock is right again; taking rounds"
+            );
+        }
+    }
+
     /// Turns fetched prices into updates stamped with the time they were observed, strictly
     /// later than anything this provider sent before for the same asset (receivers drop equal
     /// or older timestamps as replays).
@@ -366,6 +454,12 @@ impl Inner {
             .map(|price| {
                 let slot = last.entry((price.chain.clone(), price.address.clone())).or_insert(0);
                 let observed = price.observed_at_ms.saturating_add(self.settings.clock_offset_ms);
+                // A floor further ahead than the allowed skew was stamped by a clock that has
+                // since stepped back: every node refused it, so it holds nothing up.
+                let skew_ms = self.settings.max_clock_skew.as_millis() as i64;
+                if *slot > observed.saturating_add(skew_ms) {
+                    *slot = 0;
+                }
                 let timestamp_ms = observed.max(*slot + 1);
                 *slot = timestamp_ms;
                 PriceUpdate {
@@ -382,7 +476,7 @@ impl Inner {
 
 /// Counts a fetched round in the status and metrics; `true` when provider mode must stop.
 fn record(inner: &Inner, decision: &RoundDecision, outcome: RoundOutcome) -> bool {
-    let now = unix_ms_now();
+    let now = inner.now_ms();
     match outcome {
         RoundOutcome::Fetched { assets, missing, peers } => {
             let via = match decision.via {

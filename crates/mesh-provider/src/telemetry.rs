@@ -20,3 +20,15 @@ pub const ROUNDS_FAILED_TOTAL: &str = "mesh_provider_rounds_failed_total";
 pub const MISSING_PRICES_TOTAL: &str = "mesh_provider_missing_prices_total";
 /// Rounds this node fetched and handed over (label `via`: `lease`, `mesh`, `single`).
 pub const ROUNDS_FETCHED_TOTAL: &str = "mesh_provider_rounds_fetched_total";
+/// Rounds whose lease another provider held (or a key no provider wrote) and whose batch had not
+/// arrived when this node looked, one window after the lease was taken (label `reason`:
+/// `not_delivered`, `unregistered`, `no_expiry`).
+pub const ROUNDS_UNDELIVERED_TOTAL: &str = "mesh_provider_rounds_undelivered_total";
+/// Rounds this node took over from a lease holder that did not deliver, and fetched.
+pub const ROUNDS_TAKEN_OVER_TOTAL: &str = "mesh_provider_rounds_taken_over_total";
+/// This node's wall clock minus the references it checks it against (Birdeye's `Date`, Redis
+/// `TIME`, peers' fresh timestamps), seconds (gauge). Beyond `MESH_MAX_CLOCK_SKEW_SECS` the
+/// provider takes no lease and publishes nothing.
+pub const CLOCK_OFFSET_SECONDS: &str = "mesh_clock_offset_seconds";
+/// The allowed skew, `MESH_MAX_CLOCK_SKEW_SECS` (gauge, seconds), for the alert to compare.
+pub const CLOCK_MAX_SKEW_SECONDS: &str = "mesh_clock_max_skew_seconds";

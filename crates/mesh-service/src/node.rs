@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::FutureExt;
-use mesh_coordination::{Coordination, MeshOnly, MeshView, RedisCoordination};
+use mesh_coordination::{
+    ClockCheck, Coordination, MeshOnly, MeshView, RedisCoordination, Reference,
+};
 use mesh_ipc::{
     ErrorKind, Event, NetworkStatus, PriceFilter, ProviderStatusView, Request, Response, Snapshot,
 };
@@ -29,7 +31,7 @@ use crate::config::NodeConfig;
 use crate::keystore::ProviderKeyStore;
 use crate::now_ms;
 use crate::persistence::Persistence;
-use crate::providers::{ProviderTracker, SharedTracker};
+use crate::providers::{BatchClaim, ProviderTracker, SharedTracker};
 
 /// Errors of starting a node.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +67,9 @@ pub struct Shared {
     config: NodeConfig,
     book: Mutex<PriceBook>,
     tracker: SharedTracker,
+    /// Is this node's clock right? Fed with peers' timestamps here, Birdeye's `Date` and
+    /// Redis `TIME` by the provider.
+    clock_check: Arc<Mutex<ClockCheck>>,
     events: broadcast::Sender<Event>,
     relay: Relay,
     provider: Arc<Provider>,
@@ -356,7 +361,11 @@ impl Node {
             }
         }
 
-        let tracker = SharedTracker(Arc::new(Mutex::new(ProviderTracker::new(node_id, interval))));
+        let own_assets =
+            config.provider.assets.as_slice().iter().map(|a| (a.chain.clone(), a.address.clone()));
+        let tracker = SharedTracker(Arc::new(Mutex::new(ProviderTracker::new(
+            node_id, interval, own_assets,
+        ))));
         let (coordination, coordination_degraded): (
             Arc<dyn Coordination>,
             Box<dyn Fn() -> bool + Send + Sync>,
@@ -371,10 +380,14 @@ impl Node {
         let mesh_view: Arc<dyn MeshView> = Arc::new(tracker.clone());
         let mut settings = config.provider.settings();
         settings.clock_offset_ms = config.clock_offset_ms;
+        settings.max_clock_skew = Duration::from_secs(u64::from(config.max_clock_skew_secs));
+        let clock_check =
+            Arc::new(Mutex::new(ClockCheck::new(i64::from(config.max_clock_skew_secs) * 1000)));
         let provider = Arc::new(
             Provider::builder(identity.clone(), settings, Arc::new(RelayBroadcast(relay.clone())))
                 .coordination(coordination)
                 .mesh(mesh_view)
+                .clock_check(clock_check.clone())
                 .cancel(cancel.clone())
                 .build(),
         );
@@ -384,6 +397,7 @@ impl Node {
             identity: identity.clone(),
             book: Mutex::new(book),
             tracker,
+            clock_check,
             events,
             relay: relay.clone(),
             provider: provider.clone(),
@@ -649,12 +663,32 @@ fn apply_delivery(shared: &Shared, delivery: Delivery) {
     let origin = body.origin;
     let own = delivery.from.is_none();
     let hops = if own { 0 } else { delivery.message.envelope.hop_count };
+    // Another node's fresh message says what time it is there (the clock check).
+    let local = now.saturating_add(shared.config.clock_offset_ms);
+    if !own && origin != shared.identity.node_id() && local.abs_diff(body.created_at_ms) < 60_000 {
+        shared.clock_check.lock().unwrap_or_else(std::sync::PoisonError::into_inner).observe(
+            Reference::Peer(origin),
+            body.created_at_ms,
+            local,
+        );
+    }
     match &body.payload {
         Payload::ProviderAnnounce { .. } => {
-            shared.tracker.lock().heard(origin, hops, None, now);
+            let _ = shared.tracker.lock().heard(origin, hops, None, now);
         }
         Payload::PriceBatch { round, prices } => {
-            shared.tracker.lock().heard(origin, hops, Some(*round), now);
+            let claim = BatchClaim { round: *round, created_at_ms: body.created_at_ms, prices };
+            if let Err(why) = shared.tracker.lock().heard(origin, hops, Some(claim), now) {
+                // Prices still count; only the round is not taken as delivered.
+                metrics::counter!("mesh_network_round_claims_ignored_total", "reason" => why.label())
+                    .increment(1);
+                tracing::debug!(
+                    source_node_id = %origin,
+                    round,
+                    reason = why.label(),
+                    "batch does not count as its round's delivery"
+                );
+            }
             let applied = shared.book().apply(origin, hops, prices, now);
             tracing::info!(
                 source_node_id = %origin,

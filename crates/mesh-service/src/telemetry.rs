@@ -255,6 +255,10 @@ fn describe() {
         "mesh_price_discrepancies_total",
         "Price discrepancies between providers detected"
     );
+    describe_counter!(
+        "mesh_network_round_claims_ignored_total",
+        "Price batches not taken as their round's delivery (round not their time, not recent, assets missing)"
+    );
     describe_gauge!("mesh_component_degraded", "1 while a component runs on its fallback");
     describe_counter!(
         "mesh_store_reload_rejected_total",
@@ -278,6 +282,22 @@ fn describe() {
         describe_counter!(p::ROUNDS_SKIPPED_TOTAL, "Rounds this node did not fetch, by reason");
         describe_counter!(p::ROUNDS_FAILED_TOTAL, "Rounds this node failed to fetch, by reason");
         describe_counter!(p::MISSING_PRICES_TOTAL, "Tokens Birdeye had no price for");
+        describe_counter!(
+            p::ROUNDS_UNDELIVERED_TOTAL,
+            "Rounds leased by another provider (or a squatted key) whose batch had not arrived one window later, by reason"
+        );
+        describe_gauge!(
+            p::CLOCK_OFFSET_SECONDS,
+            "This node's wall clock minus Birdeye's Date, Redis TIME and peers' timestamps (median)"
+        );
+        describe_gauge!(
+            p::CLOCK_MAX_SKEW_SECONDS,
+            "The allowed clock skew, MESH_MAX_CLOCK_SKEW_SECS"
+        );
+        describe_counter!(
+            p::ROUNDS_TAKEN_OVER_TOTAL,
+            "Rounds this provider took over from a lease holder that did not deliver"
+        );
         describe_counter!(
             p::ROUNDS_FETCHED_TOTAL,
             "Rounds this node fetched, by coordination path"
