@@ -45,7 +45,7 @@ pub fn price(blockchain: &str, asset: &str, value: &str) -> PriceView {
         source_node_id: id(PROVIDER_ID),
         age_secs: 0,
         stale: false,
-        hop_count: 1,
+        hop_count: Some(1),
         providers_reporting: 1,
         providers_agreeing: 1,
         discrepancy: false,

@@ -90,7 +90,7 @@ fn price(i: usize, value: &str, timestamp_ms: i64) -> anyhow::Result<PriceView> 
         source_node_id: node_id(),
         age_secs: 1,
         stale: false,
-        hop_count: 2,
+        hop_count: Some(2),
         providers_reporting: 2,
         providers_agreeing: 2,
         discrepancy: false,

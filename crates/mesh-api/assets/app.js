@@ -110,7 +110,8 @@ function fillRow(row, entry) {
     change.className = "num " + (n > 0 ? "up" : n < 0 ? "down" : "");
   }
   field("age").textContent = ageText(ageOf(entry));
-  field("hops").textContent = String(v.hop_count);
+  // null: reloaded from the store at start-up, not yet heard of again.
+  field("hops").textContent = v.hop_count === null || v.hop_count === undefined ? "–" : String(v.hop_count);
   field("providers").textContent =
     v.providers_reporting > 1 ? v.providers_agreeing + "/" + v.providers_reporting : String(v.providers_reporting);
 }

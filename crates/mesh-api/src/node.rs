@@ -259,11 +259,10 @@ impl NodeLink {
                         synced.prices.insert(key, Entry { view, received: Instant::now() });
                         self.metrics.prices(synced.prices.len());
                     }
-                    Event::Discrepancy(d) => {
-                        if let Some(entry) = synced.prices.get_mut(&(d.blockchain, d.asset)) {
-                            entry.view.discrepancy = true;
-                        }
-                    }
+                    // The flag is the node's to compute (from the fresh quotes, at the moment
+                    // it answers): every change of it comes as a price event of its own, the
+                    // clearing when the disagreeing quotes expire included.
+                    Event::Discrepancy(_) => {}
                     Event::Network(network) => synced.network = network,
                     Event::Provider(provider) => synced.provider = provider,
                     Event::Snapshot(_) => {}

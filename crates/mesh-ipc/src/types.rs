@@ -39,17 +39,20 @@ pub struct PriceView {
     pub timestamp_ms: i64,
     /// The provider that sent it.
     pub source_node_id: NodeId,
-    /// Seconds since `timestamp` when this view was made.
+    /// Seconds since `timestamp` at the moment this view is served.
     pub age_secs: u64,
-    /// Older than the staleness threshold.
+    /// Older than the staleness threshold at the moment this view is served.
     pub stale: bool,
-    /// Hops the update travelled to this node (0 for our own).
-    pub hop_count: u8,
-    /// Providers with a fresh price for this asset.
+    /// Hops the update travelled to this node (0 for our own); `None` (JSON `null`) for a
+    /// price reloaded from the store at start-up, until a message about it arrives.
+    pub hop_count: Option<u8>,
+    /// Providers whose price for this asset is fresh (fetched within two fetch intervals) at
+    /// the moment this view is served.
     pub providers_reporting: u32,
     /// Of those, how many agree with the served price within the discrepancy threshold.
     pub providers_agreeing: u32,
-    /// Two fresh prices differ by more than the threshold.
+    /// Two of the fresh prices differ by more than the threshold (never with fewer than two
+    /// providers reporting).
     pub discrepancy: bool,
 }
 

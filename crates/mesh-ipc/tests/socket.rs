@@ -65,7 +65,7 @@ fn price(asset: &str, value: &str) -> PriceView {
         source_node_id: node_id(),
         age_secs: 1,
         stale: false,
-        hop_count: 2,
+        hop_count: Some(2),
         providers_reporting: 1,
         providers_agreeing: 1,
         discrepancy: false,

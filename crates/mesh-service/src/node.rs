@@ -340,7 +340,9 @@ impl Node {
                 timestamp_ms: row.timestamp_ms,
                 change_24h: row.change_24h.clone(),
             };
-            book.apply(row.source_node_id, 0, std::slice::from_ref(&update), now);
+            // Not a receipt: the price keeps its times, and its hop count is unknown until a
+            // message about it arrives (our own are 0).
+            book.restore(row.source_node_id, &update, row.source_node_id == node_id, now);
         }
 
         let relay_cancel = cancel.child_token();
@@ -441,6 +443,13 @@ impl Node {
             &failure,
             "status",
             run_status(shared.clone(), cancel.clone()),
+        );
+        spawn_guarded(
+            &tasks,
+            &cancel,
+            &failure,
+            "expiry",
+            run_expiry(shared.clone(), cancel.clone()),
         );
         spawn_guarded(
             &tasks,
@@ -617,13 +626,25 @@ async fn run_state(
             }
             Payload::PriceBatch { round, prices } => {
                 shared.tracker.lock().heard(origin, hops, Some(*round), now);
-                let applied = shared.book().apply(origin, hops, prices, now);
+                // Events leave while the book is held, so that a view the expiry task made
+                // just before cannot overtake this newer one on its way to subscribers.
+                let applied = {
+                    let mut book = shared.book();
+                    let mut applied = book.apply(origin, hops, prices, now);
+                    for d in &applied.discrepancies {
+                        shared.emit(Event::Discrepancy(d.clone()));
+                    }
+                    for view in applied.changed.drain(..) {
+                        shared.emit(Event::Price(view));
+                    }
+                    applied
+                };
                 tracing::info!(
                     source_node_id = %origin,
                     round,
                     prices = prices.len(),
                     hop_count = hops,
-                    changed = applied.changed.len(),
+                    changed = applied.changed_count,
                     "price update received"
                 );
                 for d in &applied.discrepancies {
@@ -638,14 +659,30 @@ async fn run_state(
                         "price discrepancy detected"
                     );
                     metrics::counter!("mesh_price_discrepancies_total").increment(1);
-                    shared.emit(Event::Discrepancy(d.clone()));
-                }
-                for view in applied.changed {
-                    shared.emit(Event::Price(view));
                 }
                 let rows = prices.iter().map(|p| PriceRow::from_update(p, origin)).collect();
                 shared.persistence.record(rows, delivery.message.id, seen_ttl);
             }
+        }
+    }
+}
+
+/// How often the expiry task looks for prices whose flags changed with time alone.
+const EXPIRY_TICK: Duration = Duration::from_millis(250);
+
+/// Tells subscribers when a price's clock-dependent flags change with no new quote (it turned
+/// stale, a disagreeing quote expired): the book knows when each asset's next change is due.
+async fn run_expiry(shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(EXPIRY_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mut book = shared.book();
+        for view in book.expire(now_ms()) {
+            shared.emit(Event::Price(view));
         }
     }
 }
