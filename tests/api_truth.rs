@@ -219,7 +219,7 @@ async fn a_restarted_node_serves_reloaded_prices_with_their_times_and_unknown_ho
         .into_iter()
         .map(|p| {
             assert_eq!(p.hop_count, Some(1));
-            (p.asset, p.timestamp_ms)
+            (p.asset, p.source_timestamp_ms.unwrap_or(p.timestamp_ms))
         })
         .collect();
     mesh.stop(consumer).await.unwrap();
@@ -231,10 +231,11 @@ async fn a_restarted_node_serves_reloaded_prices_with_their_times_and_unknown_ho
         .into_iter()
         .map(|p| {
             assert_eq!(p.hop_count, None, "{p:?}");
-            (p.asset, p.timestamp_ms)
+            (p.asset, p.source_timestamp_ms.unwrap_or(p.timestamp_ms))
         })
         .collect();
-    // The store may hold a batch that arrived while the prices above were read: never older.
+    // The store keeps when each price was true (the source's time): the same, or newer when a
+    // batch arrived while the prices above were read.
     assert_eq!(after.keys().collect::<Vec<_>>(), before.keys().collect::<Vec<_>>());
     assert!(before.iter().all(|(asset, ts)| after[asset] >= *ts), "{before:?} {after:?}");
     assert_eq!(node.network_status().last_update_time, None);
@@ -267,6 +268,69 @@ async fn a_restarted_node_serves_reloaded_prices_with_their_times_and_unknown_ho
     })
     .await
     .unwrap();
+    drop(api);
+    mesh.shutdown().await.unwrap();
+}
+
+/// Birdeye's own update time counts: a token whose `updateUnixTime` is two hours old is
+/// served stale with its real age, after travelling the mesh in a version 2 batch, while the
+/// other tokens of the same batch are fresh. Before issue 33 the provider stamped every price
+/// with the time the answer arrived, and the token was served as fresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_birdeye_stopped_updating_is_served_stale_with_its_real_age() {
+    const SOL: &str = "So11111111111111111111111111111111111111112";
+    let two_hours = Duration::from_secs(7200);
+    let sim = Simulator::builder()
+        .keys([DEMO_API_KEY])
+        .seed(7)
+        .update_lag(SOL, two_hours)
+        .spawn("127.0.0.1:0")
+        .await
+        .unwrap();
+    let url = sim.base_url();
+    let mesh = LocalMesh::builder()
+        .providers(1)
+        .consumers(1)
+        .rounds(2, 1)
+        .per_node(move |_, o| {
+            o.insert("MESH_BIRDEYE_BASE_URL".into(), url.clone());
+        })
+        .start()
+        .await
+        .unwrap();
+    let api = start_api(mesh.running(1).unwrap().socket(), |_| {}).await.unwrap();
+    let base = format!("http://{}", api.local_addr());
+    eventually("prices reach the consumer's API", Duration::from_secs(30), async || {
+        try_get(&format!("{base}/api/mesh/prices"))
+            .await
+            .and_then(|b| b["data"].as_array().map(|p| p.len() >= 3))
+            .unwrap_or(false)
+    })
+    .await
+    .unwrap();
+    let body = get(&format!("{base}/api/mesh/prices")).await;
+    let now_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis()
+            as i64;
+    for p in body["data"].as_array().unwrap() {
+        assert_eq!(p["hop_count"], 1, "{p}");
+        let source = p["source_timestamp_ms"].as_i64().expect("a source time");
+        assert!(p["source_timestamp"].is_string(), "{p}");
+        let age = p["age_secs"].as_u64().unwrap();
+        if p["asset"] == SOL {
+            let lag = (now_ms - source) / 1000;
+            assert!((7195..7215).contains(&lag), "source time {lag} s ago: {p}");
+            assert!((7195..7215).contains(&age), "{p}");
+            assert_eq!(p["stale"], true, "{p}");
+            assert!(p["timestamp_ms"].as_i64().unwrap() - source >= 7_195_000, "fetched now: {p}");
+        } else {
+            assert!(age < 60, "{p}");
+            assert_eq!(p["stale"], false, "{p}");
+        }
+    }
+    let one = get(&format!("{base}/api/mesh/prices/{SOL}")).await;
+    assert_eq!(one["data"][0]["stale"], true, "{one}");
+
     drop(api);
     mesh.shutdown().await.unwrap();
 }

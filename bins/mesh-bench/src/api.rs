@@ -87,6 +87,8 @@ fn price(i: usize, value: &str, timestamp_ms: i64) -> anyhow::Result<PriceView> 
         change_24h: Some("-1.25".parse().map_err(|e| anyhow::anyhow!("{e:?}"))?),
         timestamp: "2026-01-01T00:00:00Z".into(),
         timestamp_ms,
+        source_timestamp: None,
+        source_timestamp_ms: None,
         source_node_id: node_id(),
         age_secs: 1,
         stale: false,

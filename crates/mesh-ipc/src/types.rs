@@ -33,13 +33,22 @@ pub struct PriceView {
     pub price: Decimal,
     /// Change over 24 hours in percent, when known.
     pub change_24h: Option<Decimal>,
-    /// When the provider observed it (RFC 3339, UTC).
+    /// When the provider fetched it (RFC 3339, UTC).
     pub timestamp: String,
     /// The same in Unix milliseconds.
     pub timestamp_ms: i64,
+    /// When the source (Birdeye) last updated the price (RFC 3339, UTC), when it said; `age_secs`
+    /// and `stale` count from it. `null` when the source gave no time (or the price came from a
+    /// provider of protocol version 1).
+    #[serde(default)]
+    pub source_timestamp: Option<String>,
+    /// The same in Unix milliseconds.
+    #[serde(default)]
+    pub source_timestamp_ms: Option<i64>,
     /// The provider that sent it.
     pub source_node_id: NodeId,
-    /// Seconds since `timestamp` at the moment this view is served.
+    /// Seconds since the price was observed (`source_timestamp` when given, else `timestamp`)
+    /// at the moment this view is served.
     pub age_secs: u64,
     /// Older than the staleness threshold at the moment this view is served.
     pub stale: bool,

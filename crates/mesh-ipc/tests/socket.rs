@@ -62,6 +62,8 @@ fn price(asset: &str, value: &str) -> PriceView {
         change_24h: None,
         timestamp: "2026-01-01T00:00:00Z".into(),
         timestamp_ms: 0,
+        source_timestamp: None,
+        source_timestamp_ms: None,
         source_node_id: node_id(),
         age_secs: 1,
         stale: false,

@@ -374,10 +374,19 @@ impl Inner {
                     price: price.value,
                     timestamp_ms,
                     change_24h: price.change_24h,
+                    source_timestamp_ms: source_time_ms(price.update_unix_time, timestamp_ms),
                 }
             })
             .collect()
     }
+}
+
+/// The source's update time (`updateUnixTime`, seconds) in Unix milliseconds, never later
+/// than the fetch: a source clock ahead of ours must not make a price look newer than it is
+/// fetched, nor be rejected as from the future. `None` when absent or not a positive time.
+fn source_time_ms(update_unix_time: Option<i64>, fetched_ms: i64) -> Option<i64> {
+    let secs = update_unix_time.filter(|s| *s > 0)?;
+    Some(secs.saturating_mul(1000).min(fetched_ms))
 }
 
 /// Counts a fetched round in the status and metrics; `true` when provider mode must stop.

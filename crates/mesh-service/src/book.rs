@@ -118,7 +118,7 @@ impl Quote {
             value: update.price.value(),
             change_24h: update.change_24h.clone(),
             timestamp_ms: update.timestamp_ms,
-            source_timestamp_ms: None,
+            source_timestamp_ms: update.source_timestamp_ms,
             hop_count,
         }
     }
@@ -440,6 +440,8 @@ impl PriceBook {
             change_24h: quote.change_24h.clone(),
             timestamp: rfc3339(quote.timestamp_ms),
             timestamp_ms: quote.timestamp_ms,
+            source_timestamp: quote.source_timestamp_ms.map(rfc3339),
+            source_timestamp_ms: quote.source_timestamp_ms,
             source_node_id: *source,
             age_secs: (a.age_ms / 1000) as u64,
             stale: a.stale,
@@ -525,6 +527,7 @@ mod tests {
             price: price.parse().unwrap(),
             timestamp_ms: ts,
             change_24h: None,
+            source_timestamp_ms: None,
         }
     }
 

@@ -339,6 +339,7 @@ impl Node {
                 price: row.price.clone(),
                 timestamp_ms: row.timestamp_ms,
                 change_24h: row.change_24h.clone(),
+                source_timestamp_ms: None,
             };
             // Not a receipt: the price keeps its times, and its hop count is unknown until a
             // message about it arrives (our own are 0).
@@ -660,7 +661,16 @@ async fn run_state(
                     );
                     metrics::counter!("mesh_price_discrepancies_total").increment(1);
                 }
-                let rows = prices.iter().map(|p| PriceRow::from_update(p, origin)).collect();
+                // The stores keep one time per price: when it was true (the source's update
+                // time when given), so that a reloaded price keeps its real age.
+                let rows = prices
+                    .iter()
+                    .map(|p| {
+                        let mut row = PriceRow::from_update(p, origin);
+                        row.timestamp_ms = p.observed_ms();
+                        row
+                    })
+                    .collect();
                 shared.persistence.record(rows, delivery.message.id, seen_ttl);
             }
         }
