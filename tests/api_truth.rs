@@ -331,6 +331,22 @@ async fn a_token_birdeye_stopped_updating_is_served_stale_with_its_real_age() {
     let one = get(&format!("{base}/api/mesh/prices/{SOL}")).await;
     assert_eq!(one["data"][0]["stale"], true, "{one}");
 
+    // EVM address case (item 6): WETH is configured checksummed (the default assets), served
+    // in lower case, and found by either writing; base58 keeps its case.
+    const WETH: &str = "0xC02aaA39b223FE8D0A0e5C4F27eAD9083C756Cc2";
+    let lower = WETH.to_ascii_lowercase();
+    assert!(body["data"].as_array().unwrap().iter().any(|p| p["asset"] == lower.as_str()));
+    assert!(body["data"].as_array().unwrap().iter().all(|p| p["asset"] != WETH));
+    for query in [WETH, lower.as_str()] {
+        let one = get(&format!("{base}/api/mesh/prices/{query}")).await;
+        assert_eq!(one["data"][0]["asset"], lower.as_str(), "{one}");
+        let filtered = get(&format!("{base}/api/mesh/prices?asset={query}")).await;
+        assert_eq!(filtered["data"].as_array().unwrap().len(), 1, "{filtered}");
+    }
+    let response =
+        reqwest::get(format!("{base}/api/mesh/prices/{}", SOL.to_ascii_lowercase())).await.unwrap();
+    assert_eq!(response.status(), 404, "base58 addresses are case-sensitive");
+
     drop(api);
     mesh.shutdown().await.unwrap();
 }

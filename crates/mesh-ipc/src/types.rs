@@ -10,22 +10,23 @@ use serde::{Deserialize, Serialize};
 pub struct PriceFilter {
     /// Only this chain.
     pub blockchain: Option<String>,
-    /// Only this asset (its address).
+    /// Only this asset (its address; an EVM address in any case).
     pub asset: Option<String>,
 }
 
 impl PriceFilter {
-    /// `true` when `price` passes the filter.
+    /// `true` when `price` passes the filter. An EVM address matches in any case (prices are
+    /// served with it in lower case, see [`mesh_protocol::canonical_asset`]).
     pub fn matches(&self, blockchain: &str, asset: &str) -> bool {
         self.blockchain.as_deref().is_none_or(|b| b == blockchain)
-            && self.asset.as_deref().is_none_or(|a| a == asset)
+            && self.asset.as_deref().is_none_or(|a| mesh_protocol::same_asset(a, asset))
     }
 }
 
 /// One asset's served price.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PriceView {
-    /// The asset (token address).
+    /// The asset (token address; an EVM address in lower case).
     pub asset: String,
     /// Its chain.
     pub blockchain: String,

@@ -53,12 +53,14 @@
 //! nodes, and a version 1 node may disconnect a version 2 neighbour that relays many of them.
 //! Upgrade relays and consumers first, providers last.
 
+pub mod asset;
 pub mod codec;
 pub mod decimal;
 pub mod identity;
 pub mod message;
 pub mod validate;
 
+pub use asset::{canonical_asset, is_evm_address, same_asset};
 pub use codec::{
     CodecError, MAX_FRAME_LEN, decode_body, decode_envelope, encode_body, encode_envelope,
 };

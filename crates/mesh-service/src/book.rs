@@ -283,7 +283,7 @@ impl PriceBook {
     ) -> Applied {
         let mut applied = Applied::default();
         for update in updates {
-            let key = (update.blockchain.clone(), update.asset.clone());
+            let key = key_of(update);
             if !self.assets.contains_key(&key) && self.assets.len() >= self.config.max_assets {
                 applied.dropped += 1;
                 continue;
@@ -316,7 +316,7 @@ impl PriceBook {
         own: bool,
         now_ms: i64,
     ) -> bool {
-        let key = (update.blockchain.clone(), update.asset.clone());
+        let key = key_of(update);
         if !self.assets.contains_key(&key) && self.assets.len() >= self.config.max_assets {
             return false;
         }
@@ -478,6 +478,12 @@ impl PriceBook {
             DataFreshness::HoursAgo(age.as_secs() / 3600)
         }
     }
+}
+
+/// The book's key of `update`: its chain and its address in the canonical form (an EVM
+/// address in lower case, whatever case the provider signed).
+fn key_of(update: &PriceUpdate) -> Key {
+    (update.blockchain.clone(), mesh_protocol::canonical_asset(&update.asset).into_owned())
 }
 
 /// The newest quote by the time it was observed (ties: the newer fetch, then the lower node
@@ -854,6 +860,36 @@ mod tests {
         let sol = &b.view(&PriceFilter { asset: Some("SOL".into()), ..Default::default() }, NOW)[0];
         assert_eq!((sol.hop_count, sol.stale), (Some(2), false));
         assert_eq!(b.last_update_ms(), Some(NOW));
+    }
+
+    /// The checksummed and lower-case writings of one EVM token are one asset: served once,
+    /// in lower case, and compared for discrepancy. Base58 addresses keep their case.
+    #[test]
+    fn evm_addresses_are_keyed_in_lower_case() {
+        let mut b = book();
+        let weth = |address: &str, price: &str| PriceUpdate {
+            blockchain: "ethereum".into(),
+            ..update(address, price, NOW)
+        };
+        b.apply(node(1), 1, &[weth("0xC02aaA39b223FE8D0A0e5C4F27eAD9083C756Cc2", "3000")], NOW);
+        let applied =
+            b.apply(node(2), 1, &[weth("0xc02aaa39b223fe8d0a0e5c4f27ead9083c756cc2", "3300")], NOW);
+        assert_eq!(applied.discrepancies.len(), 1, "the two writings are compared");
+        let views = b.view(&PriceFilter::default(), NOW);
+        assert_eq!(views.len(), 1);
+        assert_eq!(views[0].asset, "0xc02aaa39b223fe8d0a0e5c4f27ead9083c756cc2");
+        assert_eq!(views[0].providers_reporting, 2);
+        let query = |asset: &str| PriceFilter { blockchain: None, asset: Some(asset.into()) };
+        assert_eq!(b.view(&query("0xC02aaA39b223FE8D0A0e5C4F27eAD9083C756Cc2"), NOW).len(), 1);
+        assert_eq!(b.view(&query("0xc02aaa39b223fe8d0a0e5c4f27ead9083c756cc2"), NOW).len(), 1);
+        b.apply(
+            node(1),
+            1,
+            &[update("EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v", "1", NOW)],
+            NOW,
+        );
+        assert_eq!(b.view(&query("EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v"), NOW).len(), 1);
+        assert!(b.view(&query("epjfwdd5aufqssqem2qn1xzybapc8g4wegGkzwytdt1v"), NOW).is_empty());
     }
 
     #[test]

@@ -668,6 +668,11 @@ async fn run_state(
                     .map(|p| {
                         let mut row = PriceRow::from_update(p, origin);
                         row.timestamp_ms = p.observed_ms();
+                        if let std::borrow::Cow::Owned(canonical) =
+                            mesh_protocol::canonical_asset(&row.asset)
+                        {
+                            row.asset = canonical;
+                        }
                         row
                     })
                     .collect();
