@@ -350,3 +350,111 @@ async fn a_token_birdeye_stopped_updating_is_served_stale_with_its_real_age() {
     drop(api);
     mesh.shutdown().await.unwrap();
 }
+
+async fn post_enable(base: &str, key: &str) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{base}/api/mesh/provider/enable"))
+        .json(&serde_json::json!({ "api_key": key }))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap())
+}
+
+/// Provider status says what the provider is doing now: a key refused while provider mode
+/// runs leaves it running, and the status says enabled with no reason; after a restart with
+/// a key Birdeye has revoked since, the status never says enabled (the stored key is checked
+/// before the loop starts). Before issue 33: `enabled: true` with `reason: "Invalid API key"`,
+/// and `enabled: true` after the restart until the first round failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_status_says_what_the_provider_is_doing_now() {
+    let revoking = Simulator::builder()
+        .keys(["the-key-that-replaced-it"])
+        .seed(7)
+        .spawn("127.0.0.1:0")
+        .await
+        .unwrap();
+    // Node 0 talks to the mesh's simulator until it is pointed at the one that revoked the key.
+    let birdeye: Arc<Mutex<Option<String>>> = Arc::default();
+    let chosen = birdeye.clone();
+    let mut mesh = LocalMesh::builder()
+        .providers(1)
+        .consumers(0)
+        .rounds(2, 1)
+        .configure(move |_, c| {
+            if let Some(url) = chosen.lock().unwrap().clone() {
+                c.provider.base_url = url;
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    let api = start_api(mesh.running(0).unwrap().socket(), |_| {}).await.unwrap();
+    let base = format!("http://{}", api.local_addr());
+    eventually("the provider runs", Duration::from_secs(20), async || {
+        try_get(&format!("{base}/api/mesh/provider/status"))
+            .await
+            .is_some_and(|b| b["data"]["enabled"] == true && b["data"]["rounds_fetched"] != 0)
+    })
+    .await
+    .unwrap();
+
+    let (status, body) = post_enable(&base, "not-a-birdeye-key").await;
+    assert_eq!((status, body["error"].as_str()), (401, Some("Invalid API key")), "{body}");
+    for status in [
+        get(&format!("{base}/api/mesh/provider/status")).await["data"].clone(),
+        serde_json::to_value(mesh.running(0).unwrap().shared().provider_status()).unwrap(),
+    ] {
+        assert_eq!(status["enabled"], true, "{status}");
+        assert!(status["reason"].is_null(), "running with its own key: {status}");
+        assert_eq!(status["last_error"], "Invalid API key", "{status}");
+    }
+
+    // Birdeye revokes the key while the node is down.
+    mesh.stop(0).await.unwrap();
+    *birdeye.lock().unwrap() = Some(revoking.base_url());
+    mesh.restart(0).await.unwrap();
+    let status = mesh.running(0).unwrap().shared().provider_status();
+    assert!(!status.enabled, "{status:?}");
+    assert_eq!(status.reason.as_deref(), Some("Invalid API key"), "{status:?}");
+    eventually("the API shows it", Duration::from_secs(10), async || {
+        try_get(&format!("{base}/api/mesh/provider/status")).await.is_some_and(|b| {
+            b["data"]["enabled"] == false && b["data"]["reason"] == "Invalid API key"
+        })
+    })
+    .await
+    .unwrap();
+
+    drop(api);
+    mesh.shutdown().await.unwrap();
+}
+
+/// The answer to an enable (read-your-writes) never overwrites a newer provider event: the
+/// snapshot keeps the view with the higher revision.
+#[tokio::test]
+async fn an_enable_answer_never_overwrites_a_newer_provider_event() {
+    use mesh_tests::api::{FakeNode, NodeSocket, price, provider};
+    let node = NodeSocket::start(FakeNode::new(vec![price("solana", "SOL", "1")])).await.unwrap();
+    let api = start_api(node.path(), |_| {}).await.unwrap();
+    let base = format!("http://{}", api.local_addr());
+    eventually("the API follows the node", Duration::from_secs(10), async || api.node_connected())
+        .await
+        .unwrap();
+    // The node says the provider stopped (revision 7); the enable answer it then gives was
+    // made earlier (revision 0, enabled).
+    let mut stopped = provider(false);
+    stopped.reason = Some("Invalid API key".into());
+    stopped.revision = 7;
+    node.node.emit(mesh_ipc::Event::Provider(stopped));
+    eventually("the event arrives", Duration::from_secs(10), async || {
+        get(&format!("{base}/api/mesh/provider/status")).await["data"]["revision"] == 7
+    })
+    .await
+    .unwrap();
+    let (status, body) = post_enable(&base, "some-key").await;
+    assert_eq!((status, body["data"]["revision"].as_u64()), (200, Some(0)), "{body}");
+    let shown = get(&format!("{base}/api/mesh/provider/status")).await;
+    assert_eq!(shown["data"]["revision"], 7, "{shown}");
+    assert_eq!(shown["data"]["enabled"], false, "{shown}");
+}

@@ -88,6 +88,7 @@ pub fn provider(enabled: bool) -> ProviderStatusView {
         rounds_skipped: 0,
         rounds_failed: 0,
         degraded: false,
+        revision: 0,
     }
 }
 

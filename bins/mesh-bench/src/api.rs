@@ -128,6 +128,7 @@ impl BenchNode {
             rounds_skipped: 0,
             rounds_failed: 0,
             degraded: false,
+            revision: 0,
         }
     }
 }

@@ -264,7 +264,13 @@ impl NodeLink {
                     // clearing when the disagreeing quotes expire included.
                     Event::Discrepancy(_) => {}
                     Event::Network(network) => synced.network = network,
-                    Event::Provider(provider) => synced.provider = provider,
+                    // The answer to an enable or disable (read-your-writes) and the node's
+                    // events come by two paths: keep the newer, never an older over a newer.
+                    Event::Provider(provider) => {
+                        if provider.revision >= synced.provider.revision {
+                            synced.provider = provider;
+                        }
+                    }
                     Event::Snapshot(_) => {}
                 }
                 if let Some(item) = item {

@@ -121,7 +121,8 @@ pub struct ProviderStatusView {
     pub enabled: bool,
     /// This node.
     pub node_id: NodeId,
-    /// Why provider mode is off after an error (`Invalid API key`).
+    /// Why provider mode is off after an error (`Invalid API key`); always `null` while
+    /// `enabled` is true.
     pub reason: Option<String>,
     /// When the last fetch ended (RFC 3339, UTC).
     pub last_fetch_time: Option<String>,
@@ -141,6 +142,10 @@ pub struct ProviderStatusView {
     pub rounds_failed: u64,
     /// Coordination runs on its fallback.
     pub degraded: bool,
+    /// Bumped by every change of the status (from 0 at the node's start): of two views, the
+    /// one with the higher revision is the newer.
+    #[serde(default)]
+    pub revision: u64,
 }
 
 /// Two providers disagree on an asset.

@@ -51,6 +51,7 @@ fn provider() -> ProviderStatusView {
         rounds_skipped: 0,
         rounds_failed: 0,
         degraded: false,
+        revision: 0,
     }
 }
 

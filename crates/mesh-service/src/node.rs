@@ -195,6 +195,7 @@ pub fn provider_view(s: &mesh_provider::ProviderStatus) -> ProviderStatusView {
         rounds_skipped: s.rounds_skipped,
         rounds_failed: s.rounds_failed,
         degraded: s.degraded,
+        revision: s.revision,
     }
 }
 
@@ -405,9 +406,13 @@ impl Node {
             _ => None,
         };
         if let Some(key) = resume {
-            provider.resume(key).await?;
-            shared.provider_became(true).await;
-            info!("provider mode on");
+            if provider.resume(key).await? {
+                shared.provider_became(true).await;
+                info!("provider mode on");
+            } else if let Err(e) = shared.keys.clear() {
+                // Refused by Birdeye (the status says why): not tried again at the next start.
+                warn!(error = %e, "stored provider key could not be removed");
+            }
         }
 
         if shared.config.discovery.mdns_enabled || shared.config.discovery.ble_enabled {
