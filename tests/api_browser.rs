@@ -77,6 +77,39 @@ async fn the_page_shows_live_prices_and_switches_provider_mode_on() {
         .await
         .unwrap();
 
+    // Prices are plain decimals rounded on their digits (issue 33): never `1.2345679e-7`,
+    // and no digits of a long price lost to a float.
+    let formatted = browser
+        .eval(
+            "['0.000000123456789123', '99999999.999999999', '123456789012345678901234', \
+              '-0.000000123456789123', '149.948082778283', '0.000016'].map(priceText)",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        formatted,
+        serde_json::json!([
+            "0.00000012345679",
+            "100000000",
+            "123456790000000000000000",
+            "-0.00000012345679",
+            "149.94808",
+            "0.000016"
+        ])
+    );
+    let bonk = "DezXAZ8z7PnrnRJjz3wXBoRgixCa6xjnB7YaB1pPB263";
+    node.node.set_price(price("solana", bonk, "0.000000123456789123"));
+    browser
+        .wait_for(
+            "a tiny price as a plain decimal",
+            &format!(
+                "document.querySelector('#prices tbody tr[data-asset=\"{bonk}\"] [data-field=price]').textContent === '0.00000012345679'"
+            ),
+            WAIT,
+        )
+        .await
+        .unwrap();
+
     // Network panel: peers and providers with their hop counts.
     assert_eq!(browser.eval(&format!("{}.textContent", js("net-peers"))).await.unwrap(), "3");
     assert_eq!(browser.eval(&format!("{}.textContent", js("net-node-id"))).await.unwrap(), NODE_ID);

@@ -477,6 +477,7 @@ fn update(asset: &str, price: &str, ts: i64) -> PriceUpdate {
         price: price.parse().unwrap(),
         timestamp_ms: ts,
         change_24h: None,
+        source_timestamp_ms: None,
     }
 }
 

@@ -20,7 +20,7 @@ use libfuzzer_sys::fuzz_target;
 use mesh_protocol::validate::{Config, MAX_ASSET_LEN, MAX_BLOCKCHAIN_LEN};
 use mesh_protocol::{
     Body, Decimal, Envelope, HighWaterMarks, Identity, MAX_PRICES_PER_BATCH, MAX_TTL, MessageId,
-    NodeId, PROTOCOL_VERSION, Payload, PriceUpdate, RejectReason, Validator, decode_envelope,
+    MIN_PROTOCOL_VERSION, NodeId, PROTOCOL_VERSION, Payload, PriceUpdate, RejectReason, Validator, decode_envelope,
     encode_body, encode_envelope,
 };
 
@@ -195,7 +195,7 @@ fn build(keys: &Keys, message: &Message, now_ms: i64) -> (Envelope, Vec<u8>) {
                     blockchain: p.blockchain.text(),
                     price: p.price.value(),
                     timestamp_ms: at(p.offset_ms),
-                    change_24h: p.change_24h.as_ref().map(GenDecimal::value),
+                    change_24h: p.change_24h.as_ref().map(GenDecimal::value), source_timestamp_ms: None,
                 })
                 .collect(),
         },
@@ -228,7 +228,7 @@ fn build(keys: &Keys, message: &Message, now_ms: i64) -> (Envelope, Vec<u8>) {
 
 /// Every rule of ARCHITECTURE section 4 holds for an accepted message.
 fn check_accepted(envelope: &Envelope, body: &Body, id: MessageId, now_ms: i64, restricted: bool) {
-    assert_eq!(envelope.version, PROTOCOL_VERSION);
+    assert!((MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&envelope.version));
     assert!((1..=MAX_TTL).contains(&envelope.ttl));
     assert!(u16::from(envelope.ttl) + u16::from(envelope.hop_count) <= u16::from(MAX_TTL) + 1);
     assert_eq!(id, MessageId::of_body(&envelope.body));

@@ -42,10 +42,12 @@ pub fn price(blockchain: &str, asset: &str, value: &str) -> PriceView {
         change_24h: Some("-1.25".parse().unwrap_or_else(|e| panic!("{e:?}"))),
         timestamp: "2026-01-01T00:00:00Z".into(),
         timestamp_ms: now_ms,
+        source_timestamp: None,
+        source_timestamp_ms: None,
         source_node_id: id(PROVIDER_ID),
         age_secs: 0,
         stale: false,
-        hop_count: 1,
+        hop_count: Some(1),
         providers_reporting: 1,
         providers_agreeing: 1,
         discrepancy: false,
@@ -86,6 +88,7 @@ pub fn provider(enabled: bool) -> ProviderStatusView {
         rounds_skipped: 0,
         rounds_failed: 0,
         degraded: false,
+        revision: 0,
     }
 }
 

@@ -87,10 +87,12 @@ fn price(i: usize, value: &str, timestamp_ms: i64) -> anyhow::Result<PriceView> 
         change_24h: Some("-1.25".parse().map_err(|e| anyhow::anyhow!("{e:?}"))?),
         timestamp: "2026-01-01T00:00:00Z".into(),
         timestamp_ms,
+        source_timestamp: None,
+        source_timestamp_ms: None,
         source_node_id: node_id(),
         age_secs: 1,
         stale: false,
-        hop_count: 2,
+        hop_count: Some(2),
         providers_reporting: 2,
         providers_agreeing: 2,
         discrepancy: false,
@@ -126,6 +128,7 @@ impl BenchNode {
             rounds_skipped: 0,
             rounds_failed: 0,
             degraded: false,
+            revision: 0,
         }
     }
 }

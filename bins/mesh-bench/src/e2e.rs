@@ -205,10 +205,12 @@ async fn book_listener(
             () = tokio::time::sleep_until(until) => break,
         };
         match event {
-            Ok(Event::Price(p)) => {
+            // A price with no hop count was reloaded from the store, not delivered.
+            Ok(Event::Price(p)) if p.hop_count.is_some() => {
                 let at = now_us();
                 let round = p.timestamp_ms * 1000 / interval_us;
-                firsts.entry(round).or_insert((at - round * interval_us, p.hop_count));
+                let hops = p.hop_count.unwrap_or_default();
+                firsts.entry(round).or_insert((at - round * interval_us, hops));
             }
             Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
             Err(tokio::sync::broadcast::error::RecvError::Closed) => break,

@@ -35,6 +35,7 @@ fn body(identity: &Identity, n: usize, prices: usize) -> anyhow::Result<Body> {
                 price: format!("{}.{:06}", 100 + i, n % 1_000_000).parse()?,
                 timestamp_ms: ts,
                 change_24h: Some("-1.25".parse()?),
+                source_timestamp_ms: None,
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

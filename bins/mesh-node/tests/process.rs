@@ -101,7 +101,7 @@ async fn a_provider_and_a_consumer_process_exchange_prices() {
         assert!(tokio::time::Instant::now() < deadline, "no prices at the consumer within 60 s");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    assert!(prices.iter().all(|p| p.hop_count == 1 && p.price.is_positive()));
+    assert!(prices.iter().all(|p| p.hop_count == Some(1) && p.price.is_positive()));
     let status = client.network_status().await.unwrap();
     assert_eq!(status.connected_peers, 1);
     assert_eq!(status.active_providers.len(), 1);

@@ -374,7 +374,14 @@ fn lookup(
         .unwrap_or_default();
     Ok(Lookup::Found(Box::new(PriceData {
         value: if below_liquidity { None } else { Some(number(state, price)?) },
-        update_unix_time: now.unix_timestamp(),
+        update_unix_time: now.unix_timestamp().saturating_sub(
+            state
+                .faults
+                .update_lag_secs
+                .iter()
+                .find(|(a, _)| a.eq_ignore_ascii_case(address))
+                .map_or(0, |(_, lag)| *lag as i64),
+        ),
         update_human_time: human,
         // Four decimals, as Birdeye gives them; a huge change stays as it is.
         price_change_24h: number(state, round_change(quote.change_24h_percent))?,

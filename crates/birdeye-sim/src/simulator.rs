@@ -124,6 +124,8 @@ pub(crate) struct Faults {
     pub(crate) offset_percent: f64,
     pub(crate) unsuccessful: bool,
     pub(crate) null_tokens: HashSet<String>,
+    /// Per address, how long ago (seconds) the answer says the price was last updated.
+    pub(crate) update_lag_secs: HashMap<String, u64>,
     pub(crate) missing_tokens: HashSet<String>,
     pub(crate) fail_next: VecDeque<Failure>,
     /// Keys whose every authorised request fails (a provider whose Birdeye calls fail while
@@ -192,6 +194,7 @@ pub struct SimulatorBuilder {
     offset_percent: f64,
     unsuccessful: bool,
     null_tokens: Vec<String>,
+    update_lag_secs: HashMap<String, u64>,
     missing_tokens: Vec<String>,
     unknown: UnknownTokens,
     number_style: NumberStyle,
@@ -213,6 +216,7 @@ impl Default for SimulatorBuilder {
             offset_percent: 0.0,
             unsuccessful: false,
             null_tokens: Vec::new(),
+            update_lag_secs: HashMap::new(),
             missing_tokens: Vec::new(),
             unknown: UnknownTokens::Null,
             number_style: NumberStyle::Python,
@@ -281,6 +285,13 @@ impl SimulatorBuilder {
     /// These addresses are answered `null` even when known.
     pub fn null_tokens<I: IntoIterator<Item = S>, S: Into<String>>(mut self, addresses: I) -> Self {
         self.null_tokens.extend(addresses.into_iter().map(Into::into));
+        self
+    }
+
+    /// `address` is answered with an `updateUnixTime` `lag` in the past: a token the market
+    /// stopped trading (its price is still quoted, but not fresh).
+    pub fn update_lag(mut self, address: impl Into<String>, lag: Duration) -> Self {
+        self.update_lag_secs.insert(address.into(), lag.as_secs());
         self
     }
 
@@ -363,6 +374,7 @@ impl SimulatorBuilder {
                 offset_percent: self.offset_percent,
                 unsuccessful: self.unsuccessful,
                 null_tokens: self.null_tokens.into_iter().collect(),
+                update_lag_secs: self.update_lag_secs,
                 missing_tokens: self.missing_tokens.into_iter().collect(),
                 fail_next: VecDeque::new(),
                 failing_keys: HashMap::new(),

@@ -18,12 +18,45 @@ function short(text, keep = 6) {
 }
 
 // Prices are exact decimal strings; long ones are shown to 8 significant digits (the exact
-// value is in the cell's title).
+// value is in the cell's title), as plain decimals: rounded on the digits of the text, never
+// through a float (which would show 1.2345679e-7, or lose digits of a large price).
 function priceText(text) {
   const digits = text.replace(/^-?0*\.?0*/, "").replace(".", "");
   if (digits.length <= 10) return text;
-  const n = Number(text);
-  return Number.isFinite(n) ? String(Number(n.toPrecision(8))) : text;
+  return roundDecimal(text, 8);
+}
+
+// `text` (a plain decimal: optional "-", digits, optional "." and digits) rounded half up to
+// `sig` significant digits, trailing zeros of the fraction dropped. Anything else is returned
+// as it is.
+function roundDecimal(text, sig) {
+  const m = /^(-?)(\d+)(?:\.(\d+))?$/.exec(text);
+  if (!m) return text;
+  const sign = m[1];
+  let digits = (m[2] + (m[3] || "")).split("").map(Number);
+  let point = m[2].length;
+  const first = digits.findIndex((d) => d !== 0);
+  if (first < 0 || digits.length - first <= sig) return text;
+  const end = first + sig;
+  const up = digits[end] >= 5;
+  digits = digits.slice(0, end);
+  if (up) {
+    let i = end - 1;
+    while (i >= 0 && digits[i] === 9) {
+      digits[i] = 0;
+      i--;
+    }
+    if (i >= 0) {
+      digits[i] += 1;
+    } else {
+      digits.unshift(1);
+      point += 1;
+    }
+  }
+  while (digits.length < point) digits.push(0);
+  const int = digits.slice(0, point).join("").replace(/^0+(?=\d)/, "") || "0";
+  const frac = digits.slice(point).join("").replace(/0+$/, "");
+  return sign + int + (frac ? "." + frac : "");
 }
 
 function ageText(secs) {
@@ -110,7 +143,8 @@ function fillRow(row, entry) {
     change.className = "num " + (n > 0 ? "up" : n < 0 ? "down" : "");
   }
   field("age").textContent = ageText(ageOf(entry));
-  field("hops").textContent = String(v.hop_count);
+  // null: reloaded from the store at start-up, not yet heard of again.
+  field("hops").textContent = v.hop_count === null || v.hop_count === undefined ? "–" : String(v.hop_count);
   field("providers").textContent =
     v.providers_reporting > 1 ? v.providers_agreeing + "/" + v.providers_reporting : String(v.providers_reporting);
 }

@@ -264,13 +264,18 @@ impl NodeLink {
                         synced.prices.insert(key, Entry { view, received: Instant::now() });
                         self.metrics.prices(synced.prices.len());
                     }
-                    Event::Discrepancy(d) => {
-                        if let Some(entry) = synced.prices.get_mut(&(d.blockchain, d.asset)) {
-                            entry.view.discrepancy = true;
+                    // The flag is the node's to compute (from the fresh quotes, at the moment
+                    // it answers): every change of it comes as a price event of its own, the
+                    // clearing when the disagreeing quotes expire included.
+                    Event::Discrepancy(_) => {}
+                    Event::Network(network) => synced.network = network,
+                    // The answer to an enable or disable (read-your-writes) and the node's
+                    // events come by two paths: keep the newer, never an older over a newer.
+                    Event::Provider(provider) => {
+                        if provider.revision >= synced.provider.revision {
+                            synced.provider = provider;
                         }
                     }
-                    Event::Network(network) => synced.network = network,
-                    Event::Provider(provider) => synced.provider = provider,
                     // Parts are joined into the snapshot by the subscription.
                     Event::Snapshot(_) | Event::SnapshotPart(_) => {}
                 }

@@ -10,22 +10,23 @@ use serde::{Deserialize, Serialize};
 pub struct PriceFilter {
     /// Only this chain.
     pub blockchain: Option<String>,
-    /// Only this asset (its address).
+    /// Only this asset (its address; an EVM address in any case).
     pub asset: Option<String>,
 }
 
 impl PriceFilter {
-    /// `true` when `price` passes the filter.
+    /// `true` when `price` passes the filter. An EVM address matches in any case (prices are
+    /// served with it in lower case, see [`mesh_protocol::canonical_asset`]).
     pub fn matches(&self, blockchain: &str, asset: &str) -> bool {
         self.blockchain.as_deref().is_none_or(|b| b == blockchain)
-            && self.asset.as_deref().is_none_or(|a| a == asset)
+            && self.asset.as_deref().is_none_or(|a| mesh_protocol::same_asset(a, asset))
     }
 }
 
 /// One asset's served price.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PriceView {
-    /// The asset (token address).
+    /// The asset (token address; an EVM address in lower case).
     pub asset: String,
     /// Its chain.
     pub blockchain: String,
@@ -33,23 +34,35 @@ pub struct PriceView {
     pub price: Decimal,
     /// Change over 24 hours in percent, when known.
     pub change_24h: Option<Decimal>,
-    /// When the provider observed it (RFC 3339, UTC).
+    /// When the provider fetched it (RFC 3339, UTC).
     pub timestamp: String,
     /// The same in Unix milliseconds.
     pub timestamp_ms: i64,
+    /// When the source (Birdeye) last updated the price (RFC 3339, UTC), when it said; `age_secs`
+    /// and `stale` count from it. `null` when the source gave no time (or the price came from a
+    /// provider of protocol version 1).
+    #[serde(default)]
+    pub source_timestamp: Option<String>,
+    /// The same in Unix milliseconds.
+    #[serde(default)]
+    pub source_timestamp_ms: Option<i64>,
     /// The provider that sent it.
     pub source_node_id: NodeId,
-    /// Seconds since `timestamp` when this view was made.
+    /// Seconds since the price was observed (`source_timestamp` when given, else `timestamp`)
+    /// at the moment this view is served.
     pub age_secs: u64,
-    /// Older than the staleness threshold.
+    /// Older than the staleness threshold at the moment this view is served.
     pub stale: bool,
-    /// Hops the update travelled to this node (0 for our own).
-    pub hop_count: u8,
-    /// Providers with a fresh price for this asset.
+    /// Hops the update travelled to this node (0 for our own); `None` (JSON `null`) for a
+    /// price reloaded from the store at start-up, until a message about it arrives.
+    pub hop_count: Option<u8>,
+    /// Providers whose price for this asset is fresh (fetched within two fetch intervals) at
+    /// the moment this view is served.
     pub providers_reporting: u32,
     /// Of those, how many agree with the served price within the discrepancy threshold.
     pub providers_agreeing: u32,
-    /// Two fresh prices differ by more than the threshold.
+    /// Two of the fresh prices differ by more than the threshold (never with fewer than two
+    /// providers reporting).
     pub discrepancy: bool,
 }
 
@@ -108,7 +121,8 @@ pub struct ProviderStatusView {
     pub enabled: bool,
     /// This node.
     pub node_id: NodeId,
-    /// Why provider mode is off after an error (`Invalid API key`).
+    /// Why provider mode is off after an error (`Invalid API key`); always `null` while
+    /// `enabled` is true.
     pub reason: Option<String>,
     /// When the last fetch ended (RFC 3339, UTC).
     pub last_fetch_time: Option<String>,
@@ -128,6 +142,10 @@ pub struct ProviderStatusView {
     pub rounds_failed: u64,
     /// Coordination runs on its fallback.
     pub degraded: bool,
+    /// Bumped by every change of the status (from 0 at the node's start): of two views, the
+    /// one with the higher revision is the newer.
+    #[serde(default)]
+    pub revision: u64,
 }
 
 /// Two providers disagree on an asset.

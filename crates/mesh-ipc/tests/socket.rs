@@ -51,6 +51,7 @@ fn provider() -> ProviderStatusView {
         rounds_skipped: 0,
         rounds_failed: 0,
         degraded: false,
+        revision: 0,
     }
 }
 
@@ -62,10 +63,12 @@ fn price(asset: &str, value: &str) -> PriceView {
         change_24h: None,
         timestamp: "2026-01-01T00:00:00Z".into(),
         timestamp_ms: 0,
+        source_timestamp: None,
+        source_timestamp_ms: None,
         source_node_id: node_id(),
         age_secs: 1,
         stale: false,
-        hop_count: 2,
+        hop_count: Some(2),
         providers_reporting: 1,
         providers_agreeing: 1,
         discrepancy: false,

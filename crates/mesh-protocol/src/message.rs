@@ -21,8 +21,13 @@ use uuid::Uuid;
 use crate::decimal::Decimal;
 use crate::identity::{Identity, NodeId, PUBLIC_KEY_LEN, SIGNATURE_LEN, uuid_from_digest};
 
-/// The only protocol version this crate speaks.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// The newest protocol version this crate speaks: 2, whose price batches may carry the
+/// source's own update time ([`PriceUpdate::source_timestamp_ms`]). See the crate docs
+/// ("Versions") for how nodes of versions 1 and 2 interoperate.
+pub const PROTOCOL_VERSION: u8 = 2;
+/// The oldest protocol version this crate still reads and writes: 1, the version of every
+/// message that carries no source time.
+pub const MIN_PROTOCOL_VERSION: u8 = 1;
 /// Highest TTL a receiver accepts.
 pub const MAX_TTL: u8 = 20;
 /// Highest `ttl + hop_count` a receiver accepts: an originator sends `hop_count = 1` with at
@@ -55,7 +60,7 @@ impl Envelope {
     pub fn seal(identity: &Identity, body: &Body, ttl: u8) -> Result<Self, crate::CodecError> {
         let bytes = crate::codec::encode_body(body)?;
         let signature = identity.sign_body(&bytes);
-        Ok(Self { version: PROTOCOL_VERSION, ttl, hop_count: 1, body: bytes, signature })
+        Ok(Self { version: body.wire_version(), ttl, hop_count: 1, body: bytes, signature })
     }
 
     /// The id of this message: bound to the signed body bytes, not to the hop fields.
@@ -115,7 +120,25 @@ impl Body {
     }
 }
 
+impl Body {
+    /// The lowest protocol version that can carry this body: 2 when a price carries a source
+    /// time, else 1 (so that nodes of version 1 still read it).
+    pub fn wire_version(&self) -> u8 {
+        match &self.payload {
+            Payload::PriceBatch { prices, .. }
+                if prices.iter().any(|p| p.source_timestamp_ms.is_some()) =>
+            {
+                PROTOCOL_VERSION
+            }
+            _ => MIN_PROTOCOL_VERSION,
+        }
+    }
+}
+
 /// The message kinds.
+///
+/// The wire encoding is [`crate::codec`]'s, not this type's serde derive: a price batch whose
+/// prices carry source times goes on the wire as a kind of its own (see the crate docs).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Payload {
     /// Prices fetched by a provider in one round.
@@ -159,6 +182,20 @@ pub struct PriceUpdate {
     pub timestamp_ms: i64,
     /// Change over 24 hours in percent, when the source gave one.
     pub change_24h: Option<Decimal>,
+    /// When the source last updated the price (Unix milliseconds; Birdeye's `updateUnixTime`),
+    /// when it said. Never later than `timestamp_ms` plus the allowed clock skew. Age and
+    /// staleness count from it: a token the source stopped updating is old however recently
+    /// it was fetched. Carried by protocol version 2 only.
+    #[serde(default)]
+    pub source_timestamp_ms: Option<i64>,
+}
+
+impl PriceUpdate {
+    /// When the price was true: the source's update time when it gave one (never later than
+    /// the fetch), else the fetch. Ages and staleness count from here.
+    pub fn observed_ms(&self) -> i64 {
+        self.source_timestamp_ms.map_or(self.timestamp_ms, |s| s.min(self.timestamp_ms))
+    }
 }
 
 /// SHA-256 of a message's encoded body: what its id is taken from and what its signature

@@ -19,8 +19,8 @@ use ed25519_dalek::{Signature, VerifyingKey};
 use crate::codec::{self, CodecError, MAX_FRAME_LEN};
 use crate::identity::NodeId;
 use crate::message::{
-    Body, BodyDigest, Envelope, MAX_PRICES_PER_BATCH, MAX_TTL, MAX_TTL_PLUS_HOPS, MessageId,
-    PROTOCOL_VERSION, Payload,
+    Body, BodyDigest, Envelope, MAX_PRICES_PER_BATCH, MAX_TTL, MAX_TTL_PLUS_HOPS,
+    MIN_PROTOCOL_VERSION, MessageId, PROTOCOL_VERSION, Payload,
 };
 
 /// Longest asset identifier, in characters.
@@ -55,7 +55,7 @@ pub enum RejectReason {
     FrameTooLarge,
     /// The frame or the body is not a valid encoding (trailing bytes included).
     Malformed,
-    /// The envelope's version is not [`PROTOCOL_VERSION`].
+    /// The envelope's version is outside [`MIN_PROTOCOL_VERSION`]..=[`PROTOCOL_VERSION`].
     UnsupportedVersion,
     /// `ttl` is 0 or above [`MAX_TTL`], or `ttl + hop_count` is above [`MAX_TTL_PLUS_HOPS`].
     TtlOutOfBounds,
@@ -231,7 +231,7 @@ pub fn decode_frame(frame: &[u8]) -> Result<Envelope, Rejection> {
 }
 
 fn check_envelope_header(envelope: &Envelope) -> Result<(), Rejection> {
-    if envelope.version != PROTOCOL_VERSION {
+    if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&envelope.version) {
         return Err(Rejection::new(RejectReason::UnsupportedVersion));
     }
     let hops = u16::from(envelope.ttl) + u16::from(envelope.hop_count);
@@ -469,10 +469,10 @@ fn check_prices(prices: &[crate::PriceUpdate], latest_ms: i64) -> Result<(), Rej
 /// Public so that prices that did not arrive in a message (reloaded from a store or the Redis
 /// mirror at start) pass the same rules.
 pub fn check_price(p: &crate::PriceUpdate, latest_ms: i64) -> Result<(), RejectReason> {
-    if p.timestamp_ms > latest_ms {
+    if p.timestamp_ms > latest_ms || p.source_timestamp_ms.is_some_and(|s| s > latest_ms) {
         return Err(RejectReason::FutureTimestamp);
     }
-    if p.timestamp_ms < MIN_TIMESTAMP_MS {
+    if p.timestamp_ms < MIN_TIMESTAMP_MS || p.source_timestamp_ms.is_some_and(|s| s < MIN_TIMESTAMP_MS) {
         return Err(RejectReason::TimestampOutOfRange);
     }
     if !p.price.is_positive() {

@@ -24,6 +24,7 @@ fn price(asset: &str, price: &str, ts: i64) -> PriceUpdate {
         price: price.parse().unwrap(),
         timestamp_ms: ts,
         change_24h: Some("2.5".parse().unwrap()),
+        source_timestamp_ms: None,
     }
 }
 
@@ -83,8 +84,19 @@ fn malformed_frame_and_malformed_body() {
 #[test]
 fn unsupported_version() {
     let mut env = Envelope::seal(&provider(), &batch(vec![price("SOL", "1", NOW)]), 5).unwrap();
+    for version in [0, 3, 255] {
+        env.version = version;
+        assert_eq!(reason(&frame_of(&env)), Some(RejectReason::UnsupportedVersion), "{version}");
+    }
+    // Versions 1 and 2 are read; a batch with a source time is sealed as version 2.
     env.version = 2;
-    assert_eq!(reason(&frame_of(&env)), Some(RejectReason::UnsupportedVersion));
+    assert_eq!(reason(&frame_of(&env)), None);
+    let mut timed = price("SOL", "1", NOW);
+    timed.source_timestamp_ms = Some(NOW - 7_200_000);
+    let env = Envelope::seal(&provider(), &batch(vec![timed.clone()]), 5).unwrap();
+    assert_eq!(env.version, 2);
+    let msg = Validator::default().validate(&frame_of(&env), NOW, &mut HighWaterMarks::default());
+    assert_eq!(msg.unwrap().body.payload, Payload::PriceBatch { round: 1, prices: vec![timed] });
 }
 
 #[test]
@@ -194,6 +206,12 @@ fn future_timestamps_beyond_the_skew() {
     // The skew is configurable.
     let lenient = Validator::new(Config { max_clock_skew_secs: 120, ..Config::default() });
     assert_eq!(reason_with(&lenient, &sealed(&body)), None);
+    // A source time in the future, too.
+    let mut ahead = price("SOL", "1", NOW);
+    ahead.source_timestamp_ms = Some(NOW + skew_ms + 1);
+    assert_eq!(reason(&sealed(&batch(vec![ahead.clone()]))), Some(RejectReason::FutureTimestamp));
+    ahead.source_timestamp_ms = Some(NOW + skew_ms);
+    assert_eq!(reason(&sealed(&batch(vec![ahead]))), None);
 }
 
 #[test]

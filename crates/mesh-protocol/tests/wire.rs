@@ -49,14 +49,26 @@ fn decimal() -> impl Strategy<Value = Decimal> {
 }
 
 fn price_update() -> impl Strategy<Value = PriceUpdate> {
-    ("[ -~]{0,60}", "[a-z]{0,12}", decimal(), any::<i64>(), proptest::option::of(decimal()))
-        .prop_map(|(asset, blockchain, price, timestamp_ms, change_24h)| PriceUpdate {
-            asset,
-            blockchain,
-            price,
-            timestamp_ms,
-            change_24h,
-        })
+    (
+        "[ -~]{0,60}",
+        "[a-z]{0,12}",
+        decimal(),
+        any::<i64>(),
+        proptest::option::of(decimal()),
+        proptest::option::of(any::<i64>()),
+    )
+        .prop_map(
+            |(asset, blockchain, price, timestamp_ms, change_24h, source_timestamp_ms)| {
+                PriceUpdate {
+                    asset,
+                    blockchain,
+                    price,
+                    timestamp_ms,
+                    change_24h,
+                    source_timestamp_ms,
+                }
+            },
+        )
 }
 
 fn payload() -> impl Strategy<Value = Payload> {
@@ -135,7 +147,7 @@ proptest! {
     fn mutated_valid_frames_never_panic(seed in any::<[u8; 32]>(), flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
         let id = Identity::from_seed(seed);
         let body = Body::new(&id, 1, Payload::PriceBatch { round: 1, prices: vec![PriceUpdate {
-            asset: "a".into(), blockchain: "b".into(), price: "1".parse().unwrap(), timestamp_ms: 1, change_24h: None,
+            asset: "a".into(), blockchain: "b".into(), price: "1".parse().unwrap(), timestamp_ms: 1, change_24h: None, source_timestamp_ms: None,
         }]});
         let mut frame = codec::encode_envelope(&Envelope::seal(&id, &body, 5).unwrap()).unwrap();
         let mut inner = Envelope::seal(&id, &body, 5).unwrap().body;

@@ -21,7 +21,8 @@ pub const DEFAULT_ASSETS: &[(&str, &str)] = &[
 pub struct Asset {
     /// Chain (`solana`, `ethereum`, ...), sent as `x-chain`; the price's `blockchain`.
     pub chain: String,
-    /// Token address on that chain; the price's `asset`.
+    /// Token address on that chain; the price's `asset`. An EVM address (`0x` and 40 hex
+    /// digits) is kept in lower case, whatever case it was configured in.
     pub address: String,
 }
 
@@ -68,7 +69,9 @@ impl Asset {
         if !address_ok {
             return Err(AssetError::BadAddress(address.to_owned()));
         }
-        Ok(Self { chain: chain.to_owned(), address: address.to_owned() })
+        // One form per address: an EVM address in lower case (Birdeye answers either case).
+        let address = mesh_protocol::canonical_asset(address).into_owned();
+        Ok(Self { chain: chain.to_owned(), address })
     }
 }
 
@@ -136,7 +139,7 @@ impl Default for Assets {
                 .iter()
                 .map(|(chain, address)| Asset {
                     chain: (*chain).to_owned(),
-                    address: (*address).to_owned(),
+                    address: mesh_protocol::canonical_asset(address).into_owned(),
                 })
                 .collect(),
         )
@@ -184,6 +187,17 @@ mod tests {
         assert_eq!(assets.as_slice()[1].chain, "ethereum");
         let again: Assets = assets.to_string().parse().unwrap();
         assert_eq!(again, assets);
+        // One form per address: EVM in lower case, base58 as written.
+        assert_eq!(assets.as_slice()[1].address, "0xc02aaa39b223fe8d0a0e5c4f27ead9083c756cc2");
+        assert_eq!(assets.as_slice()[0].address, "So11111111111111111111111111111111111111112");
+        assert!(Assets::default().as_slice().iter().all(|a| a.address == canonical(&a.address)));
+        // Both writings of one token are one asset.
+        let twice = "ethereum:0xC02aaA39b223FE8D0A0e5C4F27eAD9083C756Cc2,ethereum:0xc02aaa39b223fe8d0a0e5c4f27ead9083c756cc2";
+        assert!(matches!(twice.parse::<Assets>(), Err(AssetError::Duplicate(_))));
+    }
+
+    fn canonical(address: &str) -> String {
+        mesh_protocol::canonical_asset(address).into_owned()
     }
 
     #[test]

@@ -176,28 +176,54 @@ impl Provider {
     /// Checks `key` with Birdeye ([`BirdeyeClient::validate_key`]) and starts the round loop
     /// with it. A refused key leaves provider mode off with the reason in the status
     /// (`Invalid API key` for 401) and is returned as the error.
+    ///
+    /// A key refused while provider mode runs with another key leaves it running: the status
+    /// keeps saying enabled, with no reason (the refusal is the caller's answer and the last
+    /// error), since that is what the provider is doing.
     pub async fn enable(&self, key: ApiKey) -> Result<()> {
         let client = BirdeyeClient::with_config(key, self.inner.settings.client.clone())?;
         let validated = client.validate_key().await;
         self.inner.observe_birdeye_date(&client);
         if let Err(error) = validated {
             if error.is_key_rejected() {
-                let reason = error.to_string();
-                self.inner.status.send_modify(|s| {
-                    s.reason = Some(reason.clone());
-                    s.last_error = Some(reason.clone());
-                });
+                self.refused(&error);
             }
             return Err(error.into());
         }
         self.start(client).await
     }
 
-    /// Starts the round loop with `key` without checking it first (for example on restart,
-    /// when Birdeye may be briefly unreachable): a refused key stops it at its first fetch.
-    pub async fn resume(&self, key: ApiKey) -> Result<()> {
+    /// Starts the round loop with `key` remembered from before a restart. The key is checked
+    /// first, so that a key revoked in the meantime never shows as enabled: a refused key
+    /// leaves provider mode off with the reason in the status and returns `Ok(false)`. When
+    /// Birdeye cannot be asked (unreachable, 5xx), the loop starts all the same and a refused
+    /// key stops it at its first fetch. `Ok(true)`: the loop runs.
+    pub async fn resume(&self, key: ApiKey) -> Result<bool> {
         let client = BirdeyeClient::with_config(key, self.inner.settings.client.clone())?;
-        self.start(client).await
+        match client.validate_key().await {
+            Err(error) if error.is_key_rejected() => {
+                tracing::warn!(reason = %error, "the stored Birdeye key was refused; provider mode stays off");
+                self.refused(&error);
+                Ok(false)
+            }
+            Err(error) => {
+                tracing::info!(%error, "Birdeye could not check the stored key; provider mode resumes");
+                self.start(client).await.map(|()| true)
+            }
+            Ok(()) => self.start(client).await.map(|()| true),
+        }
+    }
+
+    /// Records a key Birdeye refused: the last error always, and the reason provider mode is
+    /// off only when it is off (a running loop keeps its own key).
+    fn refused(&self, error: &crate::client::Error) {
+        let reason = error.to_string();
+        modify(&self.inner.status, |s| {
+            if !s.enabled {
+                s.reason = Some(reason.clone());
+            }
+            s.last_error = Some(reason.clone());
+        });
     }
 
     async fn start(&self, client: BirdeyeClient) -> Result<()> {
@@ -210,7 +236,7 @@ impl Provider {
         }
         PlannerConfig::new(self.inner.settings.interval, self.inner.settings.window).validate()?;
         let cancel = self.inner.cancel.child_token();
-        self.inner.status.send_modify(|s| {
+        modify(&self.inner.status, |s| {
             s.enabled = true;
             s.reason = None;
         });
@@ -229,7 +255,7 @@ impl Provider {
             stop(previous).await;
             tracing::info!(node_id = %self.node_id(), "provider mode disabled");
         }
-        self.inner.status.send_modify(|s| {
+        modify(&self.inner.status, |s| {
             s.enabled = false;
             s.next_round = None;
             s.next_round_unix_ms = None;
@@ -244,6 +270,17 @@ impl Provider {
         self.inner.tracker.close();
         self.inner.tracker.wait().await;
     }
+}
+
+/// Changes the status and bumps its revision.
+fn modify(
+    status: &tokio::sync::watch::Sender<ProviderStatus>,
+    change: impl FnOnce(&mut ProviderStatus),
+) {
+    status.send_modify(|s| {
+        change(s);
+        s.revision += 1;
+    });
 }
 
 async fn stop(running: Running) {
@@ -270,7 +307,7 @@ async fn run(inner: Arc<Inner>, client: BirdeyeClient, cancel: CancellationToken
     let interval_ms = settings.interval.as_millis().max(1) as i64;
     let mut next_round = planner.round_at(inner.now_ms().max(0) as u64);
     loop {
-        inner.status.send_modify(|s| {
+        modify(&inner.status, |s| {
             s.next_round = Some(next_round);
             s.next_round_unix_ms = Some(next_round as i64 * interval_ms);
             s.degraded = planner.is_degraded();
@@ -298,7 +335,7 @@ async fn run(inner: Arc<Inner>, client: BirdeyeClient, cancel: CancellationToken
             };
             metrics::counter!(telemetry::ROUNDS_SKIPPED_TOTAL, "reason" => reason).increment(1);
             tracing::debug!(round = decision.round, rank = decision.rank, reason, "round skipped");
-            inner.status.send_modify(|s| s.rounds_skipped += 1);
+            modify(&inner.status, |s| s.rounds_skipped += 1);
             continue;
         }
         let outcome = tokio::select! {
@@ -311,7 +348,7 @@ async fn run(inner: Arc<Inner>, client: BirdeyeClient, cancel: CancellationToken
         }
     }
     if cancel.is_cancelled() {
-        inner.status.send_modify(|s| {
+        modify(&inner.status, |s| {
             s.enabled = false;
             s.next_round = None;
             s.next_round_unix_ms = None;
@@ -468,10 +505,19 @@ impl Inner {
                     price: price.value,
                     timestamp_ms,
                     change_24h: price.change_24h,
+                    source_timestamp_ms: source_time_ms(price.update_unix_time, timestamp_ms),
                 }
             })
             .collect()
     }
+}
+
+/// The source's update time (`updateUnixTime`, seconds) in Unix milliseconds, never later
+/// than the fetch: a source clock ahead of ours must not make a price look newer than it is
+/// fetched, nor be rejected as from the future. `None` when absent or not a positive time.
+fn source_time_ms(update_unix_time: Option<i64>, fetched_ms: i64) -> Option<i64> {
+    let secs = update_unix_time.filter(|s| *s > 0)?;
+    Some(secs.saturating_mul(1000).min(fetched_ms))
 }
 
 /// Counts a fetched round in the status and metrics; `true` when provider mode must stop.
@@ -485,7 +531,7 @@ fn record(inner: &Inner, decision: &RoundDecision, outcome: RoundOutcome) -> boo
                 Via::Single => "single",
             };
             metrics::counter!(telemetry::ROUNDS_FETCHED_TOTAL, "via" => via).increment(1);
-            inner.status.send_modify(|s| {
+            modify(&inner.status, |s| {
                 s.rounds_fetched += 1;
                 if decision.via != Via::Lease {
                     s.rounds_fetched_uncoordinated += 1;
@@ -501,7 +547,7 @@ fn record(inner: &Inner, decision: &RoundDecision, outcome: RoundOutcome) -> boo
             metrics::counter!(telemetry::ROUNDS_FAILED_TOTAL, "reason" => kind).increment(1);
             tracing::warn!(round = decision.round, error = %error, "provider round failed; nothing sent for it");
             let message = error.to_string();
-            inner.status.send_modify(|s| {
+            modify(&inner.status, |s| {
                 s.rounds_failed += 1;
                 s.last_fetch_unix_ms = Some(now);
                 s.last_fetch =
@@ -515,7 +561,7 @@ fn record(inner: &Inner, decision: &RoundDecision, outcome: RoundOutcome) -> boo
                 .increment(1);
             let reason = error.to_string();
             tracing::warn!(round = decision.round, reason = %reason, "Birdeye refused the API key; provider mode stopped");
-            inner.status.send_modify(|s| {
+            modify(&inner.status, |s| {
                 s.enabled = false;
                 s.reason = Some(reason.clone());
                 s.rounds_failed += 1;

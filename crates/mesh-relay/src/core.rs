@@ -660,6 +660,7 @@ pub(crate) mod tests {
                     price: "150".parse().unwrap(),
                     timestamp_ms: ts,
                     change_24h: None,
+                    source_timestamp_ms: None,
                 }],
             },
         );
@@ -802,6 +803,7 @@ pub(crate) mod tests {
             price: "150".parse().unwrap(),
             timestamp_ms: ts,
             change_24h: None,
+            source_timestamp_ms: None,
         }];
         let body = Body::new(&id, NOW, Payload::PriceBatch { round: 1, prices });
         encode_envelope(&Envelope::seal(&id, &body, 5).unwrap()).unwrap()

@@ -2,8 +2,15 @@
 //! of each provider. It serves the newest, with its age, hop count and how many providers
 //! agree, flags two providers' fresh prices that differ by more than the threshold, and rates
 //! the freshness of the whole node.
+//!
+//! Whatever depends on the clock (age, `stale`, which quotes are fresh, how many agree, the
+//! discrepancy among them) is never stored: [`assess`] computes it from the stored quotes and
+//! `now` whenever a view is made. So that stream subscribers, which hold the last view they
+//! were sent, learn when one of those facts changes with no new quote, the book keeps the
+//! instant of each asset's next change and [`PriceBook::expire`] hands out the views whose
+//! facts changed by then (the node calls it on a short tick and pushes them as price events).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -39,19 +46,158 @@ impl Default for BookConfig {
     }
 }
 
+/// The thresholds the clock-dependent facts of a price are judged by.
 #[derive(Debug, Clone)]
-struct Quote {
-    price: Decimal,
+pub struct Rules {
+    /// A price observed longer ago than this is stale (ms).
+    pub staleness_ms: i64,
+    /// A provider's quote fetched within this window (two fetch intervals, ms) is fresh: the
+    /// provider still reports the asset, and its quote counts for agreement and discrepancy.
+    pub fresh_window_ms: i64,
+    /// The discrepancy threshold in percent of the lower price.
+    pub threshold_percent: BigDecimal,
+}
+
+impl Rules {
+    /// The rules of `config`.
+    pub fn of(config: &BookConfig) -> Self {
+        let threshold_percent =
+            BigDecimal::from_str(&format!("{:.6}", config.discrepancy_threshold_percent))
+                .unwrap_or_else(|_| BigDecimal::from(5));
+        Self {
+            staleness_ms: duration_ms(config.staleness),
+            fresh_window_ms: duration_ms(config.fetch_interval).saturating_mul(2),
+            threshold_percent,
+        }
+    }
+
+    /// Whether `quote` is fresh at `now_ms`: fetched less than the fresh window ago.
+    pub fn fresh(&self, quote: &Quote, now_ms: i64) -> bool {
+        now_ms.saturating_sub(quote.timestamp_ms) < self.fresh_window_ms
+    }
+
+    /// Whether `a` and `b` differ by more than the threshold: |a - b| in percent of the lower
+    /// of the two is above it (never when the lower is not positive). Exact, and without a
+    /// division: |a - b| × 100 > threshold × lower. A `BigDecimal` division works to 100
+    /// digits; with several providers it was most of a consumer's CPU time (a division per
+    /// pair of quotes, per price, per batch).
+    pub fn exceeds(&self, a: &BigDecimal, b: &BigDecimal) -> bool {
+        let low = a.min(b);
+        bigdecimal::Signed::is_positive(low)
+            && (a - b).abs() * BigDecimal::from(100) > &self.threshold_percent * low
+    }
+}
+
+fn duration_ms(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// One provider's latest quote for an asset.
+#[derive(Debug, Clone)]
+pub struct Quote {
+    /// The price, exact.
+    pub price: Decimal,
     value: BigDecimal,
-    change_24h: Option<Decimal>,
-    timestamp_ms: i64,
-    hop_count: u8,
+    /// Change over 24 hours in percent, when known.
+    pub change_24h: Option<Decimal>,
+    /// When the provider fetched it (the signed `timestamp_ms`): orders one provider's quotes
+    /// and tells whether the provider still reports the asset.
+    pub timestamp_ms: i64,
+    /// When the source last updated the price (Birdeye's `updateUnixTime`), when it said.
+    pub source_timestamp_ms: Option<i64>,
+    /// Hops the quote travelled; `None` when it was reloaded from the store at start-up and
+    /// no message about it has arrived since (the hop count is not stored).
+    pub hop_count: Option<u8>,
+}
+
+impl Quote {
+    /// A quote of `update` that travelled `hop_count` hops (`None`: unknown).
+    pub fn of(update: &PriceUpdate, hop_count: Option<u8>) -> Self {
+        Self {
+            price: update.price.clone(),
+            value: update.price.value(),
+            change_24h: update.change_24h.clone(),
+            timestamp_ms: update.timestamp_ms,
+            source_timestamp_ms: update.source_timestamp_ms,
+            hop_count,
+        }
+    }
+
+    /// When the price was true: the source's own time when it gave one (never later than the
+    /// fetch), else the fetch. Age and `stale` count from here.
+    pub fn observed_ms(&self) -> i64 {
+        self.source_timestamp_ms.map_or(self.timestamp_ms, |s| s.min(self.timestamp_ms))
+    }
+}
+
+/// The facts about one asset's served price that depend on the clock, at one instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Assessment {
+    /// Milliseconds since the served price was observed (never negative).
+    pub age_ms: i64,
+    /// The served price is older than the staleness threshold.
+    pub stale: bool,
+    /// Providers with a fresh quote.
+    pub providers_reporting: u32,
+    /// Of those, how many agree with the served price within the threshold.
+    pub providers_agreeing: u32,
+    /// Two fresh quotes differ by more than the threshold (so never with fewer than two
+    /// providers reporting).
+    pub discrepancy: bool,
+    /// The next instant (Unix ms) at which `stale`, the reporting or agreeing counts or the
+    /// discrepancy can change without a new quote; `None` when none will.
+    pub next_change_ms: Option<i64>,
+}
+
+impl Assessment {
+    fn flags(&self) -> Flags {
+        (self.stale, self.providers_reporting, self.providers_agreeing, self.discrepancy)
+    }
+}
+
+/// The part of an assessment a subscriber must be told about when it changes.
+type Flags = (bool, u32, u32, bool);
+
+/// The clock-dependent facts of `served` among `quotes` (all of one asset, `served` among
+/// them) at `now_ms`: a pure function of the stored quotes, the clock and the rules.
+pub fn assess(served: &Quote, quotes: &[&Quote], now_ms: i64, rules: &Rules) -> Assessment {
+    let age_ms = now_ms.saturating_sub(served.observed_ms()).max(0);
+    let stale = age_ms > rules.staleness_ms;
+    let fresh: Vec<&Quote> = quotes.iter().copied().filter(|q| rules.fresh(q, now_ms)).collect();
+    let agreeing = fresh
+        .iter()
+        .filter(|q| {
+            bigdecimal::Signed::is_positive(std::cmp::min(&q.value, &served.value))
+                && !rules.exceeds(&q.value, &served.value)
+        })
+        .count();
+    let discrepancy = fresh
+        .iter()
+        .enumerate()
+        .any(|(i, a)| fresh[i + 1..].iter().any(|b| rules.exceeds(&a.value, &b.value)));
+    // Stale from one millisecond past the threshold; a fresh quote stops counting when its
+    // window ends.
+    let stale_at =
+        (!stale).then(|| served.observed_ms().saturating_add(rules.staleness_ms).saturating_add(1));
+    let expiries = fresh.iter().map(|q| q.timestamp_ms.saturating_add(rules.fresh_window_ms));
+    let next_change_ms = stale_at.into_iter().chain(expiries).filter(|t| *t > now_ms).min();
+    Assessment {
+        age_ms,
+        stale,
+        providers_reporting: fresh.len() as u32,
+        providers_agreeing: agreeing as u32,
+        discrepancy,
+        next_change_ms,
+    }
 }
 
 #[derive(Debug, Default)]
 struct AssetEntry {
     quotes: HashMap<NodeId, Quote>,
-    discrepancy: bool,
+    /// The flags subscribers were last told (by a price event or the snapshot).
+    shown: Option<Flags>,
+    /// When [`assess`] said the flags change next (also held in `PriceBook::schedule`).
+    next_change_ms: Option<i64>,
 }
 
 type Key = (String, String);
@@ -59,8 +205,10 @@ type Key = (String, String);
 /// What one batch changed.
 #[derive(Debug, Default)]
 pub struct Applied {
-    /// Served prices that changed (new price, or discrepancy flag changed).
+    /// Served prices that changed (new price, or one of its flags changed).
     pub changed: Vec<PriceView>,
+    /// How many served prices changed (`changed` may have been handed on already).
+    pub changed_count: usize,
     /// Discrepancies found.
     pub discrepancies: Vec<Discrepancy>,
     /// Updates ignored because the provider had sent a newer one.
@@ -73,8 +221,10 @@ pub struct Applied {
 #[derive(Debug)]
 pub struct PriceBook {
     config: BookConfig,
-    threshold: BigDecimal,
+    rules: Rules,
     assets: HashMap<Key, AssetEntry>,
+    /// (next change, asset) for every asset whose flags will change with time alone.
+    schedule: BTreeSet<(i64, Key)>,
     newest_timestamp_ms: Option<i64>,
     last_update_ms: Option<i64>,
 }
@@ -82,16 +232,19 @@ pub struct PriceBook {
 impl PriceBook {
     /// An empty book.
     pub fn new(config: BookConfig) -> Self {
-        let threshold =
-            BigDecimal::from_str(&format!("{:.6}", config.discrepancy_threshold_percent))
-                .unwrap_or_else(|_| BigDecimal::from(5));
         Self {
+            rules: Rules::of(&config),
             config,
-            threshold,
             assets: HashMap::new(),
+            schedule: BTreeSet::new(),
             newest_timestamp_ms: None,
             last_update_ms: None,
         }
+    }
+
+    /// The rules the book judges prices by.
+    pub fn rules(&self) -> &Rules {
+        &self.rules
     }
 
     /// Number of assets held.
@@ -104,24 +257,20 @@ impl PriceBook {
         self.assets.is_empty()
     }
 
-    /// Timestamp of the newest price held (Unix ms).
+    /// When the newest price held was observed (Unix ms; the source's time when it gave one).
     pub fn newest_timestamp_ms(&self) -> Option<i64> {
         self.newest_timestamp_ms
     }
 
-    /// When the newest update arrived (Unix ms).
+    /// When the newest update arrived in a message since start-up (Unix ms); `None` before
+    /// the first (prices reloaded from the store were not received now).
     pub fn last_update_ms(&self) -> Option<i64> {
         self.last_update_ms
     }
 
-    /// Age of the newest price, by its timestamp.
+    /// Age of the newest price, by the time it was observed.
     pub fn data_age(&self, now_ms: i64) -> Option<Duration> {
         self.newest_timestamp_ms.map(|ts| Duration::from_millis((now_ms - ts).max(0) as u64))
-    }
-
-    fn fresh(&self, quote: &Quote, now_ms: i64) -> bool {
-        let window = 2 * self.config.fetch_interval.as_millis() as i64;
-        now_ms - quote.timestamp_ms < window
     }
 
     /// Applies a batch from `origin` that travelled `hop_count` hops, received at `now_ms`.
@@ -134,55 +283,112 @@ impl PriceBook {
     ) -> Applied {
         let mut applied = Applied::default();
         for update in updates {
-            let key = (update.blockchain.clone(), update.asset.clone());
+            let key = key_of(update);
             if !self.assets.contains_key(&key) && self.assets.len() >= self.config.max_assets {
                 applied.dropped += 1;
                 continue;
             }
-            let quote = Quote {
-                price: update.price.clone(),
-                value: update.price.value(),
-                change_24h: update.change_24h.clone(),
-                timestamp_ms: update.timestamp_ms,
-                hop_count,
-            };
-            let max_providers = self.config.max_providers_per_asset.max(1);
+            let quote = Quote::of(update, Some(hop_count));
             let before = self.served_key(&key);
-            let entry = self.assets.entry(key.clone()).or_default();
-            if let Some(held) = entry.quotes.get(&origin)
-                && held.timestamp_ms >= quote.timestamp_ms
-            {
+            if self.insert(&key, origin, quote.clone()).is_none() {
                 applied.older += 1;
                 continue;
             }
-            if !entry.quotes.contains_key(&origin) && entry.quotes.len() >= max_providers {
-                let oldest =
-                    entry.quotes.iter().min_by_key(|(_, q)| q.timestamp_ms).map(|(n, _)| *n);
-                if let Some(oldest) = oldest {
-                    entry.quotes.remove(&oldest);
-                }
-            }
-            let was_flagged = entry.discrepancy;
-            entry.quotes.insert(origin, quote.clone());
-            self.newest_timestamp_ms = Some(
-                self.newest_timestamp_ms.map_or(quote.timestamp_ms, |t| t.max(quote.timestamp_ms)),
-            );
             self.last_update_ms = Some(now_ms);
-
-            let found = self.compare(&key, origin, &quote, now_ms);
-            let flagged = !found.is_empty() || self.any_disagreement(&key, now_ms);
-            if let Some(e) = self.assets.get_mut(&key) {
-                e.discrepancy = flagged;
-            }
-            applied.discrepancies.extend(found);
+            applied.discrepancies.extend(self.compare(&key, origin, &quote, now_ms));
             let after = self.served_key(&key);
-            if (before != after || was_flagged != flagged)
-                && let Some(view) = self.view_of(&key, now_ms)
-            {
+            if let Some(view) = self.refresh(&key, now_ms, before != after) {
                 applied.changed.push(view);
+                applied.changed_count += 1;
             }
         }
         applied
+    }
+
+    /// Puts back a price reloaded from the store at start-up: it keeps its own times, its hop
+    /// count is unknown (`None`) unless it is `own` (this node fetched it: 0), and it is no
+    /// receipt (`last_update_ms` stays as it is). Returns `false` when it was not taken (the
+    /// book is full, or a newer quote of that provider is held).
+    pub fn restore(
+        &mut self,
+        origin: NodeId,
+        update: &PriceUpdate,
+        own: bool,
+        now_ms: i64,
+    ) -> bool {
+        let key = key_of(update);
+        if !self.assets.contains_key(&key) && self.assets.len() >= self.config.max_assets {
+            return false;
+        }
+        let quote = Quote::of(update, own.then_some(0));
+        if self.insert(&key, origin, quote).is_none() {
+            return false;
+        }
+        self.refresh(&key, now_ms, false);
+        true
+    }
+
+    /// Stores `quote` as `origin`'s latest for `key` unless an equal or newer one is held
+    /// (an equal one only lends a hop count the held one lacks). `None` when not stored.
+    fn insert(&mut self, key: &Key, origin: NodeId, quote: Quote) -> Option<()> {
+        let max_providers = self.config.max_providers_per_asset.max(1);
+        let entry = self.assets.entry(key.clone()).or_default();
+        if let Some(held) = entry.quotes.get_mut(&origin)
+            && held.timestamp_ms >= quote.timestamp_ms
+        {
+            if held.timestamp_ms == quote.timestamp_ms && held.hop_count.is_none() {
+                held.hop_count = quote.hop_count;
+            }
+            return None;
+        }
+        if !entry.quotes.contains_key(&origin) && entry.quotes.len() >= max_providers {
+            let oldest = entry.quotes.iter().min_by_key(|(_, q)| q.timestamp_ms).map(|(n, _)| *n);
+            if let Some(oldest) = oldest {
+                entry.quotes.remove(&oldest);
+            }
+        }
+        let observed = quote.observed_ms();
+        entry.quotes.insert(origin, quote);
+        self.newest_timestamp_ms =
+            Some(self.newest_timestamp_ms.map_or(observed, |t| t.max(observed)));
+        Some(())
+    }
+
+    /// Reassesses `key` at `now_ms`, reschedules its next change, and returns its view when
+    /// subscribers must be told: `served_changed`, or the flags differ from the ones shown.
+    fn refresh(&mut self, key: &Key, now_ms: i64, served_changed: bool) -> Option<PriceView> {
+        let (view, assessment) = self.view_and_assessment(key, now_ms)?;
+        let entry = self.assets.get_mut(key)?;
+        let flags = assessment.flags();
+        let tell = served_changed || entry.shown != Some(flags);
+        entry.shown = Some(flags);
+        if entry.next_change_ms != assessment.next_change_ms {
+            if let Some(old) = entry.next_change_ms {
+                self.schedule.remove(&(old, key.clone()));
+            }
+            if let Some(new) = assessment.next_change_ms {
+                self.schedule.insert((new, key.clone()));
+            }
+            entry.next_change_ms = assessment.next_change_ms;
+        }
+        tell.then_some(view)
+    }
+
+    /// The views whose clock-dependent flags changed by `now_ms` with no new quote (a price
+    /// turned stale, a disagreeing quote expired, ...): what subscribers must be told now.
+    pub fn expire(&mut self, now_ms: i64) -> Vec<PriceView> {
+        let mut due = Vec::new();
+        while let Some(first) = self.schedule.first()
+            && first.0 <= now_ms
+        {
+            if let Some((_, key)) = self.schedule.pop_first() {
+                if let Some(entry) = self.assets.get_mut(&key) {
+                    entry.next_change_ms = None;
+                }
+                due.push(key);
+            }
+        }
+        due.iter().filter_map(|key| self.refresh(key, now_ms, false)).collect()
     }
 
     /// Identity of the served quote, to tell whether it changed.
@@ -194,15 +400,15 @@ impl PriceBook {
     /// Discrepancies between `origin`'s new quote and the other providers' fresh ones.
     fn compare(&self, key: &Key, origin: NodeId, quote: &Quote, now_ms: i64) -> Vec<Discrepancy> {
         let Some(entry) = self.assets.get(key) else { return Vec::new() };
-        if !self.fresh(quote, now_ms) {
+        if !self.rules.fresh(quote, now_ms) {
             return Vec::new();
         }
         let mut out = Vec::new();
         for (other, q) in &entry.quotes {
-            if *other == origin || !self.fresh(q, now_ms) {
+            if *other == origin || !self.rules.fresh(q, now_ms) {
                 continue;
             }
-            if self.exceeds(&quote.value, &q.value)
+            if self.rules.exceeds(&quote.value, &q.value)
                 && let Some(percent) = difference_percent(&quote.value, &q.value)
             {
                 out.push(Discrepancy {
@@ -222,61 +428,40 @@ impl PriceBook {
         out
     }
 
-    fn any_disagreement(&self, key: &Key, now_ms: i64) -> bool {
-        let Some(entry) = self.assets.get(key) else { return false };
-        let fresh: Vec<&Quote> = entry.quotes.values().filter(|q| self.fresh(q, now_ms)).collect();
-        fresh
-            .iter()
-            .enumerate()
-            .any(|(i, a)| fresh[i + 1..].iter().any(|b| self.exceeds(&a.value, &b.value)))
-    }
-
-    /// Whether `a` and `b` differ by more than the threshold: |a - b| in percent of the lower
-    /// of the two is above it (never when the lower is not positive). Exact, and without a
-    /// division: |a - b| × 100 > threshold × lower. A `BigDecimal` division works to 100
-    /// digits; with several providers it was most of a consumer's CPU time (a division per
-    /// pair of quotes, per price, per batch).
-    fn exceeds(&self, a: &BigDecimal, b: &BigDecimal) -> bool {
-        let low = a.min(b);
-        bigdecimal::Signed::is_positive(low)
-            && (a - b).abs() * BigDecimal::from(100) > &self.threshold * low
-    }
-
-    fn view_of(&self, key: &Key, now_ms: i64) -> Option<PriceView> {
+    fn view_and_assessment(&self, key: &Key, now_ms: i64) -> Option<(PriceView, Assessment)> {
         let entry = self.assets.get(key)?;
         let (source, quote) = served(entry)?;
-        let fresh: Vec<&Quote> = entry.quotes.values().filter(|q| self.fresh(q, now_ms)).collect();
-        let agreeing = fresh
-            .iter()
-            .filter(|q| {
-                bigdecimal::Signed::is_positive(std::cmp::min(&q.value, &quote.value))
-                    && !self.exceeds(&q.value, &quote.value)
-            })
-            .count();
-        let age_ms = (now_ms - quote.timestamp_ms).max(0);
-        Some(PriceView {
+        let quotes: Vec<&Quote> = entry.quotes.values().collect();
+        let a = assess(quote, &quotes, now_ms, &self.rules);
+        let view = PriceView {
             asset: key.1.clone(),
             blockchain: key.0.clone(),
             price: quote.price.clone(),
             change_24h: quote.change_24h.clone(),
             timestamp: rfc3339(quote.timestamp_ms),
             timestamp_ms: quote.timestamp_ms,
+            source_timestamp: quote.source_timestamp_ms.map(rfc3339),
+            source_timestamp_ms: quote.source_timestamp_ms,
             source_node_id: *source,
-            age_secs: (age_ms / 1000) as u64,
-            stale: age_ms as u128 > self.config.staleness.as_millis(),
+            age_secs: (a.age_ms / 1000) as u64,
+            stale: a.stale,
             hop_count: quote.hop_count,
-            providers_reporting: fresh.len() as u32,
-            providers_agreeing: agreeing as u32,
-            discrepancy: entry.discrepancy,
-        })
+            providers_reporting: a.providers_reporting,
+            providers_agreeing: a.providers_agreeing,
+            discrepancy: a.discrepancy,
+        };
+        Some((view, a))
     }
 
-    /// The served prices matching `filter`, sorted by chain then asset.
+    /// The served prices matching `filter`, sorted by chain then asset, as they are at `now_ms`.
     pub fn view(&self, filter: &PriceFilter, now_ms: i64) -> Vec<PriceView> {
         let mut keys: Vec<&Key> =
             self.assets.keys().filter(|(c, a)| filter.matches(c, a)).collect();
         keys.sort();
-        keys.into_iter().filter_map(|k| self.view_of(k, now_ms)).collect()
+        keys.into_iter()
+            .filter_map(|k| self.view_and_assessment(k, now_ms))
+            .map(|(v, _)| v)
+            .collect()
     }
 
     /// Freshness of the whole node: `Fresh` while the newest price is younger than two fetch
@@ -295,12 +480,21 @@ impl PriceBook {
     }
 }
 
-/// The newest quote (ties: the lower node id, so every node serves the same one).
+/// The book's key of `update`: its chain and its address in the canonical form (an EVM
+/// address in lower case, whatever case the provider signed).
+fn key_of(update: &PriceUpdate) -> Key {
+    (update.blockchain.clone(), mesh_protocol::canonical_asset(&update.asset).into_owned())
+}
+
+/// The newest quote by the time it was observed (ties: the newer fetch, then the lower node
+/// id, so every node serves the same one).
 fn served(entry: &AssetEntry) -> Option<(&NodeId, &Quote)> {
-    entry
-        .quotes
-        .iter()
-        .max_by(|(a_id, a), (b_id, b)| a.timestamp_ms.cmp(&b.timestamp_ms).then(b_id.cmp(a_id)))
+    entry.quotes.iter().max_by(|(a_id, a), (b_id, b)| {
+        a.observed_ms()
+            .cmp(&b.observed_ms())
+            .then(a.timestamp_ms.cmp(&b.timestamp_ms))
+            .then(b_id.cmp(a_id))
+    })
 }
 
 /// Unix milliseconds as RFC 3339 (UTC, milliseconds).
@@ -313,7 +507,7 @@ pub fn rfc3339(ms: i64) -> String {
 }
 
 /// |a - b| in percent of the lower of the two; `None` when the lower is not positive. Only
-/// for the report of a discrepancy (`PriceBook::exceeds` decides whether there is one).
+/// for the report of a discrepancy (`Rules::exceeds` decides whether there is one).
 fn difference_percent(a: &BigDecimal, b: &BigDecimal) -> Option<BigDecimal> {
     let low = a.min(b);
     if !bigdecimal::Signed::is_positive(low) {
@@ -339,6 +533,7 @@ mod tests {
             price: price.parse().unwrap(),
             timestamp_ms: ts,
             change_24h: None,
+            source_timestamp_ms: None,
         }
     }
 
@@ -355,7 +550,7 @@ mod tests {
         let v = &b.view(&PriceFilter::default(), NOW)[0];
         assert_eq!(v.price.to_string(), "151");
         assert_eq!(v.source_node_id, node(2));
-        assert_eq!((v.age_secs, v.hop_count, v.stale), (1, 3, false));
+        assert_eq!((v.age_secs, v.hop_count, v.stale), (1, Some(3), false));
         assert_eq!((v.providers_reporting, v.providers_agreeing), (2, 2));
         assert!(!v.discrepancy);
     }
@@ -422,8 +617,9 @@ mod tests {
             for x in values {
                 for y in values {
                     let (x, y): (BigDecimal, BigDecimal) = (x.parse().unwrap(), y.parse().unwrap());
-                    let by_division = difference_percent(&x, &y).is_some_and(|p| p > b.threshold);
-                    assert_eq!(b.exceeds(&x, &y), by_division, "{x} vs {y} at {threshold} %");
+                    let by_division =
+                        difference_percent(&x, &y).is_some_and(|p| p > b.rules.threshold_percent);
+                    assert_eq!(b.rules.exceeds(&x, &y), by_division, "{x} vs {y} at {threshold} %");
                 }
             }
         }
@@ -536,6 +732,164 @@ mod tests {
         assert_eq!(price, if expected == node(1) { "102" } else { "103" });
         assert!(!discrepancy, "102 and 103 are within 5 %");
         assert_eq!(agreeing, 2);
+    }
+
+    fn quote(price: &str, fetched: i64, source: Option<i64>) -> Quote {
+        let mut u = update("SOL", price, fetched);
+        u.timestamp_ms = fetched;
+        let mut q = Quote::of(&u, Some(1));
+        q.source_timestamp_ms = source;
+        q
+    }
+
+    fn rules(staleness_secs: u64) -> Rules {
+        Rules::of(&BookConfig {
+            staleness: Duration::from_secs(staleness_secs),
+            ..BookConfig::default()
+        })
+    }
+
+    /// The pure function alone: the same stored quotes say different things as the clock
+    /// moves, and each change is announced by `next_change_ms`.
+    #[test]
+    fn assessment_follows_the_clock() {
+        let r = rules(300);
+        let a = quote("100", NOW, None);
+        let b = quote("120", NOW - 10_000, None);
+        let quotes = [&a, &b];
+        let at = |now| assess(&a, &quotes, now, &r);
+        let now = at(NOW);
+        assert_eq!((now.stale, now.providers_reporting, now.providers_agreeing), (false, 2, 1));
+        assert!(now.discrepancy);
+        // b's window (two 30 s intervals from its fetch) ends first.
+        assert_eq!(now.next_change_ms, Some(NOW - 10_000 + 60_000));
+        let later = at(NOW + 50_000);
+        assert_eq!((later.providers_reporting, later.providers_agreeing), (1, 1));
+        assert!(!later.discrepancy, "the disagreeing quote expired");
+        assert_eq!(later.next_change_ms, Some(NOW + 60_000));
+        let silent = at(NOW + 60_000);
+        assert_eq!((silent.providers_reporting, silent.providers_agreeing), (0, 0));
+        assert!(!silent.discrepancy && !silent.stale);
+        assert_eq!(silent.next_change_ms, Some(NOW + 300_001));
+        assert!(!at(NOW + 300_000).stale, "at the threshold is not past it");
+        let stale = at(NOW + 300_001);
+        assert!(stale.stale);
+        assert_eq!(stale.age_ms, 300_001);
+        assert_eq!(stale.next_change_ms, None);
+    }
+
+    /// A source time older than the fetch is what age and staleness count from; a source
+    /// time later than the fetch (a clock ahead) counts as the fetch.
+    #[test]
+    fn the_source_time_counts_for_age_and_staleness() {
+        let r = rules(3600);
+        let old = quote("1", NOW, Some(NOW - 7_200_000));
+        let a = assess(&old, &[&old], NOW, &r);
+        assert_eq!((a.age_ms, a.stale, a.providers_reporting), (7_200_000, true, 1));
+        let ahead = quote("1", NOW, Some(NOW + 5_000));
+        assert_eq!(assess(&ahead, &[&ahead], NOW + 1_000, &r).age_ms, 1_000);
+    }
+
+    /// Providers go silent: the served price turns stale and a discrepancy clears, and the
+    /// book hands out exactly those changes, once each, with no new quote.
+    #[test]
+    fn expiry_tells_each_change_once() {
+        let mut b = PriceBook::new(BookConfig {
+            staleness: Duration::from_secs(90),
+            ..BookConfig::default()
+        });
+        b.apply(node(1), 1, &[update("SOL", "100", NOW)], NOW);
+        let applied = b.apply(node(2), 1, &[update("SOL", "110", NOW)], NOW);
+        assert!(applied.changed[0].discrepancy);
+        assert!(b.expire(NOW + 59_999).is_empty());
+        let cleared = b.expire(NOW + 60_000);
+        assert_eq!(cleared.len(), 1);
+        let v = &cleared[0];
+        assert_eq!((v.discrepancy, v.providers_reporting, v.stale), (false, 0, false));
+        assert!(b.expire(NOW + 89_000).is_empty());
+        let stale = b.expire(NOW + 90_001);
+        assert_eq!(stale.len(), 1);
+        assert!(stale[0].stale);
+        assert_eq!(stale[0].age_secs, 90);
+        assert!(b.expire(NOW + 10_000_000).is_empty(), "nothing left to change");
+        assert!(b.schedule.is_empty());
+        // What is served agrees with what was pushed.
+        let v = &b.view(&PriceFilter::default(), NOW + 90_001)[0];
+        assert!(v.stale && !v.discrepancy && v.providers_reporting == 0);
+    }
+
+    /// A quote that arrives reschedules its asset: one schedule entry per asset, whatever
+    /// the number of batches.
+    #[test]
+    fn the_schedule_holds_one_entry_per_asset() {
+        let mut b = book();
+        for i in 0..100 {
+            b.apply(
+                node(1),
+                1,
+                &[update("SOL", "100", NOW + i), update("JUP", "1", NOW + i)],
+                NOW + i,
+            );
+        }
+        assert_eq!(b.schedule.len(), 2);
+    }
+
+    /// Reloaded prices keep their times, their hop count is unknown (ours: 0) until a
+    /// message arrives, and they are no receipt.
+    #[test]
+    fn restored_prices_do_not_pretend() {
+        let mut b = PriceBook::new(BookConfig {
+            staleness: Duration::from_secs(3600),
+            ..BookConfig::default()
+        });
+        let two_hours_ago = NOW - 7_200_000;
+        assert!(b.restore(node(1), &update("SOL", "100", two_hours_ago), false, NOW));
+        assert!(b.restore(node(2), &update("JUP", "1", two_hours_ago), true, NOW));
+        assert_eq!(b.last_update_ms(), None, "nothing was received");
+        assert_eq!(b.freshness(NOW), DataFreshness::Stale);
+        let views = b.view(&PriceFilter::default(), NOW);
+        let sol = views.iter().find(|v| v.asset == "SOL").unwrap();
+        let jup = views.iter().find(|v| v.asset == "JUP").unwrap();
+        assert_eq!((sol.hop_count, sol.age_secs, sol.stale), (None, 7200, true));
+        assert_eq!(jup.hop_count, Some(0));
+        // The same price arriving in a message tells its hop count; a newer one too.
+        b.apply(node(1), 3, &[update("SOL", "100", two_hours_ago)], NOW);
+        let sol = &b.view(&PriceFilter { asset: Some("SOL".into()), ..Default::default() }, NOW)[0];
+        assert_eq!(sol.hop_count, Some(3));
+        b.apply(node(1), 2, &[update("SOL", "101", NOW)], NOW);
+        let sol = &b.view(&PriceFilter { asset: Some("SOL".into()), ..Default::default() }, NOW)[0];
+        assert_eq!((sol.hop_count, sol.stale), (Some(2), false));
+        assert_eq!(b.last_update_ms(), Some(NOW));
+    }
+
+    /// The checksummed and lower-case writings of one EVM token are one asset: served once,
+    /// in lower case, and compared for discrepancy. Base58 addresses keep their case.
+    #[test]
+    fn evm_addresses_are_keyed_in_lower_case() {
+        let mut b = book();
+        let weth = |address: &str, price: &str| PriceUpdate {
+            blockchain: "ethereum".into(),
+            ..update(address, price, NOW)
+        };
+        b.apply(node(1), 1, &[weth("0xC02aaA39b223FE8D0A0e5C4F27eAD9083C756Cc2", "3000")], NOW);
+        let applied =
+            b.apply(node(2), 1, &[weth("0xc02aaa39b223fe8d0a0e5c4f27ead9083c756cc2", "3300")], NOW);
+        assert_eq!(applied.discrepancies.len(), 1, "the two writings are compared");
+        let views = b.view(&PriceFilter::default(), NOW);
+        assert_eq!(views.len(), 1);
+        assert_eq!(views[0].asset, "0xc02aaa39b223fe8d0a0e5c4f27ead9083c756cc2");
+        assert_eq!(views[0].providers_reporting, 2);
+        let query = |asset: &str| PriceFilter { blockchain: None, asset: Some(asset.into()) };
+        assert_eq!(b.view(&query("0xC02aaA39b223FE8D0A0e5C4F27eAD9083C756Cc2"), NOW).len(), 1);
+        assert_eq!(b.view(&query("0xc02aaa39b223fe8d0a0e5c4f27ead9083c756cc2"), NOW).len(), 1);
+        b.apply(
+            node(1),
+            1,
+            &[update("EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v", "1", NOW)],
+            NOW,
+        );
+        assert_eq!(b.view(&query("EPjFWdd5AufqSSqeM2qN1xzybapC8G4wEGGkZwyTDt1v"), NOW).len(), 1);
+        assert!(b.view(&query("epjfwdd5aufqssqem2qn1xzybapc8g4wegGkzwytdt1v"), NOW).is_empty());
     }
 
     #[test]

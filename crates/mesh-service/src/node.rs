@@ -202,6 +202,7 @@ pub fn provider_view(s: &mesh_provider::ProviderStatus) -> ProviderStatusView {
         rounds_skipped: s.rounds_skipped,
         rounds_failed: s.rounds_failed,
         degraded: s.degraded,
+        revision: s.revision,
     }
 }
 
@@ -346,7 +347,9 @@ impl Node {
             now,
         );
         for (source, update) in reloaded {
-            book.apply(source, 0, std::slice::from_ref(&update), now);
+            // Not a receipt: the price keeps its times, and its hop count is unknown until a
+            // message about it arrives (our own are 0).
+            book.restore(source, &update, source == node_id, now);
         }
 
         let relay_cancel = cancel.child_token();
@@ -417,9 +420,13 @@ impl Node {
             _ => None,
         };
         if let Some(key) = resume {
-            provider.resume(key).await?;
-            shared.provider_became(true).await;
-            info!("provider mode on");
+            if provider.resume(key).await? {
+                shared.provider_became(true).await;
+                info!("provider mode on");
+            } else if let Err(e) = shared.keys.clear() {
+                // Refused by Birdeye (the status says why): not tried again at the next start.
+                warn!(error = %e, "stored provider key could not be removed");
+            }
         }
 
         if shared.config.discovery.mdns_enabled || shared.config.discovery.ble_enabled {
@@ -457,6 +464,13 @@ impl Node {
             &failure,
             "status",
             run_status(shared.clone(), cancel.clone()),
+        );
+        spawn_guarded(
+            &tasks,
+            &cancel,
+            &failure,
+            "expiry",
+            run_expiry(shared.clone(), cancel.clone()),
         );
         spawn_guarded(
             &tasks,
@@ -689,13 +703,25 @@ fn apply_delivery(shared: &Shared, delivery: Delivery) {
                     "batch does not count as its round's delivery"
                 );
             }
-            let applied = shared.book().apply(origin, hops, prices, now);
+            // Events leave while the book is held, so that a view the expiry task made
+            // just before cannot overtake this newer one on its way to subscribers.
+            let applied = {
+                let mut book = shared.book();
+                let mut applied = book.apply(origin, hops, prices, now);
+                for d in &applied.discrepancies {
+                    shared.emit(Event::Discrepancy(d.clone()));
+                }
+                for view in applied.changed.drain(..) {
+                    shared.emit(Event::Price(view));
+                }
+                applied
+            };
             tracing::info!(
                 source_node_id = %origin,
                 round,
                 prices = prices.len(),
                 hop_count = hops,
-                changed = applied.changed.len(),
+                changed = applied.changed_count,
                 "price update received"
             );
             for d in &applied.discrepancies {
@@ -710,13 +736,43 @@ fn apply_delivery(shared: &Shared, delivery: Delivery) {
                     "price discrepancy detected"
                 );
                 metrics::counter!("mesh_price_discrepancies_total").increment(1);
-                shared.emit(Event::Discrepancy(d.clone()));
             }
-            for view in applied.changed {
-                shared.emit(Event::Price(view));
-            }
-            let rows = prices.iter().map(|p| PriceRow::from_update(p, origin)).collect();
+            // The stores keep one time per price: when it was true (the source's update
+            // time when given), so that a reloaded price keeps its real age.
+            let rows = prices
+                .iter()
+                .map(|p| {
+                    let mut row = PriceRow::from_update(p, origin);
+                    row.timestamp_ms = p.observed_ms();
+                    if let std::borrow::Cow::Owned(canonical) =
+                        mesh_protocol::canonical_asset(&row.asset)
+                    {
+                        row.asset = canonical;
+                    }
+                    row
+                })
+                .collect();
             shared.persistence.record(rows, delivery.message.id, seen_ttl);
+        }
+    }
+}
+
+/// How often the expiry task looks for prices whose flags changed with time alone.
+const EXPIRY_TICK: Duration = Duration::from_millis(250);
+
+/// Tells subscribers when a price's clock-dependent flags change with no new quote (it turned
+/// stale, a disagreeing quote expired): the book knows when each asset's next change is due.
+async fn run_expiry(shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(EXPIRY_TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let mut book = shared.book();
+        for view in book.expire(now_ms()) {
+            shared.emit(Event::Price(view));
         }
     }
 }

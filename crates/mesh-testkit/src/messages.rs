@@ -25,6 +25,7 @@ pub fn price_batch(
                 price: format!("{}.{}", 100 + i, round % 1000).parse()?,
                 timestamp_ms: ts_ms,
                 change_24h: None,
+                source_timestamp_ms: None,
             })
         })
         .collect::<anyhow::Result<Vec<_>>>()?;

@@ -56,6 +56,9 @@ pub struct ProviderStatus {
     pub rounds_failed: u64,
     /// The coordination store was unavailable at the last decision.
     pub degraded: bool,
+    /// Bumped by every change: of two views of this status, the one with the higher revision
+    /// is the newer (a reader that gets them by two paths keeps that one).
+    pub revision: u64,
 }
 
 impl ProviderStatus {
@@ -75,6 +78,7 @@ impl ProviderStatus {
             rounds_skipped: 0,
             rounds_failed: 0,
             degraded: false,
+            revision: 0,
         }
     }
 }
