@@ -52,6 +52,7 @@ fn claim(key: &Identity, round: u64, created_at_ms: i64) -> Envelope {
         price: "1.23".parse().unwrap(),
         timestamp_ms: created_at_ms,
         change_24h: None,
+        source_timestamp_ms: None,
     }];
     let body = Body::new(key, created_at_ms, Payload::PriceBatch { round, prices });
     Envelope::seal(key, &body, 10).unwrap()

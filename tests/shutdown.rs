@@ -51,6 +51,7 @@ fn batch(identity: &Identity, prefix: &str, assets: usize) -> anyhow::Result<Env
             price: format!("{}.25", i + 1).parse()?,
             timestamp_ms: now,
             change_24h: None,
+            source_timestamp_ms: None,
         });
     }
     let body = Body::new(identity, now, Payload::PriceBatch { round: 1, prices });

@@ -472,7 +472,9 @@ pub fn check_price(p: &crate::PriceUpdate, latest_ms: i64) -> Result<(), RejectR
     if p.timestamp_ms > latest_ms || p.source_timestamp_ms.is_some_and(|s| s > latest_ms) {
         return Err(RejectReason::FutureTimestamp);
     }
-    if p.timestamp_ms < MIN_TIMESTAMP_MS || p.source_timestamp_ms.is_some_and(|s| s < MIN_TIMESTAMP_MS) {
+    if p.timestamp_ms < MIN_TIMESTAMP_MS
+        || p.source_timestamp_ms.is_some_and(|s| s < MIN_TIMESTAMP_MS)
+    {
         return Err(RejectReason::TimestampOutOfRange);
     }
     if !p.price.is_positive() {

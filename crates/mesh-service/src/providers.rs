@@ -287,6 +287,7 @@ mod tests {
                 price: "1.5".parse().unwrap(),
                 timestamp_ms: NOW,
                 change_24h: None,
+                source_timestamp_ms: None,
             })
             .collect()
     }

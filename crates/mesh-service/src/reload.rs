@@ -32,6 +32,8 @@ pub(crate) fn checked(
             price: row.price.clone(),
             timestamp_ms: row.timestamp_ms,
             change_24h: row.change_24h.clone(),
+            // A store keeps one time per price, the one it was true at (see `apply_delivery`).
+            source_timestamp_ms: None,
         };
         let verdict = match trusted {
             Some(trusted) if !trusted.contains(&row.source_node_id) => {

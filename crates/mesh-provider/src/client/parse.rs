@@ -436,6 +436,7 @@ mod tests {
                 price: p.value.clone(),
                 timestamp_ms: 1,
                 change_24h: p.change_24h.clone(),
+                source_timestamp_ms: None,
             };
             assert_eq!(mesh_protocol::validate::check_price(&update, 1), Ok(()), "{p:?}");
         }
