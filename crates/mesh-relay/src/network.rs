@@ -1741,10 +1741,10 @@ impl CoreTask {
         }
     }
 
-    /// A peer announced an id and did not send the message when asked: counted, and charged
-    /// once per [`UNSERVED_PER_CHARGE`] (an honest peer can fail now and then, when its kept
-    /// copy was forgotten or its queue was full; one announcing ids it never serves is banned
-    /// within a few hundred).
+    /// A peer announced an id that was given up (no announcer sent it when asked): counted,
+    /// and charged once per [`UNSERVED_PER_CHARGE`] (an honest peer can fail now and then,
+    /// when its kept copy was forgotten or its queue was full; one announcing ids it never
+    /// serves is banned within a few hundred).
     fn unserved(&mut self, peer: PeerId) {
         bump(&self.ctx.stats.wants_unserved);
         metrics::counter!("mesh_relay_lazy_total", "event" => "want_unserved").increment(1);
