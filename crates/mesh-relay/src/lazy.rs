@@ -47,8 +47,8 @@
 //! next announcer is asked. Every choice of eager peers thus has the whole neighbourhood as a
 //! fallback, and delivery stays complete. Each peer has an equal share of the ids waiting
 //! ([`Wanted`]), so one announcing ids it never serves cannot crowd out honest announcements,
-//! and an announcer that does not send what it was asked for is counted
-//! (`mesh_relay_lazy_total{event="want_unserved"}`) and charged once per 16 such asks.
+//! and the announcers of an id given up (asked, none sent it) are counted
+//! (`mesh_relay_lazy_total{event="want_unserved"}`) and charged once per 16 such ids.
 //!
 //! A node whose only copy of a message came with TTL 1 (delivered, but not passed on) treats a
 //! `HAVE` for it as one for an unseen id: the announcer's copy may carry more TTL, and then it
@@ -225,9 +225,10 @@ impl ControlFrame {
 ///
 /// Each peer has a fair share of the set: the ids it was the first to announce count against
 /// it, and past `capacity / peers` its new ids are ignored, so a peer announcing ids it never
-/// serves fills only its own share and honest announcements still get in. An announcer that
-/// was asked for an id and did not send it within the timeout is reported
-/// ([`Wanted::take_unserved`]) so the relay can charge it.
+/// serves fills only its own share and honest announcements still get in. When an id is given
+/// up (every announcer asked, none sent it within the timeout), each announcer asked is
+/// reported ([`Wanted::take_unserved`]) so the relay can charge it: an honest announcer that
+/// is only slow is not reported as long as another one sends the message.
 #[derive(Debug)]
 pub struct Wanted<P> {
     entries: crate::IdMap<Entry<P>>,
@@ -235,7 +236,7 @@ pub struct Wanted<P> {
     capacity: usize,
     /// Ids waiting per first announcer.
     owned: std::collections::HashMap<P, usize>,
-    /// Announcers asked for an id that did not send it in time.
+    /// Announcers asked for an id that was given up.
     unserved: Vec<P>,
 }
 
@@ -247,8 +248,8 @@ struct Entry<P> {
     due: Instant,
     /// The first announcer: the id counts against its share.
     owner: P,
-    /// The announcer asked last, while the answer is awaited.
-    asked: Option<P>,
+    /// The announcers asked so far (at most [`MAX_ANNOUNCERS`]).
+    asked: Vec<P>,
 }
 
 impl<P: Clone + Eq + std::hash::Hash> Wanted<P> {
@@ -263,8 +264,8 @@ impl<P: Clone + Eq + std::hash::Hash> Wanted<P> {
         }
     }
 
-    /// Announcers asked for an id that did not send it within the timeout, one item per id,
-    /// since the last call.
+    /// The announcers asked for each id given up since the last call (an id no announcer sent
+    /// within the timeout).
     pub fn take_unserved(&mut self) -> Vec<P> {
         std::mem::take(&mut self.unserved)
     }
@@ -324,7 +325,8 @@ impl<P: Clone + Eq + std::hash::Hash> Wanted<P> {
                 let due = now + delay;
                 self.due.push(Reverse((due, id)));
                 let announcers = VecDeque::from([peer.clone()]);
-                let entry = Entry { announcers, heard: 1, due, owner: peer.clone(), asked: None };
+                let entry =
+                    Entry { announcers, heard: 1, due, owner: peer.clone(), asked: Vec::new() };
                 self.entries.entry(id).or_insert(entry)
             }
         };
@@ -368,18 +370,17 @@ impl<P: Clone + Eq + std::hash::Hash> Wanted<P> {
             if entry.due != due {
                 continue;
             }
-            if let Some(asked) = entry.asked.take() {
-                self.unserved.push(asked);
-            }
             match entry.announcers.pop_front() {
                 Some(peer) => {
                     asks.push((peer.clone(), id));
-                    entry.asked = Some(peer);
+                    entry.asked.push(peer);
                     entry.due = now + timeout;
                     self.due.push(Reverse((entry.due, id)));
                 }
                 None => {
-                    self.remove(&id);
+                    if let Some(entry) = self.remove(&id) {
+                        self.unserved.extend(entry.asked);
+                    }
                 }
             }
         }
@@ -814,10 +815,11 @@ mod tests {
             assert!(wanted.arrived(&id(n)));
         }
         assert!(wanted.take_unserved().is_empty(), "nothing is late yet");
-        // The hostile peer's four are late: reported once each; id 0 goes to its next announcer.
+        // The hostile peer's four are late: its three are given up and it is reported for
+        // each; id 0 goes to its next announcer, and is no fault of anyone's once it comes.
         let asks = wanted.take_due(t0 + delay + timeout, timeout);
         assert_eq!(asks, vec![("honest", id(0))]);
-        assert_eq!(wanted.take_unserved(), vec!["hostile"; 4]);
+        assert_eq!(wanted.take_unserved(), vec!["hostile"; 3]);
         // The given-up ids left the hostile peer's share: it may announce again.
         assert!(wanted.announce(id(200), &"hostile", t0, delay, 2));
         assert!(wanted.arrived(&id(0)), "served by the honest peer");

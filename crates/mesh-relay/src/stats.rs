@@ -84,7 +84,8 @@ pub struct StatsSnapshot {
     pub wants_served: u64,
     /// Asked-for messages we no longer had (or never had).
     pub wants_unknown: u64,
-    /// Messages we asked a peer for that it announced but did not send within the timeout.
+    /// Announced messages given up (every announcer asked, none sent it in time), counted
+    /// once per announcer asked.
     pub wants_unserved: u64,
     /// Announcements ignored because too many ids were already waiting.
     pub wanted_full: u64,
