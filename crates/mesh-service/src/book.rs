@@ -3,7 +3,7 @@
 //! agree, flags two providers' fresh prices that differ by more than the threshold, and rates
 //! the freshness of the whole node.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -23,9 +23,19 @@ pub struct BookConfig {
     pub discrepancy_threshold_percent: f64,
     /// Most assets held; updates for further assets are dropped (and counted).
     pub max_assets: usize,
-    /// Most providers remembered per asset; the one heard from longest ago is forgotten.
+    /// Most providers remembered per asset. A new one takes the place of the quote heard
+    /// longest ago only when that quote is no longer fresh: a fresh quote belongs to its origin,
+    /// and no other origin may push it out.
     pub max_providers_per_asset: usize,
+    /// Most quotes one origin holds over all assets; past it, the origin's own oldest quote
+    /// makes room, so one origin (a throwaway key in an open mesh) can only evict its own.
+    pub max_quotes_per_origin: usize,
 }
+
+/// Default of [`BookConfig::max_quotes_per_origin`]: twice what one provider can send in a
+/// batch ([`mesh_protocol::MAX_PRICES_PER_BATCH`]), so a provider that changes its asset list
+/// keeps its old quotes until they age out.
+pub const DEFAULT_MAX_QUOTES_PER_ORIGIN: usize = 2 * mesh_protocol::MAX_PRICES_PER_BATCH;
 
 impl Default for BookConfig {
     fn default() -> Self {
@@ -35,6 +45,7 @@ impl Default for BookConfig {
             discrepancy_threshold_percent: 5.0,
             max_assets: 100_000,
             max_providers_per_asset: 64,
+            max_quotes_per_origin: DEFAULT_MAX_QUOTES_PER_ORIGIN,
         }
     }
 }
@@ -65,8 +76,11 @@ pub struct Applied {
     pub discrepancies: Vec<Discrepancy>,
     /// Updates ignored because the provider had sent a newer one.
     pub older: usize,
-    /// Updates dropped because the book is full.
+    /// Updates dropped because the book is full, or the asset holds the most providers and
+    /// all their quotes are fresh.
     pub dropped: usize,
+    /// Indexes (into the batch) of the updates the book took: what the stores should hold.
+    pub accepted: Vec<usize>,
 }
 
 /// The latest price of every provider for every asset.
@@ -75,6 +89,8 @@ pub struct PriceBook {
     config: BookConfig,
     threshold: BigDecimal,
     assets: HashMap<Key, AssetEntry>,
+    /// The assets each origin holds a quote of (bounded by `max_quotes_per_origin` each).
+    origin_keys: HashMap<NodeId, HashSet<Key>>,
     newest_timestamp_ms: Option<i64>,
     last_update_ms: Option<i64>,
 }
@@ -89,6 +105,7 @@ impl PriceBook {
             config,
             threshold,
             assets: HashMap::new(),
+            origin_keys: HashMap::new(),
             newest_timestamp_ms: None,
             last_update_ms: None,
         }
@@ -133,7 +150,9 @@ impl PriceBook {
         now_ms: i64,
     ) -> Applied {
         let mut applied = Applied::default();
-        for update in updates {
+        let max_providers = self.config.max_providers_per_asset.max(1);
+        let max_per_origin = self.config.max_quotes_per_origin.max(1);
+        for (index, update) in updates.iter().enumerate() {
             let key = (update.blockchain.clone(), update.asset.clone());
             if !self.assets.contains_key(&key) && self.assets.len() >= self.config.max_assets {
                 applied.dropped += 1;
@@ -146,22 +165,40 @@ impl PriceBook {
                 timestamp_ms: update.timestamp_ms,
                 hop_count,
             };
-            let max_providers = self.config.max_providers_per_asset.max(1);
-            let before = self.served_key(&key);
-            let entry = self.assets.entry(key.clone()).or_default();
-            if let Some(held) = entry.quotes.get(&origin)
-                && held.timestamp_ms >= quote.timestamp_ms
-            {
+            let held = self.assets.get(&key).and_then(|e| e.quotes.get(&origin));
+            if held.is_some_and(|held| held.timestamp_ms >= quote.timestamp_ms) {
                 applied.older += 1;
                 continue;
             }
-            if !entry.quotes.contains_key(&origin) && entry.quotes.len() >= max_providers {
+            if held.is_none() {
+                // A new quote: room on the asset (a stale quote's, never a fresh one's)...
                 let oldest =
-                    entry.quotes.iter().min_by_key(|(_, q)| q.timestamp_ms).map(|(n, _)| *n);
-                if let Some(oldest) = oldest {
-                    entry.quotes.remove(&oldest);
+                    self.assets.get(&key).filter(|e| e.quotes.len() >= max_providers).and_then(
+                        |e| {
+                            e.quotes
+                                .iter()
+                                .min_by_key(|(_, q)| q.timestamp_ms)
+                                .map(|(n, q)| (*n, q.clone()))
+                        },
+                    );
+                if let Some((oldest, oldest_quote)) = oldest {
+                    if self.fresh(&oldest_quote, now_ms) {
+                        applied.dropped += 1;
+                        continue;
+                    }
+                    self.remove_quote(&key, oldest);
                 }
+                // ...and room within the origin's own share.
+                if self.origin_keys.get(&origin).is_some_and(|own| own.len() >= max_per_origin)
+                    && let Some(victim) = self.oldest_of(origin)
+                {
+                    self.remove_quote(&victim, origin);
+                }
+                self.origin_keys.entry(origin).or_default().insert(key.clone());
             }
+            applied.accepted.push(index);
+            let before = self.served_key(&key);
+            let entry = self.assets.entry(key.clone()).or_default();
             let was_flagged = entry.discrepancy;
             entry.quotes.insert(origin, quote.clone());
             self.newest_timestamp_ms = Some(
@@ -183,6 +220,71 @@ impl PriceBook {
             }
         }
         applied
+    }
+
+    /// The asset of `origin`'s oldest quote.
+    fn oldest_of(&self, origin: NodeId) -> Option<Key> {
+        self.origin_keys
+            .get(&origin)?
+            .iter()
+            .filter_map(|key| {
+                let ts = self.assets.get(key)?.quotes.get(&origin)?.timestamp_ms;
+                Some((ts, key))
+            })
+            .min()
+            .map(|(_, key)| key.clone())
+    }
+
+    /// Removes `origin`'s quote of `key`, and the asset when no quote is left.
+    fn remove_quote(&mut self, key: &Key, origin: NodeId) {
+        if let Some(entry) = self.assets.get_mut(key) {
+            entry.quotes.remove(&origin);
+            if entry.quotes.is_empty() {
+                self.assets.remove(key);
+            }
+        }
+        if let Some(own) = self.origin_keys.get_mut(&origin) {
+            own.remove(key);
+            if own.is_empty() {
+                self.origin_keys.remove(&origin);
+            }
+        }
+    }
+
+    /// Forgets every quote whose timestamp is older than `cutoff_ms`, and the assets left with
+    /// none (`MESH_PRICE_RETENTION_SECS`). Returns the (blockchain, asset) pairs forgotten.
+    pub fn forget_older_than(&mut self, cutoff_ms: i64) -> Vec<(String, String)> {
+        let mut gone = Vec::new();
+        let mut newest: Option<i64> = None;
+        let origin_keys = &mut self.origin_keys;
+        self.assets.retain(|key, entry| {
+            entry.quotes.retain(|origin, quote| {
+                let keep = quote.timestamp_ms >= cutoff_ms;
+                if keep {
+                    newest = Some(newest.map_or(quote.timestamp_ms, |n| n.max(quote.timestamp_ms)));
+                } else if let Some(own) = origin_keys.get_mut(origin) {
+                    own.remove(key);
+                }
+                keep
+            });
+            if entry.quotes.is_empty() {
+                gone.push(key.clone());
+            }
+            !entry.quotes.is_empty()
+        });
+        self.origin_keys.retain(|_, own| !own.is_empty());
+        self.newest_timestamp_ms = newest;
+        gone
+    }
+
+    /// Number of quotes `origin` holds.
+    pub fn quotes_of(&self, origin: &NodeId) -> usize {
+        self.origin_keys.get(origin).map_or(0, HashSet::len)
+    }
+
+    /// Number of quotes held, over all assets and origins.
+    pub fn quote_count(&self) -> usize {
+        self.assets.values().map(|e| e.quotes.len()).sum()
     }
 
     /// Identity of the served quote, to tell whether it changed.
@@ -344,6 +446,73 @@ mod tests {
 
     fn book() -> PriceBook {
         PriceBook::new(BookConfig::default())
+    }
+
+    #[test]
+    fn each_origin_holds_at_most_its_share_and_evicts_only_its_own() {
+        let config = BookConfig {
+            max_quotes_per_origin: 30,
+            max_providers_per_asset: 4,
+            ..BookConfig::default()
+        };
+        let mut b = PriceBook::new(config);
+        // An honest provider's ten assets.
+        let honest: Vec<PriceUpdate> =
+            (0..10).map(|i| update(&format!("HONEST{i}"), "1", NOW)).collect();
+        assert_eq!(b.apply(node(1), 1, &honest, NOW).accepted.len(), 10);
+        // Fifty origins, each sending a hundred assets of its own and the honest ones.
+        for origin in 2..52 {
+            for round in 0..5 {
+                let batch: Vec<PriceUpdate> = (0..20)
+                    .map(|i| update(&format!("O{origin}A{}", round * 20 + i), "2", NOW + round))
+                    .chain((0..10).map(|i| update(&format!("HONEST{i}"), "3", NOW + round)))
+                    .collect();
+                b.apply(node(origin), 1, &batch, NOW + round);
+                assert!(b.quotes_of(&node(origin)) <= 30, "origin {origin}");
+            }
+        }
+        // The honest provider's quotes are all there: nobody else could push them out.
+        assert_eq!(b.quotes_of(&node(1)), 10);
+        // Bounds: 30 quotes per origin; at most four providers per asset.
+        assert!(b.quote_count() <= 10 + 50 * 30, "{}", b.quote_count());
+        assert!(b.view(&PriceFilter::default(), NOW).len() <= 10 + 50 * 30);
+        // An origin's newest assets are kept, its oldest evicted.
+        let held: Vec<String> = b
+            .view(&PriceFilter::default(), NOW)
+            .into_iter()
+            .filter(|v| v.source_node_id == node(2))
+            .map(|v| v.asset)
+            .collect();
+        assert!(held.contains(&"O2A99".to_owned()) && !held.contains(&"O2A0".to_owned()));
+    }
+
+    #[test]
+    fn a_full_asset_takes_a_new_provider_only_in_place_of_a_stale_quote() {
+        let config = BookConfig { max_providers_per_asset: 2, ..BookConfig::default() };
+        let mut b = PriceBook::new(config);
+        b.apply(node(1), 1, &[update("SOL", "1", NOW - 3_600_000)], NOW);
+        b.apply(node(2), 1, &[update("SOL", "1", NOW)], NOW);
+        let applied = b.apply(node(3), 1, &[update("SOL", "1", NOW)], NOW);
+        assert_eq!((applied.accepted.len(), applied.dropped), (1, 0), "the stale quote made room");
+        let applied = b.apply(node(4), 1, &[update("SOL", "1", NOW)], NOW);
+        assert_eq!((applied.accepted.len(), applied.dropped), (0, 1), "fresh quotes stay");
+        assert_eq!(
+            (b.quotes_of(&node(1)), b.quotes_of(&node(2)), b.quotes_of(&node(3))),
+            (0, 1, 1)
+        );
+    }
+
+    #[test]
+    fn quotes_older_than_the_retention_are_forgotten() {
+        let mut b = book();
+        b.apply(node(1), 1, &[update("OLD", "1", NOW - 10_000), update("NEW", "1", NOW)], NOW);
+        b.apply(node(2), 1, &[update("NEW", "2", NOW - 10_000)], NOW);
+        let gone = b.forget_older_than(NOW - 5_000);
+        assert_eq!(gone, vec![("solana".to_owned(), "OLD".to_owned())]);
+        assert_eq!((b.len(), b.quote_count(), b.quotes_of(&node(2))), (1, 1, 0));
+        assert_eq!(b.newest_timestamp_ms(), Some(NOW));
+        assert_eq!(b.forget_older_than(NOW + 1).len(), 1);
+        assert!(b.is_empty() && b.newest_timestamp_ms().is_none());
     }
 
     #[test]

@@ -329,6 +329,7 @@ impl Node {
             staleness: config.staleness_threshold,
             fetch_interval: interval,
             discrepancy_threshold_percent: config.discrepancy_threshold_percent,
+            max_quotes_per_origin: config.max_quotes_per_origin,
             ..BookConfig::default()
         });
         let now = now_ms();
@@ -455,6 +456,17 @@ impl Node {
             "provider_events",
             run_provider_events(shared.clone(), cancel.clone()),
         );
+        {
+            let book_owner = shared.clone();
+            let forget = move |cutoff_ms| book_owner.book().forget_older_than(cutoff_ms).len();
+            let task = crate::retention::run(
+                shared.config.price_retention,
+                forget,
+                shared.persistence.clone(),
+                cancel.clone(),
+            );
+            spawn_guarded(&tasks, &cancel, &failure, "retention", task);
+        }
 
         let server =
             mesh_ipc::Server::bind(mesh_ipc::ServerConfig::new(&shared.config.socket)).await?;
@@ -642,7 +654,13 @@ async fn run_state(
                 for view in applied.changed {
                     shared.emit(Event::Price(view));
                 }
-                let rows = prices.iter().map(|p| PriceRow::from_update(p, origin)).collect();
+                // Only what the book took: the stores are bounded as the book is.
+                let rows = applied
+                    .accepted
+                    .iter()
+                    .filter_map(|&i| prices.get(i))
+                    .map(|p| PriceRow::from_update(p, origin))
+                    .collect();
                 shared.persistence.record(rows, delivery.message.id, seen_ttl);
             }
         }

@@ -105,6 +105,26 @@ pub(crate) async fn load_prices(pool: &SqlitePool, filter: &PriceFilter) -> Resu
         .collect())
 }
 
+/// Deletes at most `limit` rows of each price table whose timestamp is older than `cutoff_ms`.
+pub(crate) async fn delete_prices_older_than(
+    pool: &SqlitePool,
+    cutoff_ms: i64,
+    limit: i64,
+) -> Result<u64> {
+    let mut deleted = 0;
+    for table in ["mesh_prices", "mesh_price_cache"] {
+        // `table` is one of the two constants above, never input.
+        let sql = format!(
+            "DELETE FROM {table} WHERE rowid IN \
+             (SELECT rowid FROM {table} WHERE timestamp < ?1 LIMIT ?2)"
+        );
+        let done =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(cutoff_ms).bind(limit).execute(pool).await?;
+        deleted += done.rows_affected();
+    }
+    Ok(deleted)
+}
+
 /// Records ids not recorded yet; an id already present keeps its times.
 pub(crate) async fn insert_seen(pool: &SqlitePool, rows: &[SeenRow]) -> Result<u64> {
     let batch: Vec<_> = rows

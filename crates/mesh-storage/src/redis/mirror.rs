@@ -25,6 +25,26 @@ end
 return written
 ";
 
+/// Deletes up to ARGV[2] fields of KEYS[1] and KEYS[2] whose timestamp (in KEYS[2]) is below
+/// ARGV[1]; returns how many it deleted. `HSCAN` keeps each call's work bounded.
+const FORGET_OLDER: &str = r"
+local deleted = 0
+local cursor = '0'
+repeat
+  local page = redis.call('HSCAN', KEYS[2], cursor, 'COUNT', 500)
+  cursor = page[1]
+  local entries = page[2]
+  for i = 1, #entries, 2 do
+    if deleted < tonumber(ARGV[2]) and tonumber(entries[i + 1]) < tonumber(ARGV[1]) then
+      redis.call('HDEL', KEYS[2], entries[i])
+      redis.call('HDEL', KEYS[1], entries[i])
+      deleted = deleted + 1
+    end
+  end
+until cursor == '0' or deleted >= tonumber(ARGV[2])
+return deleted
+";
+
 /// The latest price of each (blockchain, asset) in Redis, for fast reads shared by the
 /// processes of a box. The hash field is `"{blockchain} {asset}"` (neither may
 /// hold a space, so no two pairs share a field), so one address on two chains is two prices.
@@ -118,6 +138,38 @@ impl PriceMirror {
             }
         }
         self.snapshot()
+    }
+
+    /// Forgets prices whose timestamp is older than `cutoff_ms`: from memory, and from Redis
+    /// (at most `limit` per call) when it answers. Returns how many Redis fields were deleted.
+    pub async fn forget_older_than(&self, cutoff_ms: i64, limit: u32) -> u64 {
+        self.lock().retain(|_, row| row.timestamp_ms >= cutoff_ms);
+        if !self.health.should_try() {
+            return 0;
+        }
+        let call = async {
+            let mut conn = self.pool.get().await?;
+            let deleted: u64 = redis::cmd("EVAL")
+                .arg(FORGET_OLDER)
+                .arg(2)
+                .arg(&self.prices_key)
+                .arg(&self.stamps_key)
+                .arg(cutoff_ms)
+                .arg(limit)
+                .query_async(&mut conn)
+                .await?;
+            Ok::<_, CallError>(deleted)
+        };
+        match call.await {
+            Ok(deleted) => {
+                self.health.succeeded();
+                deleted
+            }
+            Err(error) => {
+                self.health.failed(&error);
+                0
+            }
+        }
     }
 
     /// `true` while Redis is down and memory serves.
