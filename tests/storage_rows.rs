@@ -413,7 +413,7 @@ async fn many_origins_stay_within_their_share_and_old_prices_are_forgotten() -> 
         .configure(|_, c| {
             c.max_quotes_per_origin = SHARE;
             // Shorter than operators may set (3600 s at least), for the test.
-            c.price_retention = Duration::from_secs(3);
+            c.price_retention = Duration::from_secs(8);
         })
         .start()
         .await?;
@@ -470,8 +470,17 @@ async fn many_origins_stay_within_their_share_and_old_prices_are_forgotten() -> 
         let rows = count(table).await;
         assert!((1..=(ORIGINS * PER_BATCH) as i64).contains(&rows), "{table}: {rows}");
     }
+    // ...and within a cleanup pass, each origin's share there too (as in the mirror).
     let mirror = node.persistence().redis.as_ref().unwrap().mirror.clone();
-    assert!(!mirror.read_all().await.is_empty());
+    let share = (ORIGINS * SHARE) as i64;
+    eventually_async(WAIT, "the stores trimmed to each origin's share", || async {
+        let mirrored = mirror.read_all().await.len() as i64;
+        let (rows, guide) = (count("mesh_prices").await, count("mesh_price_cache").await);
+        (1..=share).contains(&rows)
+            && (1..=share).contains(&guide)
+            && (1..=share).contains(&mirrored)
+    })
+    .await?;
 
     // Nobody sends these assets again: after the retention they are gone everywhere.
     eventually_async(
@@ -488,5 +497,45 @@ async fn many_origins_stay_within_their_share_and_old_prices_are_forgotten() -> 
     db.close().await;
     cancel.cancel();
     mesh.shutdown().await?;
+    test_db.drop_db().await
+}
+
+/// Trimming to a share per source and forgetting by age, on one backend.
+async fn trim_and_forget_contract(db: &Database) -> anyhow::Result<()> {
+    let store = PriceStore::new(db.clone());
+    let source = |n: u128| NodeId::from_uuid(Uuid::from_u128(n));
+    let rows: Vec<PriceRow> = (0..30)
+        .map(|i| PriceRow { source_node_id: source(1), ..row(&format!("a{i:02}"), T0 + i) })
+        .chain(
+            (0..5).map(|i| PriceRow { source_node_id: source(2), ..row(&format!("b{i}"), T0 + i) }),
+        )
+        .collect();
+    store.upsert(&rows).await?;
+    // Source 1 keeps its ten newest, source 2 (within its share) all five; both tables.
+    assert_eq!(store.trim_per_source(10, 1_000).await?, 2 * 20);
+    let kept = assets(&store.load_all().await?);
+    let expected: Vec<String> =
+        (20..30).map(|i| format!("a{i:02}")).chain((0..5).map(|i| format!("b{i}"))).collect();
+    assert_eq!(kept, expected);
+    assert_eq!(store.trim_per_source(10, 1_000).await?, 0);
+    // By age: everything before T0 + 25 goes, at most `limit` rows per table per call.
+    assert_eq!(store.delete_older_than(T0 + 25, 3).await?, 2 * 3);
+    store.delete_older_than(T0 + 25, 1_000).await?;
+    assert_eq!(assets(&store.load_all().await?), ["a25", "a26", "a27", "a28", "a29"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn postgres_and_sqlite_trim_per_source_and_forget_by_age() -> anyhow::Result<()> {
+    let test_db = TestDatabase::create().await?;
+    let pg = store_db(&test_db).await?;
+    pg.migrate().await?;
+    trim_and_forget_contract(&pg).await?;
+    pg.close().await;
+    let dir = tempfile::tempdir()?;
+    let sqlite =
+        Database::connect(&DatabaseConfig::sqlite_file(&dir.path().join("mesh.db"))).await?;
+    sqlite.migrate().await?;
+    trim_and_forget_contract(&sqlite).await?;
     test_db.drop_db().await
 }

@@ -461,6 +461,7 @@ impl Node {
             let forget = move |cutoff_ms| book_owner.book().forget_older_than(cutoff_ms).len();
             let task = crate::retention::run(
                 shared.config.price_retention,
+                shared.config.max_quotes_per_origin,
                 forget,
                 shared.persistence.clone(),
                 cancel.clone(),

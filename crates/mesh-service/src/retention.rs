@@ -23,9 +23,12 @@ pub(crate) fn interval(retention: Duration) -> Duration {
 
 /// Runs until `cancel`: every [`interval`], forgets what is older than `retention` in the book
 /// (through `forget_in_book`, which returns the assets it dropped), the Redis mirror and the
-/// tables (`mesh_prices`, `mesh_price_cache`).
+/// tables (`mesh_prices`, `mesh_price_cache`), and trims the mirror and the tables to
+/// `max_per_origin` rows per source, the book's share (the book evicts an origin's oldest
+/// quotes as it goes; the stores follow here).
 pub(crate) async fn run(
     retention: Duration,
+    max_per_origin: usize,
     forget_in_book: impl Fn(i64) -> usize,
     persistence: Persistence,
     cancel: CancellationToken,
@@ -45,8 +48,9 @@ pub(crate) async fn run(
             Some(redis) => redis.mirror.forget_older_than(cutoff_ms, ROWS_PER_PASS).await,
             None => 0,
         };
-        let rows = match persistence.price_store().delete_older_than(cutoff_ms, ROWS_PER_PASS).await
-        {
+        let share = u32::try_from(max_per_origin).unwrap_or(u32::MAX);
+        let store = persistence.price_store();
+        let rows = match store.delete_older_than(cutoff_ms, ROWS_PER_PASS).await {
             Ok(rows) => rows,
             Err(error) => {
                 // The database may be down; the next pass tries again.
@@ -54,6 +58,26 @@ pub(crate) async fn run(
                 0
             }
         };
+        let trimmed_rows = match store.trim_per_source(share, ROWS_PER_PASS).await {
+            Ok(rows) => rows,
+            Err(error) => {
+                debug!(%error, "per-origin trim of the price tables failed");
+                0
+            }
+        };
+        let trimmed_mirror = match &persistence.redis {
+            Some(redis) => {
+                redis.mirror.trim_per_source(max_per_origin, ROWS_PER_PASS as usize).await
+            }
+            None => 0,
+        };
+        metrics::counter!("mesh_price_origin_trimmed_total", "store" => "database")
+            .increment(trimmed_rows);
+        metrics::counter!("mesh_price_origin_trimmed_total", "store" => "redis")
+            .increment(trimmed_mirror);
+        if trimmed_rows > 0 || trimmed_mirror > 0 {
+            debug!(trimmed_rows, trimmed_mirror, "stores trimmed to each origin's share");
+        }
         metrics::counter!("mesh_price_retention_removed_total", "store" => "book")
             .increment(assets as u64);
         metrics::counter!("mesh_price_retention_removed_total", "store" => "redis")

@@ -172,6 +172,57 @@ impl PriceMirror {
         }
     }
 
+    /// Keeps at most `max_per_source` of the prices this process mirrored per source node
+    /// (each source's newest), deleting the others from memory and (at most `limit` per call)
+    /// from Redis. Prices other processes mirrored under the same prefix are theirs to trim.
+    /// Returns how many prices were dropped.
+    pub async fn trim_per_source(&self, max_per_source: usize, limit: usize) -> u64 {
+        let extra: Vec<PriceRow> = {
+            let memory = self.lock();
+            let mut by_source: HashMap<mesh_protocol::NodeId, Vec<&PriceRow>> = HashMap::new();
+            for row in memory.values() {
+                by_source.entry(row.source_node_id).or_default().push(row);
+            }
+            by_source
+                .into_values()
+                .filter(|rows| rows.len() > max_per_source)
+                .flat_map(|mut rows| {
+                    rows.sort_unstable_by_key(|row| std::cmp::Reverse(row.timestamp_ms));
+                    rows.split_off(max_per_source)
+                })
+                .take(limit)
+                .cloned()
+                .collect()
+        };
+        if extra.is_empty() {
+            return 0;
+        }
+        {
+            let mut memory = self.lock();
+            for row in &extra {
+                memory.remove(&(row.blockchain.clone(), row.asset.clone()));
+            }
+        }
+        if self.health.should_try() {
+            let fields: Vec<String> = extra.iter().map(field).collect();
+            let call = async {
+                let mut conn = self.pool.get().await?;
+                let mut pipe = redis::pipe();
+                pipe.cmd("HDEL").arg(&self.prices_key).arg(&fields).ignore();
+                pipe.cmd("HDEL").arg(&self.stamps_key).arg(&fields).ignore();
+                pipe.query_async::<()>(&mut conn).await?;
+                Ok::<_, CallError>(())
+            };
+            match call.await {
+                Ok(()) => {
+                    self.health.succeeded();
+                }
+                Err(error) => self.health.failed(&error),
+            }
+        }
+        extra.len() as u64
+    }
+
     /// `true` while Redis is down and memory serves.
     pub fn is_degraded(&self) -> bool {
         self.health.is_degraded()
