@@ -374,3 +374,168 @@ async fn reloaded_rows_pass_the_price_rules_and_the_allow_list() -> anyhow::Resu
     mesh.shutdown().await?;
     test_db.drop_db().await
 }
+
+/// A signed batch of `n` assets named after `tag`, all stamped `ts`.
+fn batch_of(
+    origin: &mesh_protocol::Identity,
+    tag: usize,
+    n: usize,
+    ts: i64,
+) -> mesh_protocol::Envelope {
+    use mesh_protocol::{Body, Envelope, Payload, PriceUpdate};
+    let prices = (0..n)
+        .map(|i| PriceUpdate {
+            asset: format!("O{tag:03}A{i:03}"),
+            blockchain: "solana".into(),
+            price: "1.5".parse().unwrap(),
+            timestamp_ms: ts,
+            change_24h: None,
+        })
+        .collect();
+    let body = Body::new(origin, ts, Payload::PriceBatch { round: 1, prices });
+    Envelope::seal(origin, &body, 5).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_origins_stay_within_their_share_and_old_prices_are_forgotten() -> anyhow::Result<()> {
+    const ORIGINS: usize = 25;
+    const PER_BATCH: usize = 30;
+    const SHARE: usize = 20;
+    let test_db = TestDatabase::create().await?;
+    let db_url = test_db.url.clone();
+    let mesh = LocalMesh::builder()
+        .providers(0)
+        .consumers(1)
+        .redis(redis_url())
+        .per_node(move |_, o| {
+            o.insert("DATABASE_URL".into(), db_url.clone());
+        })
+        .configure(|_, c| {
+            c.max_quotes_per_origin = SHARE;
+            // Shorter than operators may set (3600 s at least), for the test.
+            c.price_retention = Duration::from_secs(8);
+        })
+        .start()
+        .await?;
+    let node = mesh.node(0).unwrap();
+    let addr = node
+        .relay()
+        .listen_addrs()
+        .await?
+        .into_iter()
+        .find(|a| a.to_string().starts_with("/ip4/127.0.0.1/tcp/"))
+        .unwrap()
+        .with(mesh_relay::Protocol::P2p(node.peer_id()));
+
+    // A peer that relays batches of many origins, each with assets of its own.
+    let mut config = mesh_testkit::test_config();
+    config.listen_addrs = vec!["/ip4/127.0.0.1/tcp/0".parse()?];
+    let cancel = CancellationToken::new();
+    let (peer, _deliveries) =
+        mesh_relay::Relay::start(&mesh_protocol::Identity::generate(), config, cancel.clone())
+            .await?;
+    peer.dial(addr).await?;
+    eventually(WAIT, "the peer is connected", || peer.connected_peers() == 1).await?;
+    let now = mesh_service::now_ms();
+    for tag in 0..ORIGINS {
+        let origin = mesh_protocol::Identity::generate();
+        peer.publish(&batch_of(&origin, tag, PER_BATCH, now)).await?;
+    }
+    let queue = node.persistence().prices.clone();
+    eventually(WAIT, "every origin's batch arrived and was written", || {
+        // Each batch is taken whole (the share is enforced by evicting the origin's own
+        // oldest quotes), so every row of every batch is written once.
+        queue.stats().pending == 0 && queue.stats().written >= (ORIGINS * PER_BATCH) as u64
+    })
+    .await?;
+    // The book: each origin within its share, so at most ORIGINS x SHARE prices.
+    let held = node.prices().len();
+    assert!(held <= ORIGINS * SHARE, "{held} prices held");
+    assert!(held >= ORIGINS, "{held}");
+    // The tables: what the book took, at most ORIGINS x PER_BATCH rows, until the retention.
+    let db = store_db(&test_db).await?;
+    let Database::Postgres(pool) = &db else { anyhow::bail!("not PostgreSQL") };
+    let count = |table: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(format!(
+                "SELECT COUNT(*) FROM {table}"
+            )))
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(-1)
+        }
+    };
+    for table in ["mesh_prices", "mesh_price_cache"] {
+        let rows = count(table).await;
+        assert!((1..=(ORIGINS * PER_BATCH) as i64).contains(&rows), "{table}: {rows}");
+    }
+    // ...and within a cleanup pass, each origin's share there too (as in the mirror).
+    let mirror = node.persistence().redis.as_ref().unwrap().mirror.clone();
+    let share = (ORIGINS * SHARE) as i64;
+    eventually_async(WAIT, "the stores trimmed to each origin's share", || async {
+        let mirrored = mirror.read_all().await.len() as i64;
+        let (rows, guide) = (count("mesh_prices").await, count("mesh_price_cache").await);
+        (1..=share).contains(&rows)
+            && (1..=share).contains(&guide)
+            && (1..=share).contains(&mirrored)
+    })
+    .await?;
+
+    // Nobody sends these assets again: after the retention they are gone everywhere.
+    eventually_async(
+        WAIT,
+        "old prices forgotten in the book, the mirror and the tables",
+        || async {
+            node.prices().is_empty()
+                && mirror.read_all().await.is_empty()
+                && count("mesh_prices").await == 0
+                && count("mesh_price_cache").await == 0
+        },
+    )
+    .await?;
+    db.close().await;
+    cancel.cancel();
+    mesh.shutdown().await?;
+    test_db.drop_db().await
+}
+
+/// Trimming to a share per source and forgetting by age, on one backend.
+async fn trim_and_forget_contract(db: &Database) -> anyhow::Result<()> {
+    let store = PriceStore::new(db.clone());
+    let source = |n: u128| NodeId::from_uuid(Uuid::from_u128(n));
+    let rows: Vec<PriceRow> = (0..30)
+        .map(|i| PriceRow { source_node_id: source(1), ..row(&format!("a{i:02}"), T0 + i) })
+        .chain(
+            (0..5).map(|i| PriceRow { source_node_id: source(2), ..row(&format!("b{i}"), T0 + i) }),
+        )
+        .collect();
+    store.upsert(&rows).await?;
+    // Source 1 keeps its ten newest, source 2 (within its share) all five; both tables.
+    assert_eq!(store.trim_per_source(10, 1_000).await?, 2 * 20);
+    let kept = assets(&store.load_all().await?);
+    let expected: Vec<String> =
+        (20..30).map(|i| format!("a{i:02}")).chain((0..5).map(|i| format!("b{i}"))).collect();
+    assert_eq!(kept, expected);
+    assert_eq!(store.trim_per_source(10, 1_000).await?, 0);
+    // By age: everything before T0 + 25 goes, at most `limit` rows per table per call.
+    assert_eq!(store.delete_older_than(T0 + 25, 3).await?, 2 * 3);
+    store.delete_older_than(T0 + 25, 1_000).await?;
+    assert_eq!(assets(&store.load_all().await?), ["a25", "a26", "a27", "a28", "a29"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn postgres_and_sqlite_trim_per_source_and_forget_by_age() -> anyhow::Result<()> {
+    let test_db = TestDatabase::create().await?;
+    let pg = store_db(&test_db).await?;
+    pg.migrate().await?;
+    trim_and_forget_contract(&pg).await?;
+    pg.close().await;
+    let dir = tempfile::tempdir()?;
+    let sqlite =
+        Database::connect(&DatabaseConfig::sqlite_file(&dir.path().join("mesh.db"))).await?;
+    sqlite.migrate().await?;
+    trim_and_forget_contract(&sqlite).await?;
+    test_db.drop_db().await
+}

@@ -199,6 +199,8 @@ fn check_single(result: Result<Option<TokenPrice>, mesh_provider::BirdeyeError>)
 fn check_price(price: &TokenPrice) {
     assert_eq!(price.chain, CHAIN);
     assert!(price.value.is_positive(), "non-positive price {}", price.value);
+    // What every store holds (the guide's change_24h is VARCHAR(50)).
+    assert!(price.change_24h.as_ref().is_none_or(|c| c.as_str().len() <= 50), "long change");
     for value in [Some(&price.value), price.change_24h.as_ref(), price.liquidity.as_ref()]
         .into_iter()
         .flatten()

@@ -17,7 +17,9 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libfuzzer_sys::fuzz_target;
-use mesh_protocol::validate::{Config, MAX_ASSET_LEN, MAX_BLOCKCHAIN_LEN};
+use mesh_protocol::validate::{
+    Config, MAX_ASSET_LEN, MAX_BLOCKCHAIN_LEN, MAX_CHANGE_24H_LEN, MIN_TIMESTAMP_MS,
+};
 use mesh_protocol::{
     Body, Decimal, Envelope, HighWaterMarks, Identity, MAX_PRICES_PER_BATCH, MAX_TTL, MessageId,
     MIN_PROTOCOL_VERSION, NodeId, PROTOCOL_VERSION, Payload, PriceUpdate, RejectReason, Validator, decode_envelope,
@@ -252,6 +254,11 @@ fn check_accepted(envelope: &Envelope, body: &Body, id: MessageId, now_ms: i64, 
             assert!(p.price.is_positive(), "non-positive price {} accepted", p.price);
             assert!(p.timestamp_ms <= latest, "future price timestamp accepted");
             assert!(p.timestamp_ms >= earliest, "price older than the maximum age accepted");
+            assert!(p.timestamp_ms >= MIN_TIMESTAMP_MS, "pre-1970 price timestamp accepted");
+            assert!(
+                p.change_24h.as_ref().is_none_or(|c| c.as_str().len() <= MAX_CHANGE_24H_LEN),
+                "change_24h longer than the stores' column accepted"
+            );
             for (text, max) in [(&p.asset, MAX_ASSET_LEN), (&p.blockchain, MAX_BLOCKCHAIN_LEN)] {
                 assert!(!text.is_empty() && text.len() <= max, "bad name {text:?} accepted");
                 assert!(text.bytes().all(|b| b.is_ascii_graphic()), "bad name {text:?} accepted");

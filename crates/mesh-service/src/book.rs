@@ -10,7 +10,7 @@
 //! instant of each asset's next change and [`PriceBook::expire`] hands out the views whose
 //! facts changed by then (the node calls it on a short tick and pushes them as price events).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -30,9 +30,19 @@ pub struct BookConfig {
     pub discrepancy_threshold_percent: f64,
     /// Most assets held; updates for further assets are dropped (and counted).
     pub max_assets: usize,
-    /// Most providers remembered per asset; the one heard from longest ago is forgotten.
+    /// Most providers remembered per asset. A new one takes the place of the quote heard
+    /// longest ago only when that quote is no longer fresh: a fresh quote belongs to its origin,
+    /// and no other origin may push it out.
     pub max_providers_per_asset: usize,
+    /// Most quotes one origin holds over all assets; past it, the origin's own oldest quote
+    /// makes room, so one origin (a throwaway key in an open mesh) can only evict its own.
+    pub max_quotes_per_origin: usize,
 }
+
+/// Default of [`BookConfig::max_quotes_per_origin`]: twice what one provider can send in a
+/// batch ([`mesh_protocol::MAX_PRICES_PER_BATCH`]), so a provider that changes its asset list
+/// keeps its old quotes until they age out.
+pub const DEFAULT_MAX_QUOTES_PER_ORIGIN: usize = 2 * mesh_protocol::MAX_PRICES_PER_BATCH;
 
 impl Default for BookConfig {
     fn default() -> Self {
@@ -42,6 +52,7 @@ impl Default for BookConfig {
             discrepancy_threshold_percent: 5.0,
             max_assets: 100_000,
             max_providers_per_asset: 64,
+            max_quotes_per_origin: DEFAULT_MAX_QUOTES_PER_ORIGIN,
         }
     }
 }
@@ -213,8 +224,22 @@ pub struct Applied {
     pub discrepancies: Vec<Discrepancy>,
     /// Updates ignored because the provider had sent a newer one.
     pub older: usize,
-    /// Updates dropped because the book is full.
+    /// Updates dropped because the book is full, or the asset holds the most providers and
+    /// all their quotes are fresh.
     pub dropped: usize,
+    /// Indexes (into the batch) of the updates the book took: what the stores should hold.
+    pub accepted: Vec<usize>,
+}
+
+/// What became of a quote offered to the book.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Inserted {
+    /// Stored as its origin's latest for the asset.
+    Stored,
+    /// An equal or newer quote of that origin is held.
+    Older,
+    /// No room: the asset holds the most providers and all their quotes are fresh.
+    NoRoom,
 }
 
 /// The latest price of every provider for every asset.
@@ -225,6 +250,8 @@ pub struct PriceBook {
     assets: HashMap<Key, AssetEntry>,
     /// (next change, asset) for every asset whose flags will change with time alone.
     schedule: BTreeSet<(i64, Key)>,
+    /// The assets each origin holds a quote of (bounded by `max_quotes_per_origin` each).
+    origin_keys: HashMap<NodeId, HashSet<Key>>,
     newest_timestamp_ms: Option<i64>,
     last_update_ms: Option<i64>,
 }
@@ -237,6 +264,7 @@ impl PriceBook {
             config,
             assets: HashMap::new(),
             schedule: BTreeSet::new(),
+            origin_keys: HashMap::new(),
             newest_timestamp_ms: None,
             last_update_ms: None,
         }
@@ -282,7 +310,7 @@ impl PriceBook {
         now_ms: i64,
     ) -> Applied {
         let mut applied = Applied::default();
-        for update in updates {
+        for (index, update) in updates.iter().enumerate() {
             let key = key_of(update);
             if !self.assets.contains_key(&key) && self.assets.len() >= self.config.max_assets {
                 applied.dropped += 1;
@@ -290,9 +318,16 @@ impl PriceBook {
             }
             let quote = Quote::of(update, Some(hop_count));
             let before = self.served_key(&key);
-            if self.insert(&key, origin, quote.clone()).is_none() {
-                applied.older += 1;
-                continue;
+            match self.insert(&key, origin, quote.clone(), now_ms) {
+                Inserted::Stored => applied.accepted.push(index),
+                Inserted::Older => {
+                    applied.older += 1;
+                    continue;
+                }
+                Inserted::NoRoom => {
+                    applied.dropped += 1;
+                    continue;
+                }
             }
             self.last_update_ms = Some(now_ms);
             applied.discrepancies.extend(self.compare(&key, origin, &quote, now_ms));
@@ -321,7 +356,7 @@ impl PriceBook {
             return false;
         }
         let quote = Quote::of(update, own.then_some(0));
-        if self.insert(&key, origin, quote).is_none() {
+        if self.insert(&key, origin, quote, now_ms) != Inserted::Stored {
             return false;
         }
         self.refresh(&key, now_ms, false);
@@ -329,29 +364,113 @@ impl PriceBook {
     }
 
     /// Stores `quote` as `origin`'s latest for `key` unless an equal or newer one is held
-    /// (an equal one only lends a hop count the held one lacks). `None` when not stored.
-    fn insert(&mut self, key: &Key, origin: NodeId, quote: Quote) -> Option<()> {
-        let max_providers = self.config.max_providers_per_asset.max(1);
-        let entry = self.assets.entry(key.clone()).or_default();
-        if let Some(held) = entry.quotes.get_mut(&origin)
-            && held.timestamp_ms >= quote.timestamp_ms
-        {
-            if held.timestamp_ms == quote.timestamp_ms && held.hop_count.is_none() {
-                held.hop_count = quote.hop_count;
+    /// (an equal one only lends a hop count the held one lacks). A new quote needs room: on
+    /// the asset (a stale quote's, never a fresh one's) and within the origin's own share (its
+    /// own oldest quote goes).
+    fn insert(&mut self, key: &Key, origin: NodeId, quote: Quote, now_ms: i64) -> Inserted {
+        let held = self.assets.get_mut(key).and_then(|e| e.quotes.get_mut(&origin));
+        if let Some(held) = held {
+            if held.timestamp_ms >= quote.timestamp_ms {
+                if held.timestamp_ms == quote.timestamp_ms && held.hop_count.is_none() {
+                    held.hop_count = quote.hop_count;
+                }
+                return Inserted::Older;
             }
-            return None;
-        }
-        if !entry.quotes.contains_key(&origin) && entry.quotes.len() >= max_providers {
-            let oldest = entry.quotes.iter().min_by_key(|(_, q)| q.timestamp_ms).map(|(n, _)| *n);
-            if let Some(oldest) = oldest {
-                entry.quotes.remove(&oldest);
+        } else {
+            let max_providers = self.config.max_providers_per_asset.max(1);
+            let oldest = self.assets.get(key).filter(|e| e.quotes.len() >= max_providers).and_then(
+                |e| e.quotes.iter().min_by_key(|(_, q)| q.timestamp_ms).map(|(n, q)| (*n, q.clone())),
+            );
+            if let Some((oldest, oldest_quote)) = oldest {
+                if self.rules.fresh(&oldest_quote, now_ms) {
+                    return Inserted::NoRoom;
+                }
+                self.remove_quote(key, oldest);
             }
+            let max_per_origin = self.config.max_quotes_per_origin.max(1);
+            if self.origin_keys.get(&origin).is_some_and(|own| own.len() >= max_per_origin)
+                && let Some(victim) = self.oldest_of(origin)
+            {
+                self.remove_quote(&victim, origin);
+            }
+            self.origin_keys.entry(origin).or_default().insert(key.clone());
         }
         let observed = quote.observed_ms();
-        entry.quotes.insert(origin, quote);
+        self.assets.entry(key.clone()).or_default().quotes.insert(origin, quote);
         self.newest_timestamp_ms =
             Some(self.newest_timestamp_ms.map_or(observed, |t| t.max(observed)));
-        Some(())
+        Inserted::Stored
+    }
+
+    /// The asset of `origin`'s oldest quote.
+    fn oldest_of(&self, origin: NodeId) -> Option<Key> {
+        self.origin_keys
+            .get(&origin)?
+            .iter()
+            .filter_map(|key| {
+                let ts = self.assets.get(key)?.quotes.get(&origin)?.timestamp_ms;
+                Some((ts, key))
+            })
+            .min()
+            .map(|(_, key)| key.clone())
+    }
+
+    /// Removes `origin`'s quote of `key`, and the asset (with its scheduled change) when no
+    /// quote is left.
+    fn remove_quote(&mut self, key: &Key, origin: NodeId) {
+        if let Some(entry) = self.assets.get_mut(key) {
+            entry.quotes.remove(&origin);
+            if entry.quotes.is_empty() {
+                if let Some(at) = entry.next_change_ms {
+                    self.schedule.remove(&(at, key.clone()));
+                }
+                self.assets.remove(key);
+            }
+        }
+        if let Some(own) = self.origin_keys.get_mut(&origin) {
+            own.remove(key);
+            if own.is_empty() {
+                self.origin_keys.remove(&origin);
+            }
+        }
+    }
+
+    /// Forgets every quote fetched before `cutoff_ms`, and the assets left with none
+    /// (`MESH_PRICE_RETENTION_SECS`). Returns the (blockchain, asset) pairs forgotten.
+    pub fn forget_older_than(&mut self, cutoff_ms: i64) -> Vec<(String, String)> {
+        let mut old: Vec<(Key, NodeId)> = Vec::new();
+        for (key, entry) in &self.assets {
+            for (origin, quote) in &entry.quotes {
+                if quote.timestamp_ms < cutoff_ms {
+                    old.push((key.clone(), *origin));
+                }
+            }
+        }
+        let mut gone = Vec::new();
+        for (key, origin) in old {
+            self.remove_quote(&key, origin);
+            if !self.assets.contains_key(&key) && gone.last() != Some(&key) {
+                gone.push(key);
+            }
+        }
+        gone.sort();
+        gone.dedup();
+        self.newest_timestamp_ms = self
+            .assets
+            .values()
+            .flat_map(|e| e.quotes.values().map(Quote::observed_ms))
+            .max();
+        gone
+    }
+
+    /// Number of quotes `origin` holds.
+    pub fn quotes_of(&self, origin: &NodeId) -> usize {
+        self.origin_keys.get(origin).map_or(0, HashSet::len)
+    }
+
+    /// Number of quotes held, over all assets and origins.
+    pub fn quote_count(&self) -> usize {
+        self.assets.values().map(|e| e.quotes.len()).sum()
     }
 
     /// Reassesses `key` at `now_ms`, reschedules its next change, and returns its view when
@@ -896,5 +1015,72 @@ mod tests {
     fn rfc3339_in_utc() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339(1_500), "1970-01-01T00:00:01.5Z");
+    }
+
+    #[test]
+    fn each_origin_holds_at_most_its_share_and_evicts_only_its_own() {
+        let config = BookConfig {
+            max_quotes_per_origin: 30,
+            max_providers_per_asset: 4,
+            ..BookConfig::default()
+        };
+        let mut b = PriceBook::new(config);
+        // An honest provider's ten assets.
+        let honest: Vec<PriceUpdate> =
+            (0..10).map(|i| update(&format!("HONEST{i}"), "1", NOW)).collect();
+        assert_eq!(b.apply(node(1), 1, &honest, NOW).accepted.len(), 10);
+        // Fifty origins, each sending a hundred assets of its own and the honest ones.
+        for origin in 2..52 {
+            for round in 0..5 {
+                let batch: Vec<PriceUpdate> = (0..20)
+                    .map(|i| update(&format!("O{origin}A{}", round * 20 + i), "2", NOW + round))
+                    .chain((0..10).map(|i| update(&format!("HONEST{i}"), "3", NOW + round)))
+                    .collect();
+                b.apply(node(origin), 1, &batch, NOW + round);
+                assert!(b.quotes_of(&node(origin)) <= 30, "origin {origin}");
+            }
+        }
+        // The honest provider's quotes are all there: nobody else could push them out.
+        assert_eq!(b.quotes_of(&node(1)), 10);
+        // Bounds: 30 quotes per origin; at most four providers per asset.
+        assert!(b.quote_count() <= 10 + 50 * 30, "{}", b.quote_count());
+        assert!(b.view(&PriceFilter::default(), NOW).len() <= 10 + 50 * 30);
+        // An origin's newest assets are kept, its oldest evicted.
+        let held: Vec<String> = b
+            .view(&PriceFilter::default(), NOW)
+            .into_iter()
+            .filter(|v| v.source_node_id == node(2))
+            .map(|v| v.asset)
+            .collect();
+        assert!(held.contains(&"O2A99".to_owned()) && !held.contains(&"O2A0".to_owned()));
+    }
+
+    #[test]
+    fn a_full_asset_takes_a_new_provider_only_in_place_of_a_stale_quote() {
+        let config = BookConfig { max_providers_per_asset: 2, ..BookConfig::default() };
+        let mut b = PriceBook::new(config);
+        b.apply(node(1), 1, &[update("SOL", "1", NOW - 3_600_000)], NOW);
+        b.apply(node(2), 1, &[update("SOL", "1", NOW)], NOW);
+        let applied = b.apply(node(3), 1, &[update("SOL", "1", NOW)], NOW);
+        assert_eq!((applied.accepted.len(), applied.dropped), (1, 0), "the stale quote made room");
+        let applied = b.apply(node(4), 1, &[update("SOL", "1", NOW)], NOW);
+        assert_eq!((applied.accepted.len(), applied.dropped), (0, 1), "fresh quotes stay");
+        assert_eq!(
+            (b.quotes_of(&node(1)), b.quotes_of(&node(2)), b.quotes_of(&node(3))),
+            (0, 1, 1)
+        );
+    }
+
+    #[test]
+    fn quotes_older_than_the_retention_are_forgotten() {
+        let mut b = book();
+        b.apply(node(1), 1, &[update("OLD", "1", NOW - 10_000), update("NEW", "1", NOW)], NOW);
+        b.apply(node(2), 1, &[update("NEW", "2", NOW - 10_000)], NOW);
+        let gone = b.forget_older_than(NOW - 5_000);
+        assert_eq!(gone, vec![("solana".to_owned(), "OLD".to_owned())]);
+        assert_eq!((b.len(), b.quote_count(), b.quotes_of(&node(2))), (1, 1, 0));
+        assert_eq!(b.newest_timestamp_ms(), Some(NOW));
+        assert_eq!(b.forget_older_than(NOW + 1).len(), 1);
+        assert!(b.is_empty() && b.newest_timestamp_ms().is_none());
     }
 }

@@ -75,6 +75,12 @@ pub const VARIABLES: &[Variable] = &[
     ),
     var("MESH_STALENESS_THRESHOLD_SECS", "3600", "300-7200", "a price older than this is stale"),
     var(
+        "MESH_PRICE_RETENTION_SECS",
+        "604800",
+        "3600-31536000",
+        "a price nobody has sent for this long is forgotten (book, mirror, tables)",
+    ),
+    var(
         "MESH_PRICE_DISCREPANCY_THRESHOLD_PERCENT",
         "5",
         "0.1-100",
@@ -306,6 +312,12 @@ pub struct NodeConfig {
     pub explore_interval: Option<Duration>,
     /// `MESH_STALENESS_THRESHOLD_SECS`.
     pub staleness_threshold: Duration,
+    /// `MESH_PRICE_RETENTION_SECS`: prices older than this (by their timestamp) leave the
+    /// book, the Redis mirror and the tables.
+    pub price_retention: Duration,
+    /// Most quotes one origin may hold in the price book; past it, the origin's own oldest
+    /// quote makes room (tests set it low; no variable).
+    pub max_quotes_per_origin: usize,
     /// `MESH_PRICE_DISCREPANCY_THRESHOLD_PERCENT`.
     pub discrepancy_threshold_percent: f64,
     /// `MESH_SEEN_MESSAGES_CACHE_SIZE`.
@@ -424,6 +436,7 @@ impl NodeConfig {
         let max_peers = r.number::<usize>("MESH_MAX_PEER_CONNECTIONS", 5, 20);
         let explore = r.number::<u64>("MESH_PEER_EXPLORE_INTERVAL_SECS", 0, 3600);
         let staleness = r.number::<u64>("MESH_STALENESS_THRESHOLD_SECS", 300, 7200);
+        let retention = r.number::<u64>("MESH_PRICE_RETENTION_SECS", 3600, 31_536_000);
         let discrepancy = r.number::<f64>("MESH_PRICE_DISCREPANCY_THRESHOLD_PERCENT", 0.1, 100.0);
         let seen_cache_size = r.number::<usize>("MESH_SEEN_MESSAGES_CACHE_SIZE", 1000, 1_000_000);
         let seen_ttl = r.number::<u64>("MESH_SEEN_MESSAGES_TTL_SECS", 60, 86_400);
@@ -522,6 +535,8 @@ impl NodeConfig {
             max_peers,
             explore_interval: (explore > 0).then(|| Duration::from_secs(explore)),
             staleness_threshold: Duration::from_secs(staleness),
+            price_retention: Duration::from_secs(retention),
+            max_quotes_per_origin: crate::book::DEFAULT_MAX_QUOTES_PER_ORIGIN,
             discrepancy_threshold_percent: discrepancy,
             seen_cache_size,
             seen_ttl: Duration::from_secs(seen_ttl),
@@ -594,6 +609,7 @@ impl NodeConfig {
                     self.explore_interval.map_or(0, |d| d.as_secs()).to_string()
                 }
                 "MESH_STALENESS_THRESHOLD_SECS" => self.staleness_threshold.as_secs().to_string(),
+                "MESH_PRICE_RETENTION_SECS" => self.price_retention.as_secs().to_string(),
                 "MESH_PRICE_DISCREPANCY_THRESHOLD_PERCENT" => {
                     self.discrepancy_threshold_percent.to_string()
                 }
@@ -674,6 +690,7 @@ mod tests {
         assert_eq!(c.provider.message_ttl, 10);
         assert_eq!((c.min_peers, c.max_peers), (3, 10));
         assert_eq!(c.staleness_threshold, Duration::from_secs(3600));
+        assert_eq!(c.price_retention, Duration::from_secs(604_800));
         assert_eq!(c.socket, PathBuf::from("data/node.sock"));
         assert!(c.redis.is_none() && c.database_url.is_none());
         assert_eq!(c.listen_addrs.len(), 2);
@@ -687,6 +704,7 @@ mod tests {
                 ("MESH_MAX_PEER_CONNECTIONS", "50"),
                 ("MESH_MIN_PEER_CONNECTIONS", "abc"),
                 ("MESH_STALENESS_THRESHOLD_SECS", "10"),
+                ("MESH_PRICE_RETENTION_SECS", "60"),
                 ("MESH_BOOTSTRAP_PEERS", "/ip4/1.2.3.4/tcp/4001"),
                 ("DATABASE_URL", "mysql://u:secret@h/db"),
                 ("MESH_MDNS_ENABLED", "maybe"),
@@ -700,6 +718,7 @@ mod tests {
             "MESH_MAX_PEER_CONNECTIONS=50 is out of range 5..=20",
             "MESH_MIN_PEER_CONNECTIONS=\"abc\" is not a number",
             "MESH_STALENESS_THRESHOLD_SECS=10 is out of range 300..=7200",
+            "MESH_PRICE_RETENTION_SECS=60 is out of range 3600..=31536000",
             "does not end with /p2p/<peer id>",
             "DATABASE_URL=mysql://u:<redacted>@h/db",
             "MESH_MDNS_ENABLED",
@@ -707,7 +726,7 @@ mod tests {
             assert!(text.contains(needle), "missing {needle:?} in:\n{text}");
         }
         assert!(!text.contains("secret"));
-        assert_eq!(err.0.len(), 7);
+        assert_eq!(err.0.len(), 8);
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod node;
 pub mod persistence;
 pub mod providers;
 mod reload;
+mod retention;
 pub mod telemetry;
 
 pub use config::{ConfigError, NodeConfig, Sources, VARIABLES};

@@ -337,6 +337,7 @@ impl Node {
             staleness: config.staleness_threshold,
             fetch_interval: interval,
             discrepancy_threshold_percent: config.discrepancy_threshold_percent,
+            max_quotes_per_origin: config.max_quotes_per_origin,
             ..BookConfig::default()
         });
         let now = now_ms();
@@ -486,6 +487,18 @@ impl Node {
             "provider_events",
             run_provider_events(shared.clone(), cancel.clone()),
         );
+        {
+            let book_owner = shared.clone();
+            let forget = move |cutoff_ms| book_owner.book().forget_older_than(cutoff_ms).len();
+            let task = crate::retention::run(
+                shared.config.price_retention,
+                shared.config.max_quotes_per_origin,
+                forget,
+                shared.persistence.clone(),
+                cancel.clone(),
+            );
+            spawn_guarded(&tasks, &cancel, &failure, "retention", task);
+        }
 
         let server =
             mesh_ipc::Server::bind(mesh_ipc::ServerConfig::new(&shared.config.socket)).await?;
@@ -737,10 +750,13 @@ fn apply_delivery(shared: &Shared, delivery: Delivery) {
                 );
                 metrics::counter!("mesh_price_discrepancies_total").increment(1);
             }
-            // The stores keep one time per price: when it was true (the source's update
-            // time when given), so that a reloaded price keeps its real age.
-            let rows = prices
+            // Only what the book took: the stores are bounded as the book is. They keep one
+            // time per price: when it was true (the source's update time when given), so that
+            // a reloaded price keeps its real age.
+            let rows = applied
+                .accepted
                 .iter()
+                .filter_map(|&i| prices.get(i))
                 .map(|p| {
                     let mut row = PriceRow::from_update(p, origin);
                     row.timestamp_ms = p.observed_ms();

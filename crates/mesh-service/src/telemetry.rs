@@ -261,6 +261,14 @@ fn describe() {
     );
     describe_gauge!("mesh_component_degraded", "1 while a component runs on its fallback");
     describe_counter!(
+        "mesh_price_origin_trimmed_total",
+        "Stored or mirrored prices deleted to keep each origin within its share, by store"
+    );
+    describe_counter!(
+        "mesh_price_retention_removed_total",
+        "Prices nobody sent within MESH_PRICE_RETENTION_SECS, forgotten, by store"
+    );
+    describe_counter!(
         "mesh_store_reload_rejected_total",
         "Stored or mirrored prices refused at start: they fail the rules of received prices"
     );

@@ -40,6 +40,34 @@ impl PriceStore {
         }
     }
 
+    /// Deletes prices whose timestamp is older than `cutoff_ms` from `mesh_prices` and the
+    /// guide's `mesh_price_cache`, at most `limit` rows of each per call (so one call never
+    /// holds the tables long; a periodic cleanup catches up over several calls). Returns how
+    /// many rows were deleted.
+    pub async fn delete_older_than(&self, cutoff_ms: i64, limit: u32) -> Result<u64> {
+        let limit = i64::from(limit);
+        match &self.db {
+            Database::Postgres(pool) => {
+                postgres::delete_prices_older_than(pool, cutoff_ms, limit).await
+            }
+            Database::Sqlite(pool) => {
+                sqlite::delete_prices_older_than(pool, cutoff_ms, limit).await
+            }
+        }
+    }
+
+    /// Keeps at most `max_per_source` rows per source node in `mesh_prices` and
+    /// `mesh_price_cache` (each source's newest), deleting at most `limit` rows of each per
+    /// call: the tables stay within the price book's share per origin, however many assets one
+    /// origin sends. Returns how many rows were deleted.
+    pub async fn trim_per_source(&self, max_per_source: u32, limit: u32) -> Result<u64> {
+        let (max, limit) = (i64::from(max_per_source), i64::from(limit));
+        match &self.db {
+            Database::Postgres(pool) => postgres::trim_prices_per_source(pool, max, limit).await,
+            Database::Sqlite(pool) => sqlite::trim_prices_per_source(pool, max, limit).await,
+        }
+    }
+
     /// Every stored price, one per (blockchain, asset), sorted by asset then blockchain (what a
     /// node loads into its price book at start).
     pub async fn load_all(&self) -> Result<Vec<PriceRow>> {

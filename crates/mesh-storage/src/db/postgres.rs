@@ -103,6 +103,56 @@ pub(crate) async fn load_prices(pool: &PgPool, filter: &PriceFilter) -> Result<V
         .collect())
 }
 
+/// Deletes at most `limit` rows of each price table whose timestamp is older than `cutoff_ms`.
+pub(crate) async fn delete_prices_older_than(
+    pool: &PgPool,
+    cutoff_ms: i64,
+    limit: i64,
+) -> Result<u64> {
+    let cutoff = ms_to_datetime(cutoff_ms)?;
+    let mut deleted = 0;
+    for table in ["mesh_prices", "mesh_price_cache"] {
+        // `table` is one of the two constants above, never input.
+        let sql = format!(
+            "DELETE FROM {table} WHERE ctid IN \
+             (SELECT ctid FROM {table} WHERE timestamp < $1 LIMIT $2)"
+        );
+        let done =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(cutoff).bind(limit).execute(pool).await?;
+        deleted += done.rows_affected();
+    }
+    Ok(deleted)
+}
+
+/// Deletes, from each price table, at most `limit` rows of sources holding more than
+/// `max_per_source` rows: each source's oldest beyond that number.
+pub(crate) async fn trim_prices_per_source(
+    pool: &PgPool,
+    max_per_source: i64,
+    limit: i64,
+) -> Result<u64> {
+    let mut deleted = 0;
+    for table in ["mesh_prices", "mesh_price_cache"] {
+        // `table` is one of the two constants above, never input.
+        let sql = format!(
+            "DELETE FROM {table} t USING ( \
+                 SELECT blockchain, asset FROM ( \
+                     SELECT blockchain, asset, row_number() OVER ( \
+                         PARTITION BY source_node_id ORDER BY timestamp DESC, asset, blockchain \
+                     ) AS rank FROM {table} \
+                 ) ranked WHERE rank > $1 LIMIT $2 \
+             ) extra WHERE t.blockchain = extra.blockchain AND t.asset = extra.asset"
+        );
+        let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(max_per_source)
+            .bind(limit)
+            .execute(pool)
+            .await?;
+        deleted += done.rows_affected();
+    }
+    Ok(deleted)
+}
+
 /// Records ids not recorded yet; an id already present keeps its times.
 pub(crate) async fn insert_seen(pool: &PgPool, rows: &[SeenRow]) -> Result<u64> {
     let ids: Vec<Uuid> = rows.iter().map(|r| *r.id.as_uuid()).collect();

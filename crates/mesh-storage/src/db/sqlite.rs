@@ -105,6 +105,54 @@ pub(crate) async fn load_prices(pool: &SqlitePool, filter: &PriceFilter) -> Resu
         .collect())
 }
 
+/// Deletes at most `limit` rows of each price table whose timestamp is older than `cutoff_ms`.
+pub(crate) async fn delete_prices_older_than(
+    pool: &SqlitePool,
+    cutoff_ms: i64,
+    limit: i64,
+) -> Result<u64> {
+    let mut deleted = 0;
+    for table in ["mesh_prices", "mesh_price_cache"] {
+        // `table` is one of the two constants above, never input.
+        let sql = format!(
+            "DELETE FROM {table} WHERE rowid IN \
+             (SELECT rowid FROM {table} WHERE timestamp < ?1 LIMIT ?2)"
+        );
+        let done =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).bind(cutoff_ms).bind(limit).execute(pool).await?;
+        deleted += done.rows_affected();
+    }
+    Ok(deleted)
+}
+
+/// Deletes, from each price table, at most `limit` rows of sources holding more than
+/// `max_per_source` rows: each source's oldest beyond that number.
+pub(crate) async fn trim_prices_per_source(
+    pool: &SqlitePool,
+    max_per_source: i64,
+    limit: i64,
+) -> Result<u64> {
+    let mut deleted = 0;
+    for table in ["mesh_prices", "mesh_price_cache"] {
+        // `table` is one of the two constants above, never input.
+        let sql = format!(
+            "DELETE FROM {table} WHERE rowid IN ( \
+                 SELECT id FROM ( \
+                     SELECT rowid AS id, row_number() OVER ( \
+                         PARTITION BY source_node_id ORDER BY timestamp DESC, asset, blockchain \
+                     ) AS rank FROM {table} \
+                 ) WHERE rank > ?1 LIMIT ?2)"
+        );
+        let done = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(max_per_source)
+            .bind(limit)
+            .execute(pool)
+            .await?;
+        deleted += done.rows_affected();
+    }
+    Ok(deleted)
+}
+
 /// Records ids not recorded yet; an id already present keeps its times.
 pub(crate) async fn insert_seen(pool: &SqlitePool, rows: &[SeenRow]) -> Result<u64> {
     let batch: Vec<_> = rows

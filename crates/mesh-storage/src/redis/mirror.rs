@@ -25,6 +25,26 @@ end
 return written
 ";
 
+/// Deletes up to ARGV[2] fields of KEYS[1] and KEYS[2] whose timestamp (in KEYS[2]) is below
+/// ARGV[1]; returns how many it deleted. `HSCAN` keeps each call's work bounded.
+const FORGET_OLDER: &str = r"
+local deleted = 0
+local cursor = '0'
+repeat
+  local page = redis.call('HSCAN', KEYS[2], cursor, 'COUNT', 500)
+  cursor = page[1]
+  local entries = page[2]
+  for i = 1, #entries, 2 do
+    if deleted < tonumber(ARGV[2]) and tonumber(entries[i + 1]) < tonumber(ARGV[1]) then
+      redis.call('HDEL', KEYS[2], entries[i])
+      redis.call('HDEL', KEYS[1], entries[i])
+      deleted = deleted + 1
+    end
+  end
+until cursor == '0' or deleted >= tonumber(ARGV[2])
+return deleted
+";
+
 /// The latest price of each (blockchain, asset) in Redis, for fast reads shared by the
 /// processes of a box. The hash field is `"{blockchain} {asset}"` (neither may
 /// hold a space, so no two pairs share a field), so one address on two chains is two prices.
@@ -124,6 +144,89 @@ impl PriceMirror {
     /// it may be missing). Never asks Redis.
     pub fn held_in_memory(&self) -> usize {
         self.lock().len()
+    }
+
+    /// Forgets prices whose timestamp is older than `cutoff_ms`: from memory, and from Redis
+    /// (at most `limit` per call) when it answers. Returns how many Redis fields were deleted.
+    pub async fn forget_older_than(&self, cutoff_ms: i64, limit: u32) -> u64 {
+        self.lock().retain(|_, row| row.timestamp_ms >= cutoff_ms);
+        if !self.health.should_try() {
+            return 0;
+        }
+        let call = async {
+            let mut conn = self.pool.get().await?;
+            let deleted: u64 = redis::cmd("EVAL")
+                .arg(FORGET_OLDER)
+                .arg(2)
+                .arg(&self.prices_key)
+                .arg(&self.stamps_key)
+                .arg(cutoff_ms)
+                .arg(limit)
+                .query_async(&mut conn)
+                .await?;
+            Ok::<_, CallError>(deleted)
+        };
+        match call.await {
+            Ok(deleted) => {
+                self.health.succeeded();
+                deleted
+            }
+            Err(error) => {
+                self.health.failed(&error);
+                0
+            }
+        }
+    }
+
+    /// Keeps at most `max_per_source` of the prices this process mirrored per source node
+    /// (each source's newest), deleting the others from memory and (at most `limit` per call)
+    /// from Redis. Prices other processes mirrored under the same prefix are theirs to trim.
+    /// Returns how many prices were dropped.
+    pub async fn trim_per_source(&self, max_per_source: usize, limit: usize) -> u64 {
+        let extra: Vec<PriceRow> = {
+            let memory = self.lock();
+            let mut by_source: HashMap<mesh_protocol::NodeId, Vec<&PriceRow>> = HashMap::new();
+            for row in memory.values() {
+                by_source.entry(row.source_node_id).or_default().push(row);
+            }
+            by_source
+                .into_values()
+                .filter(|rows| rows.len() > max_per_source)
+                .flat_map(|mut rows| {
+                    rows.sort_unstable_by_key(|row| std::cmp::Reverse(row.timestamp_ms));
+                    rows.split_off(max_per_source)
+                })
+                .take(limit)
+                .cloned()
+                .collect()
+        };
+        if extra.is_empty() {
+            return 0;
+        }
+        {
+            let mut memory = self.lock();
+            for row in &extra {
+                memory.remove(&(row.blockchain.clone(), row.asset.clone()));
+            }
+        }
+        if self.health.should_try() {
+            let fields: Vec<String> = extra.iter().map(field).collect();
+            let call = async {
+                let mut conn = self.pool.get().await?;
+                let mut pipe = redis::pipe();
+                pipe.cmd("HDEL").arg(&self.prices_key).arg(&fields).ignore();
+                pipe.cmd("HDEL").arg(&self.stamps_key).arg(&fields).ignore();
+                pipe.query_async::<()>(&mut conn).await?;
+                Ok::<_, CallError>(())
+            };
+            match call.await {
+                Ok(()) => {
+                    self.health.succeeded();
+                }
+                Err(error) => self.health.failed(&error),
+            }
+        }
+        extra.len() as u64
     }
 
     /// `true` while Redis is down and memory serves.
