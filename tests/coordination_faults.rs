@@ -206,3 +206,32 @@ async fn a_provider_eight_seconds_ahead_costs_at_most_two_rounds() -> anyhow::Re
     assert_eq!(skewed.provider().status().rounds_fetched, fetched_before);
     mesh.shutdown().await
 }
+
+/// Issue 33 item 4: a provider whose Birdeye credits run out (every call answered 400
+/// "Compute units usage limit exceeded") keeps announcing itself but delivers nothing: it drops
+/// out of `active_providers` everywhere, itself included, so the guide's health check
+/// (`deploy/check_network_health.sh`: `active_providers | length` > 0) reports it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_out_of_credits_drops_out_of_active_providers() -> anyhow::Result<()> {
+    let mesh = LocalMesh::builder().providers(1).consumers(1).rounds(2, 1).start().await?;
+    eventually(WAIT, "the consumer holds the nine prices", || {
+        mesh.node(1).unwrap().prices().len() == 9
+    })
+    .await?;
+    let provider = mesh.node(0).unwrap().node_id();
+    for i in 0..2 {
+        let active = mesh.node(i).unwrap().network_status().active_providers;
+        assert_eq!(active.len(), 1, "node {i}: {active:?}");
+        assert_eq!(active[0].node_id, provider);
+    }
+    mesh.simulators()[0]
+        .set_failing_key(mesh_testkit::DEMO_API_KEY, Some(birdeye_sim::Failure::status(400)));
+    eventually(WAIT, "the provider drops out of active_providers everywhere", || {
+        (0..2).all(|i| mesh.node(i).unwrap().network_status().active_providers.is_empty())
+    })
+    .await?;
+    // Still in provider mode, failing its rounds: what an operator sees besides.
+    let status = mesh.node(0).unwrap().provider().status();
+    assert!(status.enabled && status.rounds_failed > 0, "{status:?}");
+    mesh.shutdown().await
+}

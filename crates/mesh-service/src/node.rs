@@ -169,7 +169,7 @@ impl Shared {
     }
 
     async fn provider_became(&self, active: bool) {
-        self.tracker.lock().set_own_active(active);
+        self.tracker.lock().set_own_active(active, now_ms());
         let _ = self.relay.set_provider(active).await;
     }
 
@@ -955,7 +955,7 @@ async fn run_provider_events(shared: Arc<Shared>, cancel: CancellationToken) {
         if !view.enabled && view.reason.is_some() {
             // Stopped by Birdeye (invalid key): forget the stored key.
             let _ = shared.keys.clear();
-            shared.tracker.lock().set_own_active(false);
+            shared.tracker.lock().set_own_active(false, now_ms());
             let _ = shared.relay.set_provider(false).await;
         }
         shared.emit(Event::Provider(view));

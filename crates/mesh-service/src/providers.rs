@@ -61,8 +61,14 @@ impl ClaimRejected {
 #[derive(Debug, Clone, Copy)]
 struct Heard {
     last_seen_ms: i64,
+    /// Distance of the shortest copy heard within the last round (then the latest copy's).
     hop_count: u8,
-    last_batch_round: Option<u64>,
+    hop_seen_ms: i64,
+    /// When its last batch arrived: a provider counts as active only while it delivers.
+    last_batch_ms: Option<i64>,
+    /// When its last batch that could be a round's delivery arrived ([`ProviderTracker::check_claim`]):
+    /// only such providers are ranked for mesh coordination.
+    last_delivery_ms: Option<i64>,
 }
 
 /// What the node knows of the providers.
@@ -72,6 +78,10 @@ pub struct ProviderTracker {
     own: NodeId,
     own_active: bool,
     providers: HashMap<NodeId, Heard>,
+    /// When this node's own last batch went out (it lists itself only while it delivers).
+    own_last_batch_ms: Option<i64>,
+    /// When this node became a provider: it gets one delivery window to deliver.
+    own_since_ms: Option<i64>,
     /// Recent rounds and the providers whose batch for the round arrived (valid claims only).
     fulfilled: BTreeMap<u64, Vec<NodeId>>,
     /// The `(chain, address)` pairs this node's provider fetches: a batch must carry them all
@@ -93,6 +103,8 @@ impl ProviderTracker {
             own,
             own_active: false,
             providers: HashMap::new(),
+            own_last_batch_ms: None,
+            own_since_ms: None,
             fulfilled: BTreeMap::new(),
             own_assets: own_assets.into_iter().collect(),
             max_providers: 1024,
@@ -129,14 +141,29 @@ impl ProviderTracker {
         Ok(())
     }
 
-    /// Whether this node itself is a provider now.
-    pub fn set_own_active(&mut self, active: bool) {
+    /// Whether this node itself is a provider now (from `now_ms`).
+    pub fn set_own_active(&mut self, active: bool, now_ms: i64) {
+        if active && !self.own_active {
+            self.own_since_ms = Some(now_ms);
+        }
         self.own_active = active;
     }
 
     fn active_window_ms(&self) -> i64 {
         // Three rounds, and never less than 90 s, so a provider is not dropped for one miss.
         (3 * self.interval.as_millis() as i64).max(90_000)
+    }
+
+    /// How recently a provider must have delivered a batch to count as active: with `n`
+    /// providers taking turns each fetches about one round in `n`, so three turns' worth
+    /// (`3 x n` rounds), at least three rounds; a provider whose rounds all fail (Birdeye
+    /// credits gone) drops out within that.
+    fn delivery_window_ms(&self, now_ms: i64) -> i64 {
+        let window = self.active_window_ms();
+        let heard = self.providers.values().filter(|h| now_ms - h.last_seen_ms <= window).count();
+        // Capped, so that announces from many keys cannot keep a silent provider listed.
+        let providers = (heard + usize::from(self.own_active)).clamp(1, 10) as i64;
+        3 * self.interval_ms() * providers
     }
 
     /// A provider message (announce or batch) from `origin` arrived over `hop_count` hops.
@@ -150,6 +177,9 @@ impl ProviderTracker {
         now_ms: i64,
     ) -> Result<(), ClaimRejected> {
         if origin == self.own {
+            if batch.is_some() {
+                self.own_last_batch_ms = Some(now_ms);
+            }
             return Ok(());
         }
         if !self.providers.contains_key(&origin) && self.providers.len() >= self.max_providers {
@@ -158,17 +188,25 @@ impl ProviderTracker {
                 return Ok(());
             }
         }
-        let window = self.active_window_ms();
+        let round_ms = self.interval_ms();
         let entry = self.providers.entry(origin).or_insert(Heard {
             last_seen_ms: now_ms,
             hop_count,
-            last_batch_round: None,
+            hop_seen_ms: now_ms,
+            last_batch_ms: None,
+            last_delivery_ms: None,
         });
-        // Keep the shortest recent path: a copy that came the long way does not count.
-        if now_ms - entry.last_seen_ms > window || hop_count < entry.hop_count {
+        // The shortest path heard within the last round: a copy that came the long way does
+        // not count, but once the short path has been silent for a round (a link dropped),
+        // the distance follows the copies that still come.
+        if hop_count <= entry.hop_count || now_ms - entry.hop_seen_ms > round_ms {
             entry.hop_count = hop_count;
+            entry.hop_seen_ms = now_ms;
         }
         entry.last_seen_ms = now_ms;
+        if batch.is_some() {
+            entry.last_batch_ms = Some(now_ms);
+        }
         // Only recent rounds matter, by this node's clock (never by a batch's claim).
         let keep_from = self.round_at(now_ms).saturating_sub(KEEP_ROUNDS);
         self.fulfilled.retain(|r, _| *r >= keep_from);
@@ -178,7 +216,7 @@ impl ProviderTracker {
         let checked = self.check_claim(&claim, now_ms);
         if checked.is_ok() {
             if let Some(entry) = self.providers.get_mut(&origin) {
-                entry.last_batch_round = Some(claim.round);
+                entry.last_delivery_ms = Some(now_ms);
             }
             let origins = self.fulfilled.entry(claim.round).or_default();
             if !origins.contains(&origin) && origins.len() < MAX_ORIGINS_PER_ROUND {
@@ -193,13 +231,17 @@ impl ProviderTracker {
         self.providers.retain(|_, h| now_ms - h.last_seen_ms <= window);
     }
 
-    /// Providers heard from recently (this node first when it is one), for the status.
+    /// Providers that delivered a batch recently (this node first when it is one and its
+    /// rounds succeed), for the status (issue 33: announces alone do not make a provider
+    /// active).
     pub fn active(&self, now_ms: i64) -> Vec<ActiveProvider> {
         let window = self.active_window_ms();
+        let delivery = self.delivery_window_ms(now_ms);
+        let delivered = |at: Option<i64>| at.is_some_and(|at| now_ms - at <= delivery);
         let mut list: Vec<ActiveProvider> = self
             .providers
             .iter()
-            .filter(|(_, h)| now_ms - h.last_seen_ms <= window)
+            .filter(|(_, h)| now_ms - h.last_seen_ms <= window && delivered(h.last_batch_ms))
             .map(|(id, h)| ActiveProvider {
                 node_id: *id,
                 hop_count: h.hop_count,
@@ -207,7 +249,12 @@ impl ProviderTracker {
             })
             .collect();
         list.sort_by(|a, b| a.hop_count.cmp(&b.hop_count).then(a.node_id.cmp(&b.node_id)));
-        if self.own_active {
+        // Since it became a provider, or since its last batch: a node whose every round fails
+        // drops out like any other.
+        if self.own_active
+            && (self.own_since_ms.is_some_and(|at| now_ms - at <= delivery)
+                || delivered(self.own_last_batch_ms))
+        {
             list.insert(
                 0,
                 ActiveProvider { node_id: self.own, hop_count: 0, last_seen: rfc3339(now_ms) },
@@ -216,12 +263,20 @@ impl ProviderTracker {
         list
     }
 
-    /// Providers fresh enough to rank for coordination (heard within two rounds).
+    /// Providers to rank for mesh coordination: heard within two rounds and delivered a batch
+    /// that could be a round's (all the assets, its own round) recently. A key that only
+    /// announces itself, or sends batches that cannot be a round's, takes no rank (and no
+    /// slot that the others would wait for); a new provider is ranked once its first batch
+    /// arrives.
     pub fn rankable(&self, now_ms: i64) -> Vec<NodeId> {
         let window = 2 * self.interval.as_millis() as i64;
+        let delivery = self.delivery_window_ms(now_ms);
         self.providers
             .iter()
-            .filter(|(_, h)| now_ms - h.last_seen_ms <= window)
+            .filter(|(_, h)| {
+                now_ms - h.last_seen_ms <= window
+                    && h.last_delivery_ms.is_some_and(|at| now_ms - at <= delivery)
+            })
             .map(|(id, _)| *id)
             .collect()
     }
@@ -317,7 +372,7 @@ mod tests {
         assert_eq!(t.recent_rounds(), vec![ROUND - 2, ROUND - 1]);
         // Silent for more than three rounds: no longer active.
         assert!(t.active(NOW + 100_000).is_empty());
-        t.set_own_active(true);
+        t.set_own_active(true, NOW + 100_000);
         assert_eq!(t.active(NOW + 100_000)[0].hop_count, 0);
         assert_eq!(t.rankable(NOW + 30).len(), 2);
         assert!(t.rankable(NOW + 61_000).is_empty());
@@ -352,8 +407,10 @@ mod tests {
             assert!(t.heard(hostile, 1, Some(far), NOW).is_err(), "round {round}");
         }
         assert!(t.recent_rounds().is_empty(), "{:?}", t.recent_rounds());
-        // The hostile peer is still heard of (its prices count elsewhere), but claims nothing.
+        // The hostile peer is still heard of (its prices count elsewhere), but claims nothing
+        // and takes no rank.
         assert_eq!(t.active(NOW).len(), 1);
+        assert!(t.rankable(NOW).is_empty());
 
         // Honest batches: one round either way of their creation time, a superset of assets.
         t.heard(
@@ -379,5 +436,50 @@ mod tests {
         // Old rounds leave as this node's clock moves on.
         t.heard(node(1), 1, None, NOW + 30_000 * 14).unwrap();
         assert_eq!(t.recent_rounds(), vec![ROUND]);
+    }
+
+    /// Issue 33 item 4: announces alone do not make a provider active; one whose batches stop
+    /// (Birdeye credits gone) drops out, this node included; the distance follows the path
+    /// copies still take once the short one has been silent for a round.
+    #[test]
+    fn active_providers_are_providers_that_deliver() {
+        let mut t = tracker();
+        let full = prices(&assets());
+        let batch =
+            |at: i64| BatchClaim { round: (at / 30_000) as u64, created_at_ms: at, prices: &full };
+        t.heard(node(1), 1, None, NOW).unwrap();
+        assert!(t.active(NOW).is_empty(), "announced only");
+        t.heard(node(1), 1, Some(batch(NOW)), NOW).unwrap();
+        t.heard(node(2), 2, Some(batch(NOW)), NOW).unwrap();
+        assert_eq!(t.active(NOW).len(), 2);
+        // node(1) keeps announcing but sends no batch: two providers, six rounds (180 s) later
+        // it is gone; node(2) delivered meanwhile.
+        for step in 1..=8 {
+            let at = NOW + step * 30_000;
+            t.heard(node(1), 1, None, at).unwrap();
+            t.heard(node(2), 2, Some(batch(at)), at).unwrap();
+        }
+        let ids: Vec<NodeId> = t.active(NOW + 240_000).iter().map(|p| p.node_id).collect();
+        assert_eq!(ids, vec![node(2)]);
+
+        // This node: listed while it delivers, gone when its rounds all fail.
+        t.set_own_active(true, NOW + 240_000);
+        assert_eq!(t.active(NOW + 240_000)[0].node_id, node(0));
+        t.heard(node(0), 0, Some(batch(NOW + 250_000)), NOW + 250_000).unwrap();
+        assert_eq!(t.active(NOW + 300_000)[0].node_id, node(0));
+        // Two providers heard: six rounds (180 s) without a batch of its own.
+        let later = NOW + 250_000 + 181_000;
+        t.heard(node(2), 2, Some(batch(later)), later).unwrap();
+        assert!(t.active(later).iter().all(|p| p.node_id != node(0)), "own rounds failing");
+
+        // Distance: direct link (1 hop), then it drops and copies come over 3 hops.
+        let mut t = tracker();
+        t.heard(node(3), 1, Some(batch(NOW)), NOW).unwrap();
+        t.heard(node(3), 3, Some(batch(NOW + 1_000)), NOW + 1_000).unwrap();
+        assert_eq!(t.active(NOW + 1_000)[0].hop_count, 1, "a longer copy of the same round");
+        t.heard(node(3), 3, Some(batch(NOW + 31_000)), NOW + 31_000).unwrap();
+        assert_eq!(t.active(NOW + 31_000)[0].hop_count, 3, "the short path is gone");
+        t.heard(node(3), 2, None, NOW + 32_000).unwrap();
+        assert_eq!(t.active(NOW + 32_000)[0].hop_count, 2);
     }
 }
