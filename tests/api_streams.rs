@@ -104,13 +104,23 @@ async fn a_websocket_client_gets_the_snapshot_then_each_update_within_a_second()
     }));
     let event = until(&mut socket, |e| e["type"] == "discrepancy").await;
     assert_eq!(event["data"]["difference_percent"], "6.67");
-    let sol = reqwest::get(format!("http://{}/api/mesh/prices/SOL", api.local_addr()))
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap();
-    assert_eq!(sol["data"][0]["discrepancy"], true, "the snapshot flags the asset");
+    // The flag is the node's to compute when it serves (issue 33): it comes with the price
+    // event the node sends when the flag changes, never from the discrepancy event alone.
+    let sol_flag = async || {
+        reqwest::get(format!("http://{}/api/mesh/prices/SOL", api.local_addr()))
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()["data"][0]["discrepancy"]
+            .clone()
+    };
+    assert_eq!(sol_flag().await, false, "a discrepancy event does not set the flag");
+    let mut flagged = price("solana", "SOL", "150");
+    (flagged.discrepancy, flagged.providers_reporting, flagged.providers_agreeing) = (true, 2, 1);
+    node.node.set_price(flagged);
+    until(&mut socket, |e| e["type"] == "price" && e["data"]["discrepancy"] == true).await;
+    assert_eq!(sol_flag().await, true, "the snapshot flags the asset");
     api.shutdown(Duration::from_secs(5)).await;
 }
 

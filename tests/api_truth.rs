@@ -2,7 +2,8 @@
 //! depend on the clock are computed when served on every surface (REST, WebSocket, SSE), a
 //! restart does not pretend, the source's own update time counts, one canonical form per EVM
 //! address, and provider status says what the provider is doing now. Real nodes (mesh-testkit's
-//! LocalMesh, in process) behind a real mesh-api, with the Birdeye simulator.
+//! LocalMesh, in process) behind a real mesh-api, with the Birdeye simulator; the page in
+//! headless Chromium (scripts/test installs it).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -149,6 +150,8 @@ async fn every_surface_says_stale_right_after_the_threshold_and_a_discrepancy_cl
         .unwrap();
     let ws = follow_ws(api.local_addr()).await;
     let sse = follow_sse(api.local_addr()).await;
+    let mut page = mesh_tests::cdp::Browser::launch().await.unwrap();
+    page.navigate(&format!("{base}/")).await.unwrap();
 
     eventually("the two providers disagree", Duration::from_secs(60), async || {
         let body = get(&format!("{base}/api/mesh/prices")).await;
@@ -182,6 +185,17 @@ async fn every_surface_says_stale_right_after_the_threshold_and_a_discrepancy_cl
         .await
         .unwrap();
     }
+    // The page (its rows carry the flags it was sent).
+    page.wait_for(
+        "the page: every row stale, none in discrepancy",
+        "(() => { const rows = [...document.querySelectorAll('#prices tbody tr[data-asset]')]; \
+          return rows.length > 0 && rows.every(r => r.dataset.stale === 'true' \
+          && r.dataset.discrepancy === 'false'); })()",
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    page.close().await.unwrap();
     // The single-asset answer and the network status agree.
     let first = get(&format!("{base}/api/mesh/prices")).await["data"][0].clone();
     let one = get(&format!("{base}/api/mesh/prices/{}", first["asset"].as_str().unwrap())).await;

@@ -140,10 +140,12 @@ async fn wait_round(
     }
 }
 
-/// (asset, price, timestamp) of every price node `node` serves, sorted.
+/// (asset, price, time) of every price node `node` serves, sorted; the time is when the price
+/// was true (its source's time when given), which is what the stores keep.
 fn book(node: &Node) -> Vec<(String, String, i64)> {
+    let observed = |p: &mesh_ipc::PriceView| p.source_timestamp_ms.unwrap_or(p.timestamp_ms);
     let mut v: Vec<_> =
-        node.prices().into_iter().map(|p| (p.asset, p.price.to_string(), p.timestamp_ms)).collect();
+        node.prices().iter().map(|p| (p.asset.clone(), p.price.to_string(), observed(p))).collect();
     v.sort();
     v
 }

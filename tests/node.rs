@@ -109,7 +109,9 @@ async fn a_restarted_consumer_serves_its_stored_prices_at_once() -> anyhow::Resu
     mesh.restart(2).await?;
     let reloaded = mesh.node(2).unwrap().prices();
     let pairs = |v: &[mesh_ipc::PriceView]| {
-        v.iter().map(|p| (p.asset.clone(), p.price.to_string(), p.timestamp_ms)).collect::<Vec<_>>()
+        // The store keeps when each price was true (its source's time when given).
+        let observed = |p: &mesh_ipc::PriceView| p.source_timestamp_ms.unwrap_or(p.timestamp_ms);
+        v.iter().map(|p| (p.asset.clone(), p.price.to_string(), observed(p))).collect::<Vec<_>>()
     };
     assert_eq!(
         pairs(&reloaded),
@@ -213,7 +215,8 @@ async fn while_the_database_is_down_the_node_serves_and_later_writes_every_row()
     let book: Vec<(String, String, i64)> = consumer
         .prices()
         .into_iter()
-        .map(|p| (p.asset, p.price.to_string(), p.timestamp_ms))
+        // A row's time is when the price was true (its source's time when given).
+        .map(|p| (p.asset, p.price.to_string(), p.source_timestamp_ms.unwrap_or(p.timestamp_ms)))
         .collect();
     let mut rows: Vec<(String, String, i64)> = store
         .load_all()

@@ -213,7 +213,10 @@ function renderStaleBanner(n) {
     text = "Data is " + f.HoursAgo + (f.HoursAgo === 1 ? " hour" : " hours") + " old";
   } else if (f === "Stale") {
     const h = hoursSince(n.last_update_time);
-    text = h === null ? "Data is stale: no price update received yet" : "Data is " + h + (h === 1 ? " hour" : " hours") + " old";
+    // No receipt since the node started: the prices (if any) were reloaded from its store.
+    text = h === null
+      ? (state.prices.size ? "Data is stale: no price update received since the node started" : "Data is stale: no price update received yet")
+      : "Data is " + h + (h === 1 ? " hour" : " hours") + " old";
   }
   banner.hidden = !text;
   banner.textContent = text;

@@ -476,7 +476,12 @@ impl PriceBook {
     /// Reassesses `key` at `now_ms`, reschedules its next change, and returns its view when
     /// subscribers must be told: `served_changed`, or the flags differ from the ones shown.
     fn refresh(&mut self, key: &Key, now_ms: i64, served_changed: bool) -> Option<PriceView> {
-        let (view, assessment) = self.view_and_assessment(key, now_ms)?;
+        let assessment = {
+            let entry = self.assets.get(key)?;
+            let (_, quote) = served(entry)?;
+            let quotes: Vec<&Quote> = entry.quotes.values().collect();
+            assess(quote, &quotes, now_ms, &self.rules)
+        };
         let entry = self.assets.get_mut(key)?;
         let flags = assessment.flags();
         let tell = served_changed || entry.shown != Some(flags);
@@ -490,7 +495,8 @@ impl PriceBook {
             }
             entry.next_change_ms = assessment.next_change_ms;
         }
-        tell.then_some(view)
+        // A view (strings, times as text) only for what subscribers must be told.
+        if tell { self.view_and_assessment(key, now_ms).map(|(view, _)| view) } else { None }
     }
 
     /// The views whose clock-dependent flags changed by `now_ms` with no new quote (a price
