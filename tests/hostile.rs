@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use futures::AsyncWriteExt;
+use futures::{AsyncReadExt, AsyncWriteExt, FutureExt};
 use mesh_protocol::{
     Envelope, Identity, MAX_FRAME_LEN, MessageId, NodeId, Payload, RejectReason, encode_body,
     encode_envelope,
@@ -560,9 +560,14 @@ async fn streams_opened_and_abandoned_do_not_disturb_a_node() -> anyhow::Result<
         }
     }))
     .await;
-    let held: Vec<libp2p::Stream> = opening.into_iter().flatten().collect();
+    let mut held: Vec<libp2p::Stream> = opening.into_iter().flatten().collect();
     let opened = held.len();
     let rss_growth = hostile::resident_memory_bytes().unwrap_or(0).saturating_sub(rss_before);
+    // Streams the victim still holds open: nothing to read yet on our side (it never writes on
+    // a relay stream after the ready byte; a peer-exchange answer or a close is readable).
+    let mut probe = [0u8; 1];
+    let still_open =
+        held.iter_mut().map(|s| s.read(&mut probe).now_or_never().is_none()).filter(|o| *o).count();
     // Sybils: new identities that connect, open one stream each and go silent (all at once;
     // those beyond the connection limit are refused).
     let crowd = futures::future::join_all((0..sybils).map(|_| {
@@ -590,7 +595,8 @@ async fn streams_opened_and_abandoned_do_not_disturb_a_node() -> anyhow::Result<
     report(
         "abandoned_streams",
         json!({
-            "streams_opened_at_once": opened,
+            "streams_opened": opened,
+            "streams_still_open": still_open,
             "streams_tried": per_peer,
             "rss_growth_mib": rss_growth as f64 / (1024.0 * 1024.0),
             "sybil_peers": sybils,
@@ -601,11 +607,11 @@ async fn streams_opened_and_abandoned_do_not_disturb_a_node() -> anyhow::Result<
             "provider_link_kept": status.peers.iter().any(|p| p.peer_id == provider_peer),
         }),
     );
-    // Streams beyond the limit are refused (those of the ones refused that the victim's
-    // readers took and dropped at once may have been replaced, hence the slack).
+    // How many opens succeeded depends on how fast the victim's readers replace streams, so
+    // only what it still holds is bounded here.
     assert!(
-        opened <= 2 * MAX_STREAMS_PER_CONNECTION,
-        "{opened} streams open at once on one connection"
+        still_open <= MAX_STREAMS_PER_CONNECTION,
+        "{still_open} streams held open on one connection"
     );
     let bound = (MAX_STREAMS_PER_CONNECTION * 256 * 1024) as u64;
     assert!(rss_growth <= bound + 16 * 1024 * 1024, "resident memory grew {rss_growth} bytes");
