@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use futures::AsyncWriteExt;
+use futures::{AsyncReadExt, AsyncWriteExt, FutureExt};
 use mesh_protocol::{
     Envelope, Identity, MAX_FRAME_LEN, MessageId, NodeId, Payload, RejectReason, encode_body,
     encode_envelope,
@@ -519,6 +519,19 @@ fn round_at_ms(unix_ms: i64) -> u64 {
     (unix_ms.max(0) as u64) / 2_000
 }
 
+/// Whether the victim still holds `stream` open (see above).
+fn held_by_victim(stream: &mut libp2p::Stream) -> bool {
+    let mut byte = [0u8; 1];
+    for _ in 0..2 {
+        match stream.read(&mut byte).now_or_never() {
+            None => return true,
+            Some(Ok(1)) if byte[0] == 0x01 => {}
+            Some(_) => return false,
+        }
+    }
+    false
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_opened_and_abandoned_do_not_disturb_a_node() -> anyhow::Result<()> {
     let _alone = ONE_AT_A_TIME.lock().await;
@@ -537,7 +550,7 @@ async fn streams_opened_and_abandoned_do_not_disturb_a_node() -> anyhow::Result<
     let first = round_at_ms(now_ms()) + 1;
 
     // One peer opens 500 streams at once on one connection (relay and peer exchange) and fills
-    // each: a frame that announces 60 KB and then as much as the stream's window takes. The
+    // each with a frame that never completes. The
     // victim holds at most `MAX_STREAMS_PER_CONNECTION` streams of a connection at 256 KiB
     // of window each (docs/security.md); this process's resident memory (victim, attacker and
     // the rest of the mesh) may grow by that bound plus a little.
@@ -553,8 +566,10 @@ async fn streams_opened_and_abandoned_do_not_disturb_a_node() -> anyhow::Result<
                 raw.open_stream(victim_peer, RELAY_PROTOCOL).await.ok()?
             };
             let fill = async {
-                stream.write_all(&60_000u32.to_be_bytes()).await?;
-                stream.write_all(&vec![7u8; 256 * 1024]).await?;
+                // The largest frame, but for its last byte: the victim's reader waits for it
+                // and has nothing to charge.
+                stream.write_all(&(MAX_FRAME_LEN as u32).to_be_bytes()).await?;
+                stream.write_all(&vec![7u8; MAX_FRAME_LEN - 1]).await?;
                 stream.flush().await
             };
             let _ = tokio::time::timeout(Duration::from_secs(2), fill).await;
@@ -562,9 +577,12 @@ async fn streams_opened_and_abandoned_do_not_disturb_a_node() -> anyhow::Result<
         }
     }))
     .await;
-    let held: Vec<libp2p::Stream> = opening.into_iter().flatten().collect();
+    let mut held: Vec<libp2p::Stream> = opening.into_iter().flatten().collect();
     let opened = held.len();
     let rss_growth = hostile::resident_memory_bytes().unwrap_or(0).saturating_sub(rss_before);
+    // Streams the victim still holds open: past its ready byte, nothing to read (it never
+    // writes on a relay stream after that byte; a peer-exchange answer or a close is readable).
+    let still_open = held.iter_mut().map(held_by_victim).filter(|o| *o).count();
     // Sybils: new identities that connect, open one stream each and go silent (all at once;
     // those beyond the connection limit are refused).
     let crowd = futures::future::join_all((0..sybils).map(|_| {
@@ -592,7 +610,9 @@ async fn streams_opened_and_abandoned_do_not_disturb_a_node() -> anyhow::Result<
     report(
         "abandoned_streams",
         json!({
-            "streams_opened_at_once": opened,
+            "streams_opened": opened,
+            "streams_still_open": still_open,
+            "victim_bans": after.bans - before.bans,
             "streams_tried": per_peer,
             "rss_growth_mib": rss_growth as f64 / (1024.0 * 1024.0),
             "sybil_peers": sybils,
@@ -603,11 +623,11 @@ async fn streams_opened_and_abandoned_do_not_disturb_a_node() -> anyhow::Result<
             "provider_link_kept": status.peers.iter().any(|p| p.peer_id == provider_peer),
         }),
     );
-    // Streams beyond the limit are refused (those of the ones refused that the victim's
-    // readers took and dropped at once may have been replaced, hence the slack).
+    // How many opens succeeded depends on how fast the victim's readers replace streams, so
+    // only what it still holds is bounded here.
     assert!(
-        opened <= 2 * MAX_STREAMS_PER_CONNECTION,
-        "{opened} streams open at once on one connection"
+        still_open <= MAX_STREAMS_PER_CONNECTION,
+        "{still_open} streams held open on one connection"
     );
     let bound = (MAX_STREAMS_PER_CONNECTION * 256 * 1024) as u64;
     assert!(rss_growth <= bound + 16 * 1024 * 1024, "resident memory grew {rss_growth} bytes");

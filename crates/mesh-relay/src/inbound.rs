@@ -150,8 +150,8 @@ fn remote_ip(addr: &Multiaddr) -> Option<IpAddr> {
 /// The behaviour: per-address counts of pending and established inbound connections.
 pub(crate) struct Behaviour {
     limits: InboundLimits,
-    /// Established inbound connections at most (the node's maximum of peers; outbound dials
-    /// have slots of their own in `connection_limits`).
+    /// Established inbound connections at most (the node's maximum of peers plus 5; outbound
+    /// dials have slots of their own in `connection_limits`).
     max_inbound: u32,
     pending: HashMap<ConnectionId, Option<IpAddr>>,
     established: HashMap<ConnectionId, Option<IpAddr>>,

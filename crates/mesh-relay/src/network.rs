@@ -247,14 +247,16 @@ fn build_swarm(
 ) -> Result<Swarm<Behaviour>> {
     let keypair = identity.libp2p_keypair();
     let transport_err = |e: &dyn std::fmt::Display| Error::Transport(e.to_string());
-    // Inbound connections have their own cap (the maximum of peers, and per address: the
-    // `inbound` behaviour); outbound ones have these slots of their own, so a crowd of inbound
-    // connections never keeps the node from dialing its bootstrap and chosen peers.
+    // Inbound connections have their own cap (the maximum of peers plus 5, room for the peer
+    // manager to take newcomers and prune the farthest, which is how peers that only know a
+    // bootstrap node get in; and per address: the `inbound` behaviour); outbound ones have as
+    // many slots of their own, so a crowd of inbound connections never keeps the node from
+    // dialing its bootstrap and chosen peers.
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established_outgoing(Some((config.peers.max_peers + 5) as u32))
         .with_max_established_per_peer(Some(2))
         .with_max_pending_outgoing(Some(16));
-    let max_inbound = config.peers.max_peers.try_into().unwrap_or(u32::MAX);
+    let max_inbound = (config.peers.max_peers + 5).try_into().unwrap_or(u32::MAX);
     let idle = config.idle_connection_timeout;
     let swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
