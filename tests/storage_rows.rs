@@ -390,6 +390,7 @@ fn batch_of(
             price: "1.5".parse().unwrap(),
             timestamp_ms: ts,
             change_24h: None,
+            source_timestamp_ms: None,
         })
         .collect();
     let body = Body::new(origin, ts, Payload::PriceBatch { round: 1, prices });

@@ -378,9 +378,13 @@ impl PriceBook {
             }
         } else {
             let max_providers = self.config.max_providers_per_asset.max(1);
-            let oldest = self.assets.get(key).filter(|e| e.quotes.len() >= max_providers).and_then(
-                |e| e.quotes.iter().min_by_key(|(_, q)| q.timestamp_ms).map(|(n, q)| (*n, q.clone())),
-            );
+            let oldest =
+                self.assets.get(key).filter(|e| e.quotes.len() >= max_providers).and_then(|e| {
+                    e.quotes
+                        .iter()
+                        .min_by_key(|(_, q)| q.timestamp_ms)
+                        .map(|(n, q)| (*n, q.clone()))
+                });
             if let Some((oldest, oldest_quote)) = oldest {
                 if self.rules.fresh(&oldest_quote, now_ms) {
                     return Inserted::NoRoom;
@@ -455,11 +459,8 @@ impl PriceBook {
         }
         gone.sort();
         gone.dedup();
-        self.newest_timestamp_ms = self
-            .assets
-            .values()
-            .flat_map(|e| e.quotes.values().map(Quote::observed_ms))
-            .max();
+        self.newest_timestamp_ms =
+            self.assets.values().flat_map(|e| e.quotes.values().map(Quote::observed_ms)).max();
         gone
     }
 

@@ -10,6 +10,7 @@
 //! `u64::MAX`, must not stop honest providers from fetching. The round planner further counts
 //! only origins it ranks (registered or announced providers).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -84,10 +85,19 @@ pub struct ProviderTracker {
     own_since_ms: Option<i64>,
     /// Recent rounds and the providers whose batch for the round arrived (valid claims only).
     fulfilled: BTreeMap<u64, Vec<NodeId>>,
-    /// The `(chain, address)` pairs this node's provider fetches: a batch must carry them all
-    /// to count as the delivery of a round.
+    /// The `(chain, address)` pairs this node's provider fetches (addresses in canonical
+    /// form): a batch must carry all of them but [`allowed_missing`] to count as the delivery
+    /// of a round.
     own_assets: HashSet<(String, String)>,
     max_providers: usize,
+}
+
+/// How many of `assets` configured assets a batch may lack and still count as its round's
+/// delivery: a tenth (at least one from five assets on). Birdeye sometimes has no price for a
+/// token; every provider then lacks it, and demanding it would have the next rank fetch the
+/// round again, every round. A tiny batch (the cheap way to claim rounds) still does not count.
+pub fn allowed_missing(assets: usize) -> usize {
+    if assets >= 5 { (assets / 10).max(1) } else { 0 }
 }
 
 impl ProviderTracker {
@@ -106,7 +116,13 @@ impl ProviderTracker {
             own_last_batch_ms: None,
             own_since_ms: None,
             fulfilled: BTreeMap::new(),
-            own_assets: own_assets.into_iter().collect(),
+            own_assets: own_assets
+                .into_iter()
+                .map(|(chain, asset)| {
+                    let asset = mesh_protocol::canonical_asset(&asset).into_owned();
+                    (chain, asset)
+                })
+                .collect(),
             max_providers: 1024,
         }
     }
@@ -132,9 +148,17 @@ impl ProviderTracker {
             return Err(ClaimRejected::RoundNotRecent);
         }
         if !self.own_assets.is_empty() {
-            let carried: HashSet<(&str, &str)> =
-                claim.prices.iter().map(|p| (p.blockchain.as_str(), p.asset.as_str())).collect();
-            if !self.own_assets.iter().all(|(c, a)| carried.contains(&(c.as_str(), a.as_str()))) {
+            let carried: HashSet<(&str, Cow<'_, str>)> = claim
+                .prices
+                .iter()
+                .map(|p| (p.blockchain.as_str(), mesh_protocol::canonical_asset(&p.asset)))
+                .collect();
+            let missing = self
+                .own_assets
+                .iter()
+                .filter(|(c, a)| !carried.contains(&(c.as_str(), Cow::Borrowed(a.as_str()))))
+                .count();
+            if missing > allowed_missing(self.own_assets.len()) {
                 return Err(ClaimRejected::AssetsNotCovered);
             }
         }
@@ -380,6 +404,30 @@ mod tests {
 
     /// Issue 31 item 3: claims that cannot be a round's delivery do not mark it fetched, and no
     /// claim can empty the table.
+    /// A token Birdeye has no price for is missing from every provider's batch: such a batch
+    /// still delivers the round (else the next rank fetches it again, every round), a batch
+    /// lacking more does not. Checksummed and lower-case addresses are one asset.
+    #[test]
+    fn a_batch_lacking_a_tenth_of_the_assets_still_delivers_its_round() {
+        let nine: Vec<(String, String)> =
+            (0..9).map(|i| ("ethereum".to_owned(), format!("0x{i:040x}"))).collect();
+        let mut t = ProviderTracker::new(node(0), Duration::from_secs(30), nine.clone());
+        let at = ROUND as i64 * 30_000 + 1_000;
+        let one_short = prices(&nine[1..]);
+        let claim = BatchClaim { round: ROUND, created_at_ms: at, prices: &one_short };
+        assert_eq!(t.heard(node(1), 1, Some(claim), NOW), Ok(()));
+        let two_short = prices(&nine[2..]);
+        let claim = BatchClaim { round: ROUND, created_at_ms: at, prices: &two_short };
+        assert_eq!(t.heard(node(2), 1, Some(claim), NOW), Err(ClaimRejected::AssetsNotCovered));
+        let mut shouting = prices(&nine);
+        for p in &mut shouting {
+            p.asset = p.asset.to_uppercase().replacen("0X", "0x", 1);
+        }
+        let claim = BatchClaim { round: ROUND, created_at_ms: at, prices: &shouting };
+        assert_eq!(t.heard(node(3), 1, Some(claim), NOW), Ok(()));
+        assert_eq!((allowed_missing(4), allowed_missing(9), allowed_missing(30)), (0, 1, 3));
+    }
+
     #[test]
     fn only_timely_covering_batches_mark_a_round_delivered() {
         let mut t = tracker();
