@@ -51,7 +51,9 @@
 //! that brought it). So, in a mixed mesh: consumers and relays of version 2 read everything;
 //! the prices of a version 2 provider whose source gives update times reach only version 2
 //! nodes, and a version 1 node may disconnect a version 2 neighbour that relays many of them.
-//! Upgrade relays and consumers first, providers last.
+//! Upgrade relays and consumers first, providers last. From version 2 on, an
+//! `unsupported_version` rejection is counted but never charged
+//! ([`RejectReason::is_senders_fault`]), so a later version costs a mixed mesh no links.
 
 pub mod addr_filter;
 pub mod asset;

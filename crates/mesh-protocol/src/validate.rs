@@ -127,13 +127,13 @@ impl RejectReason {
     /// ([`RejectReason::UntrustedProvider`]: a neighbour without the same allow-list
     /// forwards other providers honestly) or on what it remembers
     /// ([`RejectReason::Replay`]: a restarted neighbour, or one whose seen cache forgot
-    /// sooner, accepts a message this node has newer marks for). Those are counted and
-    /// logged, never charged.
+    /// sooner, accepts a message this node has newer marks for), nor for a version this node
+    /// does not read ([`RejectReason::UnsupportedVersion`]: a neighbour of a newer release
+    /// relays newer messages honestly). Those are counted and logged, never charged.
     pub const fn is_senders_fault(self) -> bool {
         match self {
             Self::FrameTooLarge
             | Self::Malformed
-            | Self::UnsupportedVersion
             | Self::TtlOutOfBounds
             | Self::BadSignature
             | Self::OriginKeyMismatch
@@ -145,7 +145,11 @@ impl RejectReason {
             | Self::DuplicateAsset
             | Self::BadChange24h
             | Self::TimestampOutOfRange => true,
-            Self::UntrustedProvider | Self::FutureTimestamp | Self::TooOld | Self::Replay => false,
+            Self::UnsupportedVersion
+            | Self::UntrustedProvider
+            | Self::FutureTimestamp
+            | Self::TooOld
+            | Self::Replay => false,
         }
     }
 
