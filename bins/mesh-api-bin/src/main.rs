@@ -58,7 +58,7 @@ struct Cli {
     )]
     trusted_proxies: Vec<std::net::IpAddr>,
     /// Browser origins besides the API's own allowed to call the POST endpoints (comma
-    /// separated, e.g. https://dashboard.example.com); any other Origin gets 403.
+    /// separated, e.g. `https://dashboard.example.com`); any other Origin gets 403.
     #[arg(long, env = "MESH_API_ALLOWED_ORIGINS", value_delimiter = ',')]
     allowed_origins: Vec<String>,
     /// Directory for the log file `mesh-api.log` (logs go to standard output as well).

@@ -373,7 +373,7 @@ impl HostilePeer {
         sent
     }
 
-    /// Envelopes received from victims (the most recent [`MAX_CAPTURED`]).
+    /// Envelopes received from victims (the most recent 10,000 at most).
     pub fn captured(&self) -> Vec<Envelope> {
         lock(&self.shared.captured).iter().cloned().collect()
     }
