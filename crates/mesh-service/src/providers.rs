@@ -179,15 +179,17 @@ impl ProviderTracker {
     }
 
     /// How recently a provider must have delivered a batch to count as active: with `n`
-    /// providers taking turns each fetches about one round in `n`, so three turns' worth
-    /// (`3 x n` rounds), at least three rounds; a provider whose rounds all fail (Birdeye
-    /// credits gone) drops out within that.
+    /// providers taking turns (a random ranking each round) each fetches about one round in
+    /// `n`, so ten turns' worth (`10 x n` rounds): a healthy provider goes that long without
+    /// a turn with a probability of about e^-10, where three turns (e^-3, 5 %) had healthy
+    /// providers drop out and come back every few minutes. A provider whose rounds all fail
+    /// (Birdeye credits gone) drops out within that.
     fn delivery_window_ms(&self, now_ms: i64) -> i64 {
         let window = self.active_window_ms();
         let heard = self.providers.values().filter(|h| now_ms - h.last_seen_ms <= window).count();
         // Capped, so that announces from many keys cannot keep a silent provider listed.
         let providers = (heard + usize::from(self.own_active)).clamp(1, 10) as i64;
-        3 * self.interval_ms() * providers
+        10 * self.interval_ms() * providers
     }
 
     /// A provider message (announce or batch) from `origin` arrived over `hop_count` hops.
