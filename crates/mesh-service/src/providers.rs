@@ -502,23 +502,25 @@ mod tests {
         t.heard(node(1), 1, Some(batch(NOW)), NOW).unwrap();
         t.heard(node(2), 2, Some(batch(NOW)), NOW).unwrap();
         assert_eq!(t.active(NOW).len(), 2);
-        // node(1) keeps announcing but sends no batch: two providers, six rounds (180 s) later
-        // it is gone; node(2) delivered meanwhile.
-        for step in 1..=8 {
+        // node(1) keeps announcing but sends no batch: two providers, ten turns each (twenty
+        // rounds, 600 s) later it is gone; node(2) delivered meanwhile.
+        for step in 1..=21 {
             let at = NOW + step * 30_000;
             t.heard(node(1), 1, None, at).unwrap();
             t.heard(node(2), 2, Some(batch(at)), at).unwrap();
         }
-        let ids: Vec<NodeId> = t.active(NOW + 240_000).iter().map(|p| p.node_id).collect();
+        let t0 = NOW + 630_000;
+        assert!(t.active(NOW + 590_000).iter().any(|p| p.node_id == node(1)), "within 600 s");
+        let ids: Vec<NodeId> = t.active(t0).iter().map(|p| p.node_id).collect();
         assert_eq!(ids, vec![node(2)]);
 
         // This node: listed while it delivers, gone when its rounds all fail.
-        t.set_own_active(true, NOW + 240_000);
-        assert_eq!(t.active(NOW + 240_000)[0].node_id, node(0));
-        t.heard(node(0), 0, Some(batch(NOW + 250_000)), NOW + 250_000).unwrap();
-        assert_eq!(t.active(NOW + 300_000)[0].node_id, node(0));
-        // Two providers heard: six rounds (180 s) without a batch of its own.
-        let later = NOW + 250_000 + 181_000;
+        t.set_own_active(true, t0);
+        assert_eq!(t.active(t0)[0].node_id, node(0));
+        t.heard(node(0), 0, Some(batch(t0 + 10_000)), t0 + 10_000).unwrap();
+        assert_eq!(t.active(t0 + 60_000)[0].node_id, node(0));
+        // Two providers heard: twenty rounds (600 s) without a batch of its own.
+        let later = t0 + 10_000 + 601_000;
         t.heard(node(2), 2, Some(batch(later)), later).unwrap();
         assert!(t.active(later).iter().all(|p| p.node_id != node(0)), "own rounds failing");
 
