@@ -86,7 +86,8 @@ pub struct Args {
     /// Graph seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Rounds of 2 s measured in each run (coordination kinds).
+    /// Rounds of 2 s measured in each run (coordination kinds, which use the Redis at
+    /// `MESH_TEST_REDIS_URL`, default `redis://127.0.0.1:6379`, under a prefix of their own).
     #[arg(long, default_value_t = 15)]
     pub rounds: u64,
     /// Consumer nodes next to the two providers (coordination kinds).
