@@ -1,108 +1,37 @@
 //! Addresses a peer hands out (issue 34, items 5 and 6): a lying peer pushes, through peer
 //! exchange and identify, the address of a local TCP listener the test owns (a stand-in for a
 //! Redis port on 127.0.0.2), or floods answers about a node's bootstrap peer. With the default
-//! filter nobody connects to the listener; the bootstrap address survives the flood.
+//! filter nobody connects to the listener; the bootstrap address survives the flood. The lying
+//! peer is `mesh_testkit::hostile::HostilePeer`, as in every attack test.
 
-use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use futures::{AsyncWriteExt, StreamExt};
-use libp2p::swarm::NetworkBehaviour;
-use libp2p::{SwarmBuilder, identify, noise, tcp, yamux};
-use mesh_relay::network::{IDENTIFY_PROTOCOL, PEX_PROTOCOL};
-use mesh_relay::{AddrFilter, Multiaddr, PeerId, Protocol, framing, pex};
+use mesh_relay::{AddrFilter, Multiaddr, PeerId, Protocol, pex};
+use mesh_testkit::hostile::{HostileConfig, HostilePeer};
 use mesh_testkit::{TestNet, Topology, Transport, WAIT, eventually};
 use mesh_tests::reliability::report;
 use mesh_tests::tcp_addr;
 use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
-#[derive(NetworkBehaviour)]
-struct LiarBehaviour {
-    identify: identify::Behaviour,
-    stream: libp2p_stream::Behaviour,
-}
-
-/// A peer that passes as a mesh node (identify) and answers every peer-exchange request with
-/// the same made-up answer; identify reports `reported` as its own addresses.
-struct PexLiar {
-    answered: Arc<Mutex<HashMap<PeerId, usize>>>,
-    cancel: CancellationToken,
-}
-
-impl PexLiar {
-    async fn start(
-        answer: &[pex::Entry],
-        reported: Vec<Multiaddr>,
-        victims: &[Multiaddr],
-    ) -> anyhow::Result<Self> {
-        let mut swarm = SwarmBuilder::with_new_identity()
-            .with_tokio()
-            .with_tcp(tcp::Config::default(), noise::Config::new, yamux::Config::default)?
-            .with_behaviour(|key| LiarBehaviour {
-                identify: identify::Behaviour::new(identify::Config::new(
-                    IDENTIFY_PROTOCOL.to_owned(),
-                    key.public(),
-                )),
-                stream: libp2p_stream::Behaviour::new(),
-            })?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
-            .build();
-        for addr in reported {
-            swarm.add_external_address(addr);
-        }
-        let mut incoming = swarm.behaviour().stream.new_control().accept(PEX_PROTOCOL)?;
-        for victim in victims {
-            swarm.dial(victim.clone())?;
-        }
-        let cancel = CancellationToken::new();
-        let stop = cancel.clone();
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => return,
-                    _ = swarm.select_next_some() => {}
-                }
-            }
-        });
-        let answered: Arc<Mutex<HashMap<PeerId, usize>>> = Arc::default();
-        let (count, stop, frame) = (answered.clone(), cancel.clone(), pex::encode(answer));
-        tokio::spawn(async move {
-            loop {
-                let next = tokio::select! {
-                    () = stop.cancelled() => return,
-                    next = incoming.next() => next,
-                };
-                let Some((peer, mut stream)) = next else { return };
-                if framing::write_frame(&mut stream, &frame).await.is_ok() {
-                    let _ = stream.close().await;
-                    *count
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .entry(peer)
-                        .or_default() += 1;
-                }
-            }
-        });
-        Ok(Self { answered, cancel })
+/// A peer that passes as a mesh node (identify), connects to each of `victims` and answers
+/// every peer-exchange request with `answer`; identify reports `reported` as its own addresses.
+async fn pex_liar(
+    answer: &[pex::Entry],
+    reported: Vec<Multiaddr>,
+    victims: &[Multiaddr],
+) -> anyhow::Result<HostilePeer> {
+    let liar = HostilePeer::start(HostileConfig {
+        want_announced: false,
+        reported_addrs: reported,
+        pex_answer: Some(answer.to_vec()),
+        ..HostileConfig::default()
+    })
+    .await?;
+    for victim in victims {
+        liar.connect(victim).await?;
     }
-
-    fn answered(&self, peer: &PeerId) -> usize {
-        self.answered
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(peer)
-            .copied()
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for PexLiar {
-    fn drop(&mut self) {
-        self.cancel.cancel();
-    }
+    Ok(liar)
 }
 
 /// A TCP listener that counts the connections it accepts (and closes them).
@@ -152,7 +81,7 @@ fn without_p2p(addr: &Multiaddr) -> Multiaddr {
 async fn pushed_at(
     filter: AddrFilter,
     listener: &CountingListener,
-) -> anyhow::Result<(TestNet, PexLiar)> {
+) -> anyhow::Result<(TestNet, HostilePeer)> {
     let net = TestNet::builder()
         .nodes(3)
         .topology(Topology::Line)
@@ -173,7 +102,7 @@ async fn pushed_at(
     for node in net.nodes() {
         victims.push(tcp_addr(node.running()?).await?);
     }
-    let liar = PexLiar::start(&answer, vec![listener.addr.clone()], &victims).await?;
+    let liar = pex_liar(&answer, vec![listener.addr.clone()], &victims).await?;
     Ok((net, liar))
 }
 
@@ -194,8 +123,10 @@ async fn addresses_pushed_through_peer_exchange_and_identify_are_not_dialed_by_d
     let redis = CountingListener::bind("127.0.0.2").await?;
     let (net, liar) = pushed_at(AddrFilter::default(), &redis).await?;
     let peers: Vec<PeerId> = net.nodes().iter().map(|n| n.peer_id()).collect();
-    eventually(WAIT, "three answers at every node", || peers.iter().all(|p| liar.answered(p) >= 3))
-        .await?;
+    eventually(WAIT, "three answers at every node", || {
+        peers.iter().all(|p| liar.pex_answered(p) >= 3)
+    })
+    .await?;
     let known: Vec<usize> =
         net.nodes().iter().map(|n| n.relay().map_or(0, |r| r.status().known_peers)).collect();
     report(
@@ -203,7 +134,7 @@ async fn addresses_pushed_through_peer_exchange_and_identify_are_not_dialed_by_d
         json!({
             "nodes": 3,
             "entries_per_answer": 32,
-            "answers_per_node": peers.iter().map(|p| liar.answered(p)).collect::<Vec<_>>(),
+            "answers_per_node": peers.iter().map(|p| liar.pex_answered(p)).collect::<Vec<_>>(),
             "accepts_in_a_lab": lab_accepts,
             "accepts_by_default": redis.accepted(),
             "known_peers_by_default": known,
@@ -252,15 +183,15 @@ async fn a_flood_of_answers_about_a_bootstrap_peer_does_not_cost_its_address() -
             (boot, addrs)
         })
         .collect();
-    let liar = PexLiar::start(&answer, Vec::new(), &[tcp_addr(&victim).await?]).await?;
+    let liar = pex_liar(&answer, Vec::new(), &[tcp_addr(&victim).await?]).await?;
     let victim_peer = victim.peer_id();
-    eventually(WAIT, "two answers at the victim", || liar.answered(&victim_peer) >= 2).await?;
+    eventually(WAIT, "two answers at the victim", || liar.pex_answered(&victim_peer) >= 2).await?;
 
     // The bootstrap peer goes away and comes back on the same address, while the flood goes on.
     net.stop(0).await?;
     eventually(WAIT, "the victim saw its bootstrap peer go", || !linked(&victim)).await?;
-    let asked = liar.answered(&victim_peer);
-    eventually(WAIT, "another answer while it is away", || liar.answered(&victim_peer) > asked)
+    let asked = liar.pex_answered(&victim_peer);
+    eventually(WAIT, "another answer while it is away", || liar.pex_answered(&victim_peer) > asked)
         .await?;
     let restarted = tokio::time::Instant::now();
     net.start(0).await?;
@@ -269,7 +200,7 @@ async fn a_flood_of_answers_about_a_bootstrap_peer_does_not_cost_its_address() -
         "bootstrap_address_flood",
         json!({
             "addresses_per_answer": 128,
-            "answers": liar.answered(&victim_peer),
+            "answers": liar.pex_answered(&victim_peer),
             "reconnected_ms": restarted.elapsed().as_millis() as u64,
         }),
     );

@@ -1,13 +1,14 @@
 //! Hostile peers against the relay's own tables (issue 31, items 4, 6 and 7): hop counts that
 //! lie, origins that publish without limit, announcements never served and copies replayed
 //! with rising TTLs. Real relays on the memory transport, in this process; the hostile peers
-//! are relays of the same net that send raw frames.
+//! are `mesh_testkit::hostile::HostilePeer`s connected to the victim, as in every attack test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 
 use mesh_protocol::{Envelope, Identity, MessageId, encode_envelope};
 use mesh_relay::OriginRate;
+use mesh_testkit::hostile::{self, HostileConfig, HostilePeer};
 use mesh_testkit::{TestNet, Topology, WAIT, eventually, now_ms, price_batch};
 use mesh_tests::reliability::report;
 use serde_json::json;
@@ -15,10 +16,14 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 fn frame_with(envelope: &Envelope, ttl: u8, hop_count: u8) -> Vec<u8> {
-    let mut f = encode_envelope(envelope).unwrap();
-    f[1] = ttl;
-    f[2] = hop_count;
-    f
+    hostile::frame(envelope, ttl, hop_count).unwrap()
+}
+
+/// A hostile peer connected to node `victim` of `net`.
+async fn hostile_at(net: &TestNet, victim: usize) -> anyhow::Result<HostilePeer> {
+    let peer = HostilePeer::start(HostileConfig::default()).await?;
+    peer.connect(&net.node(victim).addr()).await?;
+    Ok(peer)
 }
 
 /// Five peers claim to be next to every provider (hop count 0) with copies of the provider's
@@ -26,15 +31,17 @@ fn frame_with(envelope: &Envelope, ttl: u8, hop_count: u8) -> Vec<u8> {
 /// which decides the peers it keeps above its maximum, stays that of its honest links.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_peers_claiming_hop_zero_do_not_displace_honest_links() -> anyhow::Result<()> {
-    // 0 = the provider, 1..=3 its honest neighbours, 4 the victim (linked to 1..=3), 5..=9 the
-    // hostile peers (linked to the victim only).
+    // 0 = the provider, 1..=3 its honest neighbours, 4 the victim (linked to 1..=3), and five
+    // hostile peers connected to the victim only.
     const VICTIM: usize = 4;
-    let hostile: Vec<usize> = (5..10).collect();
-    let mut edges = vec![(0, 1), (0, 2), (0, 3), (1, VICTIM), (2, VICTIM), (3, VICTIM)];
-    edges.extend(hostile.iter().map(|&h| (VICTIM, h)));
-    let net = TestNet::builder().nodes(10).topology(Topology::Custom(edges)).build().await?;
+    let edges = vec![(0, 1), (0, 2), (0, 3), (1, VICTIM), (2, VICTIM), (3, VICTIM)];
+    let net = TestNet::builder().nodes(5).topology(Topology::Custom(edges)).build().await?;
     let provider = net.node(0).identity.clone();
     let victim = net.node(VICTIM).running()?.clone();
+    let mut hostile = Vec::new();
+    for _ in 0..5 {
+        hostile.push(hostile_at(&net, VICTIM).await?);
+    }
 
     // An honest message: the victim learns its honest peers are one hop from the provider,
     // and the hostile peers get a copy to play with.
@@ -44,14 +51,10 @@ async fn five_peers_claiming_hop_zero_do_not_displace_honest_links() -> anyhow::
     let before = victim.stats();
     // Duplicates claiming hop 0, and one first copy of a new provider message claiming it too.
     let fresh = price_batch(&provider, 2, now_ms(), 2, 10)?;
-    for &h in &hostile {
-        let relay = net.node(h).running()?;
-        relay.send_raw_frame(victim.peer_id(), frame_with(&honest, 1, 0)).await?;
+    for h in &hostile {
+        h.send(victim.peer_id(), frame_with(&honest, 1, 0)).await?;
     }
-    net.node(hostile[0])
-        .running()?
-        .send_raw_frame(victim.peer_id(), frame_with(&fresh, 9, 0))
-        .await?;
+    hostile[0].send(victim.peer_id(), frame_with(&fresh, 9, 0)).await?;
     net.wait_delivered(&fresh.message_id(), &[VICTIM]).await?;
     eventually(WAIT, "the victim took every hostile copy", || {
         victim.stats().duplicates >= before.duplicates + hostile.len() as u64
@@ -76,7 +79,7 @@ async fn five_peers_claiming_hop_zero_do_not_displace_honest_links() -> anyhow::
     .await?;
     let status = victim.status();
     for p in &status.peers {
-        if let Some(i) = hostile.iter().find(|&&h| net.node(h).peer_id() == p.peer_id) {
+        if let Some(i) = hostile.iter().position(|h| h.peer_id() == p.peer_id) {
             // Never nearer than the honest links: unknown (duplicates teach nothing), or one
             // hop (a first copy from a peer that is not its origin).
             assert!(
@@ -92,12 +95,7 @@ async fn five_peers_claiming_hop_zero_do_not_displace_honest_links() -> anyhow::
 
 /// Resident memory of this process, in KiB (Linux).
 fn rss_kib() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
+    hostile::resident_memory_bytes().unwrap_or(0) / 1024
 }
 
 /// Fifty throwaway keys, each accepted once (within the budget of unknown origins), then
@@ -109,20 +107,18 @@ async fn fifty_known_keys_flooding_are_held_to_their_rate() -> anyhow::Result<()
     const HONEST: usize = 10;
     const VICTIM: usize = 0;
     const PUBLISHER: usize = 5;
-    const HOSTILE: usize = HONEST;
     const KEYS: usize = 50;
     const PER_KEY: usize = 200;
     let rate = OriginRate { messages_per_sec: 5.0, message_burst: 20.0, ..OriginRate::default() };
-    let mut edges = Topology::RandomRegular { degree: 4 }.edges(HONEST, 5)?;
-    edges.push((VICTIM, HOSTILE));
+    let edges = Topology::RandomRegular { degree: 4 }.edges(HONEST, 5)?;
     let net = TestNet::builder()
-        .nodes(HONEST + 1)
+        .nodes(HONEST)
         .topology(Topology::Custom(edges))
         .configure(move |_, c| c.core.origin_rate = Some(rate))
         .build()
         .await?;
     let victim = net.node(VICTIM).running()?.clone();
-    let hostile = net.node(HOSTILE).running()?.clone();
+    let hostile = hostile_at(&net, VICTIM).await?;
     let vp = victim.peer_id();
 
     // The keys and their messages (signing is CPU work: on the blocking pool).
@@ -148,7 +144,7 @@ async fn fifty_known_keys_flooding_are_held_to_their_rate() -> anyhow::Result<()
 
     // Each key is accepted once: they are known origins from now on.
     for f in firsts {
-        hostile.send_raw_frame(vp, f).await?;
+        hostile.send(vp, f).await?;
     }
     eventually(WAIT, "the fifty keys accepted", || victim.stats().delivered >= KEYS as u64).await?;
 
@@ -157,7 +153,7 @@ async fn fifty_known_keys_flooding_are_held_to_their_rate() -> anyhow::Result<()
     let started = Instant::now();
     let sender = tokio::spawn(async move {
         for f in flood {
-            if hostile.send_raw_frame(vp, f).await.is_err() {
+            if hostile.send(vp, f).await.is_err() {
                 break;
             }
         }
@@ -213,12 +209,12 @@ async fn fifty_known_keys_flooding_are_held_to_their_rate() -> anyhow::Result<()
 /// for what it does not serve, and each honest id is re-forwarded at most once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fake_announcements_and_rising_ttls_do_not_cost_honest_messages() -> anyhow::Result<()> {
-    // 0 = the publisher, 2 and 3 announce only, 1 = the victim, 4 beyond it, 5 hostile.
+    // 0 = the publisher, 2 and 3 announce only, 1 = the victim, 4 beyond it, and a hostile
+    // peer connected to the victim.
     const VICTIM: usize = 1;
-    const HOSTILE: usize = 5;
-    let edges = vec![(0, 2), (0, 3), (2, VICTIM), (3, VICTIM), (VICTIM, 4), (VICTIM, HOSTILE)];
+    let edges = vec![(0, 2), (0, 3), (2, VICTIM), (3, VICTIM), (VICTIM, 4)];
     let net = TestNet::builder()
-        .nodes(6)
+        .nodes(5)
         .topology(Topology::Custom(edges))
         .configure(|i, c| {
             if i == 2 || i == 3 {
@@ -229,7 +225,7 @@ async fn fake_announcements_and_rising_ttls_do_not_cost_honest_messages() -> any
         .build()
         .await?;
     let victim = net.node(VICTIM).running()?.clone();
-    let hostile = net.node(HOSTILE).running()?.clone();
+    let hostile = hostile_at(&net, VICTIM).await?;
     let vp = victim.peer_id();
     let provider = net.node(0).identity.clone();
     let honest_nodes = [1usize, 2, 3, 4];
@@ -243,7 +239,7 @@ async fn fake_announcements_and_rising_ttls_do_not_cost_honest_messages() -> any
         net.publish(0, &m).await?;
         net.wait_delivered(&m.message_id(), &honest_nodes).await?;
         for ttl in 2..=mesh_protocol::MAX_TTL {
-            hostile.send_raw_frame(vp, frame_with(&m, ttl, 1)).await?;
+            hostile.send(vp, frame_with(&m, ttl, 1)).await?;
         }
         ids.push(m.message_id());
     }
@@ -262,11 +258,9 @@ async fn fake_announcements_and_rising_ttls_do_not_cost_honest_messages() -> any
     let flood = tokio::spawn(async move {
         let mut sent = 0usize;
         while !stop.is_cancelled() && sent < 200_000 {
-            let fake: Vec<MessageId> =
-                (0..10_000).map(|_| MessageId::of_body(uuid::Uuid::new_v4().as_bytes())).collect();
-            for chunk in fake.chunks(mesh_relay::lazy::MAX_IDS) {
-                let frame = mesh_relay::lazy::ControlFrame::Have(chunk.to_vec()).encode();
-                if announcer.send_raw_frame(vp, frame).await.is_err() {
+            let fake: Vec<MessageId> = hostile::random_ids(10_000);
+            for frame in hostile::haves(&fake) {
+                if announcer.send(vp, frame).await.is_err() {
                     return sent;
                 }
             }

@@ -8,6 +8,7 @@ use mesh_protocol::{
     Body, Envelope, Identity, Payload, PriceUpdate, RejectReason, encode_envelope,
 };
 use mesh_relay::StatsSnapshot;
+use mesh_testkit::hostile::{HostileConfig, HostilePeer};
 use mesh_testkit::{TestNet, Topology, WAIT, eventually, eventually_async, now_ms, price_batch};
 
 fn provider(n: u8) -> Identity {
@@ -488,25 +489,29 @@ fn sealed(identity: &Identity, body: &Body) -> Vec<u8> {
 /// Every kind of bad message from a hostile peer is rejected with its reason and not
 /// forwarded; those only the sender can have caused are charged (a future timestamp and a
 /// message too old depend on the victim's clock: not charged); past its budget the peer is
-/// banned and cannot reconnect until the ban ends.
+/// banned and cannot reconnect until the ban ends. The hostile peer is
+/// `mesh_testkit::hostile::HostilePeer`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_messages_are_rejected_not_forwarded_charged_and_the_sender_banned()
 -> anyhow::Result<()> {
-    // 0 = hostile, 1 = victim, 2 = the victim's other neighbour.
+    // 0 = victim, 1 = the victim's other neighbour; the hostile peer connects to the victim.
     let net = TestNet::builder()
-        .nodes(3)
+        .nodes(2)
         .topology(Topology::Line)
         .configure(|i, c| {
-            if i == 1 {
+            if i == 0 {
                 c.peers.misbehaviour_budget = 7;
                 c.peers.ban_duration = Duration::from_secs(6);
             }
         })
         .build()
         .await?;
-    let hostile = net.node(0).running()?;
-    let victim_peer = net.node(1).peer_id();
-    let victim = net.node(1).running()?;
+    let victim_peer = net.node(0).peer_id();
+    let victim = net.node(0).running()?;
+    let victim_addr = net.node(0).addr();
+    let hostile =
+        HostilePeer::start(HostileConfig { want_announced: false, ..Default::default() }).await?;
+    hostile.connect(&victim_addr).await?;
     let now = now_ms();
     let p = provider(9);
 
@@ -538,14 +543,14 @@ async fn hostile_messages_are_rejected_not_forwarded_charged_and_the_sender_bann
     let valid = sealed(&p, &body_with(&p, now, vec![update("F", "1", now)]));
     let two_hours_ago = now - 7_200_000;
     let older = sealed(&p, &body_with(&p, two_hours_ago, vec![update("F", "2", two_hours_ago)]));
-    // Oversized frame (the length prefix alone is refused).
-    let oversized = vec![0u8; mesh_protocol::MAX_FRAME_LEN + 1];
+    // Oversized frame: the length prefix alone is refused, so the prefix is all that is sent.
+    let oversized_prefix = u32::try_from(mesh_protocol::MAX_FRAME_LEN + 1)?.to_be_bytes();
 
     for (_, frame) in &cases {
-        hostile.send_raw_frame(victim_peer, frame.clone()).await?;
+        hostile.send(victim_peer, frame.clone()).await?;
     }
-    hostile.send_raw_frame(victim_peer, valid).await?;
-    hostile.send_raw_frame(victim_peer, older).await?;
+    hostile.send(victim_peer, valid).await?;
+    hostile.send(victim_peer, older).await?;
     eventually(WAIT, "victim rejected every bad message", || {
         let s = victim.stats();
         cases.iter().all(|(r, _)| s.rejected(*r) >= 1) && s.rejected(RejectReason::TooOld) >= 1
@@ -556,44 +561,46 @@ async fn hostile_messages_are_rejected_not_forwarded_charged_and_the_sender_bann
     assert_eq!(s.rejected_total(), 6);
     assert_eq!(s.charged, 4, "the forgery, the mismatch, the negative price and the TTL");
 
-    // The oversized frame ends the stream (the writer reopens it).
-    hostile.send_raw_frame(victim_peer, oversized).await?;
+    // The oversized frame ends the stream (the next send reopens it).
+    hostile.send_bytes(victim_peer, &oversized_prefix).await?;
     eventually(WAIT, "oversized frame rejected", || {
         victim.stats().rejected(RejectReason::FrameTooLarge) == 1
     })
     .await?;
 
     // Nothing bad was forwarded: the victim's other neighbour saw only the valid message.
-    barrier(&net, 1, 77).await?;
-    assert_eq!(net.node(2).running()?.stats().rejected_total(), 0);
-    assert_eq!(net.node(2).received_count(), 2, "the valid message and the barrier");
+    barrier(&net, 0, 77).await?;
+    assert_eq!(net.node(1).running()?.stats().rejected_total(), 0);
+    assert_eq!(net.node(1).received_count(), 2, "the valid message and the barrier");
 
     // 5 charges so far (with the oversized frame): the budget is 7, so more bad messages get
     // the hostile peer banned.
     // (The oversized frame made the victim drop the stream; frames sent right after it can be
-    // lost until the hostile writer notices and reopens, so keep sending.)
-    let h0 = net.node(0).peer_id();
+    // lost until the hostile peer notices and reopens, so keep sending.)
+    let h0 = hostile.peer_id();
     eventually_async(WAIT, "hostile peer banned and disconnected", || async {
         if victim.stats().bans == 0 {
-            let _ = hostile.send_raw_frame(victim_peer, cases[0].1.clone()).await;
+            let _ = hostile.send(victim_peer, cases[0].1.clone()).await;
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         victim.stats().bans == 1 && !victim.status().peers.iter().any(|p| p.peer_id == h0)
     })
     .await?;
-    // While banned it cannot come back: watch it try for a second.
-    let victim_addr = net.node(1).addr();
+    // While banned it cannot come back: watch it try for a second (each try bounded, so the
+    // watch ends inside the ban).
     let connected = || victim.status().peers.iter().any(|p| p.peer_id == h0);
+    let try_connect =
+        || tokio::time::timeout(Duration::from_millis(200), hostile.connect(&victim_addr));
     let window_end = tokio::time::Instant::now() + Duration::from_secs(1);
     while tokio::time::Instant::now() < window_end {
-        let _ = hostile.dial(victim_addr.clone()).await;
+        let _ = try_connect().await;
         assert!(!connected(), "a banned peer reconnected");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Once the ban expired (6 s: the second of watching above must end inside it even on a
     // machine that stalls the test for a few seconds), it can.
     eventually_async(Duration::from_secs(20), "hostile peer reconnected after its ban", || async {
-        let _ = hostile.dial(victim_addr.clone()).await;
+        let _ = try_connect().await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         connected()
     })
@@ -1025,11 +1032,11 @@ async fn a_flood_of_marks_stamped_ahead_does_not_stop_an_honest_provider() -> an
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_fed_old_captured_traffic_is_not_banned_by_its_neighbours()
 -> anyhow::Result<()> {
-    // 0, 1, 2: an honest triangle; 3, the hostile peer, is linked to 1 only. Flooding, so
-    // that a barrier behind the frames on a link comes after all of them.
+    // 0, 1, 2: an honest triangle; the hostile peer (`HostilePeer`) connects to 1 only.
+    // Flooding, so that a barrier behind the frames on a link comes after all of them.
     let mut net = TestNet::builder()
-        .nodes(4)
-        .topology(Topology::Custom(vec![(0, 1), (1, 2), (0, 2), (1, 3)]))
+        .nodes(3)
+        .topology(Topology::Custom(vec![(0, 1), (1, 2), (0, 2)]))
         .configure(|i, c| {
             c.lazy = mesh_relay::LazyPush::FLOOD;
             if i == 0 || i == 2 {
@@ -1055,10 +1062,12 @@ async fn a_restarted_node_fed_old_captured_traffic_is_not_banned_by_its_neighbou
     net.stop(1).await?;
     net.start(1).await?;
     let restarted = net.node(1).running()?.clone();
-    let hostile = net.node(3).running()?;
+    let hostile =
+        HostilePeer::start(HostileConfig { want_announced: false, ..Default::default() }).await?;
+    hostile.connect(&net.node(1).addr()).await?;
     let before = restarted.stats();
     for m in &captured {
-        hostile.send_raw_frame(net.node(1).peer_id(), encode_envelope(m)?).await?;
+        hostile.send(net.node(1).peer_id(), encode_envelope(m)?).await?;
     }
     eventually(WAIT, "the restarted node judged every captured frame", || {
         let s = restarted.stats();

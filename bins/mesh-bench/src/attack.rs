@@ -5,6 +5,9 @@
 //! delivered to every honest node (`attack_honest_delivery_ratio`, goal 1.0) and at the
 //! victim, and how much this process's resident memory grew (all nodes live in this process,
 //! so it is the mesh's memory, the victim's included).
+//!
+//! The provider-coordination kinds (`skewed-provider`, `lease-squat`) run on whole nodes with
+//! providers instead: see [`crate::attack_rounds`].
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -44,6 +47,19 @@ pub enum Kind {
     ConnFlood,
     /// 500 streams opened and filled on one connection, again and again.
     StreamFlood,
+    /// Two providers sharing Redis, one with its clock 8 s ahead (whole nodes, see
+    /// `--rounds`).
+    SkewedProvider,
+    /// The lease keys of the next five rounds written into Redis ahead of the providers
+    /// (whole nodes, see `--rounds`).
+    LeaseSquat,
+}
+
+impl Kind {
+    /// The kinds that attack the providers' round coordination on whole nodes.
+    fn coordination(self) -> bool {
+        matches!(self, Self::SkewedProvider | Self::LeaseSquat)
+    }
 }
 
 /// Options.
@@ -52,13 +68,13 @@ pub struct Args {
     /// The attack.
     #[arg(long, value_enum)]
     pub kind: Kind,
-    /// Honest nodes.
+    /// Honest nodes (relay kinds).
     #[arg(long, default_value_t = 50)]
     pub nodes: usize,
-    /// Links per honest node (random regular graph).
+    /// Links per honest node (random regular graph; relay kinds).
     #[arg(long, default_value_t = 6)]
     pub degree: usize,
-    /// Seconds of honest traffic in each run.
+    /// Seconds of honest traffic in each run (relay kinds).
     #[arg(long, default_value_t = 10)]
     pub seconds: u64,
     /// Attack frames a second (frame attacks).
@@ -70,6 +86,13 @@ pub struct Args {
     /// Graph seed.
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Rounds of 2 s measured in each run (coordination kinds, which use the Redis at
+    /// `MESH_TEST_REDIS_URL`, default `redis://127.0.0.1:6379`, under a prefix of their own).
+    #[arg(long, default_value_t = 15)]
+    pub rounds: u64,
+    /// Consumer nodes next to the two providers (coordination kinds).
+    #[arg(long, default_value_t = 3)]
+    pub consumers: usize,
 }
 
 /// The attacker's address for the connection attacks.
@@ -78,6 +101,10 @@ const VICTIM: usize = 0;
 
 /// Runs the benchmark.
 pub fn run(args: &Args) -> anyhow::Result<Report> {
+    if args.kind.coordination() {
+        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        return rt.block_on(crate::attack_rounds::measure(args));
+    }
     anyhow::ensure!(args.nodes > args.degree + 3, "--nodes must exceed --degree + 3");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(measure(args))
@@ -337,7 +364,7 @@ fn frames_for(
                 out.push(hostile::frame(&m, 20, 0)?);
             }
         }
-        Kind::ConnFlood | Kind::StreamFlood => {}
+        Kind::ConnFlood | Kind::StreamFlood | Kind::SkewedProvider | Kind::LeaseSquat => {}
     }
     Ok(out)
 }

@@ -3,6 +3,7 @@
 
 mod api;
 mod attack;
+mod attack_rounds;
 mod awake;
 mod e2e;
 mod memory;
@@ -51,7 +52,8 @@ enum Bench {
     Memory(memory::Args),
     /// mesh-node processes in network namespaces joined by links with delay and loss (root).
     Netns(netns::Args),
-    /// One hostile peer against one node of a 50-node mesh: honest delivery and memory.
+    /// One hostile peer against one node of a 50-node mesh, or an attack on the providers'
+    /// round coordination: honest delivery and memory.
     Attack(attack::Args),
     /// Runs every benchmark and writes BENCHMARKS.md.
     Report(suite::Args),

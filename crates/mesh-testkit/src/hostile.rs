@@ -4,7 +4,9 @@
 //! bytes that are no frame at all) at any rate, opens as many connections and streams as it
 //! likes, and can dial from a chosen source address (`127.0.0.2` is another IP than the
 //! honest nodes' `127.0.0.1` on Linux loopback). It also accepts the relay streams its victims
-//! open to it and keeps what they send, so captured messages can be replayed.
+//! open to it and keeps what they send, so captured messages can be replayed, and can lie about
+//! addresses: report any as its own over identify, and answer every peer-exchange request with
+//! made-up entries.
 //!
 //! ```no_run
 //! # async fn demo(victim: mesh_relay::Multiaddr) -> anyhow::Result<()> {
@@ -40,7 +42,7 @@ use libp2p::{StreamProtocol, SwarmBuilder, Transport, identify, noise, ping, yam
 use mesh_protocol::{Envelope, Identity, MessageId, NodeId, Payload};
 use mesh_relay::lazy::{ControlFrame, MAX_IDS};
 use mesh_relay::network::{IDENTIFY_PROTOCOL, PEX_PROTOCOL, RELAY_PROTOCOL};
-use mesh_relay::{Multiaddr, PeerId, framing};
+use mesh_relay::{Multiaddr, PeerId, framing, pex};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -63,11 +65,23 @@ pub struct HostileConfig {
     pub want_announced: bool,
     /// Announce the mesh's identify protocol (a peer that does not is dropped by relays).
     pub pose_as_node: bool,
+    /// Addresses it reports as its own over identify (with `pose_as_node`).
+    pub reported_addrs: Vec<Multiaddr>,
+    /// Answers every peer-exchange request with these entries, as they are (repeats
+    /// included); `None`: it takes no peer-exchange requests.
+    pub pex_answer: Option<Vec<pex::Entry>>,
 }
 
 impl Default for HostileConfig {
     fn default() -> Self {
-        Self { identity: None, source_ip: None, want_announced: true, pose_as_node: true }
+        Self {
+            identity: None,
+            source_ip: None,
+            want_announced: true,
+            pose_as_node: true,
+            reported_addrs: Vec::new(),
+            pex_answer: None,
+        }
     }
 }
 
@@ -101,6 +115,8 @@ struct Shared {
     control: Mutex<ControlCounts>,
     /// One relay stream per victim for [`HostilePeer::send`].
     outbound: tokio::sync::Mutex<HashMap<PeerId, libp2p::Stream>>,
+    /// Peer-exchange answers written, per victim.
+    pex_answered: Mutex<HashMap<PeerId, usize>>,
 }
 
 /// A peer that plays by none of the relay's rules. Cheap to clone; everything stops when the
@@ -155,11 +171,19 @@ impl HostilePeer {
             })?
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(3600)))
             .build();
+        for addr in &config.reported_addrs {
+            swarm.add_external_address(addr.clone());
+        }
         let peer_id = *swarm.local_peer_id();
         let mut control = swarm.behaviour().stream.new_control();
         let incoming = control.accept(RELAY_PROTOCOL)?;
         let cancel = CancellationToken::new();
         let shared = Arc::new(Shared::default());
+        if let Some(answer) = &config.pex_answer {
+            let requests = control.accept(PEX_PROTOCOL)?;
+            let answer = pex::encode(answer);
+            tokio::spawn(answer_pex(requests, answer, shared.clone(), cancel.clone()));
+        }
         let (commands, mut command_rx) = mpsc::channel::<Command>(64);
 
         let stop = cancel.clone();
@@ -393,6 +417,37 @@ impl HostilePeer {
     /// Control frames received from victims so far.
     pub fn control_received(&self) -> ControlCounts {
         *lock(&self.shared.control)
+    }
+
+    /// Peer-exchange answers written to `peer` so far (with [`HostileConfig::pex_answer`]).
+    pub fn pex_answered(&self, peer: &PeerId) -> usize {
+        lock(&self.shared.pex_answered).get(peer).copied().unwrap_or(0)
+    }
+}
+
+/// Answers every peer-exchange request with `answer` (one frame, then the stream is closed)
+/// until `cancel`.
+async fn answer_pex(
+    mut requests: libp2p_stream::IncomingStreams,
+    answer: Vec<u8>,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let (peer, mut stream) = tokio::select! {
+            () = cancel.cancelled() => return,
+            next = requests.next() => match next {
+                Some(s) => s,
+                None => return,
+            },
+        };
+        let written = async {
+            framing::write_frame(&mut stream, &answer).await?;
+            stream.close().await
+        };
+        if matches!(tokio::time::timeout(OPEN_TIMEOUT, written).await, Ok(Ok(()))) {
+            *lock(&shared.pex_answered).entry(peer).or_default() += 1;
+        }
     }
 }
 
