@@ -11,8 +11,7 @@ use std::time::{Duration, SystemTime};
 use mesh_protocol::{MessageId, NodeId};
 use mesh_seen_cache::{SeenBackend, SeenCache};
 use mesh_storage::{
-    Database, DatabaseConfig, POSTGRES_MIGRATIONS, PriceFilter, PriceRow, PriceStore, SeenRow,
-    SeenStore,
+    Database, DatabaseConfig, PriceFilter, PriceRow, PriceStore, SeenRow, SeenStore,
 };
 use mesh_tests::TestDatabase;
 use sqlx::{PgPool, Row};
@@ -386,7 +385,7 @@ async fn migrations_applied_twice_are_a_no_op() -> anyhow::Result<()> {
             .await?;
     assert_eq!(applied, vec![20240101000001, 20240101000002, 20240101000003]);
     // And the statements themselves, run again by hand (as the guide's manual path would).
-    for migration in POSTGRES_MIGRATIONS.iter() {
+    for migration in mesh_storage::migrations::postgres().await?.iter() {
         sqlx::raw_sql(migration.sql.clone()).execute(pool).await?;
     }
     assert_eq!((columns(pool).await?, indexes(pool).await?), before);

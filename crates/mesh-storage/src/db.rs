@@ -7,18 +7,10 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
 use crate::{Error, Result};
-
-/// The PostgreSQL migrations of `migrations/` (the guide's two tables), embedded at build time.
-pub static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("../../migrations");
-
-/// The SQLite twins of the migrations, from `migrations/sqlite/` (sqlx-cli ignores the folder
-/// when it runs `migrations/`, so the PostgreSQL set stays usable with `sqlx migrate run`).
-pub static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("../../migrations/sqlite");
 
 /// How to reach the database. Its `Debug` hides the URL's secrets ([`crate::redact_url`]).
 #[derive(Clone, PartialEq, Eq)]
@@ -113,11 +105,12 @@ impl Database {
         }
     }
 
-    /// Applies the embedded migrations of this backend; a no-op when they are all applied.
+    /// Applies the embedded migrations of this backend ([`crate::migrations`]); a no-op when
+    /// they are all applied.
     pub async fn migrate(&self) -> Result<()> {
         match self {
-            Database::Postgres(pool) => POSTGRES_MIGRATIONS.run(pool).await?,
-            Database::Sqlite(pool) => SQLITE_MIGRATIONS.run(pool).await?,
+            Database::Postgres(pool) => crate::migrations::postgres().await?.run(pool).await?,
+            Database::Sqlite(pool) => crate::migrations::sqlite().await?.run(pool).await?,
         }
         Ok(())
     }

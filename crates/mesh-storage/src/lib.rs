@@ -57,13 +57,14 @@
 
 pub mod db;
 mod error;
+pub mod migrations;
 pub mod queue;
 mod redact;
 pub mod redis;
 mod row;
 mod store;
 
-pub use db::{Database, DatabaseConfig, POSTGRES_MIGRATIONS, SQLITE_MIGRATIONS};
+pub use db::{Database, DatabaseConfig};
 pub use error::{Error, Result};
 pub use queue::{
     Coalesce, DropReason, QueueConfig, QueueStats, Sink, Worker, WriteBehind, count_dropped,
