@@ -217,6 +217,12 @@ impl std::fmt::Debug for Relay {
     }
 }
 
+/// Whether `addr` is a QUIC address (`/udp/<port>/quic-v1`).
+fn is_quic(addr: &Multiaddr) -> bool {
+    use libp2p::multiaddr::Protocol;
+    addr.iter().any(|p| matches!(p, Protocol::QuicV1 | Protocol::Quic))
+}
+
 fn now_ms() -> i64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
 }
@@ -258,11 +264,13 @@ fn build_swarm(
         .with_max_pending_outgoing(Some(16));
     let max_inbound = (config.peers.max_peers + 5).try_into().unwrap_or(u32::MAX);
     let idle = config.idle_connection_timeout;
-    let swarm = SwarmBuilder::with_existing_identity(keypair)
+    let builder = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux_config)
-        .map_err(|e| transport_err(&e))?
-        .with_quic()
+        .map_err(|e| transport_err(&e))?;
+    #[cfg(feature = "quic")]
+    let builder = builder.with_quic();
+    let swarm = builder
         .with_other_transport(|key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
             Ok(MemoryTransport::default()
                 .upgrade(upgrade::Version::V1)
@@ -313,10 +321,23 @@ impl Relay {
         let mut swarm = build_swarm(identity, &config, stats.clone())?;
         let mut listeners = Vec::new();
         for addr in &config.listen_addrs {
+            if is_quic(addr) && !cfg!(feature = "quic") {
+                warn!(
+                    "not listening on {addr}: this build has no QUIC (cargo feature `quic`, on \
+                     in mesh-node's default build)"
+                );
+                continue;
+            }
             let id = swarm
                 .listen_on(addr.clone())
                 .map_err(|e| Error::Listen { addr: addr.clone(), reason: format!("{e:?}") })?;
             listeners.push(id);
+        }
+        if listeners.is_empty() && !config.listen_addrs.is_empty() {
+            return Err(Error::Transport(
+                "no listen address this build supports (QUIC needs the cargo feature `quic`)"
+                    .into(),
+            ));
         }
         let peer_id = *swarm.local_peer_id();
         let mut control = swarm.behaviour().stream.new_control();
