@@ -99,17 +99,56 @@ fn rss_kib() -> u64 {
 }
 
 /// Fifty throwaway keys, each accepted once (within the budget of unknown origins), then
-/// publishing as fast as one hostile peer can send: each is held to its rate at the first hop,
-/// every honest message still reaches every honest node, and the victim's tables stay within
-/// their bound.
+/// publishing as fast as one hostile peer can send, with the young origins' shared budget out
+/// of the way (every accepted origin counts as established at once): each key is held to its
+/// rate at the first hop, every honest message still reaches every honest node, and the
+/// victim's tables stay within their bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fifty_known_keys_flooding_are_held_to_their_rate() -> anyhow::Result<()> {
+    let rate = OriginRate {
+        messages_per_sec: 5.0,
+        message_burst: 20.0,
+        young_for: Duration::ZERO,
+        ..OriginRate::default()
+    };
+    // What the rate allows each key through the one hostile link: its first message, a burst,
+    // and five a second for the flood (and the waits after it).
+    let allowed = |secs: f64| KEYS as f64 * (1.0 + 20.0 + 5.0 * secs);
+    flood_of_keys("flood_known_keys", rate, allowed).await
+}
+
+/// The same flood with the default window (ten minutes): the fifty keys are young, and all
+/// of them together get one share of the hostile link (a burst of 100, then 20 a second here),
+/// not one share each as above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_young_keys_flooding_share_one_budget_of_the_link() -> anyhow::Result<()> {
+    let rate = OriginRate {
+        messages_per_sec: 5.0,
+        message_burst: 20.0,
+        young_messages_per_sec: 20.0,
+        young_message_burst: 100.0,
+        ..OriginRate::default()
+    };
+    // Each key's first message (the budget of unknown origins, before any rate), then the
+    // young budget of the link.
+    let allowed = |secs: f64| KEYS as f64 + 100.0 + 20.0 * secs;
+    flood_of_keys("flood_young_keys", rate, allowed).await
+}
+
+const KEYS: usize = 50;
+
+/// The flood of [`fifty_known_keys_flooding_are_held_to_their_rate`] with `rate` at every
+/// node; at most `allowed(seconds since the flood began)` junk messages may be accepted at the
+/// victim.
+async fn flood_of_keys(
+    name: &str,
+    rate: OriginRate,
+    allowed: impl Fn(f64) -> f64,
+) -> anyhow::Result<()> {
     const HONEST: usize = 10;
     const VICTIM: usize = 0;
     const PUBLISHER: usize = 5;
-    const KEYS: usize = 50;
     const PER_KEY: usize = 200;
-    let rate = OriginRate { messages_per_sec: 5.0, message_burst: 20.0, ..OriginRate::default() };
     let edges = Topology::RandomRegular { degree: 4 }.edges(HONEST, 5)?;
     let net = TestNet::builder()
         .nodes(HONEST)
@@ -143,6 +182,7 @@ async fn fifty_known_keys_flooding_are_held_to_their_rate() -> anyhow::Result<()
     .await?;
 
     // Each key is accepted once: they are known origins from now on.
+    let started = Instant::now();
     for f in firsts {
         hostile.send(vp, f).await?;
     }
@@ -150,7 +190,7 @@ async fn fifty_known_keys_flooding_are_held_to_their_rate() -> anyhow::Result<()
 
     let rss_before = rss_kib();
     let before = victim.stats();
-    let started = Instant::now();
+    let flood_started = Instant::now();
     let sender = tokio::spawn(async move {
         for f in flood {
             if hostile.send(vp, f).await.is_err() {
@@ -168,19 +208,16 @@ async fn fifty_known_keys_flooding_are_held_to_their_rate() -> anyhow::Result<()
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     sender.await?;
-    let flood_secs = started.elapsed().as_secs_f64();
+    let flood_secs = flood_started.elapsed().as_secs_f64();
     for id in &honest {
         net.wait_delivered(id, &(0..HONEST).collect::<Vec<_>>()).await?;
     }
     let after = victim.stats();
     let accepted = junk.iter().filter(|id| net.node(VICTIM).received(id).is_some()).count();
-    // What the rate allows each key through the one hostile link: its first message, a
-    // burst, and five a second for the flood (and the waits after it).
-    let allowed = KEYS as f64
-        * (1.0 + rate.message_burst + rate.messages_per_sec * started.elapsed().as_secs_f64());
+    let allowed = allowed(started.elapsed().as_secs_f64());
     let rss_growth_kib = rss_kib().saturating_sub(rss_before);
     report(
-        "flood_known_keys",
+        name,
         json!({
             "keys": KEYS,
             "junk_sent": KEYS * (PER_KEY + 1),
@@ -194,7 +231,7 @@ async fn fifty_known_keys_flooding_are_held_to_their_rate() -> anyhow::Result<()
     );
     assert!(after.rate_limited - before.rate_limited > 1_000, "{after:?}");
     assert!(accepted as f64 <= allowed, "{accepted} junk messages accepted, {allowed} allowed");
-    // The rate tables: at most 64 peers x 1,025 buckets of some 50 bytes (3 MiB) by
+    // The rate tables: at most 64 peers x 1,026 buckets of some 50 bytes (3 MiB) by
     // construction; the whole process (eleven relays and the attacker's 10,050 frames) grows
     // by far less than this loose bound.
     assert!(rss_growth_kib < 256 * 1024, "grew by {rss_growth_kib} KiB");

@@ -502,6 +502,7 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
             budgets.take(from, now_ms);
         }
         self.known.heard(origin);
+        self.aged(origin, now_ms);
         self.seen.insert(id, ttl);
         self.senders.record(id, from);
         let forward = forwarded(frame, ttl).map(|frame| Forward {
@@ -531,8 +532,17 @@ impl<P: Clone + PartialEq + Eq + Hash> RelayCore<P> {
         let message = self.validator.verify(envelope, now_ms)?;
         self.marks.admit(&message, now_ms)?;
         self.known.heard(message.body.origin);
+        self.aged(message.body.origin, now_ms);
         self.seen.insert(message.id, message.envelope.ttl);
         Ok(message)
+    }
+
+    /// A message of `origin` was accepted: its age as the rates see it (young origins share a
+    /// budget per peer, [`OriginRate::young_for`]) starts or goes on.
+    fn aged(&self, origin: NodeId, now_ms: i64) {
+        if let Some(rates) = &self.rates {
+            rates.lock().unwrap_or_else(PoisonError::into_inner).accepted(origin, now_ms);
+        }
     }
 }
 
