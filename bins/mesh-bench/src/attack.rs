@@ -4,7 +4,10 @@
 //! the attack (baseline) and once with it; each run reports the share of honest messages
 //! delivered to every honest node (`attack_honest_delivery_ratio`, goal 1.0) and at the
 //! victim, and how much this process's resident memory grew (all nodes live in this process,
-//! so it is the mesh's memory, the victim's included).
+//! so it is the mesh's memory, the victim's included). The parameters also give, per run,
+//! the messages delivered, rate-limited and dropped on full queues over all honest nodes.
+//! With `MESH_BENCH_DEBUG` set, each honest message still missing somewhere after the run is
+//! printed on stderr with the nodes that lack it, then the victim's counters.
 //!
 //! The provider-coordination kinds (`skewed-provider`, `lease-squat`) run on whole nodes with
 //! providers instead: see [`crate::attack_rounds`].
@@ -120,6 +123,11 @@ struct Run {
     attack_sent: usize,
     victim: StatsSnapshot,
     victim_peers: usize,
+    /// Summed over every honest node: messages delivered (honest and junk), dropped for an
+    /// origin's or the young origins' rate, and frames dropped on a full peer queue.
+    mesh_delivered: u64,
+    mesh_rate_limited: u64,
+    mesh_queue_full: u64,
 }
 
 async fn measure(args: &Args) -> anyhow::Result<Report> {
@@ -143,6 +151,11 @@ async fn measure(args: &Args) -> anyhow::Result<Report> {
             "victim_bans": attack.victim.bans,
             "victim_connections_refused": attack.victim.connections_refused,
             "victim_peers_at_the_end": attack.victim_peers,
+            "victim_rate_limited": attack.victim.rate_limited,
+            "victim_delivered": attack.victim.delivered,
+            "mesh_delivered": [baseline.mesh_delivered, attack.mesh_delivered],
+            "mesh_rate_limited": [baseline.mesh_rate_limited, attack.mesh_rate_limited],
+            "mesh_dropped_queue_full": [baseline.mesh_queue_full, attack.mesh_queue_full],
             "note": "memory is this process's: all nodes and the attacker",
         }),
         figures: vec![
@@ -233,6 +246,17 @@ async fn one_run(args: &Args, kind: Option<Kind>) -> anyhow::Result<Run> {
     };
     // Bounded wait: what has not arrived by then counts as lost.
     let _ = eventually(Duration::from_secs(10), "honest messages delivered", everywhere).await;
+    if std::env::var_os("MESH_BENCH_DEBUG").is_some() {
+        for (from, id) in &ids {
+            let missing: Vec<usize> = (0..net.len())
+                .filter(|i| i != from && net.node(*i).received(id).is_none())
+                .collect();
+            if !missing.is_empty() {
+                eprintln!("{id:?} from node {from}: missing at {missing:?}");
+            }
+        }
+        eprintln!("victim: {:?}", victim.stats());
+    }
     let mut delivered = 0usize;
     let mut expected = 0usize;
     let mut at_victim = 0usize;
@@ -246,7 +270,12 @@ async fn one_run(args: &Args, kind: Option<Kind>) -> anyhow::Result<Run> {
         }
     }
     let rss_growth = hostile::resident_memory_bytes().unwrap_or(0).saturating_sub(rss_before);
+    let all: Vec<StatsSnapshot> =
+        (0..net.len()).filter_map(|i| Some(net.node(i).running().ok()?.stats())).collect();
     let run = Run {
+        mesh_delivered: all.iter().map(|s| s.delivered).sum(),
+        mesh_rate_limited: all.iter().map(|s| s.rate_limited).sum(),
+        mesh_queue_full: all.iter().map(|s| s.dropped_queue_full).sum(),
         messages: ids.len(),
         delivery: delivered as f64 / expected.max(1) as f64,
         victim_delivery: at_victim as f64 / ids.len().max(1) as f64,
