@@ -25,9 +25,19 @@ struct Cli {
     /// The node's Unix socket.
     #[arg(long, env = "MESH_NODE_SOCKET", default_value = "data/node.sock")]
     node_socket: PathBuf,
-    /// When set, POST endpoints require `Authorization: Bearer <token>`.
+    /// When set, POST endpoints require `Authorization: Bearer <token>`. When not set, they
+    /// are accepted only from a client on this host that came through no proxy.
     #[arg(long, env = "MESH_API_TOKEN", hide_env_values = true)]
     api_token: Option<String>,
+    /// Start on a listen address that is not loopback without MESH_API_TOKEN (refused
+    /// otherwise); POSTs stay loopback-only without a token either way.
+    #[arg(
+        long,
+        env = "MESH_API_ALLOW_REMOTE_WITHOUT_TOKEN",
+        default_value_t = false,
+        action = clap::ArgAction::Set
+    )]
+    allow_remote_without_token: bool,
     /// Longest time a REST request may take, in seconds.
     #[arg(long, env = "MESH_API_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     request_timeout_secs: u64,
@@ -123,6 +133,7 @@ async fn main() -> anyhow::Result<()> {
         listen: cli.listen,
         node_socket: cli.node_socket,
         api_token: cli.api_token,
+        allow_remote_without_token: cli.allow_remote_without_token,
         request_timeout: secs(cli.request_timeout_secs),
         body_limit: cli.body_limit_bytes,
         max_stream_clients: cli.max_stream_clients,

@@ -14,7 +14,14 @@ pub struct Config {
     /// The node's socket (`MESH_NODE_SOCKET`, default `data/node.sock`, as the node).
     pub node_socket: PathBuf,
     /// When set, POST endpoints need `Authorization: Bearer <token>` (`MESH_API_TOKEN`).
+    /// When not set, they are accepted only from a loopback client that came through no proxy
+    /// (an operator typing the guide's curl on the box): anything else gets 401.
     pub api_token: Option<String>,
+    /// Start on a listen address that is not loopback without [`Config::api_token`]
+    /// (`MESH_API_ALLOW_REMOTE_WITHOUT_TOKEN`, default `false`: refused at start). The POST
+    /// endpoints stay loopback-only without a token either way; this serves the read-only
+    /// API to the network.
+    pub allow_remote_without_token: bool,
     /// Longest time a REST request may take, body included (default 30 s).
     pub request_timeout: Duration,
     /// Longest wait for one answer of the node (default 25 s: enabling provider mode checks the
@@ -72,6 +79,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             node_socket: PathBuf::from("data/node.sock"),
             api_token: None,
+            allow_remote_without_token: false,
             request_timeout: Duration::from_secs(30),
             node_timeout: Duration::from_secs(25),
             body_limit: 16 * 1024,
@@ -97,6 +105,7 @@ impl std::fmt::Debug for Config {
             .field("listen", &self.listen)
             .field("node_socket", &self.node_socket)
             .field("api_token", &self.api_token.as_ref().map(|_| "<redacted>"))
+            .field("allow_remote_without_token", &self.allow_remote_without_token)
             .field("request_timeout", &self.request_timeout)
             .field("node_timeout", &self.node_timeout)
             .field("body_limit", &self.body_limit)
@@ -125,6 +134,17 @@ impl Config {
         }
         if self.api_token.as_deref().is_some_and(|t| t.trim().is_empty()) {
             problems.push("MESH_API_TOKEN is set but empty".to_owned());
+        }
+        if self.api_token.is_none()
+            && !self.listen.ip().is_loopback()
+            && !self.allow_remote_without_token
+        {
+            problems.push(format!(
+                "MESH_API_LISTEN={} is not a loopback address and MESH_API_TOKEN is not set: set \
+                 a token, or MESH_API_ALLOW_REMOTE_WITHOUT_TOKEN=true to serve the read-only API \
+                 to the network (POSTs then stay loopback-only)",
+                self.listen
+            ));
         }
         let positive = [
             ("request_timeout", self.request_timeout),
@@ -173,6 +193,24 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_non_loopback_listen_address_needs_a_token_or_an_explicit_yes() {
+        let public = SocketAddr::from(([0, 0, 0, 0], 8080));
+        let open = Config { listen: public, ..Config::default() };
+        let message = open.validate().unwrap_err().to_string();
+        assert!(message.contains("MESH_API_TOKEN"), "{message}");
+        assert!(message.contains("MESH_API_ALLOW_REMOTE_WITHOUT_TOKEN"), "{message}");
+        assert_eq!(message.lines().count(), 1, "{message}");
+        Config { listen: public, api_token: Some("t".into()), ..Config::default() }
+            .validate()
+            .unwrap();
+        Config { listen: public, allow_remote_without_token: true, ..Config::default() }
+            .validate()
+            .unwrap();
+        let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, 8080));
+        Config { listen: v6, ..Config::default() }.validate().unwrap();
+    }
 
     #[test]
     fn defaults_are_valid_and_every_problem_is_reported() {

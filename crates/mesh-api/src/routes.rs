@@ -253,8 +253,34 @@ pub(crate) fn client_address(
     peer
 }
 
-/// With `MESH_API_TOKEN` set, the request needs `Authorization: Bearer <token>`.
+/// Headers a reverse proxy adds: a request carrying one came through a proxy.
+const FORWARDING_HEADERS: [&str; 6] =
+    ["forwarded", "x-forwarded-for", "x-forwarded-host", "x-forwarded-proto", "x-real-ip", "via"];
+
+/// Whether a request from `peer` with `headers` is an operator's on the box itself: a loopback
+/// peer and no forwarding header (a proxy on the same host connects from loopback too, and
+/// says so in these headers; the shipped nginx site sets them).
+fn is_local_operator(peer: Option<std::net::IpAddr>, headers: &axum::http::HeaderMap) -> bool {
+    peer.is_some_and(|p| p.is_loopback())
+        && FORWARDING_HEADERS.iter().all(|name| !headers.contains_key(*name))
+}
+
+/// With `MESH_API_TOKEN` set, the request needs `Authorization: Bearer <token>`; without it,
+/// the request must come from the box itself ([`is_local_operator`]).
 async fn authenticate(State(app): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    if app.token_digest.is_none() {
+        let peer = request.extensions().get::<Peer>().map(|p| p.0.ip());
+        if is_local_operator(peer, request.headers()) {
+            return next.run(request).await;
+        }
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "without MESH_API_TOKEN this endpoint is open only to a client on the API's own \
+             host, not through a proxy: set MESH_API_TOKEN and send Authorization: Bearer \
+             <MESH_API_TOKEN>",
+        )
+        .into_response();
+    }
     let header = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     if app.authorised(header) {
         next.run(request).await
@@ -301,6 +327,24 @@ mod tests {
             ("https://DASH.example/", Some("mesh.example.com"), true),
         ] {
             assert_eq!(origin_allowed(origin, host, &allowed), ok, "{origin} on {host:?}");
+        }
+    }
+
+    #[test]
+    fn without_a_token_only_a_loopback_client_through_no_proxy_may_post() {
+        use axum::http::{HeaderMap, HeaderValue};
+        let local: std::net::IpAddr = "127.0.0.1".parse().unwrap();
+        let local6: std::net::IpAddr = "::1".parse().unwrap();
+        let far: std::net::IpAddr = "203.0.113.7".parse().unwrap();
+        let none = HeaderMap::new();
+        assert!(is_local_operator(Some(local), &none));
+        assert!(is_local_operator(Some(local6), &none));
+        assert!(!is_local_operator(Some(far), &none));
+        assert!(!is_local_operator(None, &none), "no peer known: refused");
+        for name in FORWARDING_HEADERS {
+            let mut proxied = HeaderMap::new();
+            proxied.insert(name, HeaderValue::from_static("198.51.100.1"));
+            assert!(!is_local_operator(Some(local), &proxied), "{name}");
         }
     }
 
