@@ -246,3 +246,76 @@ async fn the_page_shows_live_prices_and_switches_provider_mode_on() {
     browser.close().await.unwrap();
     api.shutdown(Duration::from_secs(5)).await;
 }
+
+/// With `MESH_API_TOKEN` set, the Provider Mode form asks for the token when the API refuses
+/// the POST for want of it, and the same click with the token then switches provider mode on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_page_asks_for_the_api_token_when_the_api_needs_one() {
+    let node = NodeSocket::start(FakeNode::new(vec![price("solana", SOL, "150.5")])).await.unwrap();
+    let api = start_api(node.path(), |c| c.api_token = Some("page-token".into())).await.unwrap();
+    eventually("the API follows the node", WAIT, async || api.node_connected()).await.unwrap();
+    let base = format!("http://{}", api.local_addr());
+    let mut browser = Browser::launch().await.unwrap();
+    browser.navigate(&format!("{base}/")).await.unwrap();
+    // The page's script has run once it shows the provider's state.
+    browser
+        .wait_for(
+            "the page's provider state",
+            &format!("{}?.dataset.enabled === 'false'", js("provider-status")),
+            WAIT,
+        )
+        .await
+        .unwrap();
+
+    browser.eval(&format!("{}.click()", js("tab-settings"))).await.unwrap();
+    browser.eval(&format!("{}.click()", js("provider-toggle"))).await.unwrap();
+    browser
+        .wait_for("the key form", &format!("!{}.hidden", js("provider-form")), WAIT)
+        .await
+        .unwrap();
+    browser
+        .eval(&format!("{}.value = 'good-key'; {}.click()", js("api-key"), js("provider-enable")))
+        .await
+        .unwrap();
+    let asked = browser
+        .wait_for(
+            "the token asked for",
+            &format!("{0}.dataset.state === 'error' && {0}.textContent", js("provider-status")),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert!(asked.as_str().unwrap().contains("needs its token"), "{asked}");
+    assert_eq!(
+        browser
+            .eval(&format!("!{}.hidden && !{}.hidden", js("provider-form"), js("api-token-row")))
+            .await
+            .unwrap(),
+        true,
+        "the token field is shown"
+    );
+    assert!(node.node.keys.lock().unwrap().is_empty(), "the node never saw the key");
+    browser
+        .eval(&format!(
+            "{}.value = 'page-token'; {}.click()",
+            js("api-token"),
+            js("provider-enable")
+        ))
+        .await
+        .unwrap();
+    let status = browser
+        .wait_for(
+            "provider mode on",
+            &format!(
+                "{0}.dataset.enabled === 'true' && {0}.dataset.state === 'idle' && {0}.textContent",
+                js("provider-status")
+            ),
+            WAIT,
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, "Provider mode is on.");
+    assert_eq!(node.node.keys.lock().unwrap().as_slice(), ["good-key"]);
+    browser.close().await.unwrap();
+    api.shutdown(Duration::from_secs(2)).await;
+}

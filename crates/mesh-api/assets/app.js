@@ -264,7 +264,8 @@ function renderProvider() {
   status.dataset.enabled = String(p.enabled);
   const toggle = $("provider-toggle");
   if (document.activeElement !== toggle || p.enabled) toggle.checked = p.enabled;
-  $("provider-form").hidden = !toggle.checked || p.enabled;
+  // Kept open while the API's token is asked for (askForToken), whatever else arrives.
+  $("provider-form").hidden = !state.askingToken && (!toggle.checked || p.enabled);
   if (status.dataset.state !== "error" && status.dataset.state !== "busy") {
     showProviderStatus(p.enabled ? "Provider mode is on." : "Provider mode is off." + (p.reason ? " (" + p.reason + ")" : ""), "idle");
   }
@@ -293,7 +294,23 @@ async function providerCall(path, body) {
   let answer = null;
   try { answer = await response.json(); } catch (e) { /* not JSON */ }
   if (response.ok && answer && answer.success) return { ok: true, data: answer.data };
-  return { ok: false, error: (answer && answer.error) || "HTTP " + response.status };
+  const error = (answer && answer.error) || "HTTP " + response.status;
+  // 401 from the token check (mesh-api, or the nginx site in front of it), not Birdeye's
+  // "Invalid API key": ask for the API's token.
+  if (response.status === 401 && /MESH_API_TOKEN|bearer token/i.test(error)) {
+    return { ok: false, needsToken: true, error };
+  }
+  return { ok: false, error };
+}
+
+// Shows the form with the token field focused after a 401 of the token check.
+function askForToken(error) {
+  state.askingToken = true;
+  $("provider-form").hidden = false;
+  $("api-token-row").hidden = false;
+  $("api-token").focus();
+  showProviderStatus("This API needs its token (MESH_API_TOKEN): enter it and try again. (" +
+    error + ")", "error");
 }
 
 async function enableProvider(event) {
@@ -310,8 +327,11 @@ async function enableProvider(event) {
   button.disabled = false;
   if (result.ok) {
     $("api-key").value = "";
+    state.askingToken = false;
     state.provider = result.data;
     showProviderStatus("Provider mode is on.", "idle");
+  } else if (result.needsToken) {
+    askForToken(result.error);
   } else {
     showProviderStatus(result.error, "error");
   }
@@ -334,8 +354,12 @@ async function toggleProvider() {
   showProviderStatus("Turning provider mode off…", "busy");
   const result = await providerCall("/api/mesh/provider/disable", {});
   if (result.ok) {
+    state.askingToken = false;
     state.provider = result.data;
     showProviderStatus("Provider mode is off.", "idle");
+  } else if (result.needsToken) {
+    toggle.checked = true;
+    askForToken(result.error);
   } else {
     toggle.checked = true;
     showProviderStatus(result.error, "error");
