@@ -36,16 +36,22 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// nginx serving the shipped site on `127.0.0.1:<port>` (HTTPS) in front of `upstream`; killed
-/// on drop.
+/// nginx serving the shipped site on `127.0.0.1:<port>` in front of `upstream`, over HTTPS, or
+/// with `tls` false over plain HTTP (the same server block without `ssl` on its listen line:
+/// this test's WebSocket client has no TLS); killed on drop.
 struct Proxy {
     child: Child,
     port: u16,
+    tls: bool,
     _dir: tempfile::TempDir,
 }
 
 impl Proxy {
     fn start(upstream: std::net::SocketAddr) -> Proxy {
+        Proxy::start_with(upstream, true)
+    }
+
+    fn start_with(upstream: std::net::SocketAddr, tls: bool) -> Proxy {
         let dir = tempfile::tempdir().unwrap();
         let d = dir.path();
         std::fs::create_dir_all(d.join("logs")).unwrap();
@@ -66,7 +72,10 @@ impl Proxy {
         .unwrap();
         let replacements = [
             ("server 127.0.0.1:8080;", format!("server {upstream};")),
-            ("listen 443 ssl http2;", format!("listen 127.0.0.1:{port} ssl;")),
+            (
+                "listen 443 ssl http2;",
+                format!("listen 127.0.0.1:{port}{};", if tls { " ssl" } else { "" }),
+            ),
             ("listen [::]:443 ssl http2;", String::new()),
             ("listen 80;", format!("listen 127.0.0.1:{plain};")),
             ("listen [::]:80;", String::new()),
@@ -101,11 +110,11 @@ impl Proxy {
             .stdout(Stdio::null())
             .spawn()
             .expect("nginx starts");
-        Proxy { child, port, _dir: dir }
+        Proxy { child, port, tls, _dir: dir }
     }
 
     fn base(&self) -> String {
-        format!("https://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", if self.tls { "https" } else { "http" }, self.port)
     }
 }
 
@@ -220,6 +229,29 @@ async fn with_a_token_only_the_right_one_passes_the_proxy() {
     // A token binds the box itself too.
     let direct = format!("http://{}/api/mesh/provider/enable", api.local_addr());
     assert_eq!(post(&direct, None).await.0, 401);
+    drop(proxy);
+    api.shutdown(Duration::from_secs(2)).await;
+}
+
+/// The WebSocket passes through the site's `/api/mesh/ws` location (upgrade headers on, the
+/// forwarding headers repeated): the first event is the snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_websocket_passes_through_the_proxy() {
+    use futures::StreamExt;
+    let node =
+        NodeSocket::start(FakeNode::new(vec![price("solana", "SOL", "150.5")])).await.unwrap();
+    let api = start_api(node.path(), |_| {}).await.unwrap();
+    let proxy = Proxy::start_with(api.local_addr(), false);
+    let via = proxy.base();
+    wait_ready(&via).await;
+    let url = format!("ws://127.0.0.1:{}/api/mesh/ws", proxy.port);
+    let (mut ws, response) = tokio_tungstenite::connect_async(url.as_str()).await.unwrap();
+    assert_eq!(response.status().as_u16(), 101);
+    let first = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+    let message = first.expect("an event within 10 s").expect("the socket is open").unwrap();
+    let text = message.into_text().unwrap();
+    assert!(text.contains("snapshot") && text.contains("150.5"), "{text}");
+    drop(ws);
     drop(proxy);
     api.shutdown(Duration::from_secs(2)).await;
 }
