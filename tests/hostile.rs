@@ -875,7 +875,11 @@ async fn one_address_cannot_exhaust_a_nodes_connections() -> anyhow::Result<()> 
         .topology(Topology::Custom(vec![(0, 1), (0, 2), (3, 0)]))
         .configure(|i, c| {
             if i == 0 {
-                c.peers.max_peers = 8;
+                // Room for the five honest links and the few sybils the per-IP cap lets in:
+                // at 8, a slow run let the peer manager prune the fresh outbound link to node 5
+                // (above the maximum) before the check saw it. What is pruned above the maximum
+                // is not this test's subject; the connection limits are.
+                c.peers.max_peers = 12;
                 c.inbound.limit_loopback = true;
                 c.inbound.max_pending_per_subnet = 1_000;
                 c.inbound.max_per_subnet = 1_000;
