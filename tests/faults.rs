@@ -535,7 +535,11 @@ async fn a_provider_killed_with_sigkill_and_restarted() -> anyhow::Result<()> {
     let ids: Vec<NodeId> = providers.iter().map(|p| p.node_id).collect();
     let watched = consumers(&mesh);
     let mut rounds = Rounds::default();
-    eventually(WAIT, "the consumers know both providers and hold prices", || {
+    // A provider is active once it has delivered, and the two take turns at random: one may
+    // wait several rounds for its first turn (within 6 rounds, one in 32 runs would not get
+    // one). 20 rounds make that one in half a million.
+    let first_turns = Duration::from_secs(INTERVAL * 20);
+    eventually(first_turns, "the consumers know both providers and hold prices", || {
         watched.iter().all(|&i| {
             let node = mesh.node(i).unwrap();
             let active = node.network_status().active_providers;
