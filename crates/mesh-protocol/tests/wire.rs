@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used)] // test data generators
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use mesh_protocol::{
@@ -17,10 +18,23 @@ struct CountingAlloc;
 
 static LARGEST: AtomicUsize = AtomicUsize::new(0);
 
+thread_local! {
+    /// Set on the thread whose allocations are measured: the other tests of this binary run
+    /// on other threads at the same time, and their allocations must not count.
+    static TRACKING: Cell<bool> = const { Cell::new(false) };
+}
+
+fn record(size: usize) {
+    // `try_with`: the thread-local may be gone while a thread exits.
+    if TRACKING.try_with(Cell::get).unwrap_or(false) {
+        LARGEST.fetch_max(size, Ordering::Relaxed);
+    }
+}
+
 // SAFETY: forwards every call unchanged to the system allocator; only records sizes.
 unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LARGEST.fetch_max(layout.size(), Ordering::Relaxed);
+        record(layout.size());
         // SAFETY: same contract as our caller's.
         unsafe { System.alloc(layout) }
     }
@@ -29,7 +43,7 @@ unsafe impl GlobalAlloc for CountingAlloc {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LARGEST.fetch_max(new_size, Ordering::Relaxed);
+        record(new_size);
         // SAFETY: same contract as our caller's.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -211,10 +225,13 @@ fn forged_length_prefixes_are_rejected_without_large_allocations() {
     assert_eq!(real.last(), Some(&0), "empty prices vector length");
 
     LARGEST.store(0, Ordering::Relaxed);
+    TRACKING.with(|t| t.set(true));
+    let mut refused = true;
     for f in &frames {
-        assert!(codec::decode_envelope(f).is_err());
-        assert!(codec::decode_body(f).is_err());
+        refused &= codec::decode_envelope(f).is_err() && codec::decode_body(f).is_err();
     }
+    TRACKING.with(|t| t.set(false));
+    assert!(refused, "a forged frame was decoded");
     let largest = LARGEST.load(Ordering::Relaxed);
     assert!(largest <= MAX_FRAME_LEN, "an allocation of {largest} bytes was attempted");
 }
