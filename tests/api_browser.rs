@@ -23,6 +23,23 @@ fn js(id: &str) -> String {
     format!("document.getElementById({id:?})")
 }
 
+/// Waits until the page shows provider mode on and settled, and returns the status line. The
+/// node's provider event may come over the WebSocket before the POST's answer: the wait covers
+/// both.
+async fn provider_mode_on(browser: &mut Browser) -> serde_json::Value {
+    browser
+        .wait_for(
+            "provider mode on",
+            &format!(
+                "{0}.dataset.enabled === 'true' && {0}.dataset.state === 'idle' && {0}.textContent",
+                js("provider-status")
+            ),
+            WAIT,
+        )
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_page_shows_live_prices_and_switches_provider_mode_on() {
     let node = NodeSocket::start(FakeNode::new(vec![
@@ -191,19 +208,7 @@ async fn the_page_shows_live_prices_and_switches_provider_mode_on() {
         .eval(&format!("{}.value = 'good-key'; {}.click()", js("api-key"), js("provider-enable")))
         .await
         .unwrap();
-    let status = browser
-        .wait_for(
-            "provider mode on",
-            // The node's provider event may come over the WebSocket before the POST's
-            // answer: wait until the page has settled on both.
-            &format!(
-                "{0}.dataset.enabled === 'true' && {0}.dataset.state === 'idle' && {0}.textContent",
-                js("provider-status")
-            ),
-            WAIT,
-        )
-        .await
-        .unwrap();
+    let status = provider_mode_on(&mut browser).await;
     assert_eq!(status, "Provider mode is on.");
     assert_eq!(node.node.keys.lock().unwrap().as_slice(), [BAD_KEY, "good-key"]);
     let api_status: Value = reqwest::get(format!("{base}/api/mesh/provider/status"))
@@ -303,17 +308,7 @@ async fn the_page_asks_for_the_api_token_when_the_api_needs_one() {
         ))
         .await
         .unwrap();
-    let status = browser
-        .wait_for(
-            "provider mode on",
-            &format!(
-                "{0}.dataset.enabled === 'true' && {0}.dataset.state === 'idle' && {0}.textContent",
-                js("provider-status")
-            ),
-            WAIT,
-        )
-        .await
-        .unwrap();
+    let status = provider_mode_on(&mut browser).await;
     assert_eq!(status, "Provider mode is on.");
     assert_eq!(node.node.keys.lock().unwrap().as_slice(), ["good-key"]);
     browser.close().await.unwrap();
