@@ -23,7 +23,7 @@ use mesh_service::Node;
 use mesh_testkit::{LocalMesh, eventually, now_ms};
 use mesh_tests::api::start_api;
 use mesh_tests::reliability::{ApiPoller, ms, pick, report};
-use mesh_tests::{PgCluster, RedisServer};
+use mesh_tests::{PgCluster, RedisServer, mesh_node_bin};
 use serde_json::json;
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
 use tokio::time::Instant;
@@ -395,27 +395,6 @@ async fn postgres_stopped_then_restored() -> anyhow::Result<()> {
     availability.assert_always_ok(outage.as_secs() * 5)?;
     api.shutdown(Duration::from_secs(5)).await;
     mesh.shutdown().await
-}
-
-/// The `mesh-node` binary: `MESH_NODE_BIN`, or the one cargo built next to this test
-/// (`cargo test --workspace`, the README's test command, builds it for its own tests).
-fn mesh_node_bin() -> anyhow::Result<PathBuf> {
-    if let Ok(bin) = std::env::var("MESH_NODE_BIN") {
-        return Ok(bin.into());
-    }
-    let exe = std::env::current_exe()?;
-    let bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("mesh-node"))
-        .ok_or_else(|| anyhow::anyhow!("no target directory above {}", exe.display()))?;
-    anyhow::ensure!(
-        bin.exists(),
-        "{} is missing: run `cargo build -p mesh-node` (or the whole workspace's tests), or set \
-         MESH_NODE_BIN",
-        bin.display()
-    );
-    Ok(bin)
 }
 
 /// A provider process of the test, killed (SIGKILL) when dropped.

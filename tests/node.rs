@@ -295,3 +295,108 @@ async fn a_provider_sixty_seconds_ahead_sends_nothing_and_is_never_served() -> a
     }
     mesh.shutdown().await
 }
+
+/// What a process of user `uid` (group `gid`, no other group) gets from the node socket at
+/// `socket`: the answer to one request, or `CONNECT_ERROR: ...`. The client is `perl`, run
+/// under that user and group by `setpriv` (perl-base and util-linux are part of every Debian
+/// system).
+fn socket_answer_as(uid: u32, gid: u32, socket: &std::path::Path) -> anyhow::Result<String> {
+    const CLIENT: &str = r#"
+        use IO::Socket::UNIX;
+        $SIG{PIPE} = 'IGNORE'; # a refused client's request may meet a closed socket
+        my $s = IO::Socket::UNIX->new(Type => SOCK_STREAM(), Peer => $ARGV[0])
+            or do { print "CONNECT_ERROR: $!"; exit 0 };
+        my $body = '{"type":"get_network_status"}';
+        print $s pack("N", length $body) . $body;
+        my $len; read($s, $len, 4) == 4 or do { print "CLOSED"; exit 0 };
+        my $answer; read($s, $answer, unpack("N", $len));
+        print $answer;
+    "#;
+    let out = std::process::Command::new("setpriv")
+        .arg(format!("--reuid={uid}"))
+        .arg(format!("--regid={gid}"))
+        .arg("--clear-groups")
+        .args(["perl", "-e", CLIENT])
+        .arg(socket)
+        .current_dir("/")
+        .output()?;
+    anyhow::ensure!(out.status.success(), "perl failed: {out:?}");
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The node socket lets in the node's own user, root and the members of
+/// `MESH_NODE_SOCKET_GROUP`, and nobody else, even when its file and directory modes were
+/// loosened: a real `mesh-node`, clients of other users, the refusals counted in the node's
+/// metrics and logged once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_socket_refuses_other_users_and_counts_it() -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: running clients as other users needs root (CI runs as root)");
+        return Ok(());
+    }
+    // 65534 is nobody/nogroup: the configured group. 65533 is a user of no group we name.
+    let (member, stranger) = (65534u32, 65533u32);
+    let dir = tempfile::tempdir()?;
+    // Others may walk through the test's directory; the socket's own directory is the node's.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))?;
+    let socket = dir.path().join("run/node.sock");
+    let metrics_port = mesh_tests::free_port()?;
+    let mut node = std::process::Command::new(mesh_tests::mesh_node_bin()?)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("MESH_DATA_DIR", dir.path().join("data"))
+        .env("MESH_LOG_DIR", dir.path().join("logs"))
+        .env("MESH_NODE_SOCKET", &socket)
+        .env("MESH_NODE_SOCKET_GROUP", member.to_string())
+        .env("MESH_LISTEN_ADDRS", "/ip4/127.0.0.1/tcp/0")
+        .env("MESH_MDNS_ENABLED", "false")
+        .env("MESH_METRICS_LISTEN", format!("127.0.0.1:{metrics_port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let result = async {
+        eventually(WAIT, "the node socket", || socket.exists()).await?;
+        let run = socket.parent().unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).map(|m| (m.mode() & 0o777, m.gid()));
+        assert_eq!(mode(run)?, (0o750, member), "the socket's directory");
+        assert_eq!(mode(&socket)?, (0o660, member), "the socket");
+
+        // A member of the group is served; root (this test) too.
+        let answer = socket_answer_as(member, member, &socket)?;
+        assert!(answer.contains("connected_peers"), "the group's member: {answer}");
+        assert!(mesh_ipc::Client::new(&socket).network_status().await.is_ok(), "root");
+        // Anyone else cannot even reach the file.
+        let answer = socket_answer_as(stranger, stranger, &socket)?;
+        assert!(answer.contains("CONNECT_ERROR"), "a stranger with the modes as set: {answer}");
+
+        // An operator loosens both modes: the credential check still refuses, twice.
+        std::fs::set_permissions(run, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))?;
+        for _ in 0..2 {
+            let answer = socket_answer_as(stranger, stranger, &socket)?;
+            assert!(
+                answer.contains("permission_denied") && answer.contains("refused user id 65533"),
+                "a stranger with the modes loosened: {answer}"
+            );
+        }
+        let url = format!("http://127.0.0.1:{metrics_port}/metrics");
+        let refused = r#"mesh_ipc_connections_refused_total{reason="peer_credentials"} 2"#;
+        eventually_async(WAIT, "both refusals counted", || async {
+            let text = match reqwest::get(&url).await {
+                Ok(r) => r.text().await.unwrap_or_default(),
+                Err(_) => String::new(),
+            };
+            text.lines().any(|l| l == refused)
+        })
+        .await?;
+        let log = std::fs::read_to_string(dir.path().join("logs/app.log"))?;
+        let lines = log.lines().filter(|l| l.contains("refused user id 65533")).count();
+        assert_eq!(lines, 1, "one log line for the two refusals of one user:\n{log}");
+        anyhow::Ok(())
+    }
+    .await;
+    let _ = node.kill();
+    let _ = node.wait();
+    result
+}

@@ -18,7 +18,7 @@ use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
 
 pub use eventually::eventually;
 pub use logs::LogCapture;
-pub use processes::{PgCluster, RedisServer, delete_redis_prefix, free_port};
+pub use processes::{PgCluster, RedisServer, delete_redis_prefix, free_port, mesh_node_bin};
 
 /// `/ip4/127.0.0.1/tcp/<port>/p2p/<peer>` of a relay listening on 127.0.0.1 over TCP.
 pub async fn tcp_addr(relay: &mesh_relay::Relay) -> anyhow::Result<mesh_relay::Multiaddr> {

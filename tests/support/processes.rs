@@ -249,3 +249,24 @@ pub async fn delete_redis_prefix(url: &str, prefix: &str) -> anyhow::Result<u64>
         cursor = next;
     }
 }
+
+/// The `mesh-node` binary: `MESH_NODE_BIN`, or the one cargo built next to this test
+/// (`cargo test --workspace`, the README's test command, builds it for its own tests).
+pub fn mesh_node_bin() -> anyhow::Result<PathBuf> {
+    if let Ok(bin) = std::env::var("MESH_NODE_BIN") {
+        return Ok(bin.into());
+    }
+    let exe = std::env::current_exe()?;
+    let bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("mesh-node"))
+        .ok_or_else(|| anyhow::anyhow!("no target directory above {}", exe.display()))?;
+    anyhow::ensure!(
+        bin.exists(),
+        "{} is missing: run `cargo build -p mesh-node` (or the whole workspace's tests), or set \
+         MESH_NODE_BIN",
+        bin.display()
+    );
+    Ok(bin)
+}

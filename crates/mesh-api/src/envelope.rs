@@ -77,6 +77,8 @@ impl ApiError {
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            // The node refused mesh-api itself (socket credentials): the API cannot serve.
+            ErrorKind::PermissionDenied => StatusCode::SERVICE_UNAVAILABLE,
         };
         // The guide's troubleshooting section greps for this exact text.
         let message = match kind {
@@ -148,6 +150,7 @@ mod tests {
             (ErrorKind::NotFound, 404),
             (ErrorKind::Unavailable, 503),
             (ErrorKind::Internal, 500),
+            (ErrorKind::PermissionDenied, 503),
         ];
         for (kind, status) in cases {
             assert_eq!(ApiError::from_remote(kind, "x".into()).status.as_u16(), status);

@@ -144,12 +144,21 @@ impl Subscription {
     /// in parts is returned whole, as one [`Event::Snapshot`].
     pub async fn next(&mut self) -> Result<Option<Event>> {
         loop {
-            let Some(event) = frame::read::<Event, _>(&mut self.stream, MAX_RESPONSE_LEN).await?
-            else {
+            let Some(body) = frame::read_body(&mut self.stream, MAX_RESPONSE_LEN).await? else {
                 if self.parts.is_empty() {
                     return Ok(None);
                 }
                 return Err(Error::Malformed("the stream ended inside a snapshot".into()));
+            };
+            let event = match frame::decode::<Event>(&body) {
+                Ok(event) => event,
+                // The node refused the subscription (for example this process's user).
+                Err(e) => match frame::decode::<Response>(&body) {
+                    Ok(Response::Error { kind, message }) => {
+                        return Err(Error::Remote { kind, message });
+                    }
+                    _ => return Err(e),
+                },
             };
             match event {
                 Event::SnapshotPart(part) => join(&mut self.parts, part)?,

@@ -46,6 +46,17 @@ pub async fn read<T: DeserializeOwned, R: AsyncRead + Unpin>(
     reader: &mut R,
     max_len: usize,
 ) -> Result<Option<T>, Error> {
+    match read_body(reader, max_len).await? {
+        Some(body) => decode(&body).map(Some),
+        None => Ok(None),
+    }
+}
+
+/// Reads one frame's body, undecoded; `Ok(None)` at a clean end of stream.
+pub async fn read_body<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    max_len: usize,
+) -> Result<Option<Vec<u8>>, Error> {
     let mut len = [0u8; 4];
     match reader.read_exact(&mut len).await {
         Ok(_) => {}
@@ -58,7 +69,12 @@ pub async fn read<T: DeserializeOwned, R: AsyncRead + Unpin>(
     }
     let mut buf = vec![0u8; len];
     reader.read_exact(&mut buf).await?;
-    serde_json::from_slice(&buf).map(Some).map_err(|e| Error::Malformed(e.to_string()))
+    Ok(Some(buf))
+}
+
+/// Decodes a frame's body.
+pub fn decode<T: DeserializeOwned>(body: &[u8]) -> Result<T, Error> {
+    serde_json::from_slice(body).map_err(|e| Error::Malformed(e.to_string()))
 }
 
 /// Encodes and writes one frame, then flushes.

@@ -1,6 +1,10 @@
 //! The local protocol between `mesh-node` and `mesh-api` (ARCHITECTURE section 10): a Unix
 //! socket (`MESH_NODE_SOCKET`, mode 0660) carrying length-prefixed JSON frames.
 //!
+//! Only the node's own user, root and members of `MESH_NODE_SOCKET_GROUP` may use the socket:
+//! the server checks every connecting process's credentials (`SO_PEERCRED`, see [`access`]),
+//! and makes the socket's directory closed to other users.
+//!
 //! - [`types`]: requests (prices, network status, provider status, enable and disable provider
 //!   mode, subscribe), responses and events. Their JSON is also what the HTTP API returns.
 //! - [`Server`] runs in the node and answers through a [`Handler`]; subscribers get a snapshot,
@@ -30,11 +34,13 @@
 
 use std::path::PathBuf;
 
+pub mod access;
 pub mod client;
 pub mod frame;
 pub mod server;
 pub mod types;
 
+pub use access::resolve_group;
 pub use client::{Client, Subscription};
 pub use server::{Handler, Server, ServerConfig};
 pub use types::{
@@ -84,6 +90,9 @@ pub enum Error {
     /// No answer in time.
     #[error("the node did not answer in time")]
     Timeout,
+    /// A setting of the socket is wrong (`MESH_NODE_SOCKET_GROUP`).
+    #[error("{0}")]
+    Config(String),
     /// The node answered with an error.
     #[error("{message}")]
     Remote {

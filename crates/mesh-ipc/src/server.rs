@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::access::{self, Access, Peer};
 use crate::frame::{self, MAX_REQUEST_LEN, PART_PRICES};
 use crate::types::{ErrorKind, Event, PriceView, Request, Response, Snapshot};
 use crate::{Error, Result};
@@ -38,6 +39,10 @@ pub struct ServerConfig {
     pub path: PathBuf,
     /// Permission bits of the socket file: owner and group may connect.
     pub mode: u32,
+    /// A group whose members may connect besides the node's own user and root
+    /// (`MESH_NODE_SOCKET_GROUP`, resolved with [`crate::resolve_group`]); the socket file and
+    /// a directory the server creates belong to it.
+    pub group: Option<u32>,
     /// Most connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
     /// A subscriber that does not take an event within this time is dropped.
@@ -54,6 +59,7 @@ impl ServerConfig {
         Self {
             path: path.into(),
             mode: 0o660,
+            group: None,
             max_connections: 256,
             write_timeout: Duration::from_secs(10),
             request_timeout: Duration::from_secs(10),
@@ -66,16 +72,18 @@ impl ServerConfig {
 pub struct Server {
     listener: UnixListener,
     config: ServerConfig,
+    access: Access,
 }
 
 impl Server {
-    /// Binds the socket: creates the parent directory, removes a stale socket file left by a
-    /// process that is gone (refuses when another process still answers on it), and sets the
-    /// file's mode.
+    /// Binds the socket: creates the parent directory closed to other users (or closes an
+    /// open one of ours, see [`crate::access`]), removes a stale socket file left by a process
+    /// that is gone (refuses when another process still answers on it), and sets the file's
+    /// mode and group.
     pub async fn bind(config: ServerConfig) -> Result<Self> {
         let path = &config.path;
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
+            access::prepare_dir(parent, config.group)
                 .map_err(|e| Error::Socket { path: path.clone(), source: e })?;
         }
         if path.exists() {
@@ -88,8 +96,13 @@ impl Server {
         let listener = UnixListener::bind(path)
             .map_err(|e| Error::Socket { path: path.clone(), source: e })?;
         set_mode(path, config.mode)?;
-        info!(socket = %path.display(), "IPC socket listening");
-        Ok(Self { listener, config })
+        if let Some(group) = config.group {
+            std::os::unix::fs::chown(path, None, Some(group))
+                .map_err(|e| Error::Socket { path: path.clone(), source: e })?;
+        }
+        info!(socket = %path.display(), group = ?config.group, "IPC socket listening");
+        let access = Access::new(config.group);
+        Ok(Self { listener, config, access })
     }
 
     /// The socket path.
@@ -103,6 +116,7 @@ impl Server {
         let tracker = TaskTracker::new();
         let permits = Arc::new(Semaphore::new(self.config.max_connections.max(1)));
         let config = Arc::new(self.config);
+        let access = self.access;
         let mut next_id = 0u64;
         loop {
             let permit = tokio::select! {
@@ -117,7 +131,24 @@ impl Server {
                 a = self.listener.accept() => a,
             };
             match accepted {
-                Ok((stream, _)) => {
+                Ok((mut stream, _)) => {
+                    if let Some(peer) = refused(&access, &stream) {
+                        access.count_refusal(&peer);
+                        let answer = Response::Error {
+                            kind: ErrorKind::PermissionDenied,
+                            message: access.refusal(&peer),
+                        };
+                        // One frame, bounded in time, on a task of its own: the accept loop
+                        // never waits for a refused process.
+                        let timeout = config.write_timeout;
+                        tracker.spawn(async move {
+                            let _ =
+                                tokio::time::timeout(timeout, frame::write(&mut stream, &answer))
+                                    .await;
+                            drop(permit);
+                        });
+                        continue;
+                    }
                     next_id += 1;
                     let connection = Connection {
                         handler: handler.clone(),
@@ -142,6 +173,20 @@ impl Server {
         tracker.wait().await;
         let _ = std::fs::remove_file(&config.path);
     }
+}
+
+/// The connecting process's credentials when the rule refuses them; `None` when it may
+/// connect. A connection whose credentials cannot be read is refused (as the user id the
+/// kernel would never give: `u32::MAX`).
+fn refused(access: &Access, stream: &UnixStream) -> Option<Peer> {
+    let peer = match stream.peer_cred() {
+        Ok(c) => Peer { uid: c.uid(), gid: c.gid(), pid: c.pid() },
+        Err(e) => {
+            debug!(error = %e, "no peer credentials on a node socket connection");
+            Peer { uid: u32::MAX, gid: u32::MAX, pid: None }
+        }
+    };
+    (!access.allows(&peer)).then_some(peer)
 }
 
 #[cfg(unix)]

@@ -241,6 +241,9 @@ pub enum ErrorKind {
     Unavailable,
     /// Anything else (HTTP 500).
     Internal,
+    /// This process may not use the node's socket (its user is not the node's, root, or in
+    /// `MESH_NODE_SOCKET_GROUP`).
+    PermissionDenied,
 }
 
 /// The node's answer to a [`Request`].

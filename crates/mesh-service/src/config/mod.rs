@@ -55,6 +55,8 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// `MESH_NODE_SOCKET`.
     pub socket: PathBuf,
+    /// `MESH_NODE_SOCKET_GROUP`, resolved to a group id (`None`: unset).
+    pub socket_group: Option<u32>,
     /// `MESH_LOG_DIR`.
     pub log_dir: PathBuf,
     /// `MESH_LOG_LEVEL`.
@@ -279,6 +281,16 @@ impl NodeConfig {
             Some(s) => PathBuf::from(s),
             None => data_dir.join("node.sock"),
         };
+        let socket_group = match r.raw("MESH_NODE_SOCKET_GROUP").filter(|g| !g.trim().is_empty()) {
+            None => None,
+            Some(name) => match mesh_ipc::resolve_group(name.trim()) {
+                Ok(gid) => Some(gid),
+                Err(e) => {
+                    r.problems.push(Problem(e.to_string()));
+                    None
+                }
+            },
+        };
         let level = r.text("MESH_LOG_LEVEL");
         if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
             r.problems
@@ -288,6 +300,7 @@ impl NodeConfig {
             provider,
             provider_mode,
             socket,
+            socket_group,
             log_dir: PathBuf::from(r.text("MESH_LOG_DIR")),
             log_level: level,
             metrics_listen,
@@ -408,6 +421,9 @@ impl NodeConfig {
                 "MESH_ALLOW_PRIVATE_ADDRS" => self.discovery.addr_filter.allow_private.to_string(),
                 "MESH_DATA_DIR" => self.data_dir.display().to_string(),
                 "MESH_NODE_SOCKET" => self.socket.display().to_string(),
+                "MESH_NODE_SOCKET_GROUP" => {
+                    self.socket_group.map(|g| g.to_string()).unwrap_or_default()
+                }
                 "MESH_LOG_DIR" => self.log_dir.display().to_string(),
                 "MESH_LOG_LEVEL" => self.log_level.clone(),
                 "MESH_METRICS_LISTEN" => {

@@ -121,6 +121,12 @@ pub const VARIABLES: &[Variable] = &[
     ),
     var("MESH_DATA_DIR", "data", "path", "node key, provider key, SQLite file"),
     var("MESH_NODE_SOCKET", "data/node.sock", "path", "Unix socket for mesh-api"),
+    var(
+        "MESH_NODE_SOCKET_GROUP",
+        "",
+        "group name or id",
+        "besides the node's own user and root, members of this group may use the node socket",
+    ),
     var("MESH_LOG_DIR", "logs", "path", "directory of app.log"),
     var(
         "MESH_LOG_LEVEL",

@@ -16,6 +16,7 @@ mod tasks;
 pub use shared::{Shared, provider_view};
 use tasks::{run_announce, run_discovery, run_expiry, run_provider_events, run_state, run_status};
 
+use std::os::unix::fs::DirBuilderExt;
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -142,9 +143,10 @@ impl Node {
         let cancel = options.cancel.clone();
         let tasks = TaskTracker::new();
         let failure = Arc::new(Mutex::new(None));
-        std::fs::create_dir_all(&config.data_dir).map_err(|e| {
-            crate::persistence::Error::DataDir { path: config.data_dir.clone(), source: e }
-        })?;
+        // Closed to other users: it holds the node's key (and, by default, its socket).
+        std::fs::DirBuilder::new().recursive(true).mode(0o750).create(&config.data_dir).map_err(
+            |e| crate::persistence::Error::DataDir { path: config.data_dir.clone(), source: e },
+        )?;
         let identity = Identity::load_or_create(&config.node_key_path())?;
         let node_id = identity.node_id();
         info!(%node_id, peer_id = %identity.peer_id(), "node identity");
@@ -238,17 +240,25 @@ impl Node {
         // Provider mode: the command line, or what the API left on before a restart.
         let stored = shared.keys.load().map_err(Error::KeyStore)?;
         let resume = match (&shared.config.provider.api_key, stored) {
-            (Some(key), _) if shared.config.provider_mode => Some(key.clone()),
-            (_, Some(stored)) => Some(stored),
+            (Some(key), _) if shared.config.provider_mode => Some((key.clone(), false)),
+            (_, Some(stored)) => Some((stored, true)),
             _ => None,
         };
-        if let Some(key) = resume {
+        if let Some((key, from_store)) = resume {
             if provider.resume(key).await? {
                 shared.provider_became(true).await;
                 info!("provider mode on");
-            } else if let Err(e) = shared.keys.clear() {
-                // Refused by Birdeye (the status says why): not tried again at the next start.
-                warn!(error = %e, "stored provider key could not be removed");
+            } else if from_store {
+                // Refused by Birdeye (the status says why): set aside, not tried again at the
+                // next start, not lost.
+                match shared.keys.quarantine() {
+                    Ok(Some(path)) => warn!(
+                        key_file = %path.display(),
+                        "the stored provider key was set aside; enable provider mode with a valid key"
+                    ),
+                    Ok(None) => {}
+                    Err(e) => warn!(error = %e, "the stored provider key could not be set aside"),
+                }
             }
         }
 
@@ -322,8 +332,11 @@ impl Node {
             spawn_guarded(&tasks, &cancel, &failure, "retention", task);
         }
 
-        let server =
-            mesh_ipc::Server::bind(mesh_ipc::ServerConfig::new(&shared.config.socket)).await?;
+        let server = mesh_ipc::Server::bind(mesh_ipc::ServerConfig {
+            group: shared.config.socket_group,
+            ..mesh_ipc::ServerConfig::new(&shared.config.socket)
+        })
+        .await?;
         let socket = server.path().to_path_buf();
         let ipc_cancel = cancel.child_token();
         let handler: Arc<dyn mesh_ipc::Handler> = shared.clone();
