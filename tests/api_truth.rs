@@ -472,3 +472,40 @@ async fn an_enable_answer_never_overwrites_a_newer_provider_event() {
     assert_eq!(shown["data"]["revision"], 7, "{shown}");
     assert_eq!(shown["data"]["enabled"], false, "{shown}");
 }
+
+/// A stored key Birdeye refuses in a round (a 401) is set aside, not deleted and not used
+/// again: `provider.key` moves to `provider.key.rejected`, the API says why provider mode is
+/// off, and after a restart provider mode stays off with the key still there for the operator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_key_birdeye_refuses_is_set_aside_not_lost() {
+    let mut mesh = LocalMesh::builder().providers(0).consumers(1).rounds(2, 1).start().await.unwrap();
+    let api = start_api(mesh.running(0).unwrap().socket(), |_| {}).await.unwrap();
+    let base = format!("http://{}", api.local_addr());
+    let (status, body) = post_enable(&base, DEMO_API_KEY).await;
+    assert_eq!(status, 200, "{body}");
+    let data_dir = std::path::PathBuf::from(&mesh.overrides(0)["MESH_DATA_DIR"]);
+    let (stored, aside) = (data_dir.join("provider.key"), data_dir.join("provider.key.rejected"));
+    assert!(stored.exists());
+
+    mesh.simulators()[0].set_failing_key(DEMO_API_KEY, Some(birdeye_sim::Failure::status(401)));
+    eventually("the API says provider mode stopped", Duration::from_secs(20), async || {
+        try_get(&format!("{base}/api/mesh/provider/status")).await.is_some_and(|b| {
+            b["data"]["enabled"] == false && b["data"]["reason"] == "Invalid API key"
+        })
+    })
+    .await
+    .unwrap();
+    eventually("the key is set aside", Duration::from_secs(10), async || !stored.exists())
+        .await
+        .unwrap();
+    assert_eq!(std::fs::read_to_string(&aside).unwrap(), DEMO_API_KEY);
+
+    // Birdeye would take it again: it is not tried by itself after a restart.
+    mesh.simulators()[0].set_failing_key(DEMO_API_KEY, None);
+    mesh.stop(0).await.unwrap();
+    mesh.restart(0).await.unwrap();
+    assert!(!mesh.running(0).unwrap().shared().provider_status().enabled);
+    assert!(aside.exists() && !stored.exists());
+    drop(api);
+    mesh.shutdown().await.unwrap();
+}

@@ -194,6 +194,43 @@ async fn a_refused_key_keeps_or_takes_provider_mode_off_with_a_reason() {
     node.provider.shutdown().await;
 }
 
+/// A key Birdeye revokes while provider mode runs (401 in a round): provider mode stops with
+/// the reason, Birdeye is asked no more, and the refusal is counted for the alert
+/// (`mesh_provider_key_rejections_total`, `mesh_provider_key_rejected`).
+#[tokio::test]
+async fn a_key_revoked_while_rounds_run_stops_provider_mode_and_is_counted() {
+    let metrics = metrics();
+    let rejections = || {
+        metrics
+            .render()
+            .lines()
+            .find(|l| l.starts_with(r#"mesh_provider_key_rejections_total{status="401"}"#))
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = rejections();
+    let sim = Simulator::builder().keys([KEY]).spawn("127.0.0.1:0").await.unwrap();
+    let mut node = node(settings(&sim, Duration::from_secs(1), Duration::from_millis(200)));
+    node.provider.enable(ApiKey::new(KEY)).await.unwrap();
+    next_batch(&mut node.batches, Duration::from_secs(3)).await;
+
+    sim.set_failing_key(KEY, Some(Failure::status(401)));
+    eventually("provider mode stops", Duration::from_secs(10), async || {
+        !node.provider.status().enabled
+    })
+    .await
+    .unwrap();
+    let status = node.provider.status();
+    assert_eq!(status.reason.as_deref(), Some("Invalid API key"), "{status:?}");
+    assert!(rejections() > before, "the refusal was not counted");
+    assert!(metrics.render().contains("mesh_provider_key_rejected"));
+    // Nothing more is asked of Birdeye with the refused key.
+    let asked = sim.stats().key(KEY).requests;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(sim.stats().key(KEY).requests, asked);
+    node.provider.shutdown().await;
+}
+
 #[tokio::test]
 async fn a_failed_round_is_counted_and_sends_nothing() {
     let sim = Simulator::builder().keys([KEY]).spawn("127.0.0.1:0").await.unwrap();

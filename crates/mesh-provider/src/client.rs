@@ -478,7 +478,10 @@ impl BirdeyeClient {
             StatusCode::BAD_REQUEST => Err(Error::BadRequest { message: message() }),
             StatusCode::UNAUTHORIZED => Err(Error::InvalidKey),
             StatusCode::FORBIDDEN => Err(Error::Forbidden { message: message() }),
-            StatusCode::TOO_MANY_REQUESTS => Err(Error::RateLimited { retry_after }),
+            StatusCode::TOO_MANY_REQUESTS => {
+                metrics::counter!(telemetry::RATE_LIMITED_TOTAL).increment(1);
+                Err(Error::RateLimited { retry_after })
+            }
             s if s.is_server_error() => Err(Error::Server { status: s.as_u16() }),
             s => Err(Error::UnexpectedStatus { status: s.as_u16(), message: message() }),
         }

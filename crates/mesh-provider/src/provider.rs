@@ -202,7 +202,8 @@ impl Provider {
         let client = BirdeyeClient::with_config(key, self.inner.settings.client.clone())?;
         match client.validate_key().await {
             Err(error) if error.is_key_rejected() => {
-                tracing::warn!(reason = %error, "the stored Birdeye key was refused; provider mode stays off");
+                tracing::error!(reason = %error, "the stored Birdeye key was refused; provider mode stays off");
+                count_key_rejection(&error);
                 self.refused(&error);
                 Ok(false)
             }
@@ -235,6 +236,7 @@ impl Provider {
             stop(previous).await;
         }
         PlannerConfig::new(self.inner.settings.interval, self.inner.settings.window).validate()?;
+        metrics::gauge!(telemetry::KEY_REJECTED).set(0.0);
         let cancel = self.inner.cancel.child_token();
         modify(&self.inner.status, |s| {
             s.enabled = true;
@@ -559,8 +561,9 @@ fn record(inner: &Inner, decision: &RoundDecision, outcome: RoundOutcome) -> boo
         RoundOutcome::KeyRejected(error) => {
             metrics::counter!(telemetry::ROUNDS_FAILED_TOTAL, "reason" => error.kind())
                 .increment(1);
+            count_key_rejection(&error);
             let reason = error.to_string();
-            tracing::warn!(round = decision.round, reason = %reason, "Birdeye refused the API key; provider mode stopped");
+            tracing::error!(round = decision.round, reason = %reason, "Birdeye refused the API key; provider mode stopped");
             modify(&inner.status, |s| {
                 s.enabled = false;
                 s.reason = Some(reason.clone());
@@ -575,4 +578,15 @@ fn record(inner: &Inner, decision: &RoundDecision, outcome: RoundOutcome) -> boo
             true
         }
     }
+}
+
+/// A key Birdeye refused while provider mode ran or resumed: provider mode is off for it, which
+/// `mesh_provider_key_rejected` shows (alert `MeshProviderKeyRejected`).
+fn count_key_rejection(error: &client::Error) {
+    let status = match error {
+        client::Error::InvalidKey => "401",
+        _ => "403",
+    };
+    metrics::counter!(telemetry::KEY_REJECTIONS_TOTAL, "status" => status).increment(1);
+    metrics::gauge!(telemetry::KEY_REJECTED).set(1.0);
 }

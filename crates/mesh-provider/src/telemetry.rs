@@ -16,6 +16,13 @@ pub const API_LATENCY_SECONDS: &str = "mesh_provider_api_latency_seconds";
 pub const ROUNDS_SKIPPED_TOTAL: &str = "mesh_provider_rounds_skipped_total";
 /// Rounds this node tried to fetch and failed (label `reason`: the error kind).
 pub const ROUNDS_FAILED_TOTAL: &str = "mesh_provider_rounds_failed_total";
+/// Birdeye answers 429 (too many requests), each try counted, retried or not.
+pub const RATE_LIMITED_TOTAL: &str = "mesh_provider_rate_limited_total";
+/// 1 while provider mode is off because Birdeye refused the key (401 or 403 in a round, or the
+/// stored key refused at start); 0 once a key is accepted (gauge).
+pub const KEY_REJECTED: &str = "mesh_provider_key_rejected";
+/// Keys Birdeye refused while provider mode ran or resumed (label `status`: 401 or 403).
+pub const KEY_REJECTIONS_TOTAL: &str = "mesh_provider_key_rejections_total";
 /// Tokens asked for that Birdeye had no price for.
 pub const MISSING_PRICES_TOTAL: &str = "mesh_provider_missing_prices_total";
 /// Rounds this node fetched and handed over (label `via`: `lease`, `mesh`, `single`).

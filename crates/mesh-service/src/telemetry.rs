@@ -277,6 +277,10 @@ fn describe() {
         "Rows the write-behind queues and the Redis mirror had to drop, by queue and reason"
     );
     describe_counter!("mesh_store_written_total", "Rows the write-behind queues wrote, by queue");
+    describe_counter!(
+        "mesh_ipc_connections_refused_total",
+        "Connections to the node socket refused, by reason (peer_credentials: a user other than the node's, root or MESH_NODE_SOCKET_GROUP)"
+    );
     {
         use mesh_provider::telemetry as p;
         describe_counter!(p::FETCH_ATTEMPTS_TOTAL, "Round fetches started by this provider");
@@ -290,6 +294,15 @@ fn describe() {
         describe_counter!(p::ROUNDS_SKIPPED_TOTAL, "Rounds this node did not fetch, by reason");
         describe_counter!(p::ROUNDS_FAILED_TOTAL, "Rounds this node failed to fetch, by reason");
         describe_counter!(p::MISSING_PRICES_TOTAL, "Tokens Birdeye had no price for");
+        describe_counter!(p::RATE_LIMITED_TOTAL, "Birdeye answers 429 (too many requests)");
+        describe_gauge!(
+            p::KEY_REJECTED,
+            "1 while provider mode is off because Birdeye refused the key (401/403)"
+        );
+        describe_counter!(
+            p::KEY_REJECTIONS_TOTAL,
+            "Keys Birdeye refused in a round or at resume, by status"
+        );
         describe_counter!(
             p::ROUNDS_UNDELIVERED_TOTAL,
             "Rounds leased by another provider (or a squatted key) whose batch had not arrived one window later, by reason"
@@ -318,6 +331,10 @@ fn describe() {
         "mesh_relay_addrs_refused_total",
         "Peer addresses learned through identify or peer exchange that the address filter \
          refused (MESH_ALLOW_PRIVATE_ADDRS)"
+    );
+    describe_counter!(
+        "mesh_relay_known_peers_refused_total",
+        "Peers kept out of the known-peer table because their network, or the network of the peer that told of them, held its share"
     );
     describe_counter!(
         "mesh_relay_pex_repeats_total",

@@ -315,8 +315,21 @@ pub(super) async fn run_provider_events(shared: Arc<Shared>, cancel: Cancellatio
         }
         let view = provider_view(&status.borrow_and_update());
         if !view.enabled && view.reason.is_some() {
-            // Stopped by Birdeye (invalid key): forget the stored key.
-            let _ = shared.keys.clear();
+            // Stopped by Birdeye (key refused): the stored key is set aside, never loaded again
+            // but not lost (the operator may want to look at it).
+            match shared.keys.quarantine() {
+                Ok(Some(path)) => tracing::error!(
+                    reason = view.reason.as_deref().unwrap_or_default(),
+                    key_file = %path.display(),
+                    "provider mode is off: Birdeye refused the API key; the key was set aside and \
+                     is not used again. Enable provider mode with a valid key \
+                     (POST /api/mesh/provider/enable)"
+                ),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "could not set the refused provider key aside")
+                }
+            }
             shared.tracker.lock().set_own_active(false, now_ms());
             let _ = shared.relay.set_provider(false).await;
         }
