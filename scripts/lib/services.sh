@@ -112,6 +112,18 @@ ensure_chromium() {
 # What the API tests run besides cargo: curl and jq (the guide's commands and health-check
 # scripts) and promtool (`promtool check metrics`, unpacked from Debian's prometheus package
 # without starting its server).
+# cargo-deny (the supply-chain gate of scripts/test), installed with cargo from crates.io when
+# missing: a few minutes once on a 2-core machine.
+CARGO_DENY_VERSION=0.20.2
+ensure_cargo_deny() {
+  if cargo deny --version 2>/dev/null | grep -q "$CARGO_DENY_VERSION"; then
+    return 0
+  fi
+  log "cargo-deny $CARGO_DENY_VERSION is missing; installing it with cargo install (a few minutes, once)"
+  cargo install cargo-deny --locked --version "$CARGO_DENY_VERSION" ||
+    die "cannot install cargo-deny: install it (cargo install cargo-deny --locked) and run again"
+}
+
 ensure_api_test_tools() {
   ensure_tool curl curl
   ensure_tool jq jq
