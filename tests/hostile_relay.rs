@@ -335,3 +335,129 @@ async fn fake_announcements_and_rising_ttls_do_not_cost_honest_messages() -> any
     net.shutdown().await;
     Ok(())
 }
+
+/// An eclipse attempt (issue 28, item 3). Thirty Sybil peers from one /24 (127.66.0.1 to
+/// 127.66.0.30) join a 10-node mesh at its node 0, and answer every peer-exchange request with
+/// each other only (at addresses of that /24; nothing listens there). The honest nodes sit in
+/// networks of their own (127.0.10.0/24 ...), three of them linked to the victim, which dialed
+/// none of them (no link of its own is pinned), asks every new peer for its peers at once,
+/// explores every 2 s and keeps 4 to 8 peers. The per-network bounds hold: the victim keeps its
+/// honest links and receives every round (each round is awaited at the victim), and the
+/// Sybils' network never holds more than its share of the known table nor more than its share
+/// of the connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_sybils_of_one_network_cannot_surround_a_node() -> anyhow::Result<()> {
+    const VICTIM: usize = 0;
+    const SYBILS: u8 = 30;
+    let share = mesh_relay::peer_manager::Config::default().max_known_per_subnet;
+    // The victim's three honest peers dial it; the other honest nodes form a ring with chords.
+    let mut edges = vec![(1, VICTIM), (2, VICTIM), (3, VICTIM)];
+    for i in 1..10 {
+        edges.push((i, i % 9 + 1));
+        edges.push((i, (i + 3) % 9 + 1));
+    }
+    let net = TestNet::builder()
+        .nodes(10)
+        .transport(mesh_testkit::Transport::Tcp)
+        .tcp_ip(|i| std::net::Ipv4Addr::new(127, 0, 10 + i as u8, 1))
+        .topology(Topology::Custom(edges))
+        .configure(|i, c| {
+            c.peer_exchange = true;
+            if i == VICTIM {
+                c.eager_peer_exchange = true;
+                c.peers.min_peers = 4;
+                c.peers.max_peers = 8;
+                c.peers.prune_grace = Duration::from_secs(1);
+                c.peers.explore_interval = Some(Duration::from_secs(2));
+                c.peers.subnet_loopback = true;
+                c.inbound.limit_loopback = true;
+            }
+        })
+        .build()
+        .await?;
+    let victim = net.node(VICTIM).running()?.clone();
+    let honest: Vec<mesh_relay::PeerId> = (1..10).map(|i| net.node(i).peer_id()).collect();
+
+    // The Sybils' keys: 30 that connect, and 170 more that only exist in their answers. Each
+    // answers with 32 of them (a full answer), a different slice each, all in its network.
+    let keys: Vec<Identity> = (0..200).map(|_| Identity::generate()).collect();
+    let sybil_addr = |k: usize| -> mesh_relay::Multiaddr {
+        format!("/ip4/127.66.0.{}/tcp/4001", k % 250 + 1).parse().unwrap()
+    };
+    let pool: Vec<mesh_relay::pex::Entry> =
+        keys.iter().enumerate().map(|(k, id)| (id.peer_id(), vec![sybil_addr(k)])).collect();
+    let mut sybils = Vec::new();
+    for (k, key) in keys.iter().take(SYBILS as usize).enumerate() {
+        let others: Vec<mesh_relay::pex::Entry> = pool
+            .iter()
+            .cycle()
+            .skip(k * 32)
+            .filter(|(p, _)| *p != key.peer_id())
+            .take(32)
+            .cloned()
+            .collect();
+        let sybil = HostilePeer::start(HostileConfig {
+            identity: Some(key.clone()),
+            source_ip: Some(std::net::IpAddr::from([127, 66, 0, k as u8 + 1])),
+            want_announced: false,
+            reported_addrs: vec![sybil_addr(k)],
+            pex_answer: Some(others),
+            ..HostileConfig::default()
+        })
+        .await?;
+        // Refused past the per-network inbound share: that is the point.
+        let _ = sybil.connect(&net.node(VICTIM).addr()).await;
+        sybils.push(sybil);
+    }
+
+    // Rounds under attack: a provider publishes at node 5, far from the victim, once a second.
+    let provider = Identity::generate();
+    let sybil_net = mesh_relay::subnet::subnet([127, 66, 0, 1].into());
+    let sybil_ids: Vec<mesh_relay::PeerId> = keys.iter().map(Identity::peer_id).collect();
+    let (mut most_known, mut most_linked, mut fewest_honest) = (0usize, 0usize, usize::MAX);
+    let rounds = 12u64;
+    for round in 1..=rounds {
+        let m = price_batch(&provider, round, now_ms(), 3, 10)?;
+        net.publish(5, &m).await?;
+        net.wait_delivered(&m.message_id(), &[VICTIM]).await?;
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            let status = victim.status();
+            most_known =
+                most_known.max(status.known_by_subnet.get(&sybil_net).copied().unwrap_or(0));
+            let linked = |ids: &[mesh_relay::PeerId]| {
+                status.peers.iter().filter(|p| ids.contains(&p.peer_id)).count()
+            };
+            most_linked = most_linked.max(linked(&sybil_ids));
+            fewest_honest = fewest_honest.min(linked(&honest));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let answered: usize = sybils.iter().map(|s| s.pex_answered(&victim.peer_id())).sum();
+    let limits = mesh_relay::InboundLimits::default();
+    report(
+        "eclipse_one_network",
+        json!({
+            "sybils": SYBILS,
+            "sybil_pex_answers_taken": answered,
+            "rounds": rounds,
+            "rounds_received": rounds,
+            "most_known_from_the_sybil_network": most_known,
+            "known_share_per_network": share,
+            "most_sybil_links_at_once": most_linked,
+            "fewest_honest_links": fewest_honest,
+        }),
+    );
+    // Two answers name more peers of the network than its share: the bound was put to work.
+    assert!(answered >= 2, "{answered} Sybil answers taken: the attack did not happen");
+    assert!(most_known <= share, "{most_known} known peers of one network, share {share}");
+    assert!(
+        most_linked <= limits.max_per_subnet as usize,
+        "{most_linked} Sybil links, at most {} inbound per network",
+        limits.max_per_subnet
+    );
+    assert!(fewest_honest >= 2, "the victim fell to {fewest_honest} honest links");
+    drop(sybils);
+    net.shutdown().await;
+    Ok(())
+}

@@ -25,6 +25,7 @@ use libp2p::swarm::{
 };
 
 use crate::stats::{Stats, bump};
+use crate::subnet::subnet;
 
 /// Inbound connection limits (part of [`crate::Config`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,26 +117,6 @@ pub(crate) fn count_refusal(stats: &Stats, reason: RefusalReason) {
     bump(&stats.connections_refused);
     metrics::counter!("mesh_relay_connections_refused_total", "reason" => reason.as_str())
         .increment(1);
-}
-
-/// The /24 of an IPv4 address, the /48 of an IPv6 one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-enum Subnet {
-    V4([u8; 3]),
-    V6([u16; 3]),
-}
-
-fn subnet(ip: IpAddr) -> Subnet {
-    match ip {
-        IpAddr::V4(a) => {
-            let o = a.octets();
-            Subnet::V4([o[0], o[1], o[2]])
-        }
-        IpAddr::V6(a) => {
-            let s = a.segments();
-            Subnet::V6([s[0], s[1], s[2]])
-        }
-    }
 }
 
 /// The remote IP of an address (`None` for the memory transport).
@@ -406,14 +387,6 @@ mod tests {
         assert_eq!(pending(&mut b, "127.0.0.2"), Err(RefusalReason::PendingPerIp));
         let v6 = |s: &str| -> Multiaddr { format!("/ip6/{s}/tcp/1").parse().unwrap() };
         assert_eq!(remote_ip(&v6("::ffff:192.0.2.1")), Some("192.0.2.1".parse().unwrap()));
-        assert_eq!(
-            subnet("2001:db8:1:2::1".parse().unwrap()),
-            subnet("2001:db8:1:ffff::9".parse().unwrap())
-        );
-        assert_ne!(
-            subnet("2001:db8:1::1".parse().unwrap()),
-            subnet("2001:db8:2::1".parse().unwrap())
-        );
         assert_eq!(remote_ip(&"/memory/5".parse().unwrap()), None);
     }
 }

@@ -71,6 +71,7 @@ pub mod pex;
 mod prepare;
 mod rates;
 pub mod stats;
+pub mod subnet;
 
 pub use addr_book::AddrBook;
 pub use config::Config;

@@ -22,6 +22,23 @@
 //! cannot turn the mesh against one host, and it dials a peer that dialed in once at an
 //! address it reported ([`Action::Confirm`]), so that peer exchange passes on only addresses
 //! somebody reached.
+//!
+//! What one network (an IPv4 /24, an IPv6 /48: [`crate::subnet`]) can hold of the node is
+//! bounded, so that a crowd of peers from one place cannot surround it (an eclipse attack; the
+//! rules follow Bitcoin Core's address manager, which buckets addresses by their network and by
+//! the network of whoever told of them):
+//! - the known table holds at most [`Config::max_known_per_subnet`] peers of one network, and
+//!   at most [`Config::max_known_per_source_subnet`] peers that peers of one network told of
+//!   (peer exchange); one peer's own claims are bounded by the [`AddrBook`];
+//! - the node dials into a network only while fewer than [`Config::max_dials_per_subnet`] of
+//!   its connected or dialing peers are there (inbound connections are bounded per network by
+//!   [`crate::InboundLimits`]);
+//! - slots are kept: bootstrap (pinned) peers are never evicted or pruned; peers this node
+//!   reached by dialing are never evicted to make room for peers only told of; the
+//!   [`Config::protected_long_lived`] peers connected longest are never pruned.
+//!
+//! Loopback addresses belong to no network unless [`Config::subnet_loopback`] is set (a lab on
+//! one host shares one loopback network).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
@@ -34,6 +51,7 @@ use rand::seq::SliceRandom;
 use tokio::time::Instant;
 
 use crate::addr_book::{AddrBook, ClaimOutcome, Claimant};
+use crate::subnet::{self, Subnet};
 
 /// Peer manager settings.
 #[derive(Debug, Clone)]
@@ -65,6 +83,17 @@ pub struct Config {
     /// Dial a peer that dialed in at an address it reported, once, to confirm the address
     /// for peer exchange (on whenever peer exchange is).
     pub confirm_reported: bool,
+    /// Most known peers (bootstrap peers aside) whose address is in one network.
+    pub max_known_per_subnet: usize,
+    /// Most known peers that peers of one network told of through peer exchange.
+    pub max_known_per_source_subnet: usize,
+    /// Dial into a network only while fewer of the connected and dialing peers are in it.
+    pub max_dials_per_subnet: usize,
+    /// This many peers, those connected longest, are never pruned.
+    pub protected_long_lived: usize,
+    /// Whether loopback addresses count as a network for these bounds (labs that play
+    /// attacker from other loopback addresses; off by default).
+    pub subnet_loopback: bool,
 }
 
 impl Default for Config {
@@ -82,6 +111,11 @@ impl Default for Config {
             addr_filter: AddrFilter::default(),
             max_dials_per_ip: 2,
             confirm_reported: true,
+            max_known_per_subnet: 32,
+            max_known_per_source_subnet: 64,
+            max_dials_per_subnet: 2,
+            protected_long_lived: 2,
+            subnet_loopback: false,
         }
     }
 }
@@ -125,6 +159,8 @@ struct Connected {
     asked_at: Option<Instant>,
     /// Confirming dials made during this connection.
     confirms: usize,
+    /// The network of the connection's remote address.
+    subnet: Option<Subnet>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -134,6 +170,12 @@ struct Known {
     retry_at: Option<Instant>,
     /// Always worth dialing again (bootstrap peers).
     pinned: bool,
+    /// We reached it by dialing once: never evicted for a peer only told of.
+    tried: bool,
+    /// The network of its address when it entered the table.
+    subnet: Option<Subnet>,
+    /// The network of the peer that told of it (peer exchange).
+    source: Option<Subnet>,
 }
 
 /// Peer bookkeeping.
@@ -158,6 +200,9 @@ pub struct PeerManager {
     replacing: Option<PeerId>,
     /// See [`PeerManager::exchange_version`].
     exchange_version: u64,
+    /// Peers kept out of the known table by the per-network bounds, not yet taken by
+    /// [`PeerManager::take_table_refusals`].
+    table_refusals: u64,
 }
 
 impl PeerManager {
@@ -177,6 +222,7 @@ impl PeerManager {
             explore_at: None,
             replacing: None,
             exchange_version: 0,
+            table_refusals: 0,
             config,
         }
     }
@@ -220,6 +266,22 @@ impl PeerManager {
         self.known.len()
     }
 
+    /// Known peers per network, for the status (networks with at least one).
+    pub fn known_by_subnet(&self) -> std::collections::BTreeMap<Subnet, usize> {
+        let mut counts = std::collections::BTreeMap::new();
+        for k in self.known.values() {
+            if let Some(n) = k.subnet {
+                *counts.entry(n).or_default() += 1;
+            }
+        }
+        counts
+    }
+
+    /// Peers the per-network bounds kept out of the known table since the last call.
+    pub fn take_table_refusals(&mut self) -> u64 {
+        std::mem::take(&mut self.table_refusals)
+    }
+
     /// Bans issued so far.
     pub fn bans_total(&self) -> u64 {
         self.bans_total
@@ -260,25 +322,36 @@ impl PeerManager {
             return;
         }
         if pinned {
-            if !self.make_room(peer) {
+            if !self.make_room(peer, true) {
                 return;
             }
             self.book.configure(peer, addrs);
-            self.known.entry(peer).or_default().pinned = true;
+            let subnet = self.peer_subnet(&peer);
+            let known = self.known.entry(peer).or_default();
+            known.pinned = true;
+            known.subnet = known.subnet.or(subnet);
             self.sync_known(peer);
         } else {
             self.book.claim(Claimant::Lan, self.local, [(peer, addrs)]);
-            self.admit(peer);
+            self.admit(peer, None);
         }
     }
 
     /// `peer` said (identify) where it listens. Returns how many addresses the filter refused.
     pub fn on_identify(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) -> usize {
-        if peer == self.local || !self.make_room(peer) {
+        if peer == self.local || !self.make_room(peer, true) {
             return addrs.len();
         }
         let refused = self.book.report(peer, addrs);
-        self.known.entry(peer).or_default();
+        let subnet = self.peer_subnet(&peer);
+        if !self.room_in_subnet(peer, subnet) {
+            // Connected all the same; it is just not remembered beyond this connection.
+            self.table_refusals += 1;
+            self.book.forget(&peer);
+            return refused;
+        }
+        let known = self.known.entry(peer).or_default();
+        known.subnet = known.subnet.or(subnet);
         self.sync_known(peer);
         refused
     }
@@ -292,21 +365,31 @@ impl PeerManager {
     ) -> ClaimOutcome {
         let peers: Vec<PeerId> = entries.iter().map(|(p, _)| *p).collect();
         let outcome = self.book.claim(Claimant::Peer(from), self.local, entries);
+        let source = self.connected.get(&from).and_then(|c| c.subnet);
         for peer in peers {
             if peer != self.local {
-                self.admit(peer);
+                self.admit(peer, source);
             }
         }
         outcome
     }
 
-    /// After claims about `peer`: a new peer with an address that passed the filter enters
-    /// the known table when there is room (else its claims go); filtered-out or repeated
-    /// entries never push a known peer out.
-    fn admit(&mut self, peer: PeerId) {
+    /// After claims about `peer` (told of by a peer of network `source`, if known): a new peer
+    /// with an address that passed the filter enters the known table when its network and its
+    /// teller's network are within their bounds and there is room (else its claims go);
+    /// filtered-out or repeated entries never push a known peer out.
+    fn admit(&mut self, peer: PeerId, source: Option<Subnet>) {
         if !self.known.contains_key(&peer) && self.book.has_addrs(&peer) {
-            if self.make_room(peer) {
-                self.known.insert(peer, Known::default());
+            let subnet = self.peer_subnet(&peer);
+            let full = subnet.is_some_and(|n| self.known_in(n) >= self.config.max_known_per_subnet)
+                || source.is_some_and(|s| {
+                    self.known_told_by(s) >= self.config.max_known_per_source_subnet
+                });
+            if full {
+                self.table_refusals += 1;
+                self.book.forget(&peer);
+            } else if self.make_room(peer, false) {
+                self.known.insert(peer, Known { subnet, source, ..Known::default() });
             } else {
                 self.book.forget(&peer);
             }
@@ -314,13 +397,66 @@ impl PeerManager {
         self.sync_known(peer);
     }
 
+    /// The network of the address `peer` would be dialed at first.
+    fn peer_subnet(&self, peer: &PeerId) -> Option<Subnet> {
+        let first = self.book.dial_addrs(peer).into_iter().next()?;
+        subnet::of_addr(&first, self.config.subnet_loopback)
+    }
+
+    /// Whether `peer`, of network `subnet`, may have a place in the known table as a peer we
+    /// are or were connected to: it has one, or its network is below its share, or a peer of
+    /// that network only told of (never reached, not pinned, connected or being dialed) gives
+    /// up its place.
+    fn room_in_subnet(&mut self, peer: PeerId, subnet: Option<Subnet>) -> bool {
+        let Some(n) = subnet else { return true };
+        if self.known.contains_key(&peer) || self.known_in(n) < self.config.max_known_per_subnet {
+            return true;
+        }
+        let victim = self
+            .known
+            .iter()
+            .find(|(p, k)| {
+                k.subnet == Some(n)
+                    && !k.pinned
+                    && !k.tried
+                    && !self.connected.contains_key(p)
+                    && !self.dialing.contains(p)
+            })
+            .map(|(p, _)| *p);
+        match victim {
+            Some(v) => {
+                self.known.remove(&v);
+                self.book.forget(&v);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Known peers of network `n`, bootstrap peers aside.
+    fn known_in(&self, n: Subnet) -> usize {
+        self.known.values().filter(|k| !k.pinned && k.subnet == Some(n)).count()
+    }
+
+    /// Known peers that peers of network `n` told of.
+    fn known_told_by(&self, n: Subnet) -> usize {
+        self.known.values().filter(|k| k.source == Some(n)).count()
+    }
+
     /// We dialed `peer` at `addr` and it answered with its key: the address is confirmed.
     pub fn on_dialed(&mut self, peer: PeerId, addr: Multiaddr) {
-        if peer == self.local || !self.make_room(peer) {
+        if peer == self.local || !self.make_room(peer, true) {
+            return;
+        }
+        let subnet = subnet::of_addr(&addr, self.config.subnet_loopback);
+        if !self.room_in_subnet(peer, subnet) {
+            self.table_refusals += 1;
             return;
         }
         self.book.confirm(peer, strip_p2p(addr));
-        self.known.entry(peer).or_default();
+        let known = self.known.entry(peer).or_default();
+        known.tried = true;
+        known.subnet = known.subnet.or(subnet);
         self.exchange_version += 1;
     }
 
@@ -337,19 +473,33 @@ impl PeerManager {
     }
 
     /// Room in the known table for `peer`: true when it is known or a peer that is neither
-    /// pinned nor connected could go (those without any address first).
-    fn make_room(&mut self, peer: PeerId) -> bool {
+    /// pinned nor connected could go (those without any address first, then those never
+    /// reached). A peer only told of (`reached` false) never pushes out one we reached.
+    fn make_room(&mut self, peer: PeerId, reached: bool) -> bool {
         if self.known.contains_key(&peer) || self.known.len() < self.config.max_known_peers {
             return true;
         }
         let mut victim = None;
+        let mut victim_rank = u8::MAX;
         for (p, k) in &self.known {
-            if k.pinned || self.connected.contains_key(p) || self.dialing.contains(p) {
+            if k.pinned
+                || self.connected.contains_key(p)
+                || self.dialing.contains(p)
+                || (k.tried && !reached)
+            {
                 continue;
             }
-            victim = Some(*p);
-            if !self.book.has_addrs(p) {
-                break;
+            let rank = match (self.book.has_addrs(p), k.tried) {
+                (false, _) => 0,
+                (true, false) => 1,
+                (true, true) => 2,
+            };
+            if rank < victim_rank {
+                victim = Some(*p);
+                victim_rank = rank;
+                if rank == 0 {
+                    break;
+                }
             }
         }
         match victim {
@@ -383,8 +533,10 @@ impl PeerManager {
         }
     }
 
-    /// A connection to `peer` was established (the first one).
-    pub fn on_connected(&mut self, peer: PeerId, now: Instant) {
+    /// A connection to `peer` was established (the first one), with `remote` at the other end
+    /// when known.
+    pub fn on_connected(&mut self, peer: PeerId, remote: Option<&Multiaddr>, now: Instant) {
+        let subnet = remote.and_then(|a| subnet::of_addr(a, self.config.subnet_loopback));
         self.exchange_version += 1;
         self.dialing.remove(&peer);
         self.dial_ips.remove(&peer);
@@ -397,6 +549,7 @@ impl PeerManager {
             distance: self.known.get(&peer).and_then(|k| k.distance),
             asked_at: None,
             confirms: 0,
+            subnet,
         });
     }
 
@@ -411,6 +564,16 @@ impl PeerManager {
             k.distance = c.distance;
             // Do not hammer a peer that just went away.
             k.retry_at = Some(now + self.config.redial_backoff);
+            // A peer that came in while its network was at its bound stays known only while
+            // connected.
+            let over = k.subnet.filter(|_| !k.pinned).is_some_and(|n| {
+                self.known.values().filter(|o| !o.pinned && o.subnet == Some(n)).count()
+                    > self.config.max_known_per_subnet
+            });
+            if over {
+                self.known.remove(peer);
+                self.book.forget(peer);
+            }
         }
     }
 
@@ -556,9 +719,16 @@ impl PeerManager {
         keep: Option<PeerId>,
         actions: &mut Vec<Action>,
     ) {
+        // The longest-connected peers stay: a crowd arriving later cannot push them out.
+        let mut by_age: Vec<(&PeerId, Instant)> =
+            self.connected.iter().map(|(p, c)| (p, c.since)).collect();
+        by_age.sort_by_key(|(_, since)| *since);
+        let protected: HashSet<PeerId> =
+            by_age.iter().take(self.config.protected_long_lived).map(|(p, _)| **p).collect();
         let mut prunable: Vec<(PeerId, u8)> = self
             .connected
             .iter()
+            .filter(|(p, _)| !protected.contains(p))
             .filter(|(_, c)| now.duration_since(c.since) >= self.config.prune_grace)
             .filter(|(p, _)| !self.known.get(p).is_some_and(|k| k.pinned))
             .filter(|(p, _)| keep != Some(**p))
@@ -577,6 +747,17 @@ impl PeerManager {
         }
     }
 
+    /// Connected peers in network `n`, and peers being dialed there.
+    fn links_in(&self, n: Subnet) -> usize {
+        let connected = self.connected.values().filter(|c| c.subnet == Some(n)).count();
+        let dialing = self
+            .dialing
+            .iter()
+            .filter(|p| !self.connected.contains_key(p) && self.peer_subnet(p) == Some(n))
+            .count();
+        connected + dialing
+    }
+
     /// IPs with dials in flight (normal and confirming), and how many each.
     fn ip_load(&self) -> HashMap<IpAddr, usize> {
         let mut load: HashMap<IpAddr, usize> = HashMap::new();
@@ -590,6 +771,11 @@ impl PeerManager {
     /// The dial of `peer` at the addresses of the book whose IP is below its bound; `None`
     /// when every address is at the bound (the peer waits for a later tick).
     fn start_dial(&mut self, peer: PeerId) -> Option<Action> {
+        if let Some(n) = self.peer_subnet(&peer)
+            && self.links_in(n) >= self.config.max_dials_per_subnet
+        {
+            return None;
+        }
         let mut load = self.ip_load();
         let mut ips = Vec::new();
         let addrs: Vec<Multiaddr> = self
@@ -741,8 +927,14 @@ mod tests {
         PeerId::random()
     }
 
+    /// An address in a network of its own (per `n` modulo 250).
     fn addr(n: u16) -> Multiaddr {
-        format!("/ip4/11.0.0.{}/tcp/{n}", n % 250).parse().unwrap()
+        format!("/ip4/11.0.{}.1/tcp/{n}", n % 250).parse().unwrap()
+    }
+
+    /// Address `host` in the network 12.`net`.0.0/24.
+    fn in_net(net: u8, host: u8) -> Multiaddr {
+        format!("/ip4/12.{net}.0.{host}/tcp/4001").parse().unwrap()
     }
 
     fn manager(min: usize, max: usize) -> PeerManager {
@@ -771,7 +963,7 @@ mod tests {
             },
         );
         let connected = peer();
-        m.on_connected(connected, Instant::now());
+        m.on_connected(connected, None, Instant::now());
         let others: Vec<PeerId> = (0..4).map(|_| peer()).collect();
         for (i, p) in others.iter().enumerate() {
             m.add_addresses(*p, vec![addr(i as u16 + 1)], false);
@@ -788,7 +980,7 @@ mod tests {
         };
         assert!(others.contains(&dialed));
         assert!(m.tick(Instant::now()).is_empty(), "once per interval");
-        m.on_connected(dialed, Instant::now());
+        m.on_connected(dialed, None, Instant::now());
         // At the maximum (three with a dial in flight) it stops.
         tokio::time::advance(every * 2).await;
         assert!(matches!(m.tick(Instant::now()).as_slice(), [Action::Dial(..)]));
@@ -796,7 +988,7 @@ mod tests {
         assert!(m.tick(Instant::now()).is_empty(), "two connected and one dialing: at the maximum");
         // Off: never.
         let mut off = manager(1, 3);
-        off.on_connected(connected, Instant::now());
+        off.on_connected(connected, None, Instant::now());
         off.add_addresses(others[0], vec![addr(9)], false);
         tokio::time::advance(every * 4).await;
         assert!(off.tick(Instant::now()).is_empty());
@@ -817,7 +1009,7 @@ mod tests {
         );
         let old: Vec<PeerId> = (0..connected).map(|_| peer()).collect();
         for p in &old {
-            m.on_connected(*p, Instant::now());
+            m.on_connected(*p, None, Instant::now());
         }
         let fresh = peer();
         m.add_addresses(fresh, vec![addr(1)], false);
@@ -840,7 +1032,7 @@ mod tests {
         explores(&mut m, fresh).await;
         // Nothing goes while the dial is in flight.
         assert!(m.tick(Instant::now()).is_empty());
-        m.on_connected(fresh, Instant::now());
+        m.on_connected(fresh, None, Instant::now());
         assert_eq!(m.connected_count(), 8);
         // Once it is up, one of the older links goes, and only one.
         let dropped = match m.tick(Instant::now()).as_slice() {
@@ -859,7 +1051,7 @@ mod tests {
         // older links go.
         let (mut m, old, fresh) = exploring(9);
         explores(&mut m, fresh).await;
-        m.on_connected(fresh, Instant::now());
+        m.on_connected(fresh, None, Instant::now());
         let actions = m.tick(Instant::now());
         assert_eq!(actions.len(), 3, "{actions:?}");
         assert!(actions.iter().all(|a| matches!(a, Action::Disconnect(p) if old.contains(p))));
@@ -870,7 +1062,7 @@ mod tests {
     async fn an_explored_link_is_added_below_the_target() {
         let (mut m, _, fresh) = exploring(5);
         explores(&mut m, fresh).await;
-        m.on_connected(fresh, Instant::now());
+        m.on_connected(fresh, None, Instant::now());
         assert!(m.tick(Instant::now()).is_empty(), "below the target nothing is dropped");
         assert_eq!(m.connected_count(), 6);
     }
@@ -906,7 +1098,7 @@ mod tests {
     async fn asks_for_peers_again_while_below_the_minimum() {
         let mut m = manager(3, 5);
         let p = peer();
-        m.on_connected(p, Instant::now());
+        m.on_connected(p, None, Instant::now());
         assert_eq!(m.tick(Instant::now()), vec![Action::AskPeers(p)]);
         // Not at every tick: an answer may be on its way.
         assert!(m.tick(Instant::now()).is_empty());
@@ -915,7 +1107,7 @@ mod tests {
         assert_eq!(m.tick(Instant::now()), vec![Action::AskPeers(p)]);
         // At the minimum, nobody is asked.
         for _ in 0..2 {
-            m.on_connected(peer(), Instant::now());
+            m.on_connected(peer(), None, Instant::now());
         }
         tokio::time::advance(ASK_AGAIN).await;
         assert!(m.tick(Instant::now()).is_empty());
@@ -938,7 +1130,9 @@ mod tests {
         let mut m = manager(0, 5);
         let peers: Vec<PeerId> = (0..6).map(|_| peer()).collect();
         for (i, p) in peers.iter().enumerate() {
-            m.on_connected(*p, Instant::now());
+            // One after the other: the first two, connected longest, are protected.
+            tokio::time::advance(Duration::from_millis(1)).await;
+            m.on_connected(*p, None, Instant::now());
             m.on_provider_hops(p, i as u8 + 1);
         }
         // One too many: the victim is one of the two farthest (distances 4 and 5).
@@ -962,7 +1156,7 @@ mod tests {
             },
         );
         let bad = peer();
-        m.on_connected(bad, Instant::now());
+        m.on_connected(bad, None, Instant::now());
         for _ in 0..3 {
             assert_eq!(m.charge(bad, Instant::now()), None);
         }
@@ -996,8 +1190,8 @@ mod tests {
     async fn own_distance_follows_the_nearest_peer() {
         let mut m = manager(0, 5);
         let (a, b) = (peer(), peer());
-        m.on_connected(a, Instant::now());
-        m.on_connected(b, Instant::now());
+        m.on_connected(a, None, Instant::now());
+        m.on_connected(b, None, Instant::now());
         assert_eq!(m.own_distance(false), None);
         m.on_provider_hops(&a, 3);
         m.on_provider_hops(&b, 1);
@@ -1049,7 +1243,7 @@ mod tests {
     async fn a_peer_that_dialed_in_is_passed_on_only_once_a_dial_reached_it() {
         let mut m = manager(0, 10);
         let p = peer();
-        m.on_connected(p, Instant::now());
+        m.on_connected(p, None, Instant::now());
         let refused = m.on_identify(p, vec![addr(1), "/ip4/10.0.0.1/tcp/1".parse().unwrap()]);
         assert_eq!(refused, 1, "a private address is refused by default");
         assert!(m.exchange_list(10).is_empty(), "reported, not reached");
@@ -1062,7 +1256,7 @@ mod tests {
         // A peer whose reported address does not answer is not passed on, and is tried a
         // bounded number of times per connection.
         let q = peer();
-        m.on_connected(q, Instant::now());
+        m.on_connected(q, None, Instant::now());
         m.on_identify(q, vec![addr(2)]);
         for _ in 0..CONFIRMS_PER_PEER {
             assert_eq!(m.tick(Instant::now()), vec![Action::Confirm(q, addr(2))]);
@@ -1104,7 +1298,7 @@ mod tests {
         };
         m.add_addresses(a, vec![addr(1)], false);
         assert!(moved(&m), "addresses added");
-        m.on_connected(a, Instant::now());
+        m.on_connected(a, None, Instant::now());
         assert!(moved(&m), "a peer connected");
         assert!(m.exchange_list(10).is_empty(), "only addresses we reached it at are passed on");
         m.on_dialed(a, addr(1));
@@ -1118,11 +1312,132 @@ mod tests {
         // Pruned above the maximum (2): one of three goes.
         for p in [a, b, c] {
             m.on_dialed(p, addr(2));
-            m.on_connected(p, Instant::now());
+            m.on_connected(p, None, Instant::now());
         }
         moved(&m);
         assert_eq!(m.tick(Instant::now()).len(), 1);
         assert!(moved(&m), "a peer pruned");
         assert_eq!(m.exchange_list(10).len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_network_holds_at_most_its_share_of_the_known_table() {
+        let mut m = manager(0, 10);
+        let teller = peer();
+        m.on_connected(teller, Some(&in_net(1, 1)), Instant::now());
+        // 40 peers of network 12.7.0.0/24 in two answers, then one of another network.
+        for chunk in [0u8..20, 20..40] {
+            let entries = chunk.map(|h| (peer(), vec![in_net(7, h + 2)])).collect();
+            m.on_exchange_answer(teller, entries);
+        }
+        let crowd = subnet::of_addr(&in_net(7, 2), false).unwrap();
+        assert_eq!(m.known_by_subnet().get(&crowd), Some(&32));
+        assert_eq!(m.take_table_refusals(), 8);
+        m.on_exchange_answer(teller, vec![(peer(), vec![in_net(8, 2)])]);
+        let other = subnet::of_addr(&in_net(8, 2), false).unwrap();
+        assert_eq!(m.known_by_subnet().get(&other), Some(&1), "other networks still get in");
+        assert_eq!(m.take_table_refusals(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_peers_of_one_network_tell_of_at_most_their_share() {
+        let mut m = manager(0, 10);
+        // Three tellers in one network, each naming 30 peers of networks all different.
+        let tellers: Vec<PeerId> = (0..3).map(|_| peer()).collect();
+        for (i, t) in tellers.iter().enumerate() {
+            m.on_connected(*t, Some(&in_net(3, i as u8 + 1)), Instant::now());
+            let entries = (0..30u16).map(|n| (peer(), vec![addr(n + 30 * i as u16)])).collect();
+            m.on_exchange_answer(*t, entries);
+        }
+        assert_eq!(m.known_count(), 64, "64 of the 90 peers they named");
+        assert_eq!(m.take_table_refusals(), 90 - 64);
+        // A teller elsewhere is heard.
+        let elsewhere = peer();
+        m.on_connected(elsewhere, Some(&in_net(4, 1)), Instant::now());
+        m.on_exchange_answer(elsewhere, vec![(peer(), vec![addr(200)])]);
+        assert_eq!(m.known_count(), 65);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn peers_told_of_never_push_out_peers_reached_or_pinned() {
+        let mut m = PeerManager::new(peer(), Config { max_known_peers: 3, ..Config::default() });
+        let (reached, pinned, teller) = (peer(), peer(), peer());
+        m.on_dialed(reached, addr(1));
+        m.add_addresses(pinned, vec![addr(2)], true);
+        m.on_connected(teller, Some(&addr(3)), Instant::now());
+        m.on_exchange_answer(teller, (10..20).map(|n| (peer(), vec![addr(n)])).collect());
+        // Told-of peers take each other's place, never the reached or the pinned one's.
+        assert_eq!(m.known_count(), 3);
+        assert!(m.book().has_addrs(&reached) && m.book().has_addrs(&pinned));
+        // A peer reached by dialing takes the place of one only told of.
+        let mut m = PeerManager::new(peer(), Config { max_known_peers: 2, ..Config::default() });
+        let told = peer();
+        m.add_addresses(told, vec![addr(5)], false);
+        m.add_addresses(peer(), vec![addr(6)], false);
+        m.on_dialed(reached, addr(1));
+        assert!(m.book().has_addrs(&reached));
+        assert_eq!(m.known_count(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn dials_into_one_network_are_bounded() {
+        let mut m = manager(6, 10);
+        // Five peers at five addresses of one network, one elsewhere.
+        let crowd: Vec<PeerId> = (0..5).map(|_| peer()).collect();
+        for (i, p) in crowd.iter().enumerate() {
+            m.add_addresses(*p, vec![in_net(9, i as u8 + 1)], false);
+        }
+        let other = peer();
+        m.add_addresses(other, vec![addr(1)], false);
+        let dialed: Vec<PeerId> = m
+            .tick(Instant::now())
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Dial(p, _) => Some(p),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(dialed.iter().filter(|p| crowd.contains(p)).count(), 2, "{dialed:?}");
+        assert!(dialed.contains(&other));
+        // Connected peers of that network count too: with two links there, no third dial.
+        for p in dialed.iter().filter(|p| crowd.contains(p)) {
+            let at = m.book().dial_addrs(p)[0].clone();
+            m.on_connected(*p, Some(&at), Instant::now());
+        }
+        tokio::time::advance(Duration::from_secs(60)).await;
+        let again = m.tick(Instant::now());
+        assert!(
+            !again.iter().any(|a| matches!(a, Action::Dial(p, _) if crowd.contains(p))),
+            "{again:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_peers_connected_longest_are_never_pruned() {
+        let mut m = PeerManager::new(
+            peer(),
+            Config {
+                min_peers: 0,
+                max_peers: 3,
+                prune_grace: Duration::ZERO,
+                explore_interval: None,
+                ..Config::default()
+            },
+        );
+        let old: Vec<PeerId> = (0..2).map(|_| peer()).collect();
+        for p in &old {
+            m.on_connected(*p, None, Instant::now());
+            // Farther from a provider than anyone: first in line for pruning but for their age.
+            m.on_provider_hops(p, 9);
+        }
+        tokio::time::advance(Duration::from_secs(60)).await;
+        for _ in 0..4 {
+            let p = peer();
+            m.on_connected(p, None, Instant::now());
+            m.on_provider_hops(&p, 1);
+        }
+        let pruned = m.tick(Instant::now());
+        assert_eq!(pruned.len(), 3, "{pruned:?}");
+        assert!(pruned.iter().all(|a| matches!(a, Action::Disconnect(p) if !old.contains(p))));
     }
 }

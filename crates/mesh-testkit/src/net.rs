@@ -108,7 +108,11 @@ pub struct TestNetBuilder {
     transport: Transport,
     seed: u64,
     configure: Option<Configure>,
+    tcp_ip: Option<TcpIp>,
 }
+
+/// The loopback IPv4 address node `i` listens (and dials from) on over TCP.
+type TcpIp = Box<dyn Fn(usize) -> std::net::Ipv4Addr + Send + Sync>;
 
 impl std::fmt::Debug for TestNetBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -164,6 +168,18 @@ impl TestNetBuilder {
         self
     }
 
+    /// Over TCP, node `i` listens on `ip(i)` instead of 127.0.0.1 (any address of
+    /// 127.0.0.0/8 works on Linux without setup), and its dials leave from there too (libp2p
+    /// reuses the listening port): so nodes can sit in networks of their own, as the
+    /// per-network bounds see them.
+    pub fn tcp_ip(
+        mut self,
+        ip: impl Fn(usize) -> std::net::Ipv4Addr + Send + Sync + 'static,
+    ) -> Self {
+        self.tcp_ip = Some(Box::new(ip));
+        self
+    }
+
     /// Adjusts each node's relay settings (starting from [`test_config`]).
     pub fn configure(mut self, f: impl Fn(usize, &mut Config) + Send + Sync + 'static) -> Self {
         self.configure = Some(Box::new(f));
@@ -186,7 +202,10 @@ impl TestNetBuilder {
                     format!("/memory/{}", rand::thread_rng().gen_range(1u64..u64::MAX / 2))
                         .parse()?
                 }
-                Transport::Tcp => "/ip4/127.0.0.1/tcp/0".parse()?,
+                Transport::Tcp => {
+                    let ip = self.tcp_ip.as_ref().map_or([127, 0, 0, 1].into(), |f| f(index));
+                    format!("/ip4/{ip}/tcp/0").parse()?
+                }
             };
             net.nodes.push(TestNode {
                 index,
@@ -240,6 +259,7 @@ impl TestNet {
             transport: Transport::Memory,
             seed: 1,
             configure: None,
+            tcp_ip: None,
         }
     }
 
@@ -286,8 +306,12 @@ impl TestNet {
             .instrument(span.clone())
             .await?;
         let addrs = relay.listen_addrs().await?;
+        let listen_ip = node.listen.iter().next().map(|p| p.to_string());
         if self.transport == Transport::Tcp
-            && let Some(a) = addrs.iter().find(|a| a.to_string().starts_with("/ip4/127.0.0.1/tcp/"))
+            && let Some(a) = addrs.iter().find(|a| {
+                a.iter().next().map(|p| p.to_string()) == listen_ip
+                    && matches!(a.iter().nth(1), Some(mesh_relay::Protocol::Tcp(_)))
+            })
         {
             // Keep the port the system chose, so a restart listens on it again.
             node.listen = a.clone();

@@ -136,6 +136,9 @@ pub struct Status {
     pub peers: Vec<PeerStatus>,
     /// Peers known with addresses (connected or not).
     pub known_peers: usize,
+    /// Of those, how many each network holds (an IPv4 /24, an IPv6 /48; loopback only where
+    /// it counts as one): bounded by `peers.max_known_per_subnet`.
+    pub known_by_subnet: std::collections::BTreeMap<crate::subnet::Subnet, usize>,
     /// Our hop distance to the nearest provider (0 when we are one).
     pub own_distance: Option<u8>,
     /// Bans issued so far.

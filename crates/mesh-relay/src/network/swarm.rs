@@ -182,15 +182,18 @@ impl SwarmTask {
         metrics::gauge!("mesh_network_connected_peers").set(peers.len() as f64);
         let own_distance = self.peers.own_distance(self.is_provider);
         let known_peers = self.peers.known_count();
+        let known_by_subnet = self.peers.known_by_subnet();
         let bans = self.peers.bans_total();
         self.status.send_if_modified(|s| {
             let changed = s.peers != peers
                 || s.own_distance != own_distance
                 || s.known_peers != known_peers
+                || s.known_by_subnet != known_by_subnet
                 || s.bans != bans;
             s.peers = peers;
             s.own_distance = own_distance;
             s.known_peers = known_peers;
+            s.known_by_subnet = known_by_subnet;
             s.bans = bans;
             changed
         });
@@ -266,6 +269,15 @@ impl SwarmTask {
         }
     }
 
+    /// Counts the peers the per-network bounds kept out of the known table.
+    fn count_table_refusals(&mut self) {
+        let refused = self.peers.take_table_refusals();
+        if refused > 0 {
+            metrics::counter!("mesh_relay_known_peers_refused_total", "reason" => "subnet")
+                .increment(refused);
+        }
+    }
+
     fn ask_peers(&self, peer: PeerId) {
         if !self.ctx.config.peer_exchange {
             return;
@@ -307,6 +319,7 @@ impl SwarmTask {
                 if distance.is_some() {
                     self.peers.set_known_distance(peer, distance);
                 }
+                self.count_table_refusals();
             }
             SwarmCommand::Charge(peer) => {
                 if let Some(action) = self.peers.charge(peer, Instant::now()) {
@@ -327,6 +340,8 @@ impl SwarmTask {
                         .increment(outcome.repeated as u64);
                 }
                 self.count_refused(from, "peer exchange", outcome.refused);
+                self.count_table_refusals();
+                self.publish_status();
             }
             SwarmCommand::SetProvider(provider) => {
                 self.is_provider = provider;
@@ -388,7 +403,7 @@ impl SwarmTask {
                 }
                 if num_established.get() == 1 {
                     debug!(peer = %peer_id, "peer connected");
-                    self.peers.on_connected(peer_id, now);
+                    self.peers.on_connected(peer_id, Some(endpoint.get_remote_address()), now);
                     self.open_link(peer_id);
                     if self.ctx.config.eager_peer_exchange {
                         self.ask_peers(peer_id);
