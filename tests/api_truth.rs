@@ -478,7 +478,8 @@ async fn an_enable_answer_never_overwrites_a_newer_provider_event() {
 /// off, and after a restart provider mode stays off with the key still there for the operator.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stored_key_birdeye_refuses_is_set_aside_not_lost() {
-    let mut mesh = LocalMesh::builder().providers(0).consumers(1).rounds(2, 1).start().await.unwrap();
+    let mut mesh =
+        LocalMesh::builder().providers(0).consumers(1).rounds(2, 1).start().await.unwrap();
     let api = start_api(mesh.running(0).unwrap().socket(), |_| {}).await.unwrap();
     let base = format!("http://{}", api.local_addr());
     let (status, body) = post_enable(&base, DEMO_API_KEY).await;

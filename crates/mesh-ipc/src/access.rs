@@ -61,12 +61,15 @@ impl Access {
             Some(g) => format!("members of group {g}"),
             None => "a group set with MESH_NODE_SOCKET_GROUP".to_owned(),
         };
+        let allowed = if self.own_uid == 0 {
+            format!("only root and {group} may connect")
+        } else {
+            format!("only user id {}, root and {group} may connect", self.own_uid)
+        };
         format!(
-            "the node's socket refused user id {} (process {}): only user id {}, root and {group} \
-             may connect",
+            "the node's socket refused user id {} (process {}): {allowed}",
             peer.uid,
             peer.pid.map_or_else(|| "unknown".to_owned(), |p| p.to_string()),
-            self.own_uid,
         )
     }
 
@@ -79,9 +82,15 @@ impl Access {
             logged.len() < MAX_LOGGED_UIDS && logged.insert(peer.uid)
         };
         if first {
-            warn!(uid = peer.uid, gid = peer.gid, pid = ?peer.pid, "{}", self.refusal(peer));
+            warn!(
+                uid = peer.uid,
+                gid = peer.gid,
+                "{}; further refusals of this user are only counted \
+                 (mesh_ipc_connections_refused_total)",
+                self.refusal(peer)
+            );
         } else {
-            debug!(uid = peer.uid, pid = ?peer.pid, "node socket refused a connection again");
+            debug!(uid = peer.uid, "node socket refused a connection again");
         }
     }
 }
