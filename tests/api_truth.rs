@@ -500,6 +500,13 @@ async fn a_stored_key_birdeye_refuses_is_set_aside_not_lost() {
         .await
         .unwrap();
     assert_eq!(std::fs::read_to_string(&aside).unwrap(), DEMO_API_KEY);
+    eventually("the API says where the key went", Duration::from_secs(10), async || {
+        try_get(&format!("{base}/api/mesh/provider/status")).await.is_some_and(|b| {
+            b["data"]["rejected_key_file"].as_str() == Some(aside.to_str().unwrap_or_default())
+        })
+    })
+    .await
+    .unwrap();
 
     // Birdeye would take it again: it is not tried by itself after a restart.
     mesh.simulators()[0].set_failing_key(DEMO_API_KEY, None);

@@ -89,6 +89,7 @@ pub fn provider(enabled: bool) -> ProviderStatusView {
         rounds_failed: 0,
         degraded: false,
         revision: 0,
+        rejected_key_file: None,
     }
 }
 

@@ -129,6 +129,7 @@ impl BenchNode {
             rounds_failed: 0,
             degraded: false,
             revision: 0,
+            rejected_key_file: None,
         }
     }
 }

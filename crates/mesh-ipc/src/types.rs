@@ -146,6 +146,11 @@ pub struct ProviderStatusView {
     /// one with the higher revision is the newer.
     #[serde(default)]
     pub revision: u64,
+    /// Where a key Birdeye refused was set aside (`provider.key.rejected` in the data
+    /// directory), while that file is there: never used again by the node, kept for the
+    /// operator. `null` when there is none.
+    #[serde(default)]
+    pub rejected_key_file: Option<String>,
 }
 
 /// Two providers disagree on an asset.

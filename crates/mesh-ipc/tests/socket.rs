@@ -52,6 +52,7 @@ fn provider() -> ProviderStatusView {
         rounds_failed: 0,
         degraded: false,
         revision: 0,
+        rejected_key_file: None,
     }
 }
 

@@ -76,7 +76,16 @@ impl Shared {
 
     /// Provider mode status as the API shows it.
     pub fn provider_status(&self) -> ProviderStatusView {
-        provider_view(&self.provider.status())
+        self.view_of(&self.provider.status())
+    }
+
+    /// `status` in the API's shape, with where a refused key was set aside.
+    pub(super) fn view_of(&self, status: &mesh_provider::ProviderStatus) -> ProviderStatusView {
+        let rejected = self.keys.rejected_path();
+        ProviderStatusView {
+            rejected_key_file: rejected.exists().then(|| rejected.display().to_string()),
+            ..provider_view(status)
+        }
     }
 
     pub(super) async fn enable_provider(&self, api_key: String) -> Response {
@@ -161,6 +170,7 @@ pub fn provider_view(s: &mesh_provider::ProviderStatus) -> ProviderStatusView {
         rounds_failed: s.rounds_failed,
         degraded: s.degraded,
         revision: s.revision,
+        rejected_key_file: None,
     }
 }
 

@@ -15,7 +15,7 @@ use tracing::{info, warn};
 use crate::now_ms;
 use crate::providers::BatchClaim;
 
-use super::{Shared, provider_view};
+use super::Shared;
 
 /// The task that owns the price book: every delivered message goes through here. At shutdown
 /// it stops taking new deliveries and applies the ones already queued (at most the relay's
@@ -313,13 +313,13 @@ pub(super) async fn run_provider_events(shared: Arc<Shared>, cancel: Cancellatio
                 }
             }
         }
-        let view = provider_view(&status.borrow_and_update());
-        if !view.enabled && view.reason.is_some() {
+        let current = status.borrow_and_update().clone();
+        if !current.enabled && current.reason.is_some() {
             // Stopped by Birdeye (key refused): the stored key is set aside, never loaded again
             // but not lost (the operator may want to look at it).
             match shared.keys.quarantine() {
                 Ok(Some(path)) => tracing::error!(
-                    reason = view.reason.as_deref().unwrap_or_default(),
+                    reason = current.reason.as_deref().unwrap_or_default(),
                     key_file = %path.display(),
                     "provider mode is off: Birdeye refused the API key; the key was set aside and \
                      is not used again. Enable provider mode with a valid key \
@@ -333,6 +333,6 @@ pub(super) async fn run_provider_events(shared: Arc<Shared>, cancel: Cancellatio
             shared.tracker.lock().set_own_active(false, now_ms());
             let _ = shared.relay.set_provider(false).await;
         }
-        shared.emit(Event::Provider(view));
+        shared.emit(Event::Provider(shared.view_of(&current)));
     }
 }
