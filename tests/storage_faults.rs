@@ -261,3 +261,133 @@ async fn a_wrong_password_is_an_outage_not_an_error() -> anyhow::Result<()> {
     assert_eq!(mirror.read_all().await, vec![price(1, T0)]);
     Ok(())
 }
+
+/// TLS to Redis and PostgreSQL (issue 25, item 3). Servers of the test's own with certificates
+/// of a test authority: `rediss://` with `REDIS_CA_FILE` (and a password), `sslmode=require`
+/// and `sslmode=verify-full` with `sslrootcert` connect, encrypted; a server whose certificate
+/// does not chain to the configured authority is refused with an error that the log line
+/// completes with the setting to check; a CA file with a `redis://` URL is refused at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_and_postgres_over_tls_check_the_servers_certificate() {
+    use mesh_tests::tls::TestCa;
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ca = TestCa::new("mesh test authority").expect("authority");
+    let ca_file = ca.write_cert(&dir.path().join("ca.pem")).expect("CA file");
+    let other = TestCa::new("someone else").expect("other authority");
+    let other_file = other.write_cert(&dir.path().join("other.pem")).expect("other CA file");
+    let server = ca.server(dir.path(), "server").expect("server certificate");
+
+    // Redis over TLS with the guide's requirepass.
+    let redis_server =
+        RedisServer::start_tls(Some("s3cret"), &server, &ca_file).await.expect("TLS redis-server");
+    assert!(redis_server.url().starts_with("rediss://"));
+    let mut config = RedisConfig::new(redis_server.url());
+    config.ca_file = Some(ca_file.clone());
+    let pool = config.pool().expect("TLS pool");
+    let mut conn = pool.get().await.expect("a TLS connection");
+    let _: () = redis::cmd("SET").arg("tls:k").arg("v").query_async(&mut conn).await.expect("SET");
+    let got: String = redis::cmd("GET").arg("tls:k").query_async(&mut conn).await.expect("GET");
+    assert_eq!(got, "v");
+    let mirror = PriceMirror::new(pool.clone(), "tls:");
+    mirror.write(&[price(1, T0)]).await;
+    assert_eq!(mirror.read_all().await.len(), 1, "the mirror works over TLS");
+
+    // Another authority's client refuses the server.
+    let mut wrong = RedisConfig::new(redis_server.url());
+    wrong.ca_file = Some(other_file.clone());
+    let refused = match wrong.pool().expect("pool").get().await {
+        Ok(_) => panic!("a server of another authority was accepted"),
+        Err(e) => e.to_string(),
+    };
+    let hint = mesh_storage::tls::tls_hint(&refused, "REDIS_CA_FILE");
+    assert!(hint.contains("REDIS_CA_FILE"), "not seen as a certificate failure: {refused}");
+    let redis_refused = refused;
+    // A CA file with a plain redis:// URL is a mistake, said at start.
+    let mut plain = RedisConfig::new(redis_server.url().replace("rediss://", "redis://"));
+    plain.ca_file = Some(ca_file.clone());
+    let error = plain.pool().expect_err("a CA file with redis://").to_string();
+    assert!(error.contains("REDIS_CA_FILE") && error.contains("rediss://"), "{error}");
+
+    // PostgreSQL with ssl=on.
+    let pg = PgCluster::start_tls(&server).await.expect("TLS PostgreSQL cluster");
+    let base = pg.url("postgres");
+    let encrypted = async |url: String| -> bool {
+        let mut c = sqlx::PgConnection::connect(&url).await.expect("connect");
+        let (ssl,): (bool,) =
+            sqlx::query_as("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+                .fetch_one(&mut c)
+                .await
+                .expect("pg_stat_ssl");
+        ssl
+    };
+    assert!(encrypted(format!("{base}?sslmode=require")).await, "sslmode=require");
+    let verify = format!("{base}?sslmode=verify-full&sslrootcert={}", ca_file.display());
+    assert!(encrypted(verify).await, "sslmode=verify-full");
+    // The store a node uses, over TLS.
+    let db = Database::connect(&DatabaseConfig::new(format!(
+        "{base}?sslmode=verify-full&sslrootcert={}",
+        ca_file.display()
+    )))
+    .await
+    .expect("the store connects and migrates over TLS");
+    drop(db);
+    let wrong = format!("{base}?sslmode=verify-full&sslrootcert={}", other_file.display());
+    let refused = match sqlx::PgConnection::connect(&wrong).await {
+        Ok(_) => panic!("a server of another authority was accepted"),
+        Err(e) => e.to_string(),
+    };
+    let hint = mesh_storage::tls::tls_hint(&refused, "sslrootcert in DATABASE_URL");
+    assert!(hint.contains("sslrootcert"), "not seen as a certificate failure: {refused}");
+    mesh_tests::reliability::report(
+        "tls_stores",
+        serde_json::json!({ "redis_refused": redis_refused, "postgres_refused": refused }),
+    );
+}
+
+/// A node whose Redis and PostgreSQL present certificates of another authority than the one
+/// it is told to trust keeps running: it relays and serves prices, and reports both stores
+/// degraded (issue 25, item 3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_refusing_its_stores_certificates_keeps_serving_degraded() {
+    use mesh_tests::tls::TestCa;
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let ca = TestCa::new("the servers' authority").expect("authority");
+    let ca_file = ca.write_cert(&dir.path().join("ca.pem")).expect("CA file");
+    let other = TestCa::new("the node's authority").expect("other authority");
+    let trusted = other.write_cert(&dir.path().join("trusted.pem")).expect("trusted CA file");
+    let server = ca.server(dir.path(), "server").expect("server certificate");
+    let redis_server =
+        RedisServer::start_tls(None, &server, &ca_file).await.expect("TLS redis-server");
+    let pg = PgCluster::start_tls(&server).await.expect("TLS PostgreSQL cluster");
+    let database_url =
+        format!("{}?sslmode=verify-full&sslrootcert={}", pg.url("postgres"), trusted.display());
+    let (redis_url, trusted_file) = (redis_server.url(), trusted.display().to_string());
+    let mesh = mesh_testkit::LocalMesh::builder()
+        .providers(1)
+        .consumers(1)
+        .rounds(2, 1)
+        .per_node(move |i, o| {
+            if i == 1 {
+                o.insert("REDIS_URL".into(), redis_url.clone());
+                o.insert("REDIS_CA_FILE".into(), trusted_file.clone());
+                o.insert("DATABASE_URL".into(), database_url.clone());
+            }
+        })
+        .start()
+        .await
+        .expect("the node starts with stores it cannot trust");
+    let wait = Duration::from_secs(60);
+    eventually("the consumer serves prices and says both stores are degraded", wait, async || {
+        let node = mesh.running(1).expect("node 1");
+        let status = node.shared().network_status();
+        !node.prices().is_empty()
+            && status.degraded
+            && ["database", "redis"]
+                .iter()
+                .all(|c| status.degraded_components.iter().any(|d| d == c))
+    })
+    .await
+    .expect("degraded, serving");
+    mesh.shutdown().await.expect("shutdown");
+}

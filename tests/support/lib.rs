@@ -13,6 +13,7 @@ mod logs;
 pub mod netns;
 mod processes;
 pub mod reliability;
+pub mod tls;
 
 use sqlx::{AssertSqlSafe, Connection, Executor, PgConnection};
 

@@ -24,6 +24,14 @@ pub struct RedisServer {
     password: Option<String>,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Serves TLS only (`rediss://`) with this certificate; clients trust `ca`.
+    tls: Option<RedisTls>,
+}
+
+#[derive(Debug, Clone)]
+struct RedisTls {
+    server: crate::tls::ServerFiles,
+    ca: PathBuf,
 }
 
 impl RedisServer {
@@ -35,16 +43,36 @@ impl RedisServer {
             password: password.map(str::to_owned),
             dir: tempfile::tempdir()?,
             child: None,
+            tls: None,
         };
         server.spawn().await?;
         Ok(server)
     }
 
-    /// Its URL (with the password).
+    /// Starts one that speaks TLS only (`rediss://`), with `server`'s certificate, and
+    /// `password` required when given; waits until it answers a client that trusts `ca`.
+    pub async fn start_tls(
+        password: Option<&str>,
+        server: &crate::tls::ServerFiles,
+        ca: &Path,
+    ) -> anyhow::Result<Self> {
+        let mut redis = Self {
+            port: free_port()?,
+            password: password.map(str::to_owned),
+            dir: tempfile::tempdir()?,
+            child: None,
+            tls: Some(RedisTls { server: server.clone(), ca: ca.to_path_buf() }),
+        };
+        redis.spawn().await?;
+        Ok(redis)
+    }
+
+    /// Its URL (with the password; `rediss://` when it speaks TLS).
     pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() { "rediss" } else { "redis" };
         match &self.password {
-            Some(pw) => format!("redis://:{pw}@127.0.0.1:{}", self.port),
-            None => format!("redis://127.0.0.1:{}", self.port),
+            Some(pw) => format!("{scheme}://:{pw}@127.0.0.1:{}", self.port),
+            None => format!("{scheme}://127.0.0.1:{}", self.port),
         }
     }
 
@@ -64,7 +92,17 @@ impl RedisServer {
 
     async fn spawn(&mut self) -> anyhow::Result<()> {
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+        match &self.tls {
+            None => cmd.args(["--port", &self.port.to_string()]),
+            Some(tls) => cmd
+                .args(["--port", "0", "--tls-port", &self.port.to_string()])
+                .arg("--tls-cert-file")
+                .arg(&tls.server.cert)
+                .arg("--tls-key-file")
+                .arg(&tls.server.key)
+                .args(["--tls-auth-clients", "no"]),
+        };
+        cmd.args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(self.dir.path())
@@ -74,7 +112,17 @@ impl RedisServer {
             cmd.args(["--requirepass", pw]);
         }
         self.child = Some(cmd.spawn().context("starting redis-server (is Redis installed?)")?);
-        let client = deadpool_redis::redis::Client::open(self.url())?;
+        let client = match &self.tls {
+            None => deadpool_redis::redis::Client::open(self.url())?,
+            Some(tls) => {
+                mesh_storage::tls::install_crypto_provider();
+                let certificates = deadpool_redis::redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(std::fs::read(&tls.ca)?),
+                };
+                deadpool_redis::redis::Client::build_with_tls(self.url(), certificates)?
+            }
+        };
         eventually(
             "the test's redis-server answers",
             Duration::from_secs(15),
@@ -104,6 +152,8 @@ pub struct PgCluster {
     dir: tempfile::TempDir,
     bin: PathBuf,
     port: u16,
+    /// `ssl=on`, with `server.crt` and `server.key` in the data directory.
+    ssl: bool,
 }
 
 impl PgCluster {
@@ -112,14 +162,40 @@ impl PgCluster {
         let dir = tempfile::tempdir()?;
         // The postgres user creates the data directory, socket and log in here.
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))?;
-        let cluster = Self { bin: postgres_bin_dir()?, port: free_port()?, dir };
-        let data = cluster.data_dir();
-        cluster.run(
-            "initdb",
-            &["-D", path_str(&data)?, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
-        )?;
+        let cluster = Self { bin: postgres_bin_dir()?, port: free_port()?, dir, ssl: false };
+        cluster.init()?;
         cluster.start_again()?;
         Ok(cluster)
+    }
+
+    /// Like [`PgCluster::start`], with TLS on (`ssl=on`) and `server`'s certificate and key;
+    /// clients may still connect without TLS (`sslmode=disable`), as PostgreSQL allows.
+    pub async fn start_tls(server: &crate::tls::ServerFiles) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777))?;
+        let cluster = Self { bin: postgres_bin_dir()?, port: free_port()?, dir, ssl: true };
+        cluster.init()?;
+        // PostgreSQL reads them as its own user, and wants the key private.
+        let data = cluster.data_dir();
+        let owner = std::fs::metadata(&data)?;
+        for (from, name, mode) in
+            [(&server.cert, "server.crt", 0o644), (&server.key, "server.key", 0o600)]
+        {
+            let to = data.join(name);
+            std::fs::copy(from, &to)?;
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(mode))?;
+            std::os::unix::fs::chown(&to, Some(owner.uid()), Some(owner.gid()))?;
+        }
+        cluster.start_again()?;
+        Ok(cluster)
+    }
+
+    fn init(&self) -> anyhow::Result<()> {
+        let data = self.data_dir();
+        self.run(
+            "initdb",
+            &["-D", path_str(&data)?, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
+        )
     }
 
     /// URL of database `db` in the cluster.
@@ -136,9 +212,10 @@ impl PgCluster {
     /// Starts the server (again) on the same port and waits until it accepts connections.
     pub fn start_again(&self) -> anyhow::Result<()> {
         let options = format!(
-            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off{}",
             self.port,
-            path_str(self.dir.path())?
+            path_str(self.dir.path())?,
+            if self.ssl { " -c ssl=on" } else { "" }
         );
         let log = self.dir.path().join("server.log");
         self.run(

@@ -104,7 +104,8 @@ impl Health {
             self.outages.fetch_add(1, Ordering::Relaxed);
             retry.since = Some(now);
             retry.backoff = self.initial;
-            tracing::error!(component = self.component, %error, "Redis connection failed");
+            let hint = tls_hint(&error.to_string(), "REDIS_CA_FILE");
+            tracing::error!(component = self.component, %error, "Redis connection failed{hint}");
         }
         retry.next_attempt = Some(now + retry.backoff);
     }
@@ -132,9 +133,32 @@ impl Health {
     }
 }
 
+/// The setting to check when `error` (a connection error's text) is a TLS certificate
+/// failure, as a suffix for the line that reports the outage; empty otherwise. `setting` names
+/// where the trusted authority is configured (`REDIS_CA_FILE`, `sslrootcert in DATABASE_URL`).
+pub fn tls_hint(error: &str, setting: &str) -> String {
+    let lower = error.to_ascii_lowercase();
+    let tls = ["certificate", "unknownissuer", "notvalidforname", "invalid peer", "tls handshake"];
+    if tls.iter().any(|t| lower.contains(t)) {
+        format!(
+            " (TLS: the server's certificate does not chain to the authority of {setting}, or \
+             does not name the host of the URL)"
+        )
+    } else {
+        String::new()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn certificate_failures_name_the_setting() {
+        let refused = "invalid peer certificate: UnknownIssuer";
+        assert!(tls_hint(refused, "REDIS_CA_FILE").contains("REDIS_CA_FILE"));
+        assert_eq!(tls_hint("Connection refused (os error 111)", "REDIS_CA_FILE"), "");
+    }
 
     #[tokio::test(start_paused = true)]
     async fn one_outage_is_one_transition_and_attempts_back_off() {

@@ -158,7 +158,9 @@ impl Persistence {
                 loaded = Loaded { prices, seen };
             }
             Ok(Err(error)) => {
-                warn!(%error, "Database write failed: starting without stored state; retrying in the background");
+                let hint =
+                    mesh_storage::tls::tls_hint(&error.to_string(), "sslrootcert in DATABASE_URL");
+                warn!(%error, "Database write failed: starting without stored state; retrying in the background{hint}");
                 spawn_migration_retry(db.clone(), tasks, cancel);
             }
             Err(_) => {
@@ -206,6 +208,7 @@ impl Persistence {
             let mut rc = RedisConfig::new(settings.url.clone());
             rc.pool_size = settings.pool_size;
             rc.prefix = settings.prefix.clone();
+            rc.ca_file = settings.ca_file.clone();
             let pool = rc.pool()?;
             let side = RedisSide {
                 mirror: Arc::new(PriceMirror::new(pool.clone(), &rc.prefix)),

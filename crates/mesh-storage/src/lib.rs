@@ -63,6 +63,7 @@ mod redact;
 pub mod redis;
 mod row;
 mod store;
+pub mod tls;
 
 pub use db::{Database, DatabaseConfig};
 pub use error::{Error, Result};

@@ -350,11 +350,15 @@ impl<T: Coalesce> Worker<T> {
                         outage_since = Some(Instant::now());
                         self.shared.degraded.store(true, Ordering::Relaxed);
                         self.shared.outages.fetch_add(1, Ordering::Relaxed);
+                        let hint = mesh_health::tls_hint(
+                            &error.to_string(),
+                            "sslrootcert in DATABASE_URL",
+                        );
                         tracing::error!(
                             queue = self.config.name,
                             %error,
                             held = self.held.len(),
-                            "Database write failed"
+                            "Database write failed{hint}"
                         );
                     } else {
                         tracing::debug!(queue = self.config.name, %error, ?backoff, "retrying");

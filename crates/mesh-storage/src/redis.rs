@@ -11,7 +11,9 @@ mod seen;
 
 use std::time::Duration;
 
-use deadpool_redis::redis::AsyncConnectionConfig;
+use deadpool_redis::redis::{
+    AsyncConnectionConfig, ConnectionInfo, IntoConnectionInfo, TlsCertificates,
+};
 use deadpool_redis::{Manager, Pool, Runtime};
 
 pub use mesh_health::Health;
@@ -35,6 +37,9 @@ pub struct RedisConfig {
     /// Connect and response timeout of one call; a call that takes longer counts as a
     /// failure and the component falls back to memory.
     pub timeout: Duration,
+    /// `REDIS_CA_FILE`: PEM certificates of the authority a `rediss://` server's certificate
+    /// must chain to, instead of the system's roots.
+    pub ca_file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for RedisConfig {
@@ -44,6 +49,7 @@ impl std::fmt::Debug for RedisConfig {
             .field("pool_size", &self.pool_size)
             .field("prefix", &self.prefix)
             .field("timeout", &self.timeout)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -56,6 +62,7 @@ impl RedisConfig {
             pool_size: 10,
             prefix: DEFAULT_PREFIX.to_owned(),
             timeout: Duration::from_millis(500),
+            ca_file: None,
         }
     }
 
@@ -74,14 +81,21 @@ impl RedisConfig {
 
     /// Builds the connection pool. Nothing is connected yet: connections open on first use,
     /// so a node starts while Redis is down (and reports degraded on first use).
+    ///
+    /// A `rediss://` URL connects over TLS (rustls): the server's certificate must chain to
+    /// [`RedisConfig::ca_file`] when set, else to the system's roots, and name the URL's host.
+    /// A CA file that cannot be read or holds no certificate, or one given with a `redis://`
+    /// URL, is an error here, at start.
     pub fn pool(&self) -> Result<Pool> {
         let pool_error =
             |reason: String| Error::RedisPool { url: crate::db::redact(&self.url), reason };
+        crate::tls::install_crypto_provider();
         let connection = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout));
-        let manager = Manager::new_with_config(self.url.as_str(), connection)
-            .map_err(|e| pool_error(e.to_string()))?;
+        let info = self.connection_info()?;
+        let manager =
+            Manager::new_with_config(info, connection).map_err(|e| pool_error(e.to_string()))?;
         Pool::builder(manager)
             .max_size(self.pool_size)
             .wait_timeout(Some(self.timeout))
@@ -90,6 +104,32 @@ impl RedisConfig {
             .runtime(Runtime::Tokio1)
             .build()
             .map_err(|e| pool_error(e.to_string()))
+    }
+}
+
+impl RedisConfig {
+    /// Where and how to connect: the URL, with the CA file's certificates as the roots of a
+    /// `rediss://` connection when one is set.
+    fn connection_info(&self) -> Result<ConnectionInfo> {
+        let config_error = |reason: String| Error::Config {
+            name: "REDIS_CA_FILE",
+            value: self.ca_file.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            reason,
+        };
+        let pool_error =
+            |reason: String| Error::RedisPool { url: crate::db::redact(&self.url), reason };
+        let Some(ca_file) = &self.ca_file else {
+            return self.url.as_str().into_connection_info().map_err(|e| pool_error(e.to_string()));
+        };
+        if !self.url.starts_with("rediss://") {
+            return Err(config_error("a CA file needs a rediss:// REDIS_URL (TLS)".into()));
+        }
+        let pem = std::fs::read(ca_file).map_err(|e| config_error(e.to_string()))?;
+        crate::tls::check_pem_certificates(&pem).map_err(config_error)?;
+        let certificates = TlsCertificates { client_tls: None, root_cert: Some(pem) };
+        let client = deadpool_redis::redis::Client::build_with_tls(self.url.as_str(), certificates)
+            .map_err(|e| config_error(e.to_string()))?;
+        Ok(client.get_connection_info().clone())
     }
 }
 

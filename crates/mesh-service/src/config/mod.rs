@@ -32,6 +32,8 @@ pub struct RedisSettings {
     pub pool_size: usize,
     /// `MESH_REDIS_PREFIX`.
     pub prefix: String,
+    /// `REDIS_CA_FILE`: the authority a `rediss://` server's certificate must chain to.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl fmt::Debug for RedisSettings {
@@ -40,6 +42,7 @@ impl fmt::Debug for RedisSettings {
             .field("url", &redact_url(&self.url))
             .field("pool_size", &self.pool_size)
             .field("prefix", &self.prefix)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
@@ -258,11 +261,33 @@ impl NodeConfig {
                 redact_url(url)
             )));
         }
+        let redis_ca = r.raw("REDIS_CA_FILE").filter(|p| !p.trim().is_empty()).map(PathBuf::from);
         let redis = r.raw("REDIS_URL").map(|url| RedisSettings {
             url: url.to_owned(),
             pool_size: pool,
             prefix: r.text("MESH_REDIS_PREFIX"),
+            ca_file: redis_ca.clone(),
         });
+        if let Some(ca) = &redis_ca {
+            match &redis {
+                Some(redis) if !redis.url.starts_with("rediss://") => r.problems.push(Problem(
+                    format!("REDIS_CA_FILE={} needs a rediss:// REDIS_URL (TLS)", ca.display()),
+                )),
+                None => r.problems.push(Problem(format!(
+                    "REDIS_CA_FILE={} is set but REDIS_URL is not",
+                    ca.display()
+                ))),
+                Some(_) => {}
+            }
+            match std::fs::read_to_string(ca) {
+                Ok(pem) if pem.contains("-----BEGIN CERTIFICATE-----") => {}
+                Ok(_) => r.problems.push(Problem(format!(
+                    "REDIS_CA_FILE={}: no PEM certificate in the file",
+                    ca.display()
+                ))),
+                Err(e) => r.problems.push(Problem(format!("REDIS_CA_FILE={}: {e}", ca.display()))),
+            }
+        }
         if let Some(redis) = &redis
             && !(redis.url.starts_with("redis://") || redis.url.starts_with("rediss://"))
         {
@@ -438,6 +463,12 @@ impl NodeConfig {
                     .redis
                     .as_ref()
                     .map_or(default_of("MESH_REDIS_PREFIX").to_owned(), |r| r.prefix.clone()),
+                "REDIS_CA_FILE" => self
+                    .redis
+                    .as_ref()
+                    .and_then(|r| r.ca_file.as_ref())
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
                 "DATABASE_URL" => self.database_url.as_deref().map(redact_url).unwrap_or_default(),
                 "DATABASE_MAX_CONNECTIONS" => self.database_max_connections.to_string(),
                 "MESH_WRITE_QUEUE_CAPACITY" => self.write_queue_capacity.to_string(),

@@ -146,6 +146,12 @@ pub const VARIABLES: &[Variable] = &[
     ),
     var("REDIS_POOL_SIZE", "10", "1-100", "Redis connections"),
     var("MESH_REDIS_PREFIX", "mesh:", "text", "prefix of every Redis key"),
+    var(
+        "REDIS_CA_FILE",
+        "",
+        "path",
+        "PEM certificates a rediss:// (TLS) server's certificate must chain to (unset: the system's roots)",
+    ),
     secret("DATABASE_URL", "postgres://... (else an SQLite file in MESH_DATA_DIR)"),
     var("DATABASE_MAX_CONNECTIONS", "10", "1-100", "database connections"),
     var(
