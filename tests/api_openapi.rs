@@ -252,6 +252,24 @@ async fn every_documented_operation_answers_as_documented() {
         .await,
         call(&base, "get", "/api/mesh/prices/{asset}", "/api/mesh/prices/USDC", None, None).await,
         call(&base, "get", "/api/mesh/prices/{asset}", "/api/mesh/prices/NOPE", None, None).await,
+        call(
+            &base,
+            "get",
+            "/api/mesh/prices/{asset}/quotes",
+            "/api/mesh/prices/USDC/quotes",
+            None,
+            None,
+        )
+        .await,
+        call(
+            &base,
+            "get",
+            "/api/mesh/prices/{asset}/quotes",
+            "/api/mesh/prices/NOPE/quotes",
+            None,
+            None,
+        )
+        .await,
         call(&base, "get", "/api/mesh/network/status", "/api/mesh/network/status", None, None)
             .await,
         call(&base, "get", "/api/mesh/provider/status", "/api/mesh/provider/status", None, None)
@@ -347,6 +365,7 @@ async fn every_documented_operation_answers_as_documented() {
     for (method, path, url, body) in [
         ("get", "/api/mesh/prices", "/api/mesh/prices", None),
         ("get", "/api/mesh/prices/{asset}", "/api/mesh/prices/SOL", None),
+        ("get", "/api/mesh/prices/{asset}/quotes", "/api/mesh/prices/SOL/quotes", None),
         ("get", "/api/mesh/network/status", "/api/mesh/network/status", None),
         ("get", "/api/mesh/provider/status", "/api/mesh/provider/status", None),
         ("get", "/readyz", "/readyz", None),
@@ -383,8 +402,9 @@ async fn every_documented_operation_answers_as_documented() {
     assert_eq!(
         statuses,
         [
-            200, 200, 200, 404, 200, 200, 200, 401, 400, 413, 200, 401, 401, 200, 200, 400, 101,
-            200, 200, 200, 200, 200, 415, 403, 429, 503, 503, 503, 503, 503, 503, 503
+            200, 200, 200, 404, 200, 404, 200, 200, 200, 401, 400, 413, 200, 401, 401, 200, 200,
+            400, 101, 200, 200, 200, 200, 200, 415, 403, 429, 503, 503, 503, 503, 503, 503, 503,
+            503
         ]
     );
     api.shutdown(Duration::from_secs(5)).await;

@@ -517,3 +517,78 @@ async fn a_stored_key_birdeye_refuses_is_set_aside_not_lost() {
     drop(api);
     mesh.shutdown().await.unwrap();
 }
+
+/// `GET /api/mesh/prices/{asset}/quotes` (issue 26, item 2): every provider's latest quote, with
+/// its node id, timestamp and hop count, which one is served, and whether each agrees with it.
+/// Two providers, the second's Birdeye 10 % higher (threshold 5 %): on a consumer, each asset
+/// has one quote of each, exactly one served, the other disagreeing; an unknown asset is 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quotes_show_every_provider_and_which_agree() {
+    let skewed = Simulator::builder()
+        .keys([DEMO_API_KEY])
+        .seed(7)
+        .offset_percent(10.0)
+        .spawn("127.0.0.1:0")
+        .await
+        .unwrap();
+    let skewed_url = skewed.base_url();
+    let mesh = LocalMesh::builder()
+        .providers(2)
+        .consumers(1)
+        .rounds(2, 1)
+        .per_node(move |i, o| {
+            if i == 1 {
+                o.insert("MESH_BIRDEYE_BASE_URL".into(), skewed_url.clone());
+            }
+        })
+        .start()
+        .await
+        .unwrap();
+    let providers: Vec<String> = (0..2)
+        .map(|i| mesh.running(i).unwrap().shared().network_status().node_id.to_string())
+        .collect();
+    let api = start_api(mesh.running(2).unwrap().socket(), |_| {}).await.unwrap();
+    let base = format!("http://{}", api.local_addr());
+    let asset = mesh.running(0).unwrap().prices()[0].asset.clone();
+    let url = format!("{base}/api/mesh/prices/{asset}/quotes");
+    // Providers take turns: wait for an answer in which both quotes are fresh.
+    let seen: Arc<Mutex<Option<Value>>> = Arc::default();
+    eventually(
+        "both providers' fresh quotes at the consumer",
+        Duration::from_secs(60),
+        async || {
+            let Some(body) = try_get(&url).await else { return false };
+            let both = body["data"]
+                .as_array()
+                .is_some_and(|q| q.len() == 2 && q.iter().all(|q| q["fresh"] == true));
+            if both {
+                *seen.lock().unwrap() = Some(body);
+            }
+            both
+        },
+    )
+    .await
+    .unwrap();
+    let body = seen.lock().unwrap().clone().unwrap();
+    let quotes = body["data"].as_array().unwrap();
+    let mut sources: Vec<String> =
+        quotes.iter().map(|q| q["source_node_id"].as_str().unwrap().to_owned()).collect();
+    sources.sort();
+    let mut expected = providers.clone();
+    expected.sort();
+    assert_eq!(sources, expected, "{body}");
+    assert_eq!(quotes.iter().filter(|q| q["served"] == true).count(), 1, "{body}");
+    assert_eq!(quotes[0]["served"], true, "the served quote comes first: {body}");
+    assert_eq!(quotes[0]["agrees"], true, "{body}");
+    assert_eq!(quotes[1]["agrees"], false, "10 % apart with a 5 % threshold: {body}");
+    for q in quotes {
+        assert_eq!(q["asset"], asset.as_str());
+        assert!(q["hop_count"].as_u64().is_some_and(|h| h >= 1), "{q}");
+        assert!(q["timestamp_ms"].as_i64().is_some_and(|t| t > 0), "{q}");
+    }
+    let response =
+        reqwest::get(format!("{base}/api/mesh/prices/NoSuchAsset/quotes")).await.unwrap();
+    assert_eq!(response.status(), 404);
+    drop(api);
+    mesh.shutdown().await.unwrap();
+}

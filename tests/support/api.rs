@@ -161,6 +161,28 @@ impl Handler for FakeNode {
                     .cloned()
                     .collect(),
             ),
+            // Each price as its provider's only quote.
+            Request::GetQuotes(filter) => Response::Quotes(
+                self.state()
+                    .prices
+                    .iter()
+                    .filter(|p| filter.matches(&p.blockchain, &p.asset))
+                    .map(|p| mesh_ipc::QuoteView {
+                        asset: p.asset.clone(),
+                        blockchain: p.blockchain.clone(),
+                        source_node_id: p.source_node_id,
+                        price: p.price.clone(),
+                        change_24h: p.change_24h.clone(),
+                        timestamp: p.timestamp.clone(),
+                        timestamp_ms: p.timestamp_ms,
+                        age_secs: p.age_secs,
+                        hop_count: p.hop_count,
+                        fresh: !p.stale,
+                        agrees: true,
+                        served: true,
+                    })
+                    .collect(),
+            ),
             Request::GetNetworkStatus => Response::NetworkStatus(self.state().network.clone()),
             Request::GetProviderStatus => Response::ProviderStatus(self.state().provider.clone()),
             Request::EnableProvider { api_key } => {

@@ -13,6 +13,7 @@
 //! |---|---|
 //! | `GET /api/mesh/prices` | every price; query `blockchain`, `asset` |
 //! | `GET /api/mesh/prices/{asset}` | that asset on every chain (query `blockchain`); 404 when unknown |
+//! | `GET /api/mesh/prices/{asset}/quotes` | every provider's latest quote of that asset (query `blockchain`): fresh, agreeing, served; asked of the node, 503 while it is away |
 //! | `GET /api/mesh/network/status` | `node_id`, `connected_peers`, `active_providers`, `data_freshness`, `last_update_time`, `degraded`, ... |
 //! | `POST /api/mesh/provider/enable` | `{"api_key": "..."}`; 401 `Invalid API key` when Birdeye refuses it |
 //! | `POST /api/mesh/provider/disable` | provider mode off |

@@ -71,6 +71,7 @@ pub(crate) fn router(state: Arc<AppState>) -> Router {
     let rest = Router::new()
         .route("/api/mesh/prices", get(rest::prices))
         .route("/api/mesh/prices/{asset}", get(rest::asset))
+        .route("/api/mesh/prices/{asset}/quotes", get(rest::quotes))
         .route("/api/mesh/network/status", get(rest::network_status))
         .route("/api/mesh/provider/status", get(rest::provider_status))
         .route("/healthz", get(rest::healthz))

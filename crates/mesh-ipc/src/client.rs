@@ -7,7 +7,7 @@ use tokio::net::UnixStream;
 
 use crate::frame::{self, MAX_JOINED_PRICES, MAX_RESPONSE_LEN};
 use crate::types::{
-    Event, NetworkStatus, PriceFilter, PriceView, ProviderStatusView, Request, Response,
+    Event, NetworkStatus, PriceFilter, PriceView, ProviderStatusView, QuoteView, Request, Response,
 };
 use crate::{Error, Result};
 
@@ -75,6 +75,14 @@ impl Client {
     pub async fn prices(&self, filter: PriceFilter) -> Result<Vec<PriceView>> {
         match self.request(&Request::GetPrices(filter)).await? {
             Response::Prices(p) => Ok(p),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Every provider's latest quote of the assets matching `filter`.
+    pub async fn quotes(&self, filter: PriceFilter) -> Result<Vec<QuoteView>> {
+        match self.request(&Request::GetQuotes(filter)).await? {
+            Response::Quotes(q) => Ok(q),
             other => Err(unexpected(other)),
         }
     }

@@ -45,7 +45,7 @@ pub use client::{Client, Subscription};
 pub use server::{Handler, Server, ServerConfig};
 pub use types::{
     ActiveProvider, DataFreshness, Discrepancy, ErrorKind, Event, NetworkStatus, PriceFilter,
-    PriceView, ProviderStatusView, Request, Response, Snapshot,
+    PriceView, ProviderStatusView, QuoteView, Request, Response, Snapshot,
 };
 
 /// Errors of the IPC layer.

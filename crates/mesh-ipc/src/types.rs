@@ -185,6 +185,39 @@ pub struct Snapshot {
     pub provider: ProviderStatusView,
 }
 
+/// One provider's latest quote of an asset, as this node holds it
+/// (`GET /api/mesh/prices/{asset}/quotes`): what each provider says, so that a lying or
+/// broken one can be found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QuoteView {
+    /// The asset (token address; an EVM address in lower case).
+    pub asset: String,
+    /// Its chain.
+    pub blockchain: String,
+    /// The provider that sent it.
+    pub source_node_id: NodeId,
+    /// Its price, exact, as text.
+    pub price: Decimal,
+    /// Change over 24 hours in percent, when known.
+    pub change_24h: Option<Decimal>,
+    /// When the provider fetched it (RFC 3339, UTC).
+    pub timestamp: String,
+    /// The same in Unix milliseconds.
+    pub timestamp_ms: i64,
+    /// Seconds since the price was observed (the source's time when given, else the fetch).
+    pub age_secs: u64,
+    /// Hops the quote travelled to this node (0 for our own); `null` for a quote reloaded from
+    /// the store at start-up, until a message about it arrives.
+    pub hop_count: Option<u8>,
+    /// Fetched within two fetch intervals: it counts in `providers_reporting`.
+    pub fresh: bool,
+    /// Within the discrepancy threshold of the served price (the served quote agrees with
+    /// itself).
+    pub agrees: bool,
+    /// This is the quote the price endpoints serve for the asset.
+    pub served: bool,
+}
+
 /// What a subscription carries after its first [`Event::Snapshot`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", content = "data", rename_all = "snake_case")]
@@ -228,6 +261,9 @@ pub enum Request {
     GetMetrics,
     /// Switch this connection to a stream of [`Event`]s.
     Subscribe,
+    /// Every provider's latest quote of the assets matching the filter (an asset, and a chain
+    /// when given).
+    GetQuotes(PriceFilter),
 }
 
 /// Why a request failed.
@@ -267,6 +303,8 @@ pub enum Response {
     ProviderStatus(ProviderStatusView),
     /// The node's metrics (Prometheus text format).
     Metrics(String),
+    /// Providers' quotes ([`Request::GetQuotes`]).
+    Quotes(Vec<QuoteView>),
     /// A failed request.
     Error {
         /// What kind of failure.

@@ -15,7 +15,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use bigdecimal::BigDecimal;
-use mesh_ipc::{DataFreshness, Discrepancy, PriceFilter, PriceView};
+use mesh_ipc::{DataFreshness, Discrepancy, PriceFilter, PriceView, QuoteView};
 use mesh_protocol::{Decimal, NodeId, PriceUpdate};
 
 /// Price book settings.
@@ -169,19 +169,19 @@ impl Assessment {
 /// The part of an assessment a subscriber must be told about when it changes.
 type Flags = (bool, u32, u32, bool);
 
+/// `quote` is within the discrepancy threshold of `served` (both positive).
+fn agrees(quote: &Quote, served: &Quote, rules: &Rules) -> bool {
+    bigdecimal::Signed::is_positive(std::cmp::min(&quote.value, &served.value))
+        && !rules.exceeds(&quote.value, &served.value)
+}
+
 /// The clock-dependent facts of `served` among `quotes` (all of one asset, `served` among
 /// them) at `now_ms`: a pure function of the stored quotes, the clock and the rules.
 pub fn assess(served: &Quote, quotes: &[&Quote], now_ms: i64, rules: &Rules) -> Assessment {
     let age_ms = now_ms.saturating_sub(served.observed_ms()).max(0);
     let stale = age_ms > rules.staleness_ms;
     let fresh: Vec<&Quote> = quotes.iter().copied().filter(|q| rules.fresh(q, now_ms)).collect();
-    let agreeing = fresh
-        .iter()
-        .filter(|q| {
-            bigdecimal::Signed::is_positive(std::cmp::min(&q.value, &served.value))
-                && !rules.exceeds(&q.value, &served.value)
-        })
-        .count();
+    let agreeing = fresh.iter().filter(|q| agrees(q, served, rules)).count();
     let discrepancy = fresh
         .iter()
         .enumerate()
@@ -588,6 +588,42 @@ impl PriceBook {
             .filter_map(|k| self.view_and_assessment(k, now_ms))
             .map(|(v, _)| v)
             .collect()
+    }
+
+    /// Every provider's latest quote of the assets matching `filter`, by chain and asset, the
+    /// served one first, then the newest: whether each is fresh and agrees with the served
+    /// price, as they are at `now_ms`.
+    pub fn quotes(&self, filter: &PriceFilter, now_ms: i64) -> Vec<QuoteView> {
+        let mut keys: Vec<&Key> =
+            self.assets.keys().filter(|(c, a)| filter.matches(c, a)).collect();
+        keys.sort();
+        let mut out = Vec::new();
+        for key in keys {
+            let Some(entry) = self.assets.get(key) else { continue };
+            let Some((served_id, served_quote)) = served(entry) else { continue };
+            let mut quotes: Vec<(&NodeId, &Quote)> = entry.quotes.iter().collect();
+            quotes.sort_by(|(a_id, a), (b_id, b)| {
+                (*b_id == served_id)
+                    .cmp(&(*a_id == served_id))
+                    .then(b.observed_ms().cmp(&a.observed_ms()))
+                    .then(a_id.cmp(b_id))
+            });
+            out.extend(quotes.into_iter().map(|(id, q)| QuoteView {
+                asset: key.1.clone(),
+                blockchain: key.0.clone(),
+                source_node_id: *id,
+                price: q.price.clone(),
+                change_24h: q.change_24h.clone(),
+                timestamp: rfc3339(q.timestamp_ms),
+                timestamp_ms: q.timestamp_ms,
+                age_secs: (now_ms.saturating_sub(q.observed_ms()).max(0) / 1000) as u64,
+                hop_count: q.hop_count,
+                fresh: self.rules.fresh(q, now_ms),
+                agrees: agrees(q, served_quote, &self.rules),
+                served: id == served_id,
+            }));
+        }
+        out
     }
 
     /// Freshness of the whole node: `Fresh` while the newest price is younger than two fetch

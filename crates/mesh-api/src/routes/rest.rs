@@ -9,7 +9,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response as HttpResponse};
 use mesh_ipc::{
-    Event, NetworkStatus, PriceFilter, PriceView, ProviderStatusView, Request, Response,
+    Event, NetworkStatus, PriceFilter, PriceView, ProviderStatusView, QuoteView, Request, Response,
 };
 use serde::{Deserialize, Serialize};
 
@@ -69,13 +69,38 @@ pub(super) async fn asset(
     let filter = PriceQuery { blockchain: query.blockchain, asset: Some(asset) }.into_filter();
     let found = app.link.prices(&filter)?;
     if found.is_empty() {
-        let asset = filter.asset.unwrap_or_default();
-        return Err(ApiError::not_found(match filter.blockchain {
-            Some(chain) => format!("unknown asset {asset} on {chain}"),
-            None => format!("unknown asset {asset}"),
-        }));
+        return Err(unknown_asset(filter));
     }
     Ok(Data(found))
+}
+
+/// The 404 of an asset nobody sent (on that chain, when one was asked for).
+fn unknown_asset(filter: PriceFilter) -> ApiError {
+    let asset = filter.asset.unwrap_or_default();
+    ApiError::not_found(match filter.blockchain {
+        Some(chain) => format!("unknown asset {asset} on {chain}"),
+        None => format!("unknown asset {asset}"),
+    })
+}
+
+/// `GET /api/mesh/prices/{asset}/quotes?blockchain=`: every provider's latest quote of the
+/// asset, asked of the node itself (the snapshot holds served prices only).
+pub(super) async fn quotes(
+    State(app): State<Arc<AppState>>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<ChainQuery>, QueryRejection>,
+) -> Answer<Vec<QuoteView>> {
+    let Path(asset) = path.map_err(|r| ApiError::bad_request(r.body_text()))?;
+    let Query(query) = query.map_err(query_error)?;
+    let filter = PriceQuery { blockchain: query.blockchain, asset: Some(asset) }.into_filter();
+    match app.link.request(&Request::GetQuotes(filter.clone())).await? {
+        Response::Quotes(quotes) if quotes.is_empty() => Err(unknown_asset(filter)),
+        Response::Quotes(quotes) => Ok(Data(quotes)),
+        Response::Error { kind, message } => Err(ApiError::from_remote(kind, message)),
+        other => Err(ApiError::from_ipc(mesh_ipc::Error::Malformed(format!(
+            "expected quotes, got {other:?}"
+        )))),
+    }
 }
 
 /// `GET /api/mesh/network/status`

@@ -189,6 +189,7 @@ impl mesh_ipc::Handler for Shared {
                 }
                 Response::Prices(prices)
             }
+            Request::GetQuotes(filter) => Response::Quotes(self.book().quotes(&filter, now_ms())),
             Request::GetNetworkStatus => Response::NetworkStatus(self.network_status()),
             Request::GetProviderStatus => Response::ProviderStatus(self.provider_status()),
             Request::EnableProvider { api_key } => self.enable_provider(api_key).await,
