@@ -592,3 +592,47 @@ async fn quotes_show_every_provider_and_which_agree() {
     drop(api);
     mesh.shutdown().await.unwrap();
 }
+
+/// A node run with `--provider` and `BIRDEYE_API_KEY` whose key Birdeye refuses in a round
+/// stops provider mode, and leaves alone a key stored earlier through the API: only the key
+/// that was refused is ever set aside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_environment_key_leaves_the_stored_key_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("node0");
+    std::fs::create_dir_all(&data).unwrap();
+    let stored = data.join("provider.key");
+    std::fs::write(&stored, "a-key-given-through-the-api").unwrap();
+    let mesh = LocalMesh::builder()
+        .providers(1)
+        .consumers(0)
+        .rounds(2, 1)
+        .dir(dir.path())
+        .start()
+        .await
+        .unwrap();
+    let node = mesh.running(0).unwrap();
+    assert!(node.shared().provider_status().enabled, "running with BIRDEYE_API_KEY");
+    let mut events = mesh_ipc::Client::new(node.socket()).subscribe().await.unwrap();
+    mesh.simulators()[0].set_failing_key(DEMO_API_KEY, Some(birdeye_sim::Failure::status(401)));
+    // The provider event comes after the decision about the key file.
+    let stopped = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Ok(Some(event)) = events.next().await {
+            if let mesh_ipc::Event::Provider(view) = event
+                && !view.enabled
+                && view.reason.is_some()
+            {
+                return Some(view);
+            }
+        }
+        None
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(stopped.reason.as_deref(), Some("Invalid API key"));
+    assert_eq!(stopped.rejected_key_file, None, "{stopped:?}");
+    assert_eq!(std::fs::read_to_string(&stored).unwrap(), "a-key-given-through-the-api");
+    assert!(!data.join("provider.key.rejected").exists());
+    mesh.shutdown().await.unwrap();
+}

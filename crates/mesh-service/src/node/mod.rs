@@ -234,6 +234,7 @@ impl Node {
             keys,
             metrics: options.metrics.clone(),
             last_network: Mutex::new(None),
+            key_from_store: std::sync::atomic::AtomicBool::new(false),
             config,
         });
 
@@ -246,6 +247,7 @@ impl Node {
         };
         if let Some((key, from_store)) = resume {
             if provider.resume(key).await? {
+                shared.key_from_store.store(from_store, std::sync::atomic::Ordering::Relaxed);
                 shared.provider_became(true).await;
                 info!("provider mode on");
             } else if from_store {

@@ -36,6 +36,9 @@ pub struct Shared {
     pub(super) keys: ProviderKeyStore,
     pub(super) metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     pub(super) last_network: Mutex<Option<NetworkStatus>>,
+    /// Provider mode runs with the stored key (enabled through the API, or resumed from the
+    /// store), not `BIRDEYE_API_KEY`: only that key is set aside when Birdeye refuses it.
+    pub(super) key_from_store: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Shared {
@@ -99,8 +102,12 @@ impl Shared {
         let key = ApiKey::new(key);
         match self.provider.enable(key.clone()).await {
             Ok(()) => {
-                if let Err(e) = self.keys.save(&key) {
-                    warn!(error = %e, "provider key could not be stored; provider mode will not survive a restart");
+                match self.keys.save(&key) {
+                    Ok(()) => self.key_from_store.store(true, std::sync::atomic::Ordering::Relaxed),
+                    Err(e) => {
+                        self.key_from_store.store(false, std::sync::atomic::Ordering::Relaxed);
+                        warn!(error = %e, "provider key could not be stored; provider mode will not survive a restart");
+                    }
                 }
                 self.provider_became(true).await;
                 Response::ProviderStatus(self.provider_status())
@@ -128,6 +135,7 @@ impl Shared {
 
     pub(super) async fn disable_provider(&self) -> Response {
         self.provider.disable().await;
+        self.key_from_store.store(false, std::sync::atomic::Ordering::Relaxed);
         if let Err(e) = self.keys.clear() {
             warn!(error = %e, "stored provider key could not be removed");
         }

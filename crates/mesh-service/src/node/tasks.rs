@@ -315,9 +315,14 @@ pub(super) async fn run_provider_events(shared: Arc<Shared>, cancel: Cancellatio
         }
         let current = status.borrow_and_update().clone();
         if !current.enabled && current.reason.is_some() {
-            // Stopped by Birdeye (key refused): the stored key is set aside, never loaded again
-            // but not lost (the operator may want to look at it).
-            match shared.keys.quarantine() {
+            // Stopped by Birdeye (key refused): the stored key, when it is the one refused, is
+            // set aside, never loaded again but not lost (the operator may want to look at it).
+            // A refused BIRDEYE_API_KEY stays where the operator put it, and so does a stored
+            // key it was not.
+            let from_store =
+                shared.key_from_store.swap(false, std::sync::atomic::Ordering::Relaxed);
+            let set_aside = if from_store { shared.keys.quarantine() } else { Ok(None) };
+            match set_aside {
                 Ok(Some(path)) => tracing::error!(
                     reason = current.reason.as_deref().unwrap_or_default(),
                     key_file = %path.display(),
