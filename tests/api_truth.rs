@@ -107,6 +107,18 @@ fn consistent(p: &Value, staleness_secs: u64) {
     assert!(!(age > staleness_secs + 1 && p["stale"] == false), "stale at {age} s: {p}");
 }
 
+/// A Birdeye that quotes everything 10 % higher than the mesh's own simulator (same seed): a
+/// discrepancy at the default 5 % threshold.
+async fn birdeye_ten_percent_higher() -> birdeye_sim::SimulatorHandle {
+    Simulator::builder()
+        .keys([DEMO_API_KEY])
+        .seed(7)
+        .offset_percent(10.0)
+        .spawn("127.0.0.1:0")
+        .await
+        .unwrap()
+}
+
 fn settled(p: &Value) -> bool {
     p["stale"] == true && p["discrepancy"] == false && p["providers_reporting"] == 0
 }
@@ -118,13 +130,7 @@ fn settled(p: &Value) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_surface_says_stale_right_after_the_threshold_and_a_discrepancy_clears() {
     // The second provider's Birdeye quotes everything 10 % higher: a discrepancy (threshold 5 %).
-    let skewed = Simulator::builder()
-        .keys([DEMO_API_KEY])
-        .seed(7)
-        .offset_percent(10.0)
-        .spawn("127.0.0.1:0")
-        .await
-        .unwrap();
+    let skewed = birdeye_ten_percent_higher().await;
     let skewed_url = skewed.base_url();
     // Below the 300 s that MESH_STALENESS_THRESHOLD_SECS allows: set in the parsed config.
     let staleness_secs = 6;
@@ -524,13 +530,7 @@ async fn a_stored_key_birdeye_refuses_is_set_aside_not_lost() {
 /// has one quote of each, exactly one served, the other disagreeing; an unknown asset is 404.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quotes_show_every_provider_and_which_agree() {
-    let skewed = Simulator::builder()
-        .keys([DEMO_API_KEY])
-        .seed(7)
-        .offset_percent(10.0)
-        .spawn("127.0.0.1:0")
-        .await
-        .unwrap();
+    let skewed = birdeye_ten_percent_higher().await;
     let skewed_url = skewed.base_url();
     let mesh = LocalMesh::builder()
         .providers(2)

@@ -932,6 +932,17 @@ mod tests {
         format!("/ip4/11.0.{}.1/tcp/{n}", n % 250).parse().unwrap()
     }
 
+    /// The peers `actions` dial.
+    fn dialed_by(actions: Vec<Action>) -> Vec<PeerId> {
+        actions
+            .into_iter()
+            .filter_map(|a| match a {
+                Action::Dial(p, _) => Some(p),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// Address `host` in the network 12.`net`.0.0/24.
     fn in_net(net: u8, host: u8) -> Multiaddr {
         format!("/ip4/12.{net}.0.{host}/tcp/4001").parse().unwrap()
@@ -1212,14 +1223,7 @@ mod tests {
         }
         let other = peer();
         m.add_addresses(other, vec![addr(1)], false);
-        let dialed: Vec<PeerId> = m
-            .tick(Instant::now())
-            .into_iter()
-            .filter_map(|a| match a {
-                Action::Dial(p, _) => Some(p),
-                _ => None,
-            })
-            .collect();
+        let dialed = dialed_by(m.tick(Instant::now()));
         assert_eq!(dialed.iter().filter(|p| crowd.contains(p)).count(), 2, "{dialed:?}");
         assert!(dialed.contains(&other));
         // One finishes: one more to that IP.
@@ -1389,14 +1393,7 @@ mod tests {
         }
         let other = peer();
         m.add_addresses(other, vec![addr(1)], false);
-        let dialed: Vec<PeerId> = m
-            .tick(Instant::now())
-            .into_iter()
-            .filter_map(|a| match a {
-                Action::Dial(p, _) => Some(p),
-                _ => None,
-            })
-            .collect();
+        let dialed = dialed_by(m.tick(Instant::now()));
         assert_eq!(dialed.iter().filter(|p| crowd.contains(p)).count(), 2, "{dialed:?}");
         assert!(dialed.contains(&other));
         // Connected peers of that network count too: with two links there, no third dial.
